@@ -1,0 +1,400 @@
+"""Case files: YAML sweep definitions -> a list of frozen, hashable `Case`s.
+
+A case file holds `sweeps`; each sweep names one stage or layer and lists values for the axes that
+stage has. The loader enumerates only valid combinations: an axis a stage does not have is an error
+at load time (naming the file and the field), never a product that is skipped later. Every error is
+a `CaseError` whose one-line message names the file, the field and what was wrong; the CLI prints
+it without a traceback. The schema is documented in docs/cases.md; keep the two in step.
+
+A `Case` doubles as cache key, readable id (`moe_t129_e4_k2_h256_L10_uniform_r1_s0`) and report
+row (`Case.row()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class CaseError(ValueError):
+    """A malformed case file; the message names file and field."""
+
+
+class Stage(enum.Enum):
+    """What a case exercises (stage level: teacher forced; layer level: end to end)."""
+
+    QUANTIZE = "quantize"  # activation quantize: codes and scale bytes, bit-exact
+    SCALE_ASSEMBLY = "scale_assembly"  # 2D (per-group activations) and 3D (weights) swizzle
+    GROUPED_GEMM = "grouped_gemm"  # 2Dx3D NVFP4 grouped GEMM within the derived bound
+    SWIGLU_REQUANT = "swiglu_requant"  # SwiGLU with limit + requantize, bit-exact
+    SHARED_EXPERT = "shared_expert"  # layer, end to end
+    ROUTED_MOE = "routed_moe"  # layer, end to end
+    GROUPED_LINEAR = "grouped_linear"  # wo_a o-projection layer, end to end
+
+    @property
+    def is_layer(self) -> bool:
+        return self in (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR)
+
+
+class Distribution(enum.Enum):
+    """How activation inputs are drawn."""
+
+    NORMAL = "normal"  # N(0, 1)
+    OUTLIERS = "outliers"  # Student-t (df 3) plus a few 100x outliers
+    FP4_GRID = "fp4_grid"  # exactly on the FP4 grid with power-of-two block scales: no rounding
+    SPARSE = "sparse"  # 90% zeros
+    ZERO_BLOCKS = "zero_blocks"  # a quarter of the 16-element blocks all zero
+    MIDPOINTS = "midpoints"  # E2M1 rounding midpoints at power-of-two scales: every tie exercised
+    NAN_ONE = "nan_one"  # one NaN element
+    INF_ONE = "inf_one"  # one +Inf element
+
+    @property
+    def exact(self) -> bool:
+        """Every intermediate is exact (power-of-two scales): equality is demanded, no classes."""
+        return self in (Distribution.FP4_GRID, Distribution.MIDPOINTS)
+
+
+class Routing(enum.Enum):
+    """How tokens are routed to the local experts."""
+
+    UNIFORM = "uniform"  # top-k distinct experts drawn uniformly per token
+    ONE_EXPERT = "one_expert"  # every token to expert 0 (one slot), other slots elsewhere
+    EMPTY_EXPERTS = "empty_experts"  # only even experts receive tokens
+    INVALID_IDS = "invalid_ids"  # a quarter of the slots hold -1 or ids of other ranks
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model dimensions; presets in PRESETS, any field overridable in a case file."""
+
+    hidden: int = 256
+    intermediate: int = 128
+    n_experts: int = 4  # local experts of one expert-parallel rank
+    top_k: int = 2
+    n_groups: int = 2  # o-projection groups
+    group_dim: int = 256  # heads_per_group * head_dim
+    head_dim: int = 128
+    o_lora_rank: int = 128
+
+    def validate(self, where: str) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise CaseError(f"{where}.{f.name}: must be a positive integer, got {v!r}")
+        for name in ("hidden", "intermediate", "group_dim"):
+            if getattr(self, name) % 32:
+                raise CaseError(
+                    f"{where}.{name}: must be a multiple of 32 (NVFP4 blocks of 16, two codes "
+                    f"per byte), got {getattr(self, name)}"
+                )
+        if self.top_k > self.n_experts:
+            raise CaseError(f"{where}.top_k: {self.top_k} exceeds n_experts={self.n_experts}")
+        if self.group_dim % self.head_dim:
+            raise CaseError(
+                f"{where}.group_dim: {self.group_dim} is not a multiple of head_dim={self.head_dim}"
+            )
+
+
+# DeepSeek V4 (DESIGN.md §3). n_experts is the local count of one rank at EP=8.
+PRESETS: dict[str, Shape] = {
+    "tiny": Shape(),
+    "v4_pro": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
+    "v4_flash": Shape(4096, 2048, 32, 6, 8, 4096, 128, 1024),
+    # V4-Pro proportions divided by 8 (hidden, intermediate, group dim, rank), CPU friendly.
+    "v4_pro_reduced": Shape(896, 384, 8, 6, 8, 1024, 128, 192),
+    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 128, 128),
+}
+
+
+class Tolerance(enum.Enum):
+    """How a case's outputs are judged."""
+
+    DERIVED = "derived"  # bit-exact (or classified) where discrete, derived bound where summed
+    EXACT = "exact"  # every output bit-exact, no mismatch classes accepted
+
+
+@dataclass(frozen=True)
+class Budget:
+    """End-to-end budget of a layer case (layers accumulate several roundings)."""
+
+    calc_diff: float = 1e-4
+    atol: float = 0.0
+    rtol: float = 0.0
+    min_frac_within: float = 0.0  # 0 disables the atol/rtol check
+
+
+# Which axes each stage has: the loader rejects any other axis for it.
+AXES: dict[Stage, tuple[str, ...]] = {
+    Stage.QUANTIZE: ("tokens", "distributions", "scale_ratios"),
+    Stage.SCALE_ASSEMBLY: ("tokens", "routing"),
+    Stage.GROUPED_GEMM: ("tokens", "distributions", "routing"),
+    Stage.SWIGLU_REQUANT: ("tokens", "distributions", "limits"),
+    Stage.SHARED_EXPERT: ("tokens", "distributions", "limits", "scale_ratios"),
+    Stage.ROUTED_MOE: ("tokens", "distributions", "limits", "scale_ratios", "routing"),
+    Stage.GROUPED_LINEAR: ("tokens", "distributions", "scale_ratios"),
+}
+_COMMON = ("stage", "shape", "seeds", "backends", "tolerance", "budget", "timeout_s", "device")
+_TOP = ("name", "description", "defaults", "sweeps")
+_DEFAULT_AXIS: dict[str, list[Any]] = {
+    "tokens": [16],
+    "distributions": ["normal"],
+    "scale_ratios": [None],
+    "routing": ["uniform"],
+    "limits": [10.0],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One runnable case: a stage, shapes and one value per axis."""
+
+    stage: Stage
+    shape: Shape
+    tokens: int
+    seed: int = 0
+    distribution: Distribution = Distribution.NORMAL
+    scale_ratio: float | None = None  # live amax / calibrated amax; None = dynamic scale
+    routing: Routing = Routing.UNIFORM
+    limit: float | None = 10.0  # SwiGLU clamp limit; None = no clamp
+    tolerance: Tolerance = Tolerance.DERIVED
+    budget: Budget = field(default_factory=Budget)
+    backends: tuple[str, ...] = ("reference",)
+    timeout_s: float = 120.0
+    device: str = "cpu"
+    source: str = ""  # file the case came from
+
+    @property
+    def id(self) -> str:
+        s, parts = self.shape, [self.stage.value, f"t{self.tokens}"]
+        if self.stage in (Stage.QUANTIZE, Stage.SWIGLU_REQUANT, Stage.SHARED_EXPERT):
+            parts.append(f"h{s.hidden}")
+        if self.stage in (Stage.SWIGLU_REQUANT, Stage.SHARED_EXPERT, Stage.ROUTED_MOE):
+            parts.append(f"i{s.intermediate}")
+        if self.stage in (Stage.SCALE_ASSEMBLY, Stage.GROUPED_GEMM, Stage.ROUTED_MOE):
+            parts += [f"e{s.n_experts}", f"k{s.top_k}", f"h{s.hidden}"]
+        if self.stage is Stage.GROUPED_LINEAR:
+            parts += [f"g{s.n_groups}", f"d{s.group_dim}", f"r{s.o_lora_rank}"]
+        axes = AXES[self.stage]
+        if "limits" in axes:
+            parts.append("Lnone" if self.limit is None else f"L{self.limit:g}")
+        if "distributions" in axes:
+            parts.append(self.distribution.value)
+        if "routing" in axes:
+            parts.append(self.routing.value)
+        if "scale_ratios" in axes:
+            parts.append("rdyn" if self.scale_ratio is None else f"r{self.scale_ratio:g}")
+        parts.append(f"s{self.seed}")
+        return "_".join(parts)
+
+    def row(self) -> dict[str, Any]:
+        """Flat, JSON-friendly description for result rows."""
+        return {
+            "case_id": self.id,
+            "stage": self.stage.value,
+            "tokens": self.tokens,
+            "seed": self.seed,
+            "distribution": self.distribution.value,
+            "scale_ratio": self.scale_ratio,
+            "routing": self.routing.value,
+            "limit": self.limit,
+            "tolerance": self.tolerance.value,
+            "source": self.source,
+            **{f"shape_{k}": v for k, v in dataclasses.asdict(self.shape).items()},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _enum(where: str, cls: type[enum.Enum], value: Any) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        options = ", ".join(m.value for m in cls)
+        raise CaseError(f"{where}: unknown value {value!r} (one of: {options})") from None
+
+
+def _list(where: str, value: Any) -> list[Any]:
+    if isinstance(value, list):
+        if not value:
+            raise CaseError(f"{where}: empty list")
+        return value
+    return [value]
+
+
+def _number(where: str, value: Any, *, allow_none: bool = False, positive: bool = True) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CaseError(f"{where}: expected a number, got {value!r}")
+    if positive and not value > 0:
+        raise CaseError(f"{where}: must be > 0, got {value!r}")
+    return value
+
+
+def _shape(where: str, spec: Any) -> Shape:
+    if spec is None:
+        return PRESETS["tiny"]
+    if isinstance(spec, str):
+        spec = {"preset": spec}
+    if not isinstance(spec, dict):
+        raise CaseError(f"{where}: expected a preset name or a mapping, got {spec!r}")
+    spec = dict(spec)
+    preset = spec.pop("preset", "tiny")
+    if preset not in PRESETS:
+        raise CaseError(f"{where}.preset: unknown preset {preset!r} (one of: {', '.join(PRESETS)})")
+    names = {f.name for f in dataclasses.fields(Shape)}
+    for k in spec:
+        if k not in names:
+            raise CaseError(
+                f"{where}.{k}: unknown field (shape fields: {', '.join(sorted(names))})"
+            )
+    shape = dataclasses.replace(PRESETS[preset], **spec)
+    shape.validate(where)
+    return shape
+
+
+def _budget(where: str, spec: Any) -> Budget:
+    if spec is None:
+        return Budget()
+    if not isinstance(spec, dict):
+        raise CaseError(f"{where}: expected a mapping, got {spec!r}")
+    names = {f.name for f in dataclasses.fields(Budget)}
+    for k, v in spec.items():
+        if k not in names:
+            raise CaseError(
+                f"{where}.{k}: unknown field (budget fields: {', '.join(sorted(names))})"
+            )
+        _number(f"{where}.{k}", v, positive=False)
+    return Budget(**{k: float(v) for k, v in spec.items()})
+
+
+def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:
+    if "stage" not in sweep:
+        raise CaseError(f"{where}.stage: missing (one of: {', '.join(s.value for s in Stage)})")
+    stage = _enum(f"{where}.stage", Stage, sweep["stage"])
+    for key in sweep:
+        if key not in _COMMON and key not in AXES[stage]:
+            if key in _DEFAULT_AXIS:
+                raise CaseError(
+                    f"{where}.{key}: not an axis of stage {stage.value} "
+                    f"(its axes: {', '.join(AXES[stage])})"
+                )
+            raise CaseError(f"{where}.{key}: unknown field")
+    shape = _shape(f"{where}.shape", sweep.get("shape"))
+    axes = {a: _list(f"{where}.{a}", sweep.get(a, _DEFAULT_AXIS[a])) for a in AXES[stage]}
+    tokens = [_number(f"{where}.tokens", t) for t in axes["tokens"]]
+    for t in tokens:
+        if not isinstance(t, int):
+            raise CaseError(f"{where}.tokens: expected integers, got {t!r}")
+    dists = [
+        _enum(f"{where}.distributions", Distribution, d)
+        for d in axes.get("distributions", ["normal"])
+    ]
+    ratios = [
+        _number(f"{where}.scale_ratios", r, allow_none=True)
+        for r in axes.get("scale_ratios", [None])
+    ]
+    routings = [_enum(f"{where}.routing", Routing, r) for r in axes.get("routing", ["uniform"])]
+    limits = [_number(f"{where}.limits", x, allow_none=True) for x in axes.get("limits", [10.0])]
+    seeds = _list(f"{where}.seeds", sweep.get("seeds", [0]))
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise CaseError(f"{where}.seeds: expected integers, got {s!r}")
+    backends = tuple(
+        str(b) for b in _list(f"{where}.backends", sweep.get("backends", ["reference"]))
+    )
+    tolerance = _enum(f"{where}.tolerance", Tolerance, sweep.get("tolerance", "derived"))
+    budget = _budget(f"{where}.budget", sweep.get("budget"))
+    timeout = float(_number(f"{where}.timeout_s", sweep.get("timeout_s", 120.0)))
+    device = sweep.get("device", "cpu")
+    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
+        raise CaseError(f"{where}.device: expected 'cpu' or 'cuda[:n]', got {device!r}")
+    if stage is Stage.QUANTIZE:
+        for d in dists:
+            if d.exact and any(r is not None for r in ratios):
+                raise CaseError(
+                    f"{where}.scale_ratios: distribution {d.value} fixes a power-of-two global "
+                    f"scale; use scale_ratios: [null] with it"
+                )
+    cases = []
+    for t, d, r, ro, lim, s in itertools.product(tokens, dists, ratios, routings, limits, seeds):
+        cases.append(
+            Case(
+                stage,
+                shape,
+                t,
+                s,
+                d,
+                None if r is None else float(r),
+                ro,
+                None if lim is None else float(lim),
+                tolerance,
+                budget,
+                backends,
+                timeout,
+                device,
+                source,
+            )
+        )
+    return cases
+
+
+def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
+    """Load one case file. Returns (header {name, description}, cases). Raises CaseError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaseError(f"{path}: no such case file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise CaseError(f"{path}:{at} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict):
+        raise CaseError(f"{path}: expected a mapping with 'sweeps', got {type(doc).__name__}")
+    for key in doc:
+        if key not in _TOP:
+            raise CaseError(f"{path}: {key}: unknown field (top-level fields: {', '.join(_TOP)})")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise CaseError(f"{path}: defaults: expected a mapping, got {defaults!r}")
+    sweeps = doc.get("sweeps")
+    if not isinstance(sweeps, list) or not sweeps:
+        raise CaseError(f"{path}: sweeps: expected a non-empty list")
+    cases: list[Case] = []
+    for i, sweep in enumerate(sweeps):
+        where = f"{path}: sweeps[{i}]"
+        if not isinstance(sweep, dict):
+            raise CaseError(f"{where}: expected a mapping, got {sweep!r}")
+        merged = {**defaults, **sweep}
+        stage = merged.get("stage")
+        if stage in {s.value for s in Stage}:
+            # defaults may carry axes some stages lack: apply only the ones this stage has
+            axes = AXES[Stage(stage)]
+            merged = {k: v for k, v in merged.items() if k in sweep or k in _COMMON or k in axes}
+        cases.extend(_expand(where, merged, str(path)))
+    ids = [c.id for c in cases]
+    dup = {i for i in ids if ids.count(i) > 1}
+    if dup:
+        raise CaseError(f"{path}: sweeps: duplicate case ids {sorted(dup)[:3]}")
+    header = {"name": doc.get("name", path.stem), "description": doc.get("description", "")}
+    return header, cases
+
+
+def load_many(paths: list[str | Path]) -> list[Case]:
+    """Load several case files (or directories of *.yaml) into one list."""
+    out: list[Case] = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+        for f in files:
+            out.extend(load_cases(f)[1])
+    return out

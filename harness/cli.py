@@ -1,0 +1,226 @@
+"""`python -m harness`: run, list, show, compare, merge (docs/cli.md documents every flag).
+
+Exit codes: 0 every case passed (or was unsupported/skipped); 1 a case failed, errored, timed
+out or crashed (for `compare`: a regression or a new failure); 2 bad usage or a malformed case
+file, reported in one line naming file and field, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from harness import adapters, results
+from harness.cases import CaseError, load_cases, load_many
+from harness.runner import SweepOptions, run_one, run_sweep
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+BAD = ("fail", "error", "timeout", "crashed")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run case files on backends, write results")
+    r.add_argument("cases", nargs="+", help="case files or directories of *.yaml")
+    r.add_argument(
+        "-b",
+        "--backend",
+        action="append",
+        help="adapter name or module:attr (repeatable; default: each case's backends)",
+    )
+    r.add_argument("-o", "--out", help="results directory (default: reports/<first file stem>)")
+    r.add_argument("--device", help="run every case on this device (cpu, cuda, cuda:1)")
+    r.add_argument("--isolate", action="store_true", help="one child process per case")
+    r.add_argument("--timeout", type=float, help="seconds per isolated case (overrides cases)")
+    r.add_argument("--shard", type=_shard, default=(0, 1), help="run shard i of n, as i/n")
+    r.add_argument("--fresh", action="store_true", help="discard earlier results, do not resume")
+    r.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
+    r.add_argument("--no-progress", action="store_true")
+
+    ls = sub.add_parser("list", help="list cases of case files, and adapters")
+    ls.add_argument("cases", nargs="*", help="case files or directories")
+
+    s = sub.add_parser("show", help="print one case's rows and metrics from a results set")
+    s.add_argument("results")
+    s.add_argument("case_id")
+    s.add_argument("-b", "--backend")
+
+    c = sub.add_parser("compare", help="regressions and improvements between two results sets")
+    c.add_argument("baseline")
+    c.add_argument("new")
+
+    m = sub.add_parser("merge", help="join results of shards into one set")
+    m.add_argument("sources", nargs="+")
+    m.add_argument("-o", "--out", required=True)
+
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)  # one isolated case, for the runner
+    w.add_argument("--file", required=True)
+    w.add_argument("--case-id", required=True)
+    w.add_argument("--backend", required=True)
+    w.add_argument("--run-id", default="")
+    w.add_argument("--device")
+    w.add_argument("--rows-out", required=True)
+    return p
+
+
+def _with_device(cases, device):
+    return [dataclasses.replace(c, device=device) for c in cases] if device else cases
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    cases = _with_device(load_many(a.cases), a.device)
+    out = Path(a.out or Path("reports") / Path(a.cases[0]).stem)
+    opts = SweepOptions(
+        tuple(a.backend) if a.backend else None,
+        a.isolate,
+        a.timeout,
+        a.shard,
+        not a.fresh,
+        not a.no_progress,
+        a.filter,
+    )
+    counts = run_sweep(cases, out, opts, label=Path(a.cases[0]).stem)
+    rows = [r for r in results.latest(results.read_rows(out)) if r.get("final")]
+    print(summary_table(rows))
+    resumed = counts.pop("resumed", 0)
+    print(f"\nthis run: {dict(counts)}; resumed (already done): {resumed}")
+    print(f"results: {out / results.JSONL}  ({out / results.PARQUET})")
+    return EXIT_FAIL if any(r["outcome"] in BAD for r in rows) else EXIT_OK
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Counts by outcome, then the non-passing cases, worst first."""
+    counts = Counter(r["outcome"] for r in rows)
+    lines = ["outcome counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))]
+    order = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3, "unsupported": 4, "skipped": 5}
+    bad = sorted(
+        (r for r in rows if r["outcome"] != "pass"), key=lambda r: order.get(r["outcome"], 9)
+    )
+    for r in bad[:40]:
+        lines.append(
+            f"  {r['outcome']:<11} {r['backend']:<24} {r['case_id']}: {r['message'][:160]}"
+        )
+    if len(bad) > 40:
+        lines.append(f"  ... {len(bad) - 40} more")
+    return "\n".join(lines)
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    for path in a.cases:
+        for f in sorted(Path(path).glob("*.yaml")) if Path(path).is_dir() else [Path(path)]:
+            header, cases = load_cases(f)
+            print(f"{f}: {header['name']} ({len(cases)} cases) {header['description']}".rstrip())
+            for c in cases:
+                print(f"  {c.id}  [{', '.join(c.backends)}]")
+    print("adapters: " + ", ".join(adapters.available()))
+    return EXIT_OK
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    rows = [r for r in results.latest(results.read_rows(a.results)) if r["case_id"] == a.case_id]
+    if a.backend:
+        rows = [r for r in rows if r["backend"] == a.backend]
+    if not rows:
+        print(f"{a.results}: no rows for case {a.case_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    for r in rows:
+        print(f"[{r['backend']}] {r['compare']}: {r['outcome']}  {r.get('message', '')}")
+        for k, v in sorted((r.get("metrics") or {}).items()):
+            text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+            print(f"    {k:<22} {text[:200]}")
+    return EXIT_OK
+
+
+def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
+    """Per (case, backend) final outcome: regressions, improvements, new failures, gone."""
+    key = lambda r: (r["case_id"], r["backend"])  # noqa: E731
+    b = {key(r): r for r in results.latest(base) if r.get("final")}
+    n = {key(r): r for r in results.latest(new) if r.get("final")}
+    out: dict[str, list] = {
+        "regressions": [],
+        "improvements": [],
+        "new_failures": [],
+        "new_cases": [],
+        "missing": [],
+        "unchanged": [],
+    }
+    for k, r in n.items():
+        if k not in b:
+            out["new_failures" if r["outcome"] in BAD else "new_cases"].append((k, None, r))
+            continue
+        was, now = b[k]["outcome"], r["outcome"]
+        if was == "pass" and now in BAD:
+            out["regressions"].append((k, b[k], r))
+        elif was in BAD and now == "pass":
+            out["improvements"].append((k, b[k], r))
+        else:
+            out["unchanged"].append((k, b[k], r))
+    out["missing"] = [(k, r, None) for k, r in b.items() if k not in n]
+    return out
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    d = compare_sets(results.read_rows(a.baseline), results.read_rows(a.new))
+    for section in ("regressions", "new_failures", "improvements", "new_cases", "missing"):
+        items = d[section]
+        print(f"{section}: {len(items)}")
+        for (case_id, backend), old, new in items[:50]:
+            was = old["outcome"] if old else "-"
+            now = new["outcome"] if new else "-"
+            msg = (new or {}).get("message", "")[:120]
+            print(f"  {backend:<20} {case_id}: {was} -> {now}  {msg}")
+    print(f"unchanged: {len(d['unchanged'])}")
+    return EXIT_FAIL if d["regressions"] or d["new_failures"] else EXIT_OK
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    n = results.merge(a.sources, a.out)
+    print(f"merged {len(a.sources)} result sets: {n} rows -> {Path(a.out) / results.JSONL}")
+    return EXIT_OK
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    cases = [c for c in load_cases(a.file)[1] if c.id == a.case_id]
+    if not cases:
+        print(f"{a.file}: no case {a.case_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    case = _with_device(cases, a.device)[0]
+    rows = run_one(case, a.backend, a.run_id)
+    Path(a.rows_out).write_text(json.dumps(results._jsonable(rows)))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "show": cmd_show,
+    "compare": cmd_compare,
+    "merge": cmd_merge,
+    "worker": cmd_worker,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return COMMANDS[a.cmd](a)
+    except (CaseError, adapters.AdapterError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE

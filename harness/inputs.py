@@ -1,0 +1,119 @@
+"""Seeded inputs for a case: activations by distribution, weights, routing, calibration samples.
+
+Everything is drawn on the CPU from one `torch.Generator` seeded by (case seed, a tag), then moved
+to the case's device, so a case's inputs are the same on every machine and every backend. The
+exact distributions (fp4_grid, midpoints) come with a power-of-two global scale: with them every
+intermediate of the quantizer is exact and equality is demanded (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from harness.cases import Case, Distribution, Routing
+
+_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_MIDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+EXACT_GLOBAL_SCALE = 2.0**-3  # power of two: x / gs is exact
+
+
+def generator(case: Case, tag: str) -> torch.Generator:
+    """An independent, reproducible stream per (case seed, purpose)."""
+    return torch.Generator().manual_seed(case.seed * 1_000_003 + zlib.crc32(tag.encode()))
+
+
+def activation(shape: tuple[int, ...], dist: Distribution, g: torch.Generator) -> torch.Tensor:
+    """bf16 activations [..., K] (K a multiple of 16) drawn from `dist`."""
+    k = shape[-1]
+    if dist is Distribution.NORMAL:
+        x = torch.randn(shape, generator=g)
+    elif dist is Distribution.OUTLIERS:
+        x = _student_t(shape, g)
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), generator=g)
+        flat[idx] *= 100.0
+    elif dist in (Distribution.FP4_GRID, Distribution.MIDPOINTS):
+        # Each 16-block: amax exactly 6 * 2^j so its scale 2^j (times gs) is a power of two.
+        table = _GRID if dist is Distribution.FP4_GRID else _MIDS
+        vals = table[torch.randint(0, len(table), shape, generator=g)]
+        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+        blocks = (vals * sign).view(*shape[:-1], k // 16, 16)
+        blocks[..., 0] = 6.0 * torch.where(torch.rand(blocks.shape[:-1], generator=g) < 0.5, -1, 1)
+        exp = torch.randint(-3, 4, (*blocks.shape[:-1], 1), generator=g).float()
+        x = (blocks * torch.exp2(exp) * EXACT_GLOBAL_SCALE).view(shape)
+    elif dist is Distribution.SPARSE:
+        x = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.1)
+    elif dist is Distribution.ZERO_BLOCKS:
+        x = torch.randn(shape, generator=g)
+        keep = torch.rand((*shape[:-1], k // 16, 1), generator=g) >= 0.25
+        x = (x.view(*shape[:-1], k // 16, 16) * keep).view(shape)
+    elif dist in (Distribution.NAN_ONE, Distribution.INF_ONE):
+        x = torch.randn(shape, generator=g)
+        i = int(torch.randint(0, x.numel(), (1,), generator=g))
+        x.view(-1)[i] = float("nan") if dist is Distribution.NAN_ONE else float("inf")
+    else:  # pragma: no cover - exhaustive over the enum
+        raise ValueError(f"unknown distribution {dist}")
+    return x.to(torch.bfloat16)
+
+
+def _student_t(shape: tuple[int, ...], g: torch.Generator, df: int = 3) -> torch.Tensor:
+    z = torch.randn(shape, generator=g)
+    chi2 = torch.randn((*shape, df), generator=g).pow(2).sum(-1)
+    return z / torch.sqrt(chi2 / df)
+
+
+def weight(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """bf16 weights [..., K, N], scaled like a trained layer (std 1/sqrt(K))."""
+    k = shape[-2]
+    return (torch.randn(shape, generator=g) / k**0.5).to(torch.bfloat16)
+
+
+def routing(case: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_ids int64 [T, k] LOCAL-rank-relative global ids, topk_weights fp32 [T, k]).
+
+    Ids are global ids of a rank whose first expert is `first_expert(case)`; invalid_ids puts -1
+    and ids of other ranks in a quarter of the slots.
+    """
+    t, e, k = case.tokens, case.shape.n_experts, case.shape.top_k
+    first = first_expert(case)
+    pool = e
+    if case.routing is Routing.EMPTY_EXPERTS:
+        pool = max(k, (e + 1) // 2)
+    ids = (
+        torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(t)])
+        if t
+        else (torch.zeros((0, k), dtype=torch.int64))
+    )
+    if case.routing is Routing.EMPTY_EXPERTS:
+        ids = ids * 2 % e if pool * 2 <= e else ids
+    if case.routing is Routing.ONE_EXPERT:
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.arange(1, k).expand(t, k - 1) if k > 1 else ids[:, 1:]
+    ids = ids + first
+    if case.routing is Routing.INVALID_IDS:
+        bad = torch.rand((t, k), generator=g) < 0.25
+        other = torch.where(torch.rand((t, k), generator=g) < 0.5, -1, first + e + 3)
+        ids = torch.where(bad, other, ids)
+    w = torch.softmax(torch.randn((t, k), generator=g), dim=-1)
+    return ids, w
+
+
+def first_expert(case: Case) -> int:
+    """Global id of the rank's first local expert: rank 1 of EP, so local != global ids."""
+    return case.shape.n_experts
+
+
+def tokens_per_expert(ids: torch.Tensor, first: int, n_experts: int) -> torch.Tensor:
+    """int64 [E]: how many routed slots land on each local expert (others dropped)."""
+    local = ids.flatten() - first
+    local = local[(local >= 0) & (local < n_experts)]
+    return torch.bincount(local, minlength=n_experts)
+
+
+def calibration_sample(x: torch.Tensor, ratio: float | None) -> torch.Tensor | None:
+    """A warm-up sample whose amax is amax(x) / ratio (None: dynamic scales, no sample)."""
+    if ratio is None:
+        return None
+    return (x.float() / ratio).to(x.dtype)

@@ -1,0 +1,209 @@
+"""Results: one row per (case, compared output, backend), written as the sweep goes.
+
+A sweep directory holds `results.jsonl` (appended and flushed row by row, so a crash or a kill
+loses at most the case in flight), `meta.json` (the environment fingerprint of each run that
+wrote to it) and, once the sweep ends, `results.parquet` (the same rows, metrics flattened to
+columns for pandas). Resuming reads the JSONL and skips (case, backend) pairs already finished.
+`merge` joins the results of shards (or machines) into one directory, last row wins per key.
+Nothing here runs a kernel: the report and `compare` read these files only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+JSONL = "results.jsonl"
+PARQUET = "results.parquet"
+META = "meta.json"
+KEY = ("case_id", "backend", "compare")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; "nan", "inf", "-inf" read back with float()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
+        return _jsonable(v.item())
+    return v
+
+
+class ResultWriter:
+    """Appends rows to `results.jsonl`, each flushed and synced before the next case runs."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / JSONL
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results directory or file (.jsonl or .parquet); a torn last line is ignored."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / JSONL if (p / JSONL).exists() else p / PARQUET
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no {JSONL} or {PARQUET} here")
+    if p.suffix == ".parquet":
+        df = pd.read_parquet(p)
+        return [{k: _load_json_col(k, v) for k, v in r.items()} for r in df.to_dict("records")]
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write: that case reruns on resume
+    return rows
+
+
+def _load_json_col(k: str, v: Any) -> Any:
+    if k == "metrics" and isinstance(v, str):
+        return json.loads(v)
+    return v
+
+
+def done_keys(out_dir: str | Path) -> set[tuple[str, str]]:
+    """(case_id, backend) pairs that already have a final row in this directory."""
+    p = Path(out_dir) / JSONL
+    if not p.exists():
+        return set()
+    return {(r["case_id"], r["backend"]) for r in read_rows(p) if r.get("final")}
+
+
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the last row per (case, backend, compared output): resumed and merged runs."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        seen[tuple(r.get(k) for k in KEY)] = r
+    return list(seen.values())
+
+
+def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame: scalar metrics flattened to `m.<name>`, the rest kept as JSON."""
+    flat = []
+    for r in rows:
+        d = {k: v for k, v in r.items() if k != "metrics"}
+        m = r.get("metrics") or {}
+        d["metrics"] = json.dumps(m, sort_keys=True)
+        for k, v in m.items():
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                d[f"m.{k}"] = float(v) if isinstance(v, str) and v in ("nan", "inf", "-inf") else v
+        flat.append(d)
+    df = pd.DataFrame(flat)
+    for col in df.columns:  # mixed object columns break parquet; keep them as strings
+        if df[col].dtype == object and df[col].map(type).nunique() > 1:
+            df[col] = df[col].map(lambda v: None if v is None else str(v))
+    return df
+
+
+def write_parquet(out_dir: str | Path) -> Path:
+    out = Path(out_dir) / PARQUET
+    to_frame(latest(read_rows(Path(out_dir) / JSONL))).to_parquet(out, index=False)
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def fingerprint() -> dict[str, Any]:
+    """Where and with what a result was produced (GPU, driver, CUDA, packages, git sha)."""
+    import torch
+
+    env: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_sha": _git_sha(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu=p.name,
+            capability=f"sm_{p.major}{p.minor}",
+            gpu_count=torch.cuda.device_count(),
+            driver=torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+        )
+    for pkg in ("triton", "nvidia-cutlass-dsl", "numpy", "pandas"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+def append_meta(out_dir: str | Path, info: dict[str, Any]) -> None:
+    p = Path(out_dir) / META
+    runs = json.loads(p.read_text())["runs"] if p.exists() else []
+    runs.append(_jsonable(info))
+    p.write_text(json.dumps({"runs": runs}, indent=1, sort_keys=True))
+
+
+def read_meta(out_dir: str | Path) -> dict[str, Any]:
+    p = Path(out_dir) / META
+    return json.loads(p.read_text()) if p.exists() else {"runs": []}
+
+
+def merge(sources: list[str | Path], out_dir: str | Path) -> int:
+    """Join the results of several sweep directories (shards) into `out_dir`. Returns rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for s in sources:
+        rows.extend(read_rows(s))
+        runs.extend(read_meta(s)["runs"] if Path(s).is_dir() else [])
+    rows = latest(rows)
+    (out / JSONL).unlink(missing_ok=True)
+    with ResultWriter(out) as w:
+        w.write(rows)
+    (out / META).write_text(json.dumps({"runs": runs}, indent=1, sort_keys=True))
+    write_parquet(out)
+    return len(rows)

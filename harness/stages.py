@@ -1,0 +1,554 @@
+"""Run one case on one adapter: inputs -> reference -> kernel (poisoned outputs) -> comparisons.
+
+Stage cases are teacher forced: the kernel stage gets exactly the reference's inputs (GEMM
+operands come plain and in the reference's assembled layouts). Layer cases run end to end; every
+named intermediate both sides expose is compared, the first divergent stage is named, and the
+first stage whose output holds NaN/Inf is the NaN culprit (later stages only propagate it).
+
+Verdicts (DESIGN.md §5): codes and scale bytes are bit-exact, where only real mismatches fail
+(tie flips, signed zeros and underflowed blocks are classified, not failed) unless the case or its
+distribution demands exactness; layouts are exact; GEMM outputs lie within the derived bound of
+`reference.gemm.grouped_gemm_error_bound`; a layer's output meets the case budget.
+Every function returns `Comparison`s; nothing here writes files or catches exceptions.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import reference as ref
+from harness import inputs, metrics
+from harness.adapters import GemmOperands, ReferenceAdapter
+from harness.cases import Case, Stage, Tolerance
+from reference import layers as ref_layers
+from reference.activation import SwigluVariant, swiglu
+from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
+from reference.layouts import (
+    assemble_scales_2d_side_from_offsets,
+    assemble_scales_3d_side,
+    compute_expert_offsets,
+    round_up,
+)
+from reference.nvfp4 import ScaleConvention, global_scale_from_amax, tensor_amax
+
+POISON_BYTE = 0xFF  # e4m3 NaN (negative), and a pair of -6 codes: unwritten bytes show
+
+
+class Outcome(enum.Enum):
+    """Verdict of one comparison or one case; each distinct in results and reports."""
+
+    PASS = "pass"  # within the derived tolerance / budget
+    FAIL = "fail"  # outside it: a wrong result
+    ERROR = "error"  # the kernel (or the harness) raised
+    UNSUPPORTED = "unsupported"  # can_implement said no: not a failure, not a pass
+    SKIPPED = "skipped"  # not run (filtered, or needs hardware this machine lacks)
+    TIMEOUT = "timeout"  # an isolated case ran past its timeout and was killed
+    CRASHED = "crashed"  # an isolated case's process died (signal, illegal address, OOM kill)
+
+
+@dataclass
+class Comparison:
+    """One row of results: a named output of a case, its verdict and its metrics."""
+
+    name: str
+    outcome: Outcome
+    message: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer whose unwritten elements show: NaN for floats, 0xFF bytes otherwise."""
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, POISON_BYTE, dtype=torch.uint8, device=device).view(dtype)
+
+
+def to_adapter_scale(gs: torch.Tensor | None, convention: ScaleConvention) -> torch.Tensor | None:
+    if gs is None or convention is ScaleConvention.DECODE:
+        return gs
+    return ref.to_encode_scale(gs)
+
+
+def from_adapter_scale(gs: Any, convention: ScaleConvention) -> torch.Tensor | None:
+    if gs is None:
+        return None
+    gs = torch.as_tensor(gs, dtype=torch.float32)
+    return gs if convention is ScaleConvention.DECODE else ref.from_encode_scale(gs)
+
+
+def _conventions(adapter: Any):
+    return adapter.conventions
+
+
+def compare_quantized(
+    name: str,
+    x: torch.Tensor,
+    gs: torch.Tensor,
+    ref_q: tuple[torch.Tensor, torch.Tensor],
+    out_q: tuple[torch.Tensor, torch.Tensor],
+    exact: bool,
+) -> list[Comparison]:
+    """Codes and scale bytes: bit-exact, or every mismatch classified (DESIGN.md §5)."""
+    rows = []
+    for part, r, o in (("codes", ref_q[0], out_q[0]), ("scales", ref_q[1], out_q[1])):
+        if r.shape != o.shape:
+            rows.append(
+                Comparison(
+                    f"{name}.{part}",
+                    Outcome.FAIL,
+                    f"shape {tuple(o.shape)} != reference {tuple(r.shape)}",
+                )
+            )
+            continue
+        eq = metrics.bitwise_equal(r, o)
+        rows.append(
+            Comparison(f"{name}.{part}", Outcome.PASS, "", {**eq, **metrics.nonfinite_stats(o)})
+        )
+    if all(c.metrics.get("equal") for c in rows):
+        return rows
+    if any(not c.metrics for c in rows):
+        return rows
+    cls = metrics.classify_quantize_mismatches(x, gs, ref_q[0], ref_q[1], out_q[0], out_q[1])
+    for c, part in zip(rows, ("codes", "scales"), strict=True):
+        c.metrics["classes"] = cls[part]
+        if c.metrics["equal"]:
+            continue
+        if exact:
+            c.outcome = Outcome.FAIL
+            c.message = (
+                f"{c.metrics['n_mismatch']} mismatching {part} where every intermediate "
+                f"is exact; first at {c.metrics['first_mismatch']}"
+            )
+        elif cls[part].get("real", 0):
+            c.outcome = Outcome.FAIL
+            first = cls[f"first_real_{part[:-1]}"]
+            c.message = f"{cls[part]['real']} real mismatches ({cls[part]}); first at {first}"
+        else:
+            c.message = f"all mismatches classified as legitimate: {cls[part]}"
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# stage cases (teacher forced)
+
+
+def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    g = inputs.generator(case, "x")
+    x = inputs.activation((case.tokens, case.shape.hidden), case.distribution, g).to(dev)
+    if case.distribution.exact:
+        gs = torch.tensor(inputs.EXACT_GLOBAL_SCALE, device=dev)
+    elif case.scale_ratio is None:
+        gs = None
+    else:
+        gs = global_scale_from_amax(tensor_amax(x) / case.scale_ratio).to(dev)
+    r_codes, r_scales, r_gs = ref.quantize_nvfp4(x, gs)
+    conv = _conventions(adapter).global_scale
+    codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
+    scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
+    out_gs = from_adapter_scale(
+        adapter.quantize(x, to_adapter_scale(gs, conv), codes, scales), conv
+    )
+    exact = case.tolerance is Tolerance.EXACT or case.distribution.exact
+    rows = compare_quantized("quantize", x, r_gs, (r_codes, r_scales), (codes, scales), exact)
+    rows.append(_compare_global_scale(r_gs, out_gs, conv))
+    return rows
+
+
+def _compare_global_scale(r_gs: torch.Tensor, out_gs: Any, conv: ScaleConvention) -> Comparison:
+    if out_gs is None:
+        return Comparison("quantize.global_scale", Outcome.FAIL, "adapter returned no global scale")
+    r, o = float(r_gs), float(torch.as_tensor(out_gs).float().reshape(-1)[0])
+    same = o == r or (o != o and r != r)  # also inf == inf (an Inf input) and NaN == NaN
+    rel = 0.0 if same else abs(o - r) / abs(r) if r else abs(o)
+    m = {"ref": r, "out": o, "rel_err": rel}
+    if same or rel <= 2.0**-22:  # amax is exact; one fp32 division (or a reciprocal) of difference
+        return Comparison("quantize.global_scale", Outcome.PASS, "", m)
+    if r and abs(o * r - 1.0) <= 2.0**-20:
+        other = "ENCODE" if conv is ScaleConvention.DECODE else "DECODE"
+        return Comparison(
+            "quantize.global_scale",
+            Outcome.FAIL,
+            f"global-scale convention mismatch: the adapter declares {conv.name} "
+            f"but returns the {other} scale (1/gs)",
+            m,
+        )
+    return Comparison("quantize.global_scale", Outcome.FAIL, f"global scale {o} != {r}", m)
+
+
+def _routed_counts(case: Case) -> torch.Tensor:
+    ids, _ = inputs.routing(case, inputs.generator(case, "routing"))
+    return inputs.tokens_per_expert(ids, inputs.first_expert(case), case.shape.n_experts)
+
+
+def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    s = case.shape
+    counts = _routed_counts(case)
+    offsets = compute_expert_offsets(counts).to(dev)
+    g = inputs.generator(case, "scales")
+    c, n = s.hidden // 16, 2 * s.intermediate
+    # Random finite bytes 0x01..0x7E: a zero padding byte can never be mistaken for data.
+    a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
+    b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
+    a, b = a.view(torch.float8_e4m3fn).to(dev), b.view(torch.float8_e4m3fn).to(dev)
+    r2d, _ = assemble_scales_2d_side_from_offsets(a, offsets)
+    r3d = assemble_scales_3d_side(list(b))
+    o2d = poisoned(tuple(r2d.shape), r2d.dtype, dev)
+    o3d = poisoned(tuple(r3d.shape), r3d.dtype, dev)
+    adapter.assemble_scales(a, offsets, b, o2d, o3d)
+    pad2d = _padding_mask_2d(counts.tolist(), c).to(dev)
+    return [
+        _compare_layout("scales_2d", r2d, o2d, pad2d),
+        _compare_layout("scales_3d", r3d, o3d, None),
+    ]
+
+
+def _padding_mask_2d(counts: list[int], cols: int) -> torch.Tensor:
+    """True where the swizzled 2D-side buffer holds padding (rows past a group's tokens or cols
+    past K/16). Built by swizzling a marker matrix, so it follows the same layout."""
+    from reference.layouts import swizzle_scales  # local: only the diagnosis needs it
+
+    parts = []
+    for t in counts:
+        if t == 0:
+            continue
+        marker = torch.ones((t, cols), dtype=torch.uint8)
+        parts.append(swizzle_scales(marker) == 0)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def _compare_layout(
+    name: str, r: torch.Tensor, o: torch.Tensor, pad: torch.Tensor | None
+) -> Comparison:
+    eq = metrics.bitwise_equal(r, o)
+    if eq["equal"]:
+        return Comparison(name, Outcome.PASS, "", eq)
+    diff = (r.view(torch.uint8) != o.view(torch.uint8)).reshape(-1)
+    msg = f"{eq['n_mismatch']} of {eq['numel']} bytes differ; first at {eq['first_mismatch']}"
+    if pad is not None and pad.shape == diff.shape:
+        in_pad = int((diff & pad).sum())
+        eq["mismatch_in_padding"] = in_pad
+        if in_pad == int(diff.sum()):
+            msg += "; all of them in padding (padding not zeroed / left unwritten)"
+    return Comparison(name, Outcome.FAIL, msg, eq)
+
+
+def gemm_operands(
+    case: Case, dev: torch.device, conv: ScaleConvention
+) -> tuple[GemmOperands, GemmOperands]:
+    """(reference-convention operands, adapter-convention operands) for a grouped GEMM case."""
+    s = case.shape
+    counts = _routed_counts(case)
+    offsets = compute_expert_offsets(counts).to(dev)
+    k, n, e = s.hidden, 2 * s.intermediate, s.n_experts
+    x = inputs.activation((int(counts.sum()), k), case.distribution, inputs.generator(case, "a"))
+    w = inputs.weight((e, k, n), inputs.generator(case, "b"))
+    a_codes, a_scales, gsa = ref.quantize_nvfp4(x.to(dev))
+    qs = [ref.quantize_weight_nvfp4(w[i].to(dev)) for i in range(e)]
+    b_codes = torch.stack([q[0] for q in qs])
+    b_scales = torch.stack([q[1] for q in qs])
+    gsb = torch.stack([q[2] for q in qs]).reshape(e)
+    gsa = gsa.reshape(1).expand(e).contiguous()
+    a_sw, a_rows = assemble_scales_2d_side_from_offsets(a_scales, offsets)
+    b_sw = assemble_scales_3d_side(list(b_scales))
+    ops = GemmOperands(a_codes, a_scales, b_codes, b_scales, offsets, gsa, gsb, a_sw, a_rows, b_sw)
+    conv_ops = GemmOperands(
+        a_codes,
+        a_scales,
+        b_codes,
+        b_scales,
+        offsets,
+        to_adapter_scale(gsa, conv),
+        to_adapter_scale(gsb, conv),
+        a_sw,
+        a_rows,
+        b_sw,
+    )
+    return ops, conv_ops
+
+
+def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    ops, conv_ops = gemm_operands(case, dev, _conventions(adapter).global_scale)
+    args = (
+        ops.a_codes,
+        ops.a_scales,
+        ops.b_codes,
+        ops.b_scales,
+        ops.expert_offsets,
+        ops.global_scale_a,
+        ops.global_scale_b,
+    )
+    oracle = grouped_gemm_nvfp4(*args, oracle=True)
+    bound = grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
+    out = poisoned((ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, dev)
+    adapter.grouped_gemm(conv_ops, out)
+    return [compare_bounded("grouped_gemm.out", oracle, out, bound, ops.expert_offsets)]
+
+
+def compare_bounded(
+    name: str,
+    oracle: torch.Tensor,
+    out: torch.Tensor,
+    bound: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+) -> Comparison:
+    """A summed output against the fp64 oracle and its derived elementwise bound."""
+    m = metrics.error_panel_bound(oracle, out, bound)
+    panel = metrics.error_panel(oracle, out, atol=0.0, rtol=2.0**-8)
+    m.update(
+        {
+            k: panel[k]
+            for k in (
+                "max_abs",
+                "max_rel",
+                "calc_diff",
+                "cosine",
+                "worst_token_cosine",
+                "sqnr_db",
+                "nan_out",
+                "inf_out",
+            )
+        }
+    )
+    err = (out.double() - oracle.double()).abs().nan_to_num(nan=float("inf"))
+    if out.numel():
+        m["periodic"] = metrics.periodic_error_structure(err.cpu())
+    if offsets is not None:
+        m["per_group"] = metrics.per_group_error(oracle, out, offsets.cpu())
+    if m["n_outside"] == 0:
+        return Comparison(name, Outcome.PASS, "", m)
+    msg = (
+        f"{m['n_outside']} elements outside the derived bound (worst |err|/bound "
+        f"{m['worst_ratio']:.3g}); first at {m['first_outside']}"
+    )
+    suspect = m.get("periodic", {}).get("suspect_period")
+    if suspect:
+        msg += f"; error repeats every {suspect} elements (layout?)"
+    return Comparison(name, Outcome.FAIL, msg, m)
+
+
+def _swiglu_input(case: Case, dev: torch.device) -> torch.Tensor:
+    g = inputs.generator(case, "l1")
+    l1 = inputs.activation((case.tokens, 2 * case.shape.intermediate), case.distribution, g)
+    # x6: |value| > 10 for ~10% of normal draws, so the default limit's clamps are exercised.
+    return (l1.float() * 6.0).to(torch.bfloat16).to(dev)
+
+
+def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    l1 = _swiglu_input(case, dev)
+    act = swiglu(l1, case.limit)
+    gs = global_scale_from_amax(tensor_amax(act)).to(dev)  # calibrated on this very sample
+    r_codes, r_scales, _ = ref.quantize_nvfp4(act, gs)
+    conv = _conventions(adapter).global_scale
+    codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
+    scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
+    adapter.swiglu_requant(l1, case.limit, to_adapter_scale(gs, conv), codes, scales)
+    exact = case.tolerance is Tolerance.EXACT
+    rows = compare_quantized("swiglu_requant", act, gs, (r_codes, r_scales), (codes, scales), exact)
+    if any(r.outcome is Outcome.FAIL for r in rows):
+        found = identify_swiglu_variant(l1, case.limit, gs, codes, scales)
+        for r in rows:
+            r.metrics["matches_variant"] = found
+            if found and r.outcome is Outcome.FAIL:
+                r.message += f"; output matches SwiGLU variant {found}, not dsv4"
+    return rows
+
+
+def identify_swiglu_variant(l1, limit, gs, codes, scales) -> str | None:
+    """Which named SwiGLU variant (and gate/up order) reproduces the kernel's bits, if any."""
+    for gate_first in (True, False):
+        for variant in SwigluVariant:
+            act = swiglu(l1, limit, variant=variant, gate_first=gate_first)
+            c, s, _ = ref.quantize_nvfp4(act, gs)
+            if torch.equal(c, codes) and torch.equal(s.view(torch.uint8), scales.view(torch.uint8)):
+                return variant.value + ("" if gate_first else "+up_first")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# layer cases (end to end)
+
+
+def layer_inputs(case: Case, dev: torch.device) -> dict[str, Any]:
+    """Inputs of a layer case, shared by reference and kernel."""
+    s, t = case.shape, case.tokens
+    gx = inputs.generator(case, "x")
+    ratio = 1.0 if case.scale_ratio is None else case.scale_ratio
+    if case.stage is Stage.GROUPED_LINEAR:
+        heads = s.n_groups * s.group_dim // s.head_dim
+        o = inputs.activation((t, heads, s.head_dim), case.distribution, gx)
+        w = inputs.weight((s.n_groups, s.group_dim, s.o_lora_rank), inputs.generator(case, "w"))
+        return {
+            "o": o.to(dev),
+            "w": w.to(dev),
+            "calib_sample": inputs.calibration_sample(o, ratio).to(dev),
+        }
+    x = inputs.activation((t, s.hidden), case.distribution, gx)
+    d = {"x": x.to(dev), "calib_sample": inputs.calibration_sample(x, ratio).to(dev)}
+    if case.stage is Stage.SHARED_EXPERT:
+        d["w13"] = inputs.weight((s.hidden, 2 * s.intermediate), inputs.generator(case, "w13")).to(
+            dev
+        )
+        d["w2"] = inputs.weight((s.intermediate, s.hidden), inputs.generator(case, "w2")).to(dev)
+    else:
+        ids, wts = inputs.routing(case, inputs.generator(case, "routing"))
+        e = s.n_experts
+        d["topk_ids"], d["topk_weights"] = ids.to(dev), wts.to(dev)
+        d["w13"] = inputs.weight(
+            (e, s.hidden, 2 * s.intermediate), inputs.generator(case, "w13")
+        ).to(dev)
+        d["w2"] = inputs.weight((e, s.intermediate, s.hidden), inputs.generator(case, "w2")).to(dev)
+    return d
+
+
+def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
+    s = case.shape
+    if case.stage is Stage.SHARED_EXPERT:
+        return adapter.shared_expert(
+            d["x"], d["w13"], d["w2"], limit=case.limit, calib_sample=d["calib_sample"]
+        )
+    if case.stage is Stage.ROUTED_MOE:
+        return adapter.routed_moe(
+            d["x"],
+            d["topk_ids"],
+            d["topk_weights"],
+            d["w13"],
+            d["w2"],
+            first_expert=inputs.first_expert(case),
+            limit=case.limit,
+            calib_sample=d["calib_sample"],
+        )
+    return adapter.grouped_linear(
+        d["o"],
+        d["w"],
+        n_groups=s.n_groups,
+        o_lora_rank=s.o_lora_rank,
+        calib_sample=d["calib_sample"],
+    )
+
+
+def _unquantized_out(case: Case, d: dict[str, Any]) -> torch.Tensor:
+    s = case.shape
+    if case.stage is Stage.SHARED_EXPERT:
+        st = ref_layers.shared_expert(d["x"], d["w13"], d["w2"], limit=case.limit, quantized=False)
+    elif case.stage is Stage.ROUTED_MOE:
+        st = ref_layers.routed_moe(
+            d["x"],
+            d["topk_ids"],
+            d["topk_weights"],
+            d["w13"],
+            d["w2"],
+            first_expert=inputs.first_expert(case),
+            limit=case.limit,
+            quantized=False,
+        )
+    else:
+        st = ref_layers.grouped_linear(
+            d["o"], d["w"], n_groups=s.n_groups, o_lora_rank=s.o_lora_rank, quantized=False
+        )
+    return st["out"]
+
+
+def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    d = layer_inputs(case, dev)
+    r = run_layer(case, ReferenceAdapter(), d)
+    k = run_layer(case, adapter, d)
+    rows: list[Comparison] = []
+    first_divergent = nan_culprit = None
+    for name, rv in r.items():
+        if name == "out" or name not in k or name.startswith("w"):
+            continue
+        c = _compare_intermediate(name, rv, k[name])
+        rows.append(c)
+        if first_divergent is None and not c.metrics.get("equal", False):
+            first_divergent = name
+        if nan_culprit is None and c.metrics.get("nonfinite_out", 0):
+            nan_culprit = name
+    out = _compare_out(case, r["out"], k.get("out"))
+    ok_in = all(c.outcome is Outcome.PASS for c in rows)
+    out.metrics.update(first_divergent_stage=first_divergent, nan_first_stage=nan_culprit)
+    if out.outcome is Outcome.FAIL:
+        out.message += f"; first divergent stage: {first_divergent}"
+        if nan_culprit:
+            out.message += f"; NaN/Inf first appears in stage {nan_culprit}"
+    if not ok_in:
+        out.metrics["intermediate_failures"] = [c.name for c in rows if c.outcome is Outcome.FAIL]
+    twin = _unquantized_out(case, d)
+    out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
+        "sqnr_db"
+    ]
+    return [*rows, out]
+
+
+def _compare_intermediate(name: str, rv: Any, kv: Any) -> Comparison:
+    """Informational per-stage comparison (the verdict is on the layer output)."""
+    if isinstance(rv, tuple):  # (codes, scales, gs)
+        m = {}
+        for part, a, b in (("codes", rv[0], kv[0]), ("scales", rv[1], kv[1])):
+            eq = metrics.bitwise_equal(a, b)
+            m[f"{part}_mismatch"] = eq["n_mismatch"]
+        m["equal"] = not (m["codes_mismatch"] or m["scales_mismatch"])
+        st = metrics.nonfinite_stats(kv[1])
+        m["nonfinite_out"] = st.get("nan_bytes", 0)
+        m["scale_stats"] = st
+        return Comparison(name, Outcome.PASS, "", m)
+    if not isinstance(rv, torch.Tensor) or not rv.dtype.is_floating_point:
+        eq = metrics.bitwise_equal(rv, kv)
+        return Comparison(name, Outcome.PASS if eq["equal"] else Outcome.FAIL, "", eq)
+    m = metrics.error_panel(rv.float(), kv.float(), 0.0, 0.0)
+    m["equal"] = bool(torch.equal(rv, kv))
+    st = metrics.nonfinite_stats(kv)
+    m["nonfinite_out"] = st["nan"] + st["inf"]
+    m["stats"] = st
+    return Comparison(name, Outcome.PASS, "", m)
+
+
+def _compare_out(case: Case, r: torch.Tensor, k: torch.Tensor | None) -> Comparison:
+    if k is None:
+        return Comparison("out", Outcome.FAIL, "adapter returned no 'out' stage")
+    if k.shape != r.shape:
+        return Comparison(
+            "out", Outcome.FAIL, f"shape {tuple(k.shape)} != reference {tuple(r.shape)}"
+        )
+    b = case.budget
+    m = metrics.error_panel(r.float(), k.float(), b.atol, b.rtol)
+    bad = []
+    if m["nan_out"] + m["inf_out"] > m["nan_ref"] + m["inf_ref"]:
+        bad.append(
+            f"{m['nan_out']} NaN / {m['inf_out']} Inf in output (reference "
+            f"{m['nan_ref']} / {m['inf_ref']})"
+        )
+    cd = m["calc_diff"]
+    if cd != cd or cd > b.calc_diff:
+        bad.append(f"calc_diff {cd:.3g} > budget {b.calc_diff:.3g}")
+    if b.min_frac_within and m["frac_within"] < b.min_frac_within:
+        bad.append(f"only {m['frac_within']:.4f} within atol={b.atol} rtol={b.rtol}")
+    return Comparison("out", Outcome.FAIL if bad else Outcome.PASS, "; ".join(bad), m)
+
+
+_STAGES = {
+    Stage.QUANTIZE: _quantize,
+    Stage.SCALE_ASSEMBLY: _scale_assembly,
+    Stage.GROUPED_GEMM: _grouped_gemm,
+    Stage.SWIGLU_REQUANT: _swiglu_requant,
+    Stage.SHARED_EXPERT: _layer,
+    Stage.ROUTED_MOE: _layer,
+    Stage.GROUPED_LINEAR: _layer,
+}
+
+
+def run_case(case: Case, adapter: Any) -> list[Comparison]:
+    """All comparisons of one case on one adapter (exceptions propagate to the runner)."""
+    dev = torch.device(case.device)
+    with torch.no_grad():
+        return _STAGES[case.stage](case, adapter, dev)
+
+
+__all__ = ["Comparison", "Outcome", "run_case", "round_up"]
