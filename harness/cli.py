@@ -20,7 +20,7 @@ from harness.cases import CaseError, load_cases, load_many
 from harness.runner import SweepOptions, run_one, run_sweep
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-BAD = ("fail", "error", "timeout", "crashed")
+BAD = results.BAD_OUTCOMES
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true", help="discard earlier results, do not resume")
     r.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--report", action="store_true", help="write DIR/index.html at the end")
+
+    rp = sub.add_parser("report", help="HTML report from a results set (never reruns kernels)")
+    rp.add_argument("results", help="results directory or .jsonl/.parquet file")
+    rp.add_argument("-o", "--out", help="HTML file (default: RESULTS/index.html)")
+    rp.add_argument("--baseline", help="another results set: regressions and improvements")
+    rp.add_argument("--title")
 
     ls = sub.add_parser("list", help="list cases of case files, and adapters")
     ls.add_argument("cases", nargs="*", help="case files or directories")
@@ -102,6 +109,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     resumed = counts.pop("resumed", 0)
     print(f"\nthis run: {dict(counts)}; resumed (already done): {resumed}")
     print(f"results: {out / results.JSONL}  ({out / results.PARQUET})")
+    if a.report:
+        from harness.report import render
+
+        print(f"report: {render(out, out / 'index.html')}")
     return EXIT_FAIL if any(r["outcome"] in BAD for r in rows) else EXIT_OK
 
 
@@ -148,36 +159,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
-    """Per (case, backend) final outcome: regressions, improvements, new failures, gone."""
-    key = lambda r: (r["case_id"], r["backend"])  # noqa: E731
-    b = {key(r): r for r in results.latest(base) if r.get("final")}
-    n = {key(r): r for r in results.latest(new) if r.get("final")}
-    out: dict[str, list] = {
-        "regressions": [],
-        "improvements": [],
-        "new_failures": [],
-        "new_cases": [],
-        "missing": [],
-        "unchanged": [],
-    }
-    for k, r in n.items():
-        if k not in b:
-            out["new_failures" if r["outcome"] in BAD else "new_cases"].append((k, None, r))
-            continue
-        was, now = b[k]["outcome"], r["outcome"]
-        if was == "pass" and now in BAD:
-            out["regressions"].append((k, b[k], r))
-        elif was in BAD and now == "pass":
-            out["improvements"].append((k, b[k], r))
-        else:
-            out["unchanged"].append((k, b[k], r))
-    out["missing"] = [(k, r, None) for k, r in b.items() if k not in n]
-    return out
-
-
 def cmd_compare(a: argparse.Namespace) -> int:
-    d = compare_sets(results.read_rows(a.baseline), results.read_rows(a.new))
+    d = results.compare_sets(results.read_rows(a.baseline), results.read_rows(a.new))
     for section in ("regressions", "new_failures", "improvements", "new_cases", "missing"):
         items = d[section]
         print(f"{section}: {len(items)}")
@@ -188,6 +171,15 @@ def cmd_compare(a: argparse.Namespace) -> int:
             print(f"  {backend:<20} {case_id}: {was} -> {now}  {msg}")
     print(f"unchanged: {len(d['unchanged'])}")
     return EXIT_FAIL if d["regressions"] or d["new_failures"] else EXIT_OK
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from harness.report import render
+
+    src = Path(a.results)
+    out = Path(a.out) if a.out else (src if src.is_dir() else src.parent) / "index.html"
+    print(f"report: {render(src, out, baseline=a.baseline, title=a.title)}")
+    return EXIT_OK
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
@@ -213,6 +205,7 @@ COMMANDS = {
     "show": cmd_show,
     "compare": cmd_compare,
     "merge": cmd_merge,
+    "report": cmd_report,
     "worker": cmd_worker,
 }
 

@@ -28,6 +28,7 @@ JSONL = "results.jsonl"
 PARQUET = "results.parquet"
 META = "meta.json"
 KEY = ("case_id", "backend", "compare")
+BAD_OUTCOMES = ("fail", "error", "timeout", "crashed")
 
 
 def _jsonable(v: Any) -> Any:
@@ -207,3 +208,33 @@ def merge(sources: list[str | Path], out_dir: str | Path) -> int:
     (out / META).write_text(json.dumps({"runs": runs}, indent=1, sort_keys=True))
     write_parquet(out)
     return len(rows)
+
+
+def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
+    """Per (case, backend) final outcome: regressions, improvements, new failures, gone."""
+    key = lambda r: (r["case_id"], r["backend"])  # noqa: E731
+    b = {key(r): r for r in latest(base) if r.get("final")}
+    n = {key(r): r for r in latest(new) if r.get("final")}
+    out: dict[str, list] = {
+        "regressions": [],
+        "improvements": [],
+        "new_failures": [],
+        "new_cases": [],
+        "missing": [],
+        "unchanged": [],
+    }
+    for k, r in n.items():
+        if k not in b:
+            out["new_failures" if r["outcome"] in BAD_OUTCOMES else "new_cases"].append(
+                (k, None, r)
+            )
+            continue
+        was, now = b[k]["outcome"], r["outcome"]
+        if was == "pass" and now in BAD_OUTCOMES:
+            out["regressions"].append((k, b[k], r))
+        elif was in BAD_OUTCOMES and now == "pass":
+            out["improvements"].append((k, b[k], r))
+        else:
+            out["unchanged"].append((k, b[k], r))
+    out["missing"] = [(k, r, None) for k, r in b.items() if k not in n]
+    return out

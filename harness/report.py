@@ -1,0 +1,193 @@
+"""HTML accuracy report from results files: one self-contained page, plots embedded as PNG.
+
+Data first, rendering later (STYLE.md rule 10): this module reads result rows and meta.json
+and never runs a kernel. Sections: summary (outcome counts, worst cases first, counts by stage),
+baseline comparison when given, error against tokens / clamp limit / scale ratio (matplotlib),
+quantize mismatch classes, NaN traces (first stage with NaN, first divergent stage) and the
+environment fingerprint. Every user-supplied string goes through Jinja2's autoescape.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from harness import results
+
+OUTCOMES = ("pass", "fail", "error", "timeout", "crashed", "unsupported", "skipped")
+_ORDER = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3, "unsupported": 4, "skipped": 5}
+MAX_WORST = 50
+# The error measure per kind of output: how far outside the derived bound for summed stage
+# outputs, calc_diff for layer outputs (both 0 when identical).
+_ERROR_OF = {"grouped_gemm.out": "worst_ratio", "out": "calc_diff"}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _error_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    recs = []
+    for r in rows:
+        key = _ERROR_OF.get(r.get("compare"))
+        if key is None:
+            continue
+        v = (r.get("metrics") or {}).get(key)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        recs.append(
+            {
+                "stage": r["stage"],
+                "backend": r["backend"],
+                "tokens": r["tokens"],
+                "limit": r.get("limit"),
+                "scale_ratio": r.get("scale_ratio"),
+                "measure": key,
+                "error": v,
+                "outcome": r["outcome"],
+            }
+        )
+    return pd.DataFrame(recs)
+
+
+def _plots(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = _error_frame(rows)
+    out = []
+    if df.empty:
+        return out
+    for axis in ("tokens", "limit", "scale_ratio"):
+        d = df.dropna(subset=[axis])
+        if d[axis].nunique() < 2:
+            continue
+        stages = sorted(d["stage"].unique())
+        fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
+        for ax, stage in zip(axes[0], stages, strict=True):
+            s = d[d["stage"] == stage]
+            for backend, b in s.groupby("backend"):
+                g = b.groupby(axis)["error"].max().sort_index()
+                ax.plot(g.index, g.values.clip(min=1e-12), marker="o", label=str(backend)[:30])
+            ax.set_title(f"{stage} ({s['measure'].iloc[0]}, max)", fontsize=10)
+            ax.set_xlabel(axis)
+            ax.set_yscale("log")
+            if axis == "tokens":
+                ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append(
+            {
+                "title": f"error vs {axis} per stage and backend (worst case per point)",
+                "png": _png(fig),
+            }
+        )
+        plt.close(fig)
+    return out
+
+
+def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        cls = (r.get("metrics") or {}).get("classes")
+        if cls and any(v for k, v in cls.items() if k != "exact"):
+            nonzero = {k: v for k, v in cls.items() if v and k != "exact"}
+            out.append({**r, "classes": json.dumps(nonzero)})
+    return out
+
+
+def _nan_traces(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        if r.get("compare") == "out" and m.get("nan_first_stage"):
+            out.append(
+                {
+                    **r,
+                    "nan_first_stage": m["nan_first_stage"],
+                    "first_divergent_stage": m.get("first_divergent_stage"),
+                }
+            )
+    return out
+
+
+def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any]:
+    d = results.compare_sets(results.read_rows(baseline), rows)
+    sections = []
+    for name in ("regressions", "new_failures", "improvements", "missing"):
+        items = [
+            {
+                "case_id": k[0],
+                "backend": k[1],
+                "was": o["outcome"] if o else "-",
+                "now": n["outcome"] if n else "-",
+                "message": (n or {}).get("message", ""),
+            }
+            for k, o, n in d[name]
+        ]
+        sections.append((name.replace("_", " "), items))
+    return {"source": str(baseline), "sections": sections}
+
+
+def render(
+    results_path: str | Path,
+    out: str | Path,
+    baseline: str | Path | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write the report for a results directory (or file) to `out`; returns its path."""
+    rows = results.latest(results.read_rows(results_path))
+    finals = [r for r in rows if r.get("final")]
+    counts = Counter(r["outcome"] for r in finals)
+    worst = sorted(
+        (r for r in finals if r["outcome"] != "pass"),
+        key=lambda r: (_ORDER.get(r["outcome"], 9), r["case_id"]),
+    )
+    by_stage: dict[str, Counter] = {}
+    for r in finals:
+        by_stage.setdefault(r["stage"], Counter())[r["outcome"]] += 1
+    meta_dir = Path(results_path) if Path(results_path).is_dir() else Path(results_path).parent
+    env = [
+        sorted(
+            {**run.get("env", {}), "run_id": run.get("run_id"), "shard": run.get("shard")}.items()
+        )
+        for run in results.read_meta(meta_dir)["runs"][-3:]
+    ]
+    template = jinja2.Environment(
+        loader=jinja2.PackageLoader("harness", "templates"),
+        autoescape=True,  # case names and messages are user input: <script> renders as text
+        undefined=jinja2.StrictUndefined,
+    ).get_template("report.html.j2")
+    html = template.render(
+        title=title or f"dsv4-nvfp4 accuracy report: {meta_dir.name}",
+        source=str(results_path),
+        n_rows=len(rows),
+        n_cases=len(finals),
+        counts=[(o, counts[o]) for o in OUTCOMES if counts[o]],
+        worst=worst[:MAX_WORST],
+        n_worst_more=max(0, len(worst) - MAX_WORST),
+        outcome_names=OUTCOMES,
+        by_stage=sorted((k, dict(v)) for k, v in by_stage.items()),
+        baseline=_baseline(rows, baseline) if baseline else None,
+        plots=_plots(rows),
+        classes=_classes(rows),
+        nan_traces=_nan_traces(rows),
+        env=env,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding="utf-8")
+    return out
