@@ -217,3 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CaseError, adapters.AdapterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `python -m harness list | head`
+        sys.stderr.close()
+        return EXIT_OK
