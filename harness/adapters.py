@@ -63,6 +63,18 @@ class GemmOperands:
     a_scale_row_offsets: torch.Tensor  # int32 [E] START rows of each group's swizzled scales
     b_scales_swizzled: torch.Tensor  # reference 3D-side assembly [E, ...]
 
+    def plain(self) -> tuple[torch.Tensor, ...]:
+        """The positional arguments of `reference.gemm.grouped_gemm_nvfp4` (plain layouts)."""
+        return (
+            self.a_codes,
+            self.a_scales,
+            self.b_codes,
+            self.b_scales,
+            self.expert_offsets,
+            self.global_scale_a,
+            self.global_scale_b,
+        )
+
 
 STAGE_METHODS: dict[Stage, str] = {
     Stage.QUANTIZE: "quantize",
@@ -122,6 +134,9 @@ class ReferenceAdapter(AdapterBase):
 
     name = "reference"
 
+    def __init__(self, quantized: bool = True):
+        self.quantized = quantized  # False: the unquantized fp32 twin of each layer
+
     def quantize(self, x, global_scale, codes_out, scales_out):
         codes, scales, gs = ref.quantize_nvfp4(x, global_scale)
         codes_out.copy_(codes)
@@ -133,18 +148,7 @@ class ReferenceAdapter(AdapterBase):
         out_3d.copy_(assemble_scales_3d_side(list(b_scales)))
 
     def grouped_gemm(self, ops: GemmOperands, out):
-        out.copy_(
-            grouped_gemm_nvfp4(
-                ops.a_codes,
-                ops.a_scales,
-                ops.b_codes,
-                ops.b_scales,
-                ops.expert_offsets,
-                ops.global_scale_a,
-                ops.global_scale_b,
-                out_dtype=out.dtype,
-            )
-        )
+        out.copy_(grouped_gemm_nvfp4(*ops.plain(), out_dtype=out.dtype))
 
     def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
         act = swiglu(l1_out, limit)
@@ -153,26 +157,29 @@ class ReferenceAdapter(AdapterBase):
         scales_out.copy_(scales)
 
     def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        if not self.quantized:
+            return ref_layers.shared_expert(x, w13, w2, limit=limit, quantized=False)
         gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
         return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
 
     def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
+        args = (x, topk_ids, topk_weights, w13, w2)
+        if not self.quantized:
+            return ref_layers.routed_moe(
+                *args, first_expert=first_expert, limit=limit, quantized=False
+            )
         gs1, gs2 = ref_layers.calibrate_routed_moe(
-            calib_sample, topk_ids, topk_weights, w13, w2, first_expert=first_expert, limit=limit
+            calib_sample, *args[1:], first_expert=first_expert, limit=limit
         )
         return ref_layers.routed_moe(
-            x,
-            topk_ids,
-            topk_weights,
-            w13,
-            w2,
-            first_expert=first_expert,
-            limit=limit,
-            gs1=gs1,
-            gs2=gs2,
+            *args, first_expert=first_expert, limit=limit, gs1=gs1, gs2=gs2
         )
 
     def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        if not self.quantized:
+            return ref_layers.grouped_linear(
+                o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, quantized=False
+            )
         gs = ref_layers.calibrate_grouped_linear(calib_sample, n_groups=n_groups)
         return ref_layers.grouped_linear(o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs)
 

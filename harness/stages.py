@@ -24,7 +24,6 @@ import reference as ref
 from harness import inputs, metrics
 from harness.adapters import GemmOperands, ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
-from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
 from reference.layouts import (
@@ -276,15 +275,7 @@ def gemm_operands(
 
 def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     ops, conv_ops = gemm_operands(case, dev, _conventions(adapter).global_scale)
-    args = (
-        ops.a_codes,
-        ops.a_scales,
-        ops.b_codes,
-        ops.b_scales,
-        ops.expert_offsets,
-        ops.global_scale_a,
-        ops.global_scale_b,
-    )
+    args = ops.plain()
     oracle = grouped_gemm_nvfp4(*args, oracle=True)
     bound = grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
     out = poisoned((ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, dev)
@@ -434,28 +425,6 @@ def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _unquantized_out(case: Case, d: dict[str, Any]) -> torch.Tensor:
-    s = case.shape
-    if case.stage is Stage.SHARED_EXPERT:
-        st = ref_layers.shared_expert(d["x"], d["w13"], d["w2"], limit=case.limit, quantized=False)
-    elif case.stage is Stage.ROUTED_MOE:
-        st = ref_layers.routed_moe(
-            d["x"],
-            d["topk_ids"],
-            d["topk_weights"],
-            d["w13"],
-            d["w2"],
-            first_expert=inputs.first_expert(case),
-            limit=case.limit,
-            quantized=False,
-        )
-    else:
-        st = ref_layers.grouped_linear(
-            d["o"], d["w"], n_groups=s.n_groups, o_lora_rank=s.o_lora_rank, quantized=False
-        )
-    return st["out"]
-
-
 def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     d = layer_inputs(case, dev)
     r = run_layer(case, ReferenceAdapter(), d)
@@ -480,7 +449,7 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             out.message += f"; NaN/Inf first appears in stage {nan_culprit}"
     if not ok_in:
         out.metrics["intermediate_failures"] = [c.name for c in rows if c.outcome is Outcome.FAIL]
-    twin = _unquantized_out(case, d)
+    twin = run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
     out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
         "sqnr_db"
     ]
