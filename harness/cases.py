@@ -174,7 +174,7 @@ class Case:
         s, parts = self.shape, [self.stage.value, f"t{self.tokens}"]
         if self.stage in (Stage.QUANTIZE, Stage.SWIGLU_REQUANT, Stage.SHARED_EXPERT):
             parts.append(f"h{s.hidden}")
-        if self.stage in (Stage.SWIGLU_REQUANT, Stage.SHARED_EXPERT, Stage.ROUTED_MOE):
+        if self.stage not in (Stage.QUANTIZE, Stage.GROUPED_LINEAR):  # N = 2 * intermediate
             parts.append(f"i{s.intermediate}")
         if self.stage in (Stage.SCALE_ASSEMBLY, Stage.GROUPED_GEMM, Stage.ROUTED_MOE):
             parts += [f"e{s.n_experts}", f"k{s.top_k}", f"h{s.hidden}"]
@@ -353,11 +353,14 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
     if not path.is_file():
         raise CaseError(f"{path}: no such case file")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CaseError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
-        raise CaseError(f"{path}:{at} not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise CaseError(f"{path}:{at} not valid YAML ({problem})") from None
     if not isinstance(doc, dict):
         raise CaseError(f"{path}: expected a mapping with 'sweeps', got {type(doc).__name__}")
     for key in doc:
@@ -366,6 +369,10 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise CaseError(f"{path}: defaults: expected a mapping, got {defaults!r}")
+    known = set(_COMMON) | {a for axes in AXES.values() for a in axes}
+    for k in defaults:
+        if k not in known:
+            raise CaseError(f"{path}: defaults.{k}: unknown field")
     sweeps = doc.get("sweeps")
     if not isinstance(sweeps, list) or not sweeps:
         raise CaseError(f"{path}: sweeps: expected a non-empty list")
@@ -392,9 +399,17 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
 def load_many(paths: list[str | Path]) -> list[Case]:
     """Load several case files (or directories of *.yaml) into one list."""
     out: list[Case] = []
+    seen: dict[str, str] = {}
     for p in paths:
         p = Path(p)
         files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
         for f in files:
-            out.extend(load_cases(f)[1])
+            for c in load_cases(f)[1]:
+                if c.id in seen and seen[c.id] != c.source:
+                    raise CaseError(
+                        f"{f}: duplicate case id {c.id}, also defined in {seen[c.id]}; results and "
+                        f"resume are keyed by id: run the files separately or change one"
+                    )
+                seen[c.id] = c.source
+                out.append(c)
     return out

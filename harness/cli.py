@@ -17,7 +17,7 @@ from typing import Any
 
 from harness import adapters, results
 from harness.cases import CaseError, load_cases, load_many
-from harness.runner import SweepOptions, run_one, run_sweep
+from harness.runner import SweepOptions, plan, run_one, run_sweep
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 BAD = results.BAD_OUTCOMES
@@ -103,8 +103,17 @@ def cmd_run(a: argparse.Namespace) -> int:
         not a.no_progress,
         a.filter,
     )
+    planned = {(c.id, b) for c, b in plan(cases, opts)}
+    if not planned:
+        print(f"error: no case of {' '.join(a.cases)} matches filter {a.filter!r}", file=sys.stderr)
+        return EXIT_USAGE
     counts = run_sweep(cases, out, opts, label=Path(a.cases[0]).stem)
-    rows = [r for r in results.latest(results.read_rows(out)) if r.get("final")]
+    # judge only this invocation's pairs: the directory may hold other (filtered-out) results
+    rows = [
+        r
+        for r in results.latest(results.read_rows(out))
+        if r.get("final") and (r["case_id"], r["backend"]) in planned
+    ]
     print(summary_table(rows))
     resumed = counts.pop("resumed", 0)
     print(f"\nthis run: {dict(counts)}; resumed (already done): {resumed}")

@@ -50,7 +50,14 @@ class ResultWriter:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / JSONL
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:  # a kill mid-write leaves a line without its "\n"
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         self._f = open(self.path, "a", encoding="utf-8")
+        if torn:
+            self._f.write("\n")  # keep the torn line apart: it is skipped, the next row is not
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:

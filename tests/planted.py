@@ -1,0 +1,187 @@
+"""Planted defects: adapters with one realistic bug each, which the harness must catch and place.
+
+Each defect adapter is the reference adapter with ONE stage method replaced by a version carrying
+a bug seen in (or easy to make in) real NVFP4 kernels, so the smoke sweep has to fail that stage,
+name it, and pass every other stage. The runner adapters at the end misbehave as processes
+instead (raise, hang, die) to check that every (case, backend) pair still ends as a row.
+The harness finds them by import path, e.g. `-b tests.planted:RoundHalfAway`.
+Nothing here is imported by the harness or the reference: these are test fixtures only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+
+import torch
+
+import reference as ref
+from harness.adapters import GemmOperands, ReferenceAdapter
+from reference.activation import SwigluVariant, swiglu
+from reference.layouts import assemble_scales_2d_side_from_offsets
+from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS
+
+ATOM_BYTES = 512  # one 128x4 scale atom
+
+
+# --------------------------------------------------------------------------------------------
+# numeric and layout defects (each overrides one stage method)
+
+
+class StageDefect(ReferenceAdapter):
+    """Base of the defects: stage cases only. Their layer methods are the reference's own, so a
+    layer case would compare the reference with itself at full cost (routed_moe dominates)."""
+
+    def can_implement(self, case):
+        if case.stage.is_layer:
+            return False, f"{self.name} plants a stage defect; its layers are the reference's"
+        return super().can_implement(case)
+
+
+class RoundHalfAway(StageDefect):
+    """E2M1 ties rounded away from zero (C `roundf`) instead of cvt.rn's ties-to-even."""
+
+    name = "planted-round-half-away"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        _, scales, gs = ref.quantize_nvfp4(x, global_scale)  # block scales are right
+        xn = x.float() / gs
+        blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+        s = scales.float().unsqueeze(-1)
+        q = torch.where(s == 0, torch.zeros_like(blocks), blocks / s).reshape(x.shape)
+        a = q.abs()
+        code = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
+        for mid in E2M1_MIDPOINTS:
+            code += (a >= mid).to(torch.uint8)  # the bug: every tie goes up, even ones included
+        code |= torch.signbit(q).to(torch.uint8) << 3
+        code = torch.where(torch.isnan(q), torch.full_like(code, 0x7), code)  # as the reference
+        codes_out.copy_(ref.pack_e2m1(code))
+        scales_out.copy_(scales)
+        return gs
+
+
+def _swap_bits_2_and_4(n_bytes: int, device: torch.device) -> torch.Tensor:
+    """Index permutation of a buffer of whole atoms: bits 2 and 4 of the in-atom offset swapped.
+
+    In-atom offset = (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4, so bit 2 is the low bit of the
+    32-row sub-block and bit 4 the low bit of the row within it: rows 32 and 1 trade places.
+    """
+    i = torch.arange(n_bytes, device=device)
+    b2, b4 = (i >> 2) & 1, (i >> 4) & 1
+    return i & ~((1 << 2) | (1 << 4)) | (b2 << 4) | (b4 << 2)
+
+
+class SwappedSwizzleBits(StageDefect):
+    """128x4 swizzle with two index bits of the in-atom byte offset swapped (rows 1 <-> 32)."""
+
+    name = "planted-swapped-swizzle-bits"
+
+    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
+        super().assemble_scales(a_scales, expert_offsets, b_scales, out_2d, out_3d)
+        for out in (out_2d, out_3d):
+            flat = out.view(torch.uint8).reshape(-1, ATOM_BYTES)  # 2D and 3D: whole atoms
+            perm = _swap_bits_2_and_4(ATOM_BYTES, flat.device)
+            flat.copy_(flat[:, perm].clone())
+
+
+class SkipLastKBlock(StageDefect):
+    """K loop that stops one 16-element block early (off-by-one in the K-tile count)."""
+
+    name = "planted-skip-last-k-block"
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        a_codes = ops.a_codes.clone()
+        a_codes[:, -BLOCK // 2:] = 0  # two codes per byte: the last 8 bytes are the last block
+        super().grouped_gemm(dataclasses.replace(ops, a_codes=a_codes), out)
+
+
+class ClampAfterProduct(StageDefect):
+    """SwiGLU clamping silu(gate) * up to [-L, L] instead of gate and up (another model's)."""
+
+    name = "planted-clamp-after-product"
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT)
+        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+
+class PaddingUnwritten(StageDefect):
+    """2D-side scale assembly writing data bytes only: padding left unzeroed (torch.empty)."""
+
+    name = "planted-padding-unwritten"
+
+    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
+        full = torch.empty_like(out_2d)
+        super().assemble_scales(a_scales, expert_offsets, b_scales, full, out_3d)
+        # Where the data bytes land: assemble a matrix of ones, padding comes out 0x00.
+        ones = torch.ones(a_scales.shape, dtype=torch.uint8, device=a_scales.device)
+        data = assemble_scales_2d_side_from_offsets(ones, expert_offsets)[0] != 0
+        out_2d.view(torch.uint8)[data] = full.view(torch.uint8)[data]
+
+
+DEFECTS = (RoundHalfAway, SwappedSwizzleBits, SkipLastKBlock, ClampAfterProduct, PaddingUnwritten)
+
+
+# --------------------------------------------------------------------------------------------
+# process-level misbehaviour (quantize only), for the runner's isolation, timeout and resume
+
+
+class Raises(ReferenceAdapter):
+    """A kernel launch that raises (bad argument, CUDA error surfaced as an exception)."""
+
+    name = "planted-raises"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        raise RuntimeError(f"planted failure in quantize for x.shape={tuple(x.shape)}")
+
+
+class Hangs(ReferenceAdapter):
+    """A kernel that never returns (deadlocked barrier, spin on a flag nobody sets)."""
+
+    name = "planted-hangs"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        time.sleep(600)
+
+
+class Dies(ReferenceAdapter):
+    """A kernel that takes its process down (segfault, illegal address): SIGKILL to itself."""
+
+    name = "planted-dies"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Read here, in a test fixture only: the resume test sets it for one subprocess.
+EXIT_AT_ENV = "DSV4_PLANTED_EXIT_AT"
+_calls = 0
+
+
+class ExitsAtNth(ReferenceAdapter):
+    """The reference, except that the Nth quantize call of a process (N from $DSV4_PLANTED_EXIT_AT)
+    kills the whole process: a sweep killed midway, as by OOM killer or a preempted node."""
+
+    name = "planted-exits-at-nth"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        global _calls
+        _calls += 1
+        if os.environ.get(EXIT_AT_ENV) == str(_calls):
+            os._exit(3)
+        return super().quantize(x, global_scale, codes_out, scales_out)
+
+
+# The same backend name at two "commits", for `compare`: $DSV4_PLANTED_BUILD names a defect class
+# of this module (unset: the reference). A factory, so the variable is read at each adapter load.
+BUILD_ENV = "DSV4_PLANTED_BUILD"
+
+
+def kernel_build():
+    """One backend whose build is chosen by $DSV4_PLANTED_BUILD (a regression between runs)."""
+    name = os.environ.get(BUILD_ENV)
+    return (globals()[name] if name else ReferenceAdapter)()

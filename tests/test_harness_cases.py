@@ -1,0 +1,237 @@
+"""Case files: malformed ones are refused in one line naming file and field; valid ones load.
+
+Every malformed file gives `CaseError` from `load_cases`, and the same message from the CLI as
+one stderr line with exit code 2 and no traceback (in process through `harness.cli.main`, and
+for a few through a real `python -m harness run` process). The shipped case files load, with
+unique, readable ids. The pytest plugin collects a case file, prints the metric table of a
+failing case and honours --case-filter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+from harness.cases import AXES, CaseError, Stage, load_cases, load_many
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "cases").glob("*.yaml"))
+
+QUANTIZE = "sweeps:\n  - stage: quantize\n"
+GEMM = "sweeps:\n  - stage: grouped_gemm\n"
+
+# name -> (file text, what the one-line message must contain besides the file name)
+MALFORMED = {
+    "unknown_top_level_field": ("sweep:\n  - stage: quantize\n", "sweep: unknown field"),
+    "unknown_sweep_field": (QUANTIZE + "    tokns: [1]\n", "sweeps[0].tokns: unknown field"),
+    "axis_not_of_stage": (QUANTIZE + "    routing: [uniform]\n",
+                          "sweeps[0].routing: not an axis of stage quantize"),
+    "tokens_not_a_number": (QUANTIZE + "    tokens: many\n",
+                            "sweeps[0].tokens: expected a number, got 'many'"),
+    "tokens_not_integer": (QUANTIZE + "    tokens: [1.5]\n", "sweeps[0].tokens: expected integers"),
+    "tokens_zero": (QUANTIZE + "    tokens: [0]\n", "sweeps[0].tokens: must be > 0"),
+    "hidden_not_multiple_of_32": (QUANTIZE + "    shape: {hidden: 100}\n",
+                                  "sweeps[0].shape.hidden: must be a multiple of 32"),
+    "top_k_exceeds_experts": (GEMM + "    shape: {top_k: 5, n_experts: 4}\n",
+                              "sweeps[0].shape.top_k: 5 exceeds n_experts=4"),
+    "unknown_shape_field": (QUANTIZE + "    shape: {hiden: 256}\n",
+                            "sweeps[0].shape.hiden: unknown field"),
+    "unknown_preset": (QUANTIZE + "    shape: v5_pro\n",
+                       "sweeps[0].shape.preset: unknown preset 'v5_pro'"),
+    "unknown_distribution": (QUANTIZE + "    distributions: [normal, gaussian]\n",
+                             "sweeps[0].distributions: unknown value 'gaussian'"),
+    "unknown_stage": ("sweeps:\n  - stage: quantise\n",
+                      "sweeps[0].stage: unknown value 'quantise'"),
+    "missing_stage": ("sweeps:\n  - tokens: [1]\n", "sweeps[0].stage: missing"),
+    "exact_distribution_with_ratio": (QUANTIZE + "    distributions: [midpoints]\n"
+                                      "    scale_ratios: [2]\n", "sweeps[0].scale_ratios"),
+    "empty_backends": (QUANTIZE + "    backends: []\n", "sweeps[0].backends: empty list"),
+    "unknown_budget_field": ("sweeps:\n  - stage: shared_expert\n    budget: {calc_dif: 1}\n",
+                             "sweeps[0].budget.calc_dif: unknown field"),
+    "bad_device": (QUANTIZE + "    device: tpu\n", "sweeps[0].device"),
+    "bad_seed": (QUANTIZE + "    seeds: [a]\n", "sweeps[0].seeds: expected integers"),
+    "no_sweeps": ("name: nothing\n", "sweeps: expected a non-empty list"),
+    "not_a_mapping": ("- stage: quantize\n", "expected a mapping with 'sweeps'"),
+    "duplicate_ids": (QUANTIZE + "    tokens: [1]\n  - stage: quantize\n    tokens: [1, 2]\n",
+                      "duplicate case ids ['quantize_t1_h256_normal_rdyn_s0']"),
+    "invalid_yaml": ("sweeps: [\n  - stage: quantize\n", "line 2 not valid YAML"),
+}
+
+
+@pytest.fixture(params=sorted(MALFORMED))
+def malformed(request, tmp_path):
+    text, field = MALFORMED[request.param]
+    path = tmp_path / f"{request.param}.yaml"
+    path.write_text(text)
+    return path, field
+
+
+def test_load_cases_names_file_and_field(malformed):
+    path, field = malformed
+    with pytest.raises(CaseError) as e:
+        load_cases(path)
+    msg = str(e.value)
+    assert str(path) in msg and field in msg
+    assert "\n" not in msg
+
+
+def test_cli_reports_one_line_and_exit_2(malformed, tmp_path, capsys):
+    path, field = malformed
+    assert cli.main(["run", str(path), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert str(path) in lines[0] and field in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_missing_file(tmp_path, capsys):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(CaseError, match=re.escape(f"{path}: no such case file")):
+        load_cases(path)
+    assert cli.main(["run", str(path), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: no such case file\n"
+
+
+@pytest.mark.parametrize("name", ["invalid_yaml", "tokens_not_a_number"])
+def test_cli_process_exit_2_without_traceback(name, tmp_path):
+    text, field = MALFORMED[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    p = subprocess.run([sys.executable, "-m", "harness", "run", str(path), "-o",
+                        str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and field in lines[0], p.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# known loader bugs (strict: a fix turns these into failures that ask to drop the marker)
+
+
+def test_unknown_defaults_field_is_refused(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("defaults:\n  seed: [1, 2]\n" + QUANTIZE)  # `seed` for `seeds`
+    with pytest.raises(CaseError, match="seed"):
+        load_cases(path)
+
+
+def test_binary_case_file_is_a_case_error(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"sweeps:\n  - stage: \xff\xfe\n")
+    with pytest.raises(CaseError, match=re.escape(str(path))):
+        load_cases(path)
+
+
+def test_yaml_reader_error_is_one_line(tmp_path):
+    path = tmp_path / "ctl.yaml"
+    path.write_text(QUANTIZE.replace("quantize", "quantize\x07"))
+    with pytest.raises(CaseError) as e:
+        load_cases(path)
+    assert "\n" not in str(e.value)
+
+
+def test_gemm_ids_distinguish_intermediate(tmp_path):
+    path = tmp_path / "n.yaml"
+    path.write_text(GEMM + "    shape: {intermediate: 128}\n"
+                    "  - stage: grouped_gemm\n    shape: {intermediate: 256}\n")
+    assert len({c.id for c in load_cases(path)[1]}) == 2
+
+
+def test_same_id_in_two_files_is_refused(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(QUANTIZE)
+    b.write_text(QUANTIZE + "    tolerance: exact\n")  # same id, another verdict rule
+    with pytest.raises(CaseError, match="duplicate"):
+        load_many([a, b])
+
+
+# --------------------------------------------------------------------------------------------
+# valid files
+
+ID = re.compile(r"^[a-z_]+_t\d+(_[A-Za-z0-9.+-]+)*_s-?\d+$")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_case_files_load(path):
+    header, cases = load_cases(path)
+    assert cases and header["name"]
+    ids = [c.id for c in cases]
+    assert len(set(ids)) == len(ids)
+    for c in cases:
+        assert ID.match(c.id), c.id
+        assert c.id.startswith(c.stage.value + f"_t{c.tokens}_") and c.id.endswith(f"_s{c.seed}")
+        assert c.source == str(path)
+        hash(c)  # frozen: usable as a cache key
+
+
+def test_smoke_covers_every_stage_and_the_tricky_inputs():
+    _, cases = load_cases(REPO / "cases" / "smoke.yaml")
+    assert {c.stage for c in cases} == set(Stage)
+    assert {1, 129} <= {c.tokens for c in cases}
+    dists = {c.distribution.value for c in cases if c.stage is Stage.QUANTIZE}
+    assert {"midpoints", "fp4_grid", "nan_one", "inf_one", "zero_blocks"} <= dists
+    assert {c.routing.value for c in cases if c.stage is Stage.GROUPED_GEMM} >= {
+        "uniform", "empty_experts", "one_expert"}
+    assert None in {c.limit for c in cases if c.stage is Stage.SWIGLU_REQUANT}
+
+
+def test_defaults_apply_only_to_axes_a_stage_has(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("defaults:\n  tokens: [3]\n  routing: [empty_experts]\n  seeds: [0, 1]\n"
+                    "sweeps:\n  - stage: quantize\n  - stage: scale_assembly\n")
+    _, cases = load_cases(path)
+    assert sorted(c.id for c in cases) == [
+        "quantize_t3_h256_normal_rdyn_s0", "quantize_t3_h256_normal_rdyn_s1",
+        "scale_assembly_t3_i128_e4_k2_h256_empty_experts_s0",
+        "scale_assembly_t3_i128_e4_k2_h256_empty_experts_s1"]
+    assert set(AXES[Stage.QUANTIZE]) >= {"tokens"} and "routing" not in AXES[Stage.QUANTIZE]
+
+
+# --------------------------------------------------------------------------------------------
+# the pytest plugin
+
+
+PLUGIN_CASES = """\
+sweeps:
+  - stage: quantize
+    tokens: [5]
+  - stage: grouped_gemm
+    tokens: [5]
+"""
+
+
+def _pytest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def test_plugin_runs_a_case_file_and_prints_the_metric_table(tmp_path):
+    path = tmp_path / "plugin.yaml"
+    path.write_text(PLUGIN_CASES)
+    p = _pytest(str(path), "-q", "--harness-backend", "tests.planted:SkipLastKBlock")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "1 failed, 1 passed" in p.stdout
+    gemm = "grouped_gemm_t5_i128_e4_k2_h256_normal_uniform_s0"
+    assert f"case {gemm} on tests.planted:SkipLastKBlock: fail" in p.stdout
+    assert "grouped_gemm.out: fail" in p.stdout and "outside the derived bound" in p.stdout
+    assert re.search(r"n_outside\s+\d+", p.stdout) and "worst_ratio" in p.stdout
+    assert "Traceback" not in p.stdout  # the table replaces the Python traceback
+
+
+def test_plugin_case_filter_deselects(tmp_path):
+    path = tmp_path / "plugin.yaml"
+    path.write_text(PLUGIN_CASES)
+    p = _pytest(str(path), "-q", "--collect-only", "--case-filter", "quantize")
+    assert p.returncode == 0, p.stdout + p.stderr
+    items = [ln for ln in p.stdout.splitlines() if "::" in ln]
+    assert items == [f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"]
