@@ -1,0 +1,340 @@
+"""Routed experts of one expert-parallel rank: top-k routing, grouped NVFP4 GEMMs, combine.
+
+Life cycle as the shared expert: set_weights(w13 [E, H, 2I], w2 [E, I, H]) -> finalize() ->
+calibrate(sample, topk_ids, topk_weights) -> run(x, topk_ids, topk_weights, out=None).
+
+run(), all on the device, nothing read on the host (T and k are shapes, host metadata):
+1. Route. key = global id - first_expert, with every id outside [0, E) (other ranks' experts,
+   -1) mapped to E; a STABLE sort of the T*k keys gives the staged order: rows grouped by local
+   expert, by token then slot inside an expert (flat index token*k + slot is already ascending),
+   the dropped slots last. Expert END offsets = searchsorted(sorted keys, 0..E-1, right) (int32,
+   no count reaches the host); the GEMMs read offsets on the device and ignore rows past
+   offsets[-1], so every buffer is sized for max_num_tokens*top_k rows and the dropped rows are
+   computed on but never used.
+2. x is quantized once per token with gs1 (quantization is row-local and gs1 one value, so this
+   equals quantizing the staged rows), then codes and scale bytes are gathered into staged order
+   and the scales assembled per expert from the device offsets.
+3. L1 grouped GEMM; SwiGLU (DeepSeek V4 clamp) in fp32 times each row's routing weight, BEFORE
+   the L2 quantization with gs2; L2 grouped GEMM.
+4. Combine in fp32, in slot order: out[t] = ((0 + row(t,0)) + row(t,1)) + ... as the reference
+   sums, each slot a gather through the inverse permutation (a slot with no local row reads a
+   zero row), so the order is fixed and no atomics are involved; then cast to bf16. With a
+   process group, the fp32 sum is all-reduced across ranks (each rank adds its experts' share;
+   torch.distributed sums in its own order) before the cast.
+Activation global scales: one value per activation tensor (calibrated as
+reference.layers.calibrate_routed_moe: gs1 from the amax of the staged rows, gs2 from the amax
+of the weighted SwiGLU output), stored expanded to [E] for the GEMM's per-expert alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dsv4.layers import _common as c
+from dsv4.layers import custom_ops
+from dsv4.ops import (
+    DEFAULT_SWIGLU_LIMIT,
+    assemble_scales_2d_side_from_offsets,
+    assemble_scales_3d_side,
+    make_b_k_major,
+    max_padded_rows,
+    quantize_activation_nvfp4,
+    quantize_weight_to_nvfp4,
+    run_nvfp4_grouped_gemm,
+    select_backend,
+    swiglu,
+)
+from dsv4.ops.quantize import BLOCK
+
+
+def _scale_cols(k: int) -> int:
+    """round_up(K/16, 4): bytes per row of a swizzled scale matrix."""
+    return (k // BLOCK + 3) // 4 * 4
+
+
+class RoutedMoERunner:
+    """NVFP4 routed experts first_expert .. first_expert + n_local_experts - 1 of one rank."""
+
+    kind = "RoutedMoERunner"
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        n_local_experts: int,
+        first_expert: int,
+        top_k: int,
+        max_num_tokens: int,
+        swiglu_limit: float | None = DEFAULT_SWIGLU_LIMIT,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self.hidden = c.positive_int("hidden", hidden, BLOCK)
+        self.intermediate = c.positive_int("intermediate", intermediate, BLOCK)
+        self.n_local_experts = c.positive_int("n_local_experts", n_local_experts)
+        self.first_expert = c.non_negative_int("first_expert", first_expert)
+        self.top_k = c.positive_int("top_k", top_k)
+        self.max_num_tokens = c.positive_int("max_num_tokens", max_num_tokens)
+        self.swiglu_limit = c.limit_value("swiglu_limit", swiglu_limit)
+        self.process_group = process_group
+        self.backend = backend
+        self._device = None if device is None else torch.device(device)
+        self.state = c.State.NEW
+        self.handle = custom_ops.register_runner(self, "routed_moe")
+        self._last_t: int | None = None
+        self._last_out: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._device
+
+    @property
+    def max_rows(self) -> int:
+        """Staged rows the buffers hold: max_num_tokens * top_k."""
+        return self.max_num_tokens * self.top_k
+
+    # ---- life cycle
+
+    def set_weights(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """w13 [E, H, 2I] (gate | up per expert), w2 [E, I, H], E = n_local_experts."""
+        e, h, i = self.n_local_experts, self.hidden, self.intermediate
+        c.tensor("w13", w13, c.FLOAT_INPUTS, (e, h, 2 * i))
+        c.tensor("w2", w2, c.FLOAT_INPUTS, (e, i, h), w13.device)
+        dev = c.resolve_device(self._device, w13)
+        self._w13, self._w2 = w13.to(dev), w2.to(dev)
+        self._device = self._w13.device  # "cuda" resolved to "cuda:0": what run() compares
+        self.state = c.State.WEIGHTS_SET
+
+    def finalize(self) -> None:
+        """Quantize (one global scale per expert) and lay out the weights; allocate buffers."""
+        c.require(self.kind, self.state, c.State.WEIGHTS_SET, "finalize()")
+        dev, e, h, i = self._device, self.n_local_experts, self.hidden, self.intermediate
+        t, rows = self.max_num_tokens, self.max_rows
+        self._backend_name = select_backend(dev, self.backend)
+        self._w13_q = self._weights(self._w13)
+        self._w2_q = self._weights(self._w2)
+        del self._w13, self._w2
+
+        def zeros(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        self._gs1 = torch.ones(e, dtype=torch.float32, device=dev)
+        self._gs2 = torch.ones(e, dtype=torch.float32, device=dev)
+        # routing
+        self._experts = torch.arange(e, dtype=torch.int64, device=dev)
+        self._row_ids = torch.arange(rows, dtype=torch.int64, device=dev)
+        self._key = zeros(rows, torch.int64)
+        self._sorted_key = zeros(rows, torch.int64)
+        self._perm = zeros(rows, torch.int64)  # staged row -> flat slot token*k + slot
+        self._token = zeros(rows, torch.int64)  # staged row -> token (the gather index)
+        self._dropped = zeros(rows, torch.bool)
+        self._src_row = zeros(rows, torch.int64)
+        self._inv = zeros(rows, torch.int64)  # flat slot -> staged row, or the zero row
+        self._offsets = zeros(e, torch.int32)
+        self._weight_flat = zeros(rows, torch.float32)
+        self._weight_row = zeros(rows, torch.float32)
+        # L1
+        self._xt_codes = zeros((t, h // 2), torch.uint8)  # per token
+        self._xt_scales = zeros((t, h // BLOCK), torch.float8_e4m3fn)
+        self._x_codes = zeros((rows, h // 2), torch.uint8)  # staged
+        self._x_scales = zeros((rows, h // BLOCK), torch.float8_e4m3fn)
+        self._x_sf = zeros(max_padded_rows(rows, e) * _scale_cols(h), torch.float8_e4m3fn)
+        self._l1 = zeros((rows, 2 * i), torch.bfloat16)
+        # L2
+        self._act_codes = zeros((rows, i // 2), torch.uint8)
+        self._act_scales = zeros((rows, i // BLOCK), torch.float8_e4m3fn)
+        self._act_sf = zeros(max_padded_rows(rows, e) * _scale_cols(i), torch.float8_e4m3fn)
+        self._l2 = zeros((rows + 1, h), torch.bfloat16)  # row `rows` stays 0: dropped slots
+        # combine
+        self._slot_rows = zeros((t, h), torch.bfloat16)
+        self._acc = zeros((t, h), torch.float32)
+        self._out = zeros((t, h), torch.bfloat16)
+        self.state = c.State.FINALIZED
+
+    @staticmethod
+    def _weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[E, K, N] -> (codes [E, K/2, N] K-major, swizzled scales [E, ...], gs fp32 [E])."""
+        qs = [quantize_weight_to_nvfp4(w[e]) for e in range(w.shape[0])]
+        codes = make_b_k_major(torch.stack([q[0] for q in qs]))
+        scales = assemble_scales_3d_side([q[1] for q in qs])
+        return codes, scales, torch.stack([q[2].reshape(()) for q in qs])
+
+    def calibrate(
+        self, sample: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static scales (gs1, gs2), fp32 [E] each, from a warm-up batch with its routing.
+
+        gs1 from the amax of the sample tokens this rank's experts receive; L1 run with it (in
+        chunks of max_num_tokens tokens); gs2 from the amax of the weighted SwiGLU output, the
+        tensor L2 quantizes. Reads values on the host (a warm-up step, not graph-safe).
+        """
+        c.require(self.kind, self.state, c.State.FINALIZED, "calibrate()")
+        self._check_inputs(sample, topk_ids, topk_weights, "sample", limit_tokens=False)
+        local = topk_ids.long() - self.first_expert
+        received = ((local >= 0) & (local < self.n_local_experts)).any(dim=1)
+        self._gs1.copy_(c.calibrated_scale("gs1", c.amax(sample[received])))
+        act_amax = torch.zeros((), dtype=torch.float32, device=self._device)
+        for start in range(0, sample.shape[0], self.max_num_tokens):
+            end = start + self.max_num_tokens
+            ids, wts = topk_ids[start:end], topk_weights[start:end]
+            rows = ids.numel()
+            self._route(ids, wts)
+            self._l1_gemm(sample[start:end], rows)
+            r = int(self._offsets[-1])  # staged rows of this chunk (host read: calibration)
+            act = swiglu(self._l1[:r], self.swiglu_limit) * self._weight_row[:r, None]
+            act_amax = torch.maximum(act_amax, c.amax(act))
+        self._gs2.copy_(c.calibrated_scale("gs2", act_amax))
+        self.state = c.State.CALIBRATED
+        return self._gs1.clone(), self._gs2.clone()
+
+    def set_activation_scales(self, gs1: torch.Tensor, gs2: torch.Tensor) -> None:
+        """Static scales known in advance (decode convention, fp32, one value each), instead of
+        calibrate(): e.g. a checkpoint's input scales."""
+        c.require(self.kind, self.state, c.State.FINALIZED, "set_activation_scales()")
+        # one value each: the staged activations are quantized with one scale (see above)
+        gs1 = c.scale_values("gs1", gs1, 1, self._device)
+        gs2 = c.scale_values("gs2", gs2, 1, self._device)
+        self._gs1.copy_(gs1)
+        self._gs2.copy_(gs2)
+        self.state = c.State.CALIBRATED
+
+    # ---- run
+
+    def _check_inputs(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        name: str = "x",
+        limit_tokens: bool = True,
+    ) -> int:
+        c.tensor(name, x, c.FLOAT_INPUTS, (None, self.hidden), self._device)
+        t = x.shape[0]
+        if limit_tokens:
+            c.tokens(name, t, self.max_num_tokens)
+        c.tensor("topk_ids", topk_ids, c.ID_DTYPES, (t, self.top_k), self._device)
+        c.tensor("topk_weights", topk_weights, c.FLOAT_INPUTS, (t, self.top_k), self._device)
+        return t
+
+    def run(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [T, H], topk_ids int [T, k] GLOBAL expert ids, topk_weights float [T, k] -> out
+        bf16 [T, H]: this rank's share of the MoE output (all ranks' with a process group).
+
+        Slots whose expert is not local (other ranks, -1, any out-of-range id) add nothing.
+        Graph-safe: no allocation of results, no host sync, metadata-only checks (nothing is
+        written when one fails).
+        """
+        c.require(self.kind, self.state, c.State.CALIBRATED, "run()")
+        t = self._check_inputs(x, topk_ids, topk_weights)
+        if out is None:
+            out = self._out[:t]
+        else:
+            c.out_tensor(out, (t, self.hidden), self._device, (x, topk_ids, topk_weights))
+        self._last_t, self._last_out = t, out
+        if t == 0:
+            self._offsets.zero_()
+            return out
+        rows = t * self.top_k
+        self._route(topk_ids, topk_weights)
+        self._l1_gemm(x, rows)
+        self._l2_gemm(rows)
+        self._combine(t, out)
+        return out
+
+    def run_op(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """run() through the `dsv4::routed_moe_run` custom op (opaque to torch.compile)."""
+        custom_ops.routed_moe_run(self.handle, x, topk_ids, topk_weights, out)
+        return out
+
+    def _route(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Staged order, expert offsets, token and routing weight of each staged row."""
+        rows, e = topk_ids.numel(), self.n_local_experts
+        key, skey, perm = self._key[:rows], self._sorted_key[:rows], self._perm[:rows]
+        torch.sub(topk_ids.reshape(-1), self.first_expert, out=key)
+        key.clamp_(-1, e).remainder_(e + 1)  # -1 (any id below the rank) and >= E -> E
+        torch.sort(key, stable=True, out=(skey, perm))
+        torch.searchsorted(skey, self._experts, right=True, out_int32=True, out=self._offsets)
+        torch.div(perm, self.top_k, rounding_mode="floor", out=self._token[:rows])
+        self._weight_flat[:rows].copy_(topk_weights.reshape(-1))  # to fp32, as the reference
+        torch.index_select(self._weight_flat[:rows], 0, perm, out=self._weight_row[:rows])
+
+    def _l1_gemm(self, x: torch.Tensor, rows: int) -> None:
+        t = x.shape[0]
+        xt_codes, xt_scales = self._xt_codes[:t], self._xt_scales[:t]
+        quantize_activation_nvfp4(x, self._gs1[:1], xt_codes, xt_scales)
+        token = self._token[:rows]
+        codes, scales = self._x_codes[:rows], self._x_scales[:rows]
+        torch.index_select(xt_codes, 0, token, out=codes)
+        scale_bytes = scales.view(torch.uint8)
+        torch.index_select(xt_scales.view(torch.uint8), 0, token, out=scale_bytes)
+        self._grouped_gemm(codes, scales, self._x_sf, self._w13_q, self._gs1, self._l1[:rows])
+
+    def _l2_gemm(self, rows: int) -> None:
+        act = swiglu(self._l1[:rows], self.swiglu_limit)  # fp32
+        act.mul_(self._weight_row[:rows, None])  # the routing weight, before the quantization
+        codes, scales = self._act_codes[:rows], self._act_scales[:rows]
+        quantize_activation_nvfp4(act, self._gs2[:1], codes, scales)
+        self._grouped_gemm(codes, scales, self._act_sf, self._w2_q, self._gs2, self._l2[:rows])
+
+    def _grouped_gemm(self, codes, scales, sf_buf, weights, gs, out) -> None:
+        rows, cp = scales.shape[0], (scales.shape[1] + 3) // 4 * 4
+        need = max_padded_rows(rows, self.n_local_experts) * cp
+        sf, _ = assemble_scales_2d_side_from_offsets(scales, self._offsets, out=sf_buf[:need])
+        w_codes, w_sf, w_gs = weights
+        run_nvfp4_grouped_gemm(
+            codes, w_codes, sf, w_sf, self._offsets, gs, w_gs, out=out, backend=self._backend_name
+        )
+
+    def _combine(self, t: int, out: torch.Tensor) -> None:
+        rows, k = t * self.top_k, self.top_k
+        dropped, src = self._dropped[:rows], self._src_row[:rows]
+        torch.eq(self._sorted_key[:rows], self.n_local_experts, out=dropped)
+        src.copy_(self._row_ids[:rows]).masked_fill_(dropped, self.max_rows)  # the zero row
+        inv = self._inv[:rows]
+        inv.index_copy_(0, self._perm[:rows], src)  # flat slot token*k + s -> its staged row
+        slots = inv.view(t, k)
+        acc, tmp = self._acc[:t], self._slot_rows[:t]
+        acc.zero_()  # 0 + row(t, 0) first, as the reference sums (turns -0 into +0 alike)
+        for s in range(k):  # k launches, in slot order: the fp32 sum's order is fixed
+            torch.index_select(self._l2, 0, slots[:, s], out=tmp)
+            acc.add_(tmp)
+        if self.process_group is not None:
+            dist.all_reduce(acc, group=self.process_group)
+        out.copy_(acc)
+
+    # ---- introspection
+
+    def stages(self) -> dict[str, object]:
+        """Intermediates of the last run, named and ordered as reference.layers.routed_moe:
+        "expert_offsets", "gather_index", "x_q", "l1_out", "act_q", "l2_out", "out".
+
+        Views of the buffers, valid until the next run. Reads the staged row count on the host
+        (a sync): for inspection, not for the graph-safe path.
+        """
+        if self._last_t is None:
+            raise RuntimeError(f"{self.kind}.stages() needs a run() first")
+        r = int(self._offsets[-1]) if self._last_t else 0
+        return {
+            "expert_offsets": self._offsets,
+            "gather_index": self._token[:r],
+            "x_q": (self._x_codes[:r], self._x_scales[:r], self._gs1),
+            "l1_out": self._l1[:r],
+            "act_q": (self._act_codes[:r], self._act_scales[:r], self._gs2),
+            "l2_out": self._l2[:r],
+            "out": self._last_out,
+        }

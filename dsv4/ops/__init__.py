@@ -1,0 +1,77 @@
+"""dsv4.ops: the NVFP4 building blocks a serving stack calls (DESIGN.md §2).
+
+quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, graph-safe),
+`quantize_weight_to_nvfp4`. layouts: `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`,
+`assemble_scales_3d_side`, `make_b_k_major`, `compute_expert_offsets`. gemm:
+`run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
+Importing registers the `dsv4::*` torch.library custom ops and the `torch` GEMM backend; it
+touches no GPU. No function here reads an environment variable.
+"""
+
+from dsv4.ops.activation import DEFAULT_SWIGLU_LIMIT, swiglu, swiglu_quantize
+from dsv4.ops.gemm import (
+    PLANNED_BACKENDS,
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    describe_device,
+    device_capability,
+    register_backend,
+    requires_capability,
+    run_nvfp4_grouped_gemm,
+    select_backend,
+)
+from dsv4.ops.layouts import (
+    assemble_scales_2d_side,
+    assemble_scales_2d_side_from_offsets,
+    assemble_scales_3d_side,
+    compute_blockscale_offsets,
+    compute_expert_offsets,
+    make_b_k_major,
+    max_padded_rows,
+    pad_and_swizzle,
+    swizzled_numel,
+    unswizzle,
+)
+from dsv4.ops.quantize import (
+    BLOCK,
+    dequantize_nvfp4,
+    global_scale_from_amax,
+    nvfp4_amax,
+    quantize_activation_nvfp4,
+    quantize_to_nvfp4,
+    quantize_weight_to_nvfp4,
+)
+
+__all__ = [
+    "BLOCK",
+    "DEFAULT_SWIGLU_LIMIT",
+    "PLANNED_BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "assemble_scales_2d_side",
+    "assemble_scales_2d_side_from_offsets",
+    "assemble_scales_3d_side",
+    "available_backends",
+    "compute_blockscale_offsets",
+    "compute_expert_offsets",
+    "dequantize_nvfp4",
+    "describe_device",
+    "device_capability",
+    "global_scale_from_amax",
+    "make_b_k_major",
+    "max_padded_rows",
+    "nvfp4_amax",
+    "pad_and_swizzle",
+    "quantize_activation_nvfp4",
+    "quantize_to_nvfp4",
+    "quantize_weight_to_nvfp4",
+    "register_backend",
+    "requires_capability",
+    "run_nvfp4_grouped_gemm",
+    "select_backend",
+    "swiglu",
+    "swiglu_quantize",
+    "swizzled_numel",
+    "unswizzle",
+]

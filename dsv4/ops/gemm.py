@@ -1,0 +1,379 @@
+"""NVFP4 grouped GEMM (2D x 3D) entry point, its backend registry and the portable torch backend.
+
+`run_nvfp4_grouped_gemm` validates the operands (metadata only), picks a backend and calls the
+`dsv4::nvfp4_grouped_gemm` custom op, which writes into `out` (opaque to torch.compile).
+Backends register a function and a `supports(device) -> (ok, why)` probe; selection takes the
+highest-priority backend that supports the device (sm100 > sm90 > torch), and an override that
+names a backend whose capability is missing fails naming what it needs and what it got.
+
+The torch backend (any device, CPU in CI) unswizzles both scale layouts itself, dequantizes both
+operands to bf16 (code * scale is exact there, DESIGN.md §3), multiplies per expert in fp32,
+applies alpha = gsa[e] * gsb[e] in fp32 and casts once to bf16. Trade-off: to slice each expert's
+rows it reads the offsets on the host (free on CPU, one device-to-host copy on CUDA). Under CUDA
+graph capture, where that copy is illegal, it switches to a sync-free form that multiplies every
+row by every expert and keeps each row's own result: E times the FLOPs, graph-capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.ops import _checks
+from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up, tokens_from_offsets, unswizzle
+from dsv4.ops.quantize import BLOCK, decode_e2m1
+
+GemmFn = Callable[..., None]  # (mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out) -> None
+Supports = Callable[[torch.device], tuple[bool, str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for on a device it cannot run on (the message names the need)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered grouped-GEMM implementation."""
+
+    name: str
+    fn: GemmFn
+    supports: Supports
+    priority: int  # higher wins when several support the device
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+# Default priorities by name, so that sm100 > sm90 > torch holds whoever registers them.
+DEFAULT_PRIORITY = {"sm100": 100, "sm90": 90, "torch": 0}
+
+# Backends the design names but that are not written yet: an override naming one says so.
+PLANNED_BACKENDS = {
+    "sm100": "CuTeDSL tcgen05 block-scaled MMA for sm_100a (dsv4/kernels/cutedsl)",
+    "sm90": "Triton kernel decoding FP4 to bf16 in-kernel for sm_90a (dsv4/kernels/triton)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# capability probes (called where needed, cached; importing this module touches no GPU)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device | str) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """'sm_90', 'sm_100' for CUDA devices, the device type otherwise ('cpu')."""
+    cap = device_capability(device)
+    return torch.device(device).type if cap is None else f"sm_{cap[0]}{cap[1]}"
+
+
+def requires_capability(major: int, minor: int = 0) -> Supports:
+    """A supports probe: CUDA devices of compute capability major.x with x >= minor."""
+
+    def supports(device: torch.device) -> tuple[bool, str]:
+        cap = device_capability(device)
+        if cap is not None and cap[0] == major and cap[1] >= minor:
+            return True, ""
+        return False, f"needs sm_{major}{minor}, got {describe_device(device)}"
+
+    return supports
+
+
+def any_device(device: torch.device) -> tuple[bool, str]:
+    return True, ""
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+def register_backend(
+    name: str, fn: GemmFn, supports: Supports, *, priority: int | None = None
+) -> None:
+    """Add (or replace) a backend. `fn(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out)`
+    gets validated operands and writes `out`; `supports(device) -> (ok, why)` says where it runs
+    (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name]."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name=}")
+    if not callable(fn) or not callable(supports):
+        raise ValueError(f"fn and supports must be callable, got {fn=} {supports=}")
+    prio = DEFAULT_PRIORITY.get(name, 0) if priority is None else priority
+    _BACKENDS[name] = Backend(name, fn, supports, prio)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Registered backend names, best first; with a device, only those that support it."""
+    ranked = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    if device is None:
+        return [b.name for b in ranked]
+    dev = torch.device(device)
+    return [b.name for b in ranked if b.supports(dev)[0]]
+
+
+def select_backend(device: torch.device | str, override: str | None = None) -> str:
+    """The backend to run on `device`: `override` if given (it must support the device), else
+    the highest-priority registered backend that does."""
+    dev = torch.device(device)
+    if override is not None:
+        if override not in _BACKENDS:
+            planned = PLANNED_BACKENDS.get(override)
+            what = f"not implemented yet ({planned})" if planned else "not registered"
+            raise ValueError(
+                f"backend={override!r} is {what}; registered: {', '.join(available_backends())}"
+            )
+        ok, why = _BACKENDS[override].supports(dev)
+        if not ok:
+            raise BackendUnavailableError(f"backend {override!r} {why}")
+        return override
+    reasons = []
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        ok, why = b.supports(dev)
+        if ok:
+            return b.name
+        reasons.append(f"{b.name!r} {why}")
+    raise BackendUnavailableError(
+        f"no grouped-GEMM backend supports {describe_device(dev)}: {'; '.join(reasons)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, gsa, gsb, out) -> None:
+    _checks.tensor("mat_a", mat_a, (torch.uint8,), ndim=2)
+    _checks.tensor("mat_b", mat_b, (torch.uint8,), ndim=3)
+    _checks.tensor("scale_a", scale_a, _checks.SCALE_DTYPES, ndim=1)
+    _checks.tensor("scale_b", scale_b, _checks.SCALE_DTYPES, ndim=2)
+    _checks.tensor("expert_offsets", expert_offsets, (torch.int32,), ndim=1)
+    _checks.tensor("global_scale_a", gsa, (torch.float32,), ndim=1)
+    _checks.tensor("global_scale_b", gsb, (torch.float32,), ndim=1)
+    t, kh = mat_a.shape
+    e, kbh, n = mat_b.shape
+    k = 2 * kh
+    if k % BLOCK:
+        raise ValueError(f"K must be a multiple of {BLOCK}, got mat_a.shape={tuple(mat_a.shape)}")
+    if kbh != kh:
+        raise ValueError(
+            f"K mismatch: mat_a.shape={tuple(mat_a.shape)} (K={k}) but "
+            f"mat_b.shape={tuple(mat_b.shape)} (K={2 * kbh})"
+        )
+    if e == 0:
+        raise ValueError(
+            f"mat_b must hold at least one expert, got mat_b.shape={tuple(mat_b.shape)}"
+        )
+    cp = round_up(k // BLOCK, ATOM_COLS)
+    if scale_a.numel() % (ATOM_ROWS * cp):
+        raise ValueError(
+            f"scale_a must be the swizzled 2-D side (whole 128-row atoms of round_up(K/16, 4)="
+            f"{cp} columns: a multiple of {ATOM_ROWS * cp} bytes), got scale_a.numel()="
+            f"{scale_a.numel()}"
+        )
+    per_expert = round_up(n, ATOM_ROWS) * cp
+    if tuple(scale_b.shape) != (e, per_expert):
+        raise ValueError(
+            f"scale_b must be [E, round_up(N, 128) * round_up(K/16, 4)]={(e, per_expert)} for "
+            f"mat_b.shape={tuple(mat_b.shape)}, got scale_b.shape={tuple(scale_b.shape)}"
+        )
+    if expert_offsets.shape[0] != e:
+        raise ValueError(
+            f"expert_offsets must hold E={e} entries, got expert_offsets.shape="
+            f"{tuple(expert_offsets.shape)}"
+        )
+    for name, gs in (("global_scale_a", gsa), ("global_scale_b", gsb)):
+        if gs.shape[0] not in (1, e):
+            raise ValueError(
+                f"{name} must hold E={e} (or 1) entries, got {name}.shape={tuple(gs.shape)}"
+            )
+    if out is not None:
+        _checks.tensor("out", out, (torch.bfloat16,), ndim=2)
+        _checks.shape("out", out, (t, n))
+    _checks.same_device(
+        mat_a=mat_a,
+        mat_b=mat_b,
+        scale_a=scale_a,
+        scale_b=scale_b,
+        expert_offsets=expert_offsets,
+        global_scale_a=gsa,
+        global_scale_b=gsb,
+        out=out,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _a_scale_index(expert_offsets: torch.Tensor, t: int, c: int) -> torch.Tensor:
+    """int64 [T, C] byte offsets of A's scales in the per-group swizzled 2-D side.
+
+    Data row r of group g sits at scale row R = scale_start_g + (r - data_start_g); the offset is
+    the 128x4 closed form. Rows past offsets[-1] get an index into the last group (never used).
+    """
+    dev = expert_offsets.device
+    tokens = tokens_from_offsets(expert_offsets).long()
+    ends = expert_offsets.long()
+    padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
+    scale_starts = torch.cumsum(padded, 0) - padded
+    rows = torch.arange(t, device=dev)
+    g = torch.searchsorted(ends, rows, right=True).clamp_(max=ends.numel() - 1)
+    big_r = (scale_starts[g] + rows - (ends[g] - tokens[g])).unsqueeze(1)
+    col = torch.arange(c, device=dev).unsqueeze(0)
+    n_cb = round_up(c, ATOM_COLS) // ATOM_COLS
+    return (
+        ((big_r // 128) * n_cb + col // 4) * 512
+        + (big_r % 32) * 16
+        + ((big_r // 32) % 4) * 4
+        + col % 4
+    )
+
+
+def _dequant_a(mat_a: torch.Tensor, scale_a: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """A [T, K/2] codes + swizzled per-group scales -> bf16 [T, K] (exact)."""
+    t, kh = mat_a.shape
+    c = 2 * kh // BLOCK
+    idx = _a_scale_index(offsets, t, c).clamp_(max=scale_a.numel() - 1)
+    s = scale_a.view(torch.uint8)[idx].view(torch.float8_e4m3fn).to(torch.bfloat16)
+    return decode_e2m1(mat_a, torch.bfloat16) * s.repeat_interleave(BLOCK, dim=1)
+
+
+def _dequant_b(codes: torch.Tensor, scales_nc: torch.Tensor) -> torch.Tensor:
+    """One expert: codes [K/2, N] (any strides) + scales [N, K/16] -> bf16 [K, N] (exact)."""
+    vals = decode_e2m1(codes.t(), torch.bfloat16).t()  # blocks run along K
+    s = scales_nc.view(torch.float8_e4m3fn).to(torch.bfloat16).t()
+    return vals * s.repeat_interleave(BLOCK, dim=0)
+
+
+def _host_ends(offsets: torch.Tensor, t: int, scale_a: torch.Tensor, c: int) -> list[int]:
+    """Offsets as host ints, checked (the host path has them anyway, so it checks them)."""
+    ends = offsets.tolist()
+    prev, need = 0, 0
+    for i, end in enumerate(ends):
+        if end < prev:
+            raise ValueError(
+                f"expert_offsets must be non-decreasing and >= 0, got expert_offsets[{i}]={end} "
+                f"after {prev}"
+            )
+        need += round_up(end - prev, ATOM_ROWS)
+        prev = end
+    if ends[-1] > t:
+        raise ValueError(f"expert_offsets[-1]={ends[-1]} exceeds T={t} (mat_a.shape[0])")
+    need *= round_up(c, ATOM_COLS)
+    if scale_a.numel() < need:
+        raise ValueError(
+            f"scale_a holds {scale_a.numel()} bytes but expert_offsets={ends} need {need}"
+        )
+    return ends
+
+
+def torch_grouped_gemm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    global_scale_a: torch.Tensor,
+    global_scale_b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    sync_free: bool | None = None,
+) -> None:
+    """The torch backend; `sync_free=None` picks the sync-free form only under graph capture."""
+    t, kh = mat_a.shape
+    e, _, n = mat_b.shape
+    c = 2 * kh // BLOCK
+    if sync_free is None:
+        sync_free = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    ends = None if sync_free else _host_ends(expert_offsets, t, scale_a, c)
+    if t == 0 or scale_a.numel() == 0:  # no tokens, or no group holds a row (offsets[-1] == 0)
+        return
+    alpha = (global_scale_a.reshape(-1) * global_scale_b.reshape(-1)).expand(e)  # fp32
+    b_scales = unswizzle(scale_b.view(torch.uint8), n, c)  # [E, N, C] view
+    a = _dequant_a(mat_a, scale_a, expert_offsets).float()
+    if sync_free:
+        rows = torch.arange(t, device=out.device)
+        group = torch.searchsorted(expert_offsets, rows.to(torch.int32), right=True).unsqueeze(1)
+        for ei in range(e):
+            acc = a @ _dequant_b(mat_b[ei], b_scales[ei]).float()
+            torch.where(group == ei, (acc * alpha[ei]).to(out.dtype), out, out=out)
+        return
+    start = 0
+    for ei, end in enumerate(ends):
+        if end > start:
+            acc = a[start:end] @ _dequant_b(mat_b[ei], b_scales[ei]).float()
+            out[start:end] = (acc * alpha[ei]).to(out.dtype)  # alpha on the fp32 accumulator
+        start = end
+
+
+register_backend("torch", torch_grouped_gemm, any_device)
+
+
+# --------------------------------------------------------------------------------------------
+# custom op and public entry
+
+
+@torch.library.custom_op("dsv4::nvfp4_grouped_gemm", mutates_args=("out",))
+def _grouped_gemm_op(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    global_scale_a: torch.Tensor,
+    global_scale_b: torch.Tensor,
+    out: torch.Tensor,
+    backend: str,
+) -> None:
+    _BACKENDS[backend].fn(
+        mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out
+    )
+
+
+@_grouped_gemm_op.register_fake
+def _(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out, backend):
+    return None
+
+
+def run_nvfp4_grouped_gemm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    global_scale_a: torch.Tensor,
+    global_scale_b: torch.Tensor,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """out[rows of e] = bf16(alpha_e * (A[rows of e] @ B[e])), alpha_e = gsa[e] * gsb[e] in fp32.
+
+    mat_a uint8 [T, K/2]; mat_b uint8 [E, K/2, N] (any strides: a `make_b_k_major` view is the
+    production layout); scale_a the swizzled 2-D side (`assemble_scales_2d_side*`, per-group
+    128-padded rows, 1-D bytes); scale_b [E, round_up(N,128) * round_up(K/16,4)] swizzled 3-D
+    side; expert_offsets int32 [E] cumulative END offsets; global scales fp32 [E] (or [1]),
+    decode convention. Returns `out` (bf16 [T, N]); rows past expert_offsets[-1] are left as
+    they were (zeros when out=None). `backend`: a registered name, or None to select by device.
+    """
+    _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out)
+    name = select_backend(mat_a.device, backend)
+    if out is None:
+        out = torch.zeros(
+            (mat_a.shape[0], mat_b.shape[2]), dtype=torch.bfloat16, device=mat_a.device
+        )
+    _grouped_gemm_op(
+        mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out, name
+    )
+    return out

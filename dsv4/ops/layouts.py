@@ -1,0 +1,285 @@
+"""Scale and weight layouts of the block-scaled grouped GEMM (DESIGN.md §3 "Scale layout").
+
+A [R, C] scale matrix (R rows of M or N, C = K/16) is zero-padded to [round_up(R, 128),
+round_up(C, 4)] and stored in 512-byte atoms ("128x4", tcgen05 / torch SWIZZLE_32_4_4):
+byte (r, c) lives at ((r // 128) * n_cb + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4
++ c % 4, n_cb = round_up(C, 4) / 4. One reshape + permute of the padded matrix writes it.
+
+Grouped 2Dx3D: activations (2-D side) are swizzled per group, each group's rows padded to 128 on
+their own, so group g's scale rows start at sum_{j<g} round_up(T_j, 128) while its data rows start
+at sum_{j<g} T_j. Weights (3-D side) are one swizzled block per expert of the transposed [N, K/16].
+Scales move as raw bytes (a permutation, never a value cast); padding bytes are 0x00.
+
+Two ways to assemble the 2-D side: from a host list of per-group tensors (shapes known on the
+host), or `assemble_scales_2d_side_from_offsets` from one [T, C] tensor and device offsets, which
+reads no value on the host. Its output length depends on the routing, so it fills a buffer of
+`max_padded_rows(T, E)` rows (enough for any routing) instead of syncing to learn the exact size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dsv4.ops import _checks
+
+ATOM_ROWS = 128  # rows of one 512-byte atom: 4 sub-blocks of 32 rows
+ATOM_COLS = 4  # scale columns (K/16 blocks) of one atom
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def swizzled_numel(rows: int, cols: int) -> int:
+    """Bytes of the swizzled [rows, cols] scale matrix, padding included."""
+    return round_up(rows, ATOM_ROWS) * round_up(cols, ATOM_COLS)
+
+
+def max_padded_rows(total_rows: int, n_groups: int) -> int:
+    """Scale rows enough for `total_rows` data rows split into `n_groups` groups in any way.
+
+    Each non-empty group pads at most 127 rows and at most min(n_groups, total_rows) groups are
+    non-empty; the total is a multiple of 128. Size graph-safe 2-D-side buffers with this.
+    """
+    for name, v in (("total_rows", total_rows), ("n_groups", n_groups)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {name}={v!r}")
+    return (total_rows + (ATOM_ROWS - 1) * min(n_groups, total_rows)) // ATOM_ROWS * ATOM_ROWS
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else x.view(torch.uint8)
+
+
+def _swizzle_padded_into(padded: torch.Tensor, out: torch.Tensor) -> None:
+    """padded bytes [..., Rp, Cp] -> out (same numel, contiguous) in 128x4 atom order.
+
+    Row r = 128*rb + 32*r4 + r32 and column c = 4*cb + c4; an atom (rb, cb) stores r32 major,
+    then r4, then c4: a permute (rb, r4, r32, cb, c4) -> (rb, cb, r32, r4, c4).
+    """
+    *lead, rp, cp = padded.shape
+    src = padded.reshape(*lead, rp // 128, 4, 32, cp // 4, 4)
+    n = len(lead)
+    src = src.permute(*range(n), n, n + 3, n + 2, n + 1, n + 4)
+    out.view(src.shape).copy_(src)
+
+
+def _padded(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[..., R, C] bytes -> zero-padded [..., rows, cols] bytes."""
+    *lead, r, c = scales.shape
+    pad = torch.zeros((*lead, rows, cols), dtype=torch.uint8, device=scales.device)
+    pad[..., :r, :c] = _bytes(scales)
+    return pad
+
+
+def _check_out(name: str, out: torch.Tensor, numel: int, dev: torch.device) -> None:
+    _checks.tensor(name, out, _checks.SCALE_DTYPES)
+    if out.numel() != numel or not out.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous with {numel} elements, got {name}.shape="
+            f"{tuple(out.shape)} contiguous={out.is_contiguous()}"
+        )
+    if out.device != dev:
+        raise ValueError(f"{name} must be on {dev}, got {name}.device={out.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# single matrix
+
+
+def pad_and_swizzle(scales_2d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, C] scales -> 1-D [round_up(R, 128) * round_up(C, 4)] in the 128x4 layout, same dtype."""
+    _checks.tensor("scales_2d", scales_2d, _checks.SCALE_DTYPES, ndim=2)
+    r, c = scales_2d.shape
+    rp, cp = round_up(r, ATOM_ROWS), round_up(c, ATOM_COLS)
+    if out is None:
+        out = torch.empty(rp * cp, dtype=scales_2d.dtype, device=scales_2d.device)
+    else:
+        _check_out("out", out, rp * cp, scales_2d.device)
+    _swizzle_padded_into(_padded(scales_2d, rp, cp), _bytes(out))
+    return out
+
+
+def unswizzle(swizzled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of `pad_and_swizzle` on [..., round_up(rows,128) * round_up(cols,4)] bytes ->
+    [..., rows, cols] (a view-and-permute: no value read on the host)."""
+    rp, cp = round_up(rows, ATOM_ROWS), round_up(cols, ATOM_COLS)
+    lead = swizzled.shape[:-1]
+    atoms = swizzled.reshape(*lead, rp // 128, cp // 4, 32, 4, 4)
+    n = len(lead)
+    padded = atoms.permute(*range(n), n, n + 3, n + 2, n + 1, n + 4).reshape(*lead, rp, cp)
+    return padded[..., :rows, :cols]
+
+
+# --------------------------------------------------------------------------------------------
+# offsets
+
+
+def _check_counts(name: str, t: object) -> torch.Tensor:
+    _checks.tensor(name, t, (torch.int32, torch.int64), ndim=1)
+    return t
+
+
+def compute_expert_offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Tokens per expert int [E] -> int32 [E] cumulative END offsets of the data rows.
+
+    Values are not checked (that would read them on the host); counts must be >= 0.
+    """
+    t = _check_counts("tokens_per_expert", tokens_per_expert)
+    return torch.cumsum(t, dim=0, dtype=torch.int32)
+
+
+def compute_blockscale_offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Tokens per expert int [E] -> int32 [E] START rows of each group's swizzled scales:
+    the exclusive cumsum of round_up(T_g, 128) (an empty group takes no rows)."""
+    t = _check_counts("tokens_per_expert", tokens_per_expert)
+    padded = (t.to(torch.int32) + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
+    return torch.cumsum(padded, dim=0, dtype=torch.int32) - padded
+
+
+def tokens_from_offsets(expert_offsets: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative END offsets [E] -> tokens per group [E] (int32), on the device."""
+    ends = expert_offsets.to(torch.int32)
+    return torch.diff(ends, prepend=ends.new_zeros(1))
+
+
+# --------------------------------------------------------------------------------------------
+# grouped 2Dx3D assembly
+
+
+def assemble_scales_2d_side(
+    scales_per_group: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group [T_g, C] scales -> (1-D swizzled bytes, int32 [G] scale row START offsets).
+
+    Each group is padded to round_up(T_g, 128) rows and swizzled on its own; group g's block
+    begins at byte start_g * round_up(C, 4). Shapes are read on the host (they are host ints).
+    """
+    if not isinstance(scales_per_group, (list, tuple)) or not scales_per_group:
+        raise ValueError(
+            f"scales_per_group must be a non-empty list of [T_g, C] tensors, got "
+            f"{type(scales_per_group).__name__} of length {len(scales_per_group or ())}"
+        )
+    first = scales_per_group[0]
+    for g, s in enumerate(scales_per_group):
+        _checks.tensor(f"scales_per_group[{g}]", s, _checks.SCALE_DTYPES, ndim=2)
+        if s.shape[1] != first.shape[1] or s.dtype != first.dtype or s.device != first.device:
+            raise ValueError(
+                f"scales_per_group[{g}] must match scales_per_group[0] in C, dtype and device, "
+                f"got shape={tuple(s.shape)} dtype={s.dtype} device={s.device} vs "
+                f"shape={tuple(first.shape)} dtype={first.dtype} device={first.device}"
+            )
+    c = first.shape[1]
+    cp = round_up(c, ATOM_COLS)
+    rows = [round_up(s.shape[0], ATOM_ROWS) for s in scales_per_group]
+    out = torch.empty(sum(rows) * cp, dtype=torch.uint8, device=first.device)
+    starts, at = [], 0
+    for s, rp in zip(scales_per_group, rows, strict=True):
+        starts.append(at)
+        if rp:
+            _swizzle_padded_into(_padded(s, rp, cp), out[at * cp : (at + rp) * cp])
+        at += rp
+    return out.view(first.dtype), torch.tensor(starts, dtype=torch.int32, device=first.device)
+
+
+def assemble_scales_2d_side_from_offsets(
+    scales: torch.Tensor, expert_offsets: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, C] scales of all groups back to back, int32 [E] END offsets -> (bytes, row starts).
+
+    Graph-safe: no tensor value is read on the host. The assembled length depends on the
+    routing, so `out` (1-D, contiguous, float8_e4m3fn or uint8) must hold at least
+    `max_padded_rows(T, E) * round_up(C, 4)` bytes, a multiple of 128 * round_up(C, 4); every
+    byte of it is written (group blocks, then zeros). With out=None such a buffer is allocated.
+    Returns (out, int32 [E] scale row START offsets). Rows past expert_offsets[-1] are not read;
+    offsets must be non-decreasing and <= T (not checked: that would read them).
+
+    Built as a gather: each padded scale row R finds its group g by searchsorted over the padded
+    ends, and takes data row start_g + (R - scale_start_g), or a zero row when that is past T_g.
+    """
+    _checks.tensor("scales", scales, _checks.SCALE_DTYPES, ndim=2)
+    _checks.tensor("expert_offsets", expert_offsets, (torch.int32,), ndim=1)
+    if expert_offsets.numel() == 0:
+        raise ValueError("expert_offsets must hold one END offset per group, got shape (0,)")
+    _checks.same_device(scales=scales, expert_offsets=expert_offsets)
+    t, c = scales.shape
+    e = expert_offsets.numel()
+    cp = round_up(c, ATOM_COLS)
+    need = max_padded_rows(t, e)
+    if out is None:
+        out = torch.empty(need * cp, dtype=scales.dtype, device=scales.device)
+    else:
+        _checks.tensor("out", out, _checks.SCALE_DTYPES, ndim=1)
+        _checks.same_device(scales=scales, out=out)
+        if not out.is_contiguous() or out.numel() < need * cp or out.numel() % (ATOM_ROWS * cp):
+            raise ValueError(
+                f"out must be contiguous with at least max_padded_rows(T={t}, E={e}) * "
+                f"round_up(C={c}, 4) = {need * cp} bytes, a multiple of {ATOM_ROWS * cp}, "
+                f"got out.numel()={out.numel()} contiguous={out.is_contiguous()}"
+            )
+    rows_out = out.numel() // cp
+    tokens = tokens_from_offsets(expert_offsets).long()
+    data_starts = expert_offsets.long() - tokens
+    padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
+    scale_ends = torch.cumsum(padded, dim=0)
+    scale_starts = scale_ends - padded
+    r = torch.arange(rows_out, device=scales.device)
+    g = torch.searchsorted(scale_ends, r, right=True).clamp_(max=e - 1)
+    local = r - scale_starts[g]
+    src = torch.where((local < tokens[g]) & (local >= 0), data_starts[g] + local, t)
+    src_rows = torch.cat((_bytes(scales), scales.new_zeros((1, c), dtype=torch.uint8)))
+    gathered = torch.zeros((rows_out, cp), dtype=torch.uint8, device=scales.device)
+    gathered[:, :c] = src_rows.index_select(0, src)
+    _swizzle_padded_into(gathered, _bytes(out))
+    return out, scale_starts.to(torch.int32)
+
+
+def assemble_scales_3d_side(
+    scales_per_expert: Sequence[torch.Tensor] | torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight side: per-expert [K/16, N] (a list, or one [E, K/16, N] tensor) ->
+    [E, round_up(N, 128) * round_up(K/16, 4)]: each transposed to [N, K/16] and swizzled."""
+    if isinstance(scales_per_expert, torch.Tensor):
+        stacked = _checks.tensor(
+            "scales_per_expert", scales_per_expert, _checks.SCALE_DTYPES, ndim=3
+        )
+    else:
+        if not isinstance(scales_per_expert, (list, tuple)) or not scales_per_expert:
+            raise ValueError(
+                "scales_per_expert must be a non-empty list of [K/16, N] tensors or an "
+                f"[E, K/16, N] tensor, got {type(scales_per_expert).__name__}"
+            )
+        first = scales_per_expert[0]
+        for i, s in enumerate(scales_per_expert):
+            _checks.tensor(f"scales_per_expert[{i}]", s, _checks.SCALE_DTYPES, ndim=2)
+            if s.shape != first.shape or s.dtype != first.dtype or s.device != first.device:
+                raise ValueError(
+                    f"scales_per_expert[{i}] must match scales_per_expert[0] in shape, dtype "
+                    f"and device, got shape={tuple(s.shape)} dtype={s.dtype} device={s.device} "
+                    f"vs shape={tuple(first.shape)} dtype={first.dtype} device={first.device}"
+                )
+        stacked = torch.stack([_bytes(s) for s in scales_per_expert]).view(first.dtype)
+    e, c, n = stacked.shape
+    npad, cp = round_up(n, ATOM_ROWS), round_up(c, ATOM_COLS)
+    if out is None:
+        out = torch.empty((e, npad * cp), dtype=stacked.dtype, device=stacked.device)
+    else:
+        _check_out("out", out, e * npad * cp, stacked.device)
+        if out.dim() != 2 or out.shape[0] != e:
+            raise ValueError(
+                f"out must be [E, Np*Cp]={(e, npad * cp)}, got out.shape={tuple(out.shape)}"
+            )
+    _swizzle_padded_into(_padded(stacked.transpose(1, 2), npad, cp), _bytes(out))
+    return out
+
+
+def make_b_k_major(b: torch.Tensor) -> torch.Tensor:
+    """Packed weight codes [E, K/2, N] -> the same values with K/2 contiguous.
+
+    Strides become (N*K/2, 1, K/2): storage [E, N, K/2] row-major, indexing still [e, k/2, n].
+    The block-scaled MMA reads both operands K-major; this is done once at finalize.
+    """
+    _checks.tensor("b", b, (torch.uint8,), ndim=3)
+    return b.transpose(1, 2).contiguous().transpose(1, 2)

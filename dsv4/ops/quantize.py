@@ -1,0 +1,263 @@
+"""NVFP4 quantization: dynamic (amax), static (calibrated global scale) and weights.
+
+Format and order of operations follow DESIGN.md §3, in fp32: x_n = x / gs; s = amax_block(|x_n|)
+/ 6; clamp to [0, 448]; round to e4m3 (nearest even); q = x_n / s (0 where s == 0); round q to
+E2M1 (nearest, ties to the even code, saturate to +-6, sign kept when rounding to zero).
+
+How the bits are made here (the oracle in reference/ does it by comparison ladders; this file by
+rounding arithmetic, so the two are independent statements of the same format):
+- E2M1: the grid has quantum 0.5 on [0, 2), 1 on [2, 4) and 2 on [4, 6]; scaling |q| by 2, 1 or
+  1/2 is exact, torch.round rounds halves to even, and an even grid point is an even code, so
+  round(2|q|), round(|q|) + 2 and round(|q|/2) + 4 are the magnitude codes (then min 7).
+- e4m3: the block scale is clamped to [0, 448] first, then torch's cast rounds it (nearest even,
+  subnormals included; checked exhaustively in tests). Out-of-range values never reach the cast:
+  torch 2.11 turns them into NaN, 2.13 on CPU saturates.
+- NaN policy (explicit): a NaN block amax gives scale byte 0x7F; a NaN element (or every element
+  of a NaN-scaled block) gives code 0x7 (+6), as CUDA's software cvt path does.
+The static path reads no tensor value on the host and writes into caller-owned outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops import _checks
+
+BLOCK = 16  # elements per block scale, along the last (contraction) dim
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+GLOBAL_SCALE_DENOM = E2M1_MAX * E4M3_MAX  # decode convention: gs = amax / (6 * 448)
+E4M3_NAN_BYTE = 0x7F  # scale byte of a block whose amax is NaN
+E2M1_NAN_CODE = 0x7  # NaN policy: +6
+
+
+# --------------------------------------------------------------------------------------------
+# element formats
+
+
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """fp32 values in block-scale units -> uint8 E2M1 codes 0..15 (one per element, unpacked)."""
+    a = q.abs()
+    lo = torch.round(a * 2.0)  # [0, 2): codes 0..4, 1.75 -> round(3.5) = 4 (2.0, even)
+    mid = torch.round(a) + 2.0  # [2, 4): values 2, 3, 4 are codes 4, 5, 6
+    hi = torch.round(a * 0.5).add_(4.0).clamp_(max=7.0)  # [4, inf]: 4 -> 6, 6 -> 7; Inf -> 7
+    mag = torch.where(a < 2.0, lo, torch.where(a < 4.0, mid, hi))
+    nan = torch.isnan(q)
+    mag = torch.nan_to_num_(mag, nan=float(E2M1_NAN_CODE))  # NaN fails both tests: lands in hi
+    sign = torch.signbit(q) & ~nan  # -0.0 and negatives rounding to 0 keep the sign: 0x8
+    return mag.to(torch.uint8) | (sign.to(torch.uint8) << 3)
+
+
+def e4m3_scale_bytes(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 block scales -> UE4M3 bytes (uint8): clamp to [0, 448], round nearest even; NaN 0x7F.
+
+    abs() maps a -0.0 scale to +0.0 (byte 0x00, not e4m3fn's -0 byte 0x80); the scale is unsigned.
+    """
+    clamped = s.clamp(0.0, E4M3_MAX).abs_()  # clamp BEFORE the cast: never let torch saturate
+    byte = clamped.to(torch.float8_e4m3fn).view(torch.uint8)
+    byte.masked_fill_(torch.isnan(s), E4M3_NAN_BYTE)  # a scalar fill: no host-to-device copy
+    return byte if out is None else out.copy_(byte)
+
+
+def e2m1_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 16 E2M1 values by code (8 is -0.0), built on the device from arange: no host copy,
+    so it may be built inside CUDA-graph capture."""
+    code = torch.arange(16, device=device)
+    exp, mant = (code >> 1) & 3, (code & 1).float()
+    mag = torch.where(exp == 0, mant * 0.5, torch.exp2(exp.float() - 1.0) * (1.0 + mant * 0.5))
+    return torch.where(code >= 8, -mag, mag).to(dtype)
+
+
+def decode_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed codes [..., K/2] (element 2i in the low nibble) -> values [..., K] in `dtype`."""
+    table = e2m1_table(dtype, packed.device)
+    pairs = torch.stack((packed & 0xF, packed >> 4), dim=-1).long()
+    return table[pairs].flatten(-2)
+
+
+# --------------------------------------------------------------------------------------------
+# global scale
+
+
+def nvfp4_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as fp32 0-d tensor, NaN ignored (as fmax-based kernel reductions), +Inf kept."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return torch.nan_to_num(x.float().abs(), nan=0.0, posinf=float("inf")).amax()
+
+
+def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Decode-convention global scale amax / (6 * 448) in fp32; 1.0 where amax is 0."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / GLOBAL_SCALE_DENOM, torch.ones_like(amax))
+
+
+# --------------------------------------------------------------------------------------------
+# the one quantizer every public function goes through
+
+
+def _check_x(name: str, x: object) -> torch.Tensor:
+    _checks.tensor(name, x, _checks.FLOAT_INPUTS, min_ndim=1)
+    if x.shape[-1] % BLOCK:
+        raise ValueError(
+            f"{name} last dim must be a multiple of {BLOCK}, got {name}.shape={tuple(x.shape)}"
+        )
+    return x
+
+
+def _check_outputs(x: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.Tensor) -> None:
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    _checks.tensor("codes_out", codes_out, (torch.uint8,))
+    _checks.tensor("scales_out", scales_out, (torch.float8_e4m3fn,))
+    _checks.shape("codes_out", codes_out, (*lead, k // 2))
+    _checks.shape("scales_out", scales_out, (*lead, k // BLOCK))
+    _checks.same_device(x=x, codes_out=codes_out, scales_out=scales_out)
+
+
+def quantize_into(
+    x: torch.Tensor, gs: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.Tensor
+) -> None:
+    """Quantize x [..., K] with the 0-d fp32 global scale gs into codes_out / scales_out.
+
+    No validation (callers validate) and no host sync; temporaries come from the caching
+    allocator (a CUDA graph captures them in its private pool), the results go to the outputs.
+    """
+    xn = x.float() / gs  # order of operations matters for bits: divide, not multiply by 1/gs
+    blocks = xn.unflatten(-1, (-1, BLOCK))
+    s = blocks.abs().amax(dim=-1) / E2M1_MAX  # NaN-propagating: a NaN block stays visible
+    scale_bytes = scales_out.view(torch.uint8)
+    e4m3_scale_bytes(s, out=scale_bytes)
+    # the rounded scale as written (0x7F reads as NaN); through the byte view, so a uint8
+    # scales_out works too
+    s32 = scale_bytes.view(torch.float8_e4m3fn).float().unsqueeze(-1)
+    q = torch.where(s32 == 0, torch.zeros_like(blocks), blocks / s32).flatten(-2)
+    codes = e2m1_codes(q)
+    torch.bitwise_or(codes[..., 0::2], codes[..., 1::2] << 4, out=codes_out)
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile: same bits compiled or not)
+
+
+@torch.library.custom_op("dsv4::quantize_nvfp4_static", mutates_args=("codes_out", "scales_out"))
+def _quantize_static_op(
+    x: torch.Tensor, global_scale: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.Tensor
+) -> None:
+    quantize_into(x, global_scale.reshape(()), codes_out, scales_out)
+
+
+@_quantize_static_op.register_fake
+def _(x, global_scale, codes_out, scales_out) -> None:
+    return None
+
+
+@torch.library.custom_op("dsv4::quantize_nvfp4_dynamic", mutates_args=())
+def _quantize_dynamic_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gs = global_scale_from_amax(nvfp4_amax(x))
+    codes = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty(
+        (*x.shape[:-1], x.shape[-1] // BLOCK), dtype=torch.float8_e4m3fn, device=x.device
+    )
+    quantize_into(x, gs, codes, scales)
+    return codes, scales, gs
+
+
+@_quantize_dynamic_op.register_fake
+def _(x):
+    lead = tuple(x.shape[:-1])
+    return (
+        x.new_empty((*lead, x.shape[-1] // 2), dtype=torch.uint8),
+        x.new_empty((*lead, x.shape[-1] // BLOCK), dtype=torch.float8_e4m3fn),
+        x.new_empty((), dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# public API (names of the serving code, DESIGN.md §2)
+
+
+def quantize_to_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic: x [..., K] -> (codes uint8 [..., K/2], scales e4m3 [..., K/16], gs fp32 0-d).
+
+    gs = amax(|x|) / (6 * 448) (NaN ignored, 1.0 for an all-zero x), computed on the device.
+    """
+    _check_x("x", x)
+    return _quantize_dynamic_op(x)
+
+
+def quantize_activation_nvfp4(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    codes_out: torch.Tensor | None = None,
+    scales_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static: quantize x [..., K] with a calibrated gs (fp32, one element, on x's device).
+
+    Returns (codes_out, scales_out). With both outputs given nothing is allocated for the
+    results and no tensor value is read on the host: the call is CUDA-graph capturable. Values
+    beyond the calibrated amax saturate in the block scale (448), never NaN.
+    """
+    _check_x("x", x)
+    gs = _checks.global_scale("global_scale", global_scale, x.device)
+    if (codes_out is None) != (scales_out is None):
+        raise ValueError(
+            "codes_out and scales_out must be given together, got "
+            f"codes_out={'None' if codes_out is None else 'tensor'} "
+            f"scales_out={'None' if scales_out is None else 'tensor'}"
+        )
+    if codes_out is None:
+        lead, k = tuple(x.shape[:-1]), x.shape[-1]
+        codes_out = torch.empty((*lead, k // 2), dtype=torch.uint8, device=x.device)
+        scales_out = torch.empty((*lead, k // BLOCK), dtype=torch.float8_e4m3fn, device=x.device)
+    else:
+        _check_outputs(x, codes_out, scales_out)
+    _quantize_static_op(x, gs, codes_out, scales_out)
+    return codes_out, scales_out
+
+
+def quantize_weight_to_nvfp4(
+    w: torch.Tensor, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight w [K, N], blocks of 16 along K (the contraction dim).
+
+    Returns (codes uint8 [K/2, N], scales e4m3 [K/16, N], gs fp32 0-d), N-major like the
+    serving code; `make_b_k_major` turns stacked codes K-major. gs from w's amax unless given.
+    """
+    _checks.tensor("w", w, _checks.FLOAT_INPUTS, ndim=2)
+    if w.shape[0] % BLOCK:
+        raise ValueError(
+            f"w must be [K, N] with K a multiple of {BLOCK}, got w.shape={tuple(w.shape)}"
+        )
+    wt = w.t()
+    if global_scale is None:
+        codes, scales, gs = quantize_to_nvfp4(wt)
+    else:
+        gs = _checks.global_scale("global_scale", global_scale, w.device)
+        codes, scales = quantize_activation_nvfp4(wt, gs)
+    return codes.t().contiguous(), scales.t().contiguous(), gs
+
+
+def dequantize_nvfp4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """codes [..., K/2], scales [..., K/16] (blocks along the last dim) -> values [..., K].
+
+    code * scale is exact in bf16 and fp32 (<= 6 significant bits, DESIGN.md §3); with a
+    global scale the product is taken in fp32 and rounded once to `dtype`.
+    """
+    _checks.tensor("codes", codes, (torch.uint8,), min_ndim=1)
+    _checks.tensor("scales", scales, _checks.SCALE_DTYPES, min_ndim=1)
+    k = 2 * codes.shape[-1]
+    if tuple(scales.shape) != (*codes.shape[:-1], k // BLOCK) or k % BLOCK:
+        raise ValueError(
+            f"scales must be [..., K/16] for codes [..., K/2], got codes.shape="
+            f"{tuple(codes.shape)} scales.shape={tuple(scales.shape)}"
+        )
+    s = scales.view(torch.float8_e4m3fn).float().repeat_interleave(BLOCK, dim=-1)
+    vals = decode_e2m1(codes) * s
+    if global_scale is not None:
+        vals = vals * _checks.global_scale("global_scale", global_scale, codes.device)
+    return vals.to(dtype)
