@@ -574,6 +574,22 @@ def per_row_error(ref: torch.Tensor, out: torch.Tensor) -> list[float]:
     return [float(v) for v in err.max(dim=1).values.tolist()]
 
 
+def per_token_error_bins(ref: torch.Tensor, out: torch.Tensor, bins: int = 64) -> dict:
+    """Per-token error for heatmaps, kept small: tokens (dim 0) split into at most `bins`
+    contiguous bins, each holding the max over its tokens of max |out - ref| / max |ref|
+    (finite ref amax; 1.0 when ref is all zero). Returns {tokens, bins: [float]}."""
+    rows = per_row_error(ref, out)
+    finite = ref.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0)
+    scale = float(finite.max()) if finite.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    n = len(rows)
+    edges = [round(i * n / min(bins, n)) for i in range(min(bins, n) + 1)] if n else [0]
+    return {
+        "tokens": n,
+        "bins": [max(rows[a:b]) / scale for a, b in zip(edges[:-1], edges[1:], strict=True)],
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # NaN trace
 

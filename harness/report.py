@@ -61,42 +61,158 @@ def _error_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
-def _plots(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+FLOOR = 1e-12  # where an error of exactly 0 (bit-identical) is drawn on a log axis
+MAX_HEATMAP_ROWS = 60  # keep the page readable and small; the worst cases come first
+
+
+def _plots(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     df = _error_frame(rows)
-    out = []
+    out: list[dict[str, str]] = []
     if df.empty:
         return out
+    plt = _plt()
     for axis in ("tokens", "limit", "scale_ratio"):
         d = df.dropna(subset=[axis])
-        if d[axis].nunique() < 2:
+        stages = [st for st, g in d.groupby("stage") if g[axis].nunique() >= 2]
+        if not stages:
             continue
-        stages = sorted(d["stage"].unique())
         fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
         for ax, stage in zip(axes[0], stages, strict=True):
             s = d[d["stage"] == stage]
             for backend, b in s.groupby("backend"):
                 g = b.groupby(axis)["error"].max().sort_index()
-                ax.plot(g.index, g.values.clip(min=1e-12), marker="o", label=str(backend)[:30])
-            ax.set_title(f"{stage} ({s['measure'].iloc[0]}, max)", fontsize=10)
+                line = ax.plot(
+                    g.index, g.values.clip(min=FLOOR), marker="o", label=str(backend)[:30]
+                )
+                zero = g[g <= 0]
+                ax.plot(
+                    zero.index,
+                    [FLOOR] * len(zero),
+                    marker="o",
+                    ls="none",
+                    mfc="white",
+                    color=line[0].get_color(),
+                )
+            measure = s["measure"].iloc[0]
+            note = " (<1 passes)" if measure == "worst_ratio" else ""
+            ax.set_title(f"{stage}: {measure}{note}", fontsize=10)
             ax.set_xlabel(axis)
             ax.set_yscale("log")
             if axis == "tokens":
                 ax.set_xscale("log", base=2)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        out.append(
-            {
-                "title": f"error vs {axis} per stage and backend (worst case per point)",
-                "png": _png(fig),
-            }
+        title = (
+            f"worst error vs {axis}, per stage and backend; hollow markers at {FLOOR:g} "
+            f"are exactly 0 (bit-identical)"
         )
+        out.append({"title": title, "png": _png(fig)})
         plt.close(fig)
     return out
+
+
+def _bins(m: Any) -> list[Any]:
+    return m["bins"] if isinstance(m, dict) else m
+
+
+def _heatmap(rows: list[dict[str, Any]], key: str, value, xlabel: str, title: str):
+    """One image row per (case, backend) holding metric `key` (a list, or a dict with bins)."""
+    import numpy as np
+
+    data = [[value(v) for v in _bins(r["metrics"][key])] for r in rows]
+    if not data:
+        return None
+    labels = [f"{r['case_id'][:48]} [{r['backend'][:16]}]" for r in rows]
+    grid = np.full((len(data), max(len(v) for v in data)), np.nan)
+    for i, v in enumerate(data):
+        grid[i, : len(v)] = v
+    grid = np.log10(np.clip(grid, FLOOR, None))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.22 * len(data)))
+    lo = np.log10(FLOOR)
+    hi = max(float(np.nanmax(grid)) if np.isfinite(grid).any() else lo, lo + 1)
+    im = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=lo, vmax=hi, interpolation="none")
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel(xlabel)
+    fig.colorbar(im, ax=ax, label=f"log10 error (floor {FLOOR:g} = exact)")
+    fig.tight_layout()
+    png = _png(fig)
+    plt.close(fig)
+    return {"title": title, "png": png}
+
+
+def _heatmaps(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per-expert maps, one per stage (each with its own measure), then per-token."""
+
+    def worst_first(have: list[dict[str, Any]], key: str, value) -> list[dict[str, Any]]:
+        have = sorted(
+            have, reverse=True, key=lambda r: max(map(value, _bins(r["metrics"][key])), default=0)
+        )
+        return have[:MAX_HEATMAP_ROWS]
+
+    maps = []
+    grouped = [r for r in rows if (r.get("metrics") or {}).get("per_group")]
+    for stage in sorted({r["stage"] for r in grouped}):
+        have = [r for r in grouped if r["stage"] == stage]
+        bounded = all("worst_ratio" in g for r in have for g in r["metrics"]["per_group"])
+        measure = "worst_ratio" if bounded else "calc_diff"
+        value = lambda g, k=measure: float(g.get(k) or 0.0)  # noqa: E731
+        note = (
+            "|err| / derived bound, worst per expert: < 1 passes"
+            if bounded
+            else ("calc_diff of each expert's L2 rows")
+        )
+        maps.append(
+            _heatmap(
+                worst_first(have, "per_group", value),
+                "per_group",
+                value,
+                "expert",
+                f"{stage}: per-expert error ({note})",
+            )
+        )
+    tokens = [r for r in rows if (r.get("metrics") or {}).get("per_token")]
+    maps.append(
+        _heatmap(
+            worst_first(tokens, "per_token", float),
+            "per_token",
+            float,
+            "token bin",
+            "per-token error of layer outputs (max |err| / max |ref| per bin of tokens)",
+        )
+    )
+    return [h for h in maps if h]
+
+
+def _timings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = (
+        "latency_us",
+        "latency_p10_us",
+        "latency_p90_us",
+        "tflops",
+        "gbps",
+        "roofline_pct",
+        "baseline",
+        "ratio_vs_baseline",
+    )
+    return [
+        {
+            "case_id": r["case_id"],
+            "backend": r["backend"],
+            **{k: (r.get("metrics") or {}).get(k) for k in keys},
+        }
+        for r in rows
+        if r.get("compare") == results.TIMING
+    ]
 
 
 def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +241,8 @@ def _nan_traces(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any]:
-    d = results.compare_sets(results.read_rows(baseline), rows)
+    base = results.read_rows(baseline)
+    d = results.compare_sets(base, rows)
     sections = []
     for name in ("regressions", "new_failures", "improvements", "missing"):
         items = [
@@ -139,7 +256,27 @@ def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any
             for k, o, n in d[name]
         ]
         sections.append((name.replace("_", " "), items))
+    t = results.compare_timings(base, rows)
+    for name in ("slower", "faster", "ambiguous"):
+        note = "p10..p90 spreads overlap: noise, no verdict" if name == "ambiguous" else ""
+        items = [
+            {
+                "case_id": k[0],
+                "backend": k[1],
+                "was": _latency(o),
+                "now": _latency(n),
+                "message": note,
+            }
+            for k, o, n in t[name]
+        ]
+        sections.append((f"timing {name}", items))
     return {"source": str(baseline), "sections": sections}
+
+
+def _latency(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    lo, hi = m.get("latency_p10_us", m["latency_us"]), m.get("latency_p90_us", m["latency_us"])
+    return f"{m['latency_us']:.1f} us ({lo:.1f}..{hi:.1f})"
 
 
 def render(
@@ -183,6 +320,8 @@ def render(
         by_stage=sorted((k, dict(v)) for k, v in by_stage.items()),
         baseline=_baseline(rows, baseline) if baseline else None,
         plots=_plots(rows),
+        heatmaps=_heatmaps(rows),
+        timings=_timings(rows),
         classes=_classes(rows),
         nan_traces=_nan_traces(rows),
         env=env,

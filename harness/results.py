@@ -245,3 +245,30 @@ def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[
             out["unchanged"].append((k, b[k], r))
     out["missing"] = [(k, r, None) for k, r in b.items() if k not in n]
     return out
+
+
+TIMING = "timing"  # `compare` value of rows holding a speed measurement (docs/cli.md)
+
+
+def compare_timings(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
+    """Per (case, backend) timing row: slower / faster only where the p10..p90 spreads of the
+    two runs do not overlap; where they overlap the verdict is "ambiguous" (noise)."""
+
+    def timings(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+        return {(r["case_id"], r["backend"]): r for r in latest(rows) if r.get("compare") == TIMING}
+
+    b, n = timings(base), timings(new)
+    out: dict[str, list] = {"slower": [], "faster": [], "ambiguous": []}
+    for k in sorted(set(b) & set(n)):
+        mb, mn = b[k]["metrics"], n[k]["metrics"]
+        lo_b, hi_b = (
+            mb.get("latency_p10_us", mb["latency_us"]),
+            mb.get("latency_p90_us", mb["latency_us"]),
+        )
+        lo_n, hi_n = (
+            mn.get("latency_p10_us", mn["latency_us"]),
+            mn.get("latency_p90_us", mn["latency_us"]),
+        )
+        verdict = "slower" if lo_n > hi_b else "faster" if hi_n < lo_b else "ambiguous"
+        out[verdict].append((k, b[k], n[k]))
+    return out

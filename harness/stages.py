@@ -313,6 +313,10 @@ def compare_bounded(
         m["periodic"] = metrics.periodic_error_structure(err.cpu())
     if offsets is not None:
         m["per_group"] = metrics.per_group_error(oracle, out, offsets.cpu())
+        ends = offsets.cpu().tolist()
+        for g, start, end in zip(m["per_group"], [0, *ends[:-1]], ends, strict=True):
+            part = metrics.error_panel_bound(oracle[start:end], out[start:end], bound[start:end])
+            g["worst_ratio"] = part["worst_ratio"] if end > start else 0.0
     if m["n_outside"] == 0:
         return Comparison(name, Outcome.PASS, "", m)
     msg = (
@@ -449,6 +453,12 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             out.message += f"; NaN/Inf first appears in stage {nan_culprit}"
     if not ok_in:
         out.metrics["intermediate_failures"] = [c.name for c in rows if c.outcome is Outcome.FAIL]
+    if isinstance(k.get("out"), torch.Tensor) and k["out"].shape == r["out"].shape:
+        out.metrics["per_token"] = metrics.per_token_error_bins(r["out"].float(), k["out"].float())
+    l2r, l2k = r.get("l2_out"), k.get("l2_out")
+    offs = r.get("expert_offsets")
+    if case.stage is Stage.ROUTED_MOE and isinstance(l2k, torch.Tensor) and l2k.shape == l2r.shape:
+        out.metrics["per_group"] = metrics.per_group_error(l2r.float(), l2k.float(), offs.cpu())
     twin = run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
     out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
         "sqnr_db"

@@ -1,0 +1,138 @@
+"""The HTML report: rendered from a real smoke sweep and opened in headless Chromium (no console
+errors, every image decodes, a screenshot saved to reports/test-artifacts/), user strings
+escaped, a 1,000-row report under 5 MB, baseline verdicts including "ambiguous" timings.
+
+Chromium comes from Debian (`.ci/run` installs it); without it these browser tests skip here
+and fail under CI=true, so CI can never count a missing browser as a pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.cases import load_cases
+from harness.report import render
+from harness.runner import SweepOptions, run_sweep
+from tests.browser import Page, chromium
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "reports" / "test-artifacts"
+IMAGES = "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+
+
+def _browser() -> str:
+    binary = chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing on CI: .ci/run should have installed it")
+        pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """A real smoke sweep: the default backend plus a planted GEMM defect, so the report has
+    failures, diagnoses and heatmaps to show."""
+    out = tmp_path_factory.mktemp("smoke")
+    _, cases = load_cases(REPO / "cases" / "smoke.yaml")
+    backends = ("dsv4-torch", "tests.planted:SkipLastKBlock")
+    run_sweep(cases, out, SweepOptions(backends=backends, progress=False))
+    return out
+
+
+def test_report_of_a_real_sweep_loads_cleanly_in_chromium(smoke):
+    html = render(smoke, smoke / "index.html")
+    text = html.read_text()
+    for section in ("Summary", "Error by axis", "Per-expert and per-token error", "Speed",
+                    "Quantize mismatch classes", "NaN traces", "Environment"):
+        assert f">{section}</h2>" in text
+    assert "outside the derived bound" in text  # the planted GEMM defect, diagnosed
+    with Page(_browser()) as page:
+        page.goto(html.as_uri())
+        images = page.evaluate(IMAGES)
+        assert page.errors() == []
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = page.screenshot(ARTIFACTS / "report.png")
+    assert len(images) >= 4, images  # error vs tokens / scale ratio, per-expert, per-token
+    assert all(ok and w > 0 and h > 0 for ok, w, h in images), images
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_user_strings_are_escaped(smoke, tmp_path):
+    rows = results.read_rows(smoke)
+    evil = "<script>alert(1)</script>"
+    for r in rows:
+        if r["case_id"].startswith("grouped_gemm_t5"):
+            r["case_id"] = evil + r["case_id"]
+            r["message"] = '<img src=x onerror="alert(2)">' + r.get("message", "")
+    with results.ResultWriter(tmp_path) as w:
+        w.write(rows)
+    shutil.copy(smoke / results.META, tmp_path / results.META)
+    html = render(tmp_path, tmp_path / "index.html", title=evil)
+    text = html.read_text()
+    assert evil not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    with Page(_browser()) as page:
+        page.goto(html.as_uri())
+        assert page.errors() == []  # no alert dialog opened, no script ran
+        assert evil in page.evaluate("document.body.innerText")  # shown as text
+        assert page.evaluate("document.querySelectorAll('script').length") == 0
+
+
+def test_a_thousand_row_report_stays_small(smoke, tmp_path):
+    base = [r for r in results.read_rows(smoke)]
+    rows = []
+    i = 0
+    while len(rows) < 1000:
+        for r in base:
+            r = copy.deepcopy(r)
+            r["case_id"] = f"{r['case_id']}_x{i}"
+            rows.append(r)
+        i += 1
+    rows = rows[:1000]
+    with results.ResultWriter(tmp_path) as w:
+        w.write(rows)
+    html = render(tmp_path, tmp_path / "index.html")
+    assert html.stat().st_size < 5 * 2**20, html.stat().st_size
+    assert re.search(r"\b1000 result rows", html.read_text())
+
+
+def _timing(case_id: str, median: float, p10: float, p90: float) -> dict:
+    return {"case_id": case_id, "backend": "k", "compare": results.TIMING, "final": False,
+            "metrics": {"latency_us": median, "latency_p10_us": p10, "latency_p90_us": p90}}
+
+
+def test_timing_verdicts_slower_faster_and_ambiguous():
+    base = [_timing("a", 10, 9, 11), _timing("b", 10, 9, 11), _timing("c", 10, 9, 11)]
+    new = [_timing("a", 14, 13, 15), _timing("b", 6, 5, 7), _timing("c", 10.8, 10.5, 12)]
+    d = results.compare_timings(base, new)
+    assert [k[0] for k, _, _ in d["slower"]] == ["a"]
+    assert [k[0] for k, _, _ in d["faster"]] == ["b"]
+    assert [k[0] for k, _, _ in d["ambiguous"]] == ["c"]  # spreads overlap: noise
+
+
+def test_report_against_a_baseline_names_regressions_and_ambiguous_timings(smoke, tmp_path):
+    rows = results.read_rows(smoke)
+    good = [r for r in rows if r["backend"] == "dsv4-torch"]
+    bad = copy.deepcopy(good)
+    for r in bad:  # the same backend, one case regressed, one timing noisy
+        if r["case_id"].startswith("grouped_gemm_t5") and r.get("final"):
+            r["outcome"], r["message"] = "fail", "planted regression"
+    good.append({**_timing("grouped_gemm_t5_x", 10, 9, 11), "backend": "dsv4-torch"})
+    bad.append({**_timing("grouped_gemm_t5_x", 10.5, 10, 12), "backend": "dsv4-torch"})
+    for d, rs in (("base", good), ("new", bad)):
+        with results.ResultWriter(tmp_path / d) as w:
+            w.write(rs)
+    html = render(tmp_path / "new", tmp_path / "new" / "index.html", baseline=tmp_path / "base")
+    text = html.read_text()
+    n_regressed = sum(1 for r in bad if r.get("final") and r["outcome"] == "fail")
+    assert f"regressions: {n_regressed}</h3>" in text and n_regressed > 0
+    assert "timing ambiguous: 1</h3>" in text
+    assert "spreads overlap" in text
