@@ -235,4 +235,6 @@ def test_plugin_case_filter_deselects(tmp_path):
     p = _pytest(str(path), "-q", "--collect-only", "--case-filter", "quantize")
     assert p.returncode == 0, p.stdout + p.stderr
     items = [ln for ln in p.stdout.splitlines() if "::" in ln]
-    assert items == [f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"]
+    # the node id's directory part depends on pytest's rootdir choice; the item is what counts
+    assert len(items) == 1 and items[0].endswith(
+        f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"), items
