@@ -342,6 +342,77 @@ def test_run_allocates_no_result_buffers(kind):
         seen[t] = ptrs(st)
 
 
+def _allocations(fn) -> list[tuple[str, int]]:
+    """(innermost op, bytes) of every allocation `fn` makes, seen by the CPU profiler.
+
+    Allocation events sit in the profiler's event tree (torch 2.13: tag Allocation with
+    extra_fields.alloc_size > 0 for an allocation, < 0 for a free); the flat prof.events() list
+    shows only those made outside any op as "[memory]", so the tree is walked.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    found = []
+
+    def walk(ev, op):
+        if ev.tag == _EventType.Allocation and ev.extra_fields.alloc_size > 0:
+            found.append((op, ev.extra_fields.alloc_size))
+        for child in ev.children:
+            walk(child, ev.name if ev.tag == _EventType.TorchOp else op)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root, "<python>")
+    return found
+
+
+def test_allocation_counter_sees_allocations():
+    """Positive controls: the counter below is not blind. A runner's op called standalone
+    (no workspace) allocates its temporaries; a Python number where an op takes a tensor is
+    wrapped into a fresh 0-d tensor (why the ops use cached 0-d constants)."""
+    from dsv4.ops import quantize_activation_nvfp4
+
+    x, gs = _x((5, H), 1), torch.ones(1)
+    codes = torch.empty(5, H // 2, dtype=torch.uint8)
+    scales = torch.empty(5, H // 16, dtype=torch.float8_e4m3fn)
+    assert len(_allocations(lambda: quantize_activation_nvfp4(x, gs, codes, scales))) > 5
+    y = torch.zeros(4)
+    assert len(_allocations(lambda: y.add_(1.0))) >= 1
+    assert _allocations(lambda: y.add_(y)) == []
+
+
+@pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
+def test_run_allocates_nothing_after_warm_up(kind):
+    """DESIGN §2 "run() allocates nothing" on the torch backend: after one warm-up call (which
+    may fill lazily cached 0-d constants), run() makes no allocation at all, not even a
+    temporary: every op writes into the runner's buffers and its workspace."""
+    runner = BUILD[kind](t_max=129)
+    for t in (5, 129):
+        args = _inputs(kind, t, 31 + t)
+        runner.run(*args)  # warm-up
+        assert _allocations(lambda args=args: runner.run(*args)) == [], (kind, t)
+        out = torch.empty(_out_shape(kind, t), dtype=torch.bfloat16)
+        assert _allocations(lambda args=args, out=out: runner.run(*args, out=out)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
+def test_run_allocates_nothing_on_cuda(kind):
+    """The CUDA caching allocator's allocation count is unchanged by a warm run()."""
+    dev = torch.device("cuda")
+    runner = BUILD[kind](t_max=129, device=dev)
+    for t in (5, 129):
+        args = _inputs(kind, t, 41 + t, dev)
+        runner.run(*args)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        runner.run(*args)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, (kind, t)
+
+
 @pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
 def test_run_into_out_equals_run_into_own_buffer(kind):
     runner = BUILD[kind]()

@@ -494,6 +494,80 @@ def test_grouped_gemm_sync_free_form_matches_host_form():
     assert free[136:].eq(7.0).all()
 
 
+@pytest.mark.parametrize("counts", [[5, 0, 130, 1], [1, 0, 0, 0], [0, 0, 3, 0]])
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
+def test_grouped_gemm_workspace_form_is_bit_identical(counts, sync_free, k_major):
+    """The workspace form (what the runners call) gives the allocating form's bits, NaN-free
+    or not, and a workspace one byte too small is refused before anything is written."""
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(counts, extra=3, seed=len(counts))
+    if k_major:
+        b = ops.make_b_k_major(b)
+    t, e, n = a.shape[0], b.shape[0], b.shape[2]
+    need = ops.grouped_gemm_workspace_bytes("torch", t, 2 * a.shape[1], n, e)
+    want = torch.full((t, n), 7.0, dtype=torch.bfloat16)
+    got = want.clone()
+    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, want, sync_free=sync_free)
+    ws = torch.full((need,), 0xAB, dtype=torch.uint8)  # stale bytes must not leak in
+    dgemm.torch_grouped_gemm(
+        a, b, a_sw, b_sw, offs, gsa, gsb, got, sync_free=sync_free, workspace=ws
+    )
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    if not sync_free:
+        out = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, workspace=ws)
+        assert torch.equal(out[: sum(counts)], want[: sum(counts)])
+        with pytest.raises(ValueError, match="workspace"):
+            ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, workspace=ws[:-1])
+
+
+@pytest.mark.parametrize("t", [1, 5, 129])
+def test_ops_workspace_forms_are_bit_identical(t):
+    """quantize, swiglu(+quantize), pad_and_swizzle and the 2-D-side assembly write the same
+    bytes with a (dirty) workspace as without, specials included."""
+    g = torch.Generator().manual_seed(t)
+    x = (torch.randn(t, 256, generator=g) * 3).to(torch.bfloat16)
+    x[0, :5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e6, -1e-30])
+    gs = torch.tensor([0.01])
+
+    def dirty(n):
+        return torch.full((n,), 0xCD, dtype=torch.uint8)
+
+    want = ops.quantize_activation_nvfp4(x, gs)
+    got = ops.quantize_activation_nvfp4(
+        x,
+        gs,
+        torch.empty_like(want[0]),
+        torch.empty_like(want[1]),
+        workspace=dirty(ops.quantize_workspace_bytes(tuple(x.shape))),
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(_bytes(got[1]), _bytes(want[1]))
+    want = ops.swiglu_quantize(x, gs, 1.0)
+    need = ops.swiglu_quantize_workspace_bytes(tuple(x.shape))
+    got = ops.swiglu_quantize(
+        x, gs, 1.0, torch.empty_like(want[0]), torch.empty_like(want[1]), dirty(need)
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(_bytes(got[1]), _bytes(want[1]))
+    h = ops.swiglu(x, None)
+    h2 = ops.swiglu(x, None, out=torch.empty_like(h), workspace=dirty(need))
+    assert torch.equal(h.view(torch.int32), h2.view(torch.int32))
+    scales = want[1]
+    ws = dirty(ops.pad_and_swizzle_workspace_bytes(*scales.shape))
+    assert torch.equal(
+        _bytes(ops.pad_and_swizzle(scales)),
+        _bytes(ops.pad_and_swizzle(scales, torch.empty_like(ops.pad_and_swizzle(scales)), ws)),
+    )
+    offs = torch.tensor([0, t // 2, t // 2, t], dtype=torch.int32)
+    n = ops.max_padded_rows(t, 4) * 8
+    w_out, w_starts = ops.assemble_scales_2d_side_from_offsets(
+        scales, offs, torch.empty(n + 1024, dtype=torch.uint8)
+    )
+    ws = dirty(ops.assemble_2d_workspace_bytes(t, scales.shape[1], 4, n + 1024))
+    g_out, g_starts = ops.assemble_scales_2d_side_from_offsets(
+        scales, offs, torch.empty(n + 1024, dtype=torch.uint8), workspace=ws
+    )
+    assert torch.equal(g_out, w_out) and torch.equal(g_starts, w_starts)
+
+
 def test_grouped_gemm_exact_on_exactly_summable_inputs():
     """Unit block scales and gs = 1: every partial sum is a small multiple of 1/4, exact in fp32,
     so any summation order gives the reference's bits."""
@@ -614,15 +688,26 @@ def _opcheck_args():
     codes = torch.empty(8, 32, dtype=torch.uint8)
     scales = torch.empty(8, 4, dtype=torch.uint8)
     l1 = torch.randn(8, 128)
-    return {
-        torch.ops.dsv4.nvfp4_grouped_gemm.default: (a, b, a_sw, b_sw, offs, gsa, gsb, out, "torch"),
-        torch.ops.dsv4.quantize_nvfp4_static.default: (x, gs, codes, scales),
-        torch.ops.dsv4.swiglu_quantize_nvfp4.default: (l1, gs, 10.0, codes.clone(), scales.clone()),
-    }
+    # workspace: a required (Optional) argument of each op; None, then scratch of the op's size
+    ws_gemm = torch.zeros(
+        ops.grouped_gemm_workspace_bytes("torch", 8, 64, 32, 3), dtype=torch.uint8
+    )
+    ws_q = torch.zeros(ops.quantize_workspace_bytes((8, 64)), dtype=torch.uint8)
+    ws_s = torch.zeros(ops.swiglu_quantize_workspace_bytes((8, 128)), dtype=torch.uint8)
+    gemm_args = (a, b, a_sw, b_sw, offs, gsa, gsb, out, "torch")
+    return [
+        (torch.ops.dsv4.nvfp4_grouped_gemm.default, (*gemm_args, None)),
+        (torch.ops.dsv4.nvfp4_grouped_gemm.default, (*gemm_args, ws_gemm)),
+        (torch.ops.dsv4.quantize_nvfp4_static.default, (x, gs, codes, scales, None)),
+        (torch.ops.dsv4.quantize_nvfp4_static.default, (x, gs, codes, scales, ws_q)),
+        (torch.ops.dsv4.swiglu_quantize_nvfp4.default, (l1, gs, 10.0, codes, scales, None)),
+        (torch.ops.dsv4.swiglu_quantize_nvfp4.default, (l1, gs, 10.0, codes, scales, ws_s)),
+    ]
 
 
 def test_custom_ops_pass_opcheck():
-    for op, args in _opcheck_args().items():
+    for op, args in _opcheck_args():
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args)
     # the dynamic op returns float8 scales, which the schema test cannot compare (above)
     tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

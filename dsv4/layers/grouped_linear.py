@@ -15,6 +15,14 @@ run(o, out=None). run() quantizes each group with its own scale (G launches on v
 quantizer takes one scale per call), assembles the scales from an offsets row of a table made
 at finalize (no value crosses from host to device), runs the GEMM into a group-major buffer and
 writes out [T, G, R] with one strided copy.
+
+Allocation and sync: run() allocates nothing (every temporary of the ops lives in a
+workspace made at finalize, sized for max_num_tokens; checked by the CPU profiler and by
+the CUDA allocator's counters in tests/test_dsv4_layers.py). One sync remains on the torch
+GEMM backend: eager on CUDA it reads the expert offsets on the host (`tolist`, a
+device-to-host copy that waits for the stream) to slice each expert's rows; under CUDA
+graph capture it switches to its sync-free form instead (E times the FLOPs), so a captured
+run() neither syncs nor allocates. On CPU the host read is free.
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ import torch
 from dsv4.layers import _common as c
 from dsv4.layers import custom_ops
 from dsv4.ops import (
+    assemble_2d_workspace_bytes,
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
+    grouped_gemm_workspace_bytes,
     make_b_k_major,
     max_padded_rows,
     quantize_activation_nvfp4,
     quantize_weight_to_nvfp4,
+    quantize_workspace_bytes,
     run_nvfp4_grouped_gemm,
     select_backend,
 )
@@ -121,6 +132,14 @@ class GroupedLinear:
         self._x_sf = zeros(max_padded_rows(g * t, g) * cp, torch.float8_e4m3fn)
         self._z = zeros((g * t, r), torch.bfloat16)
         self._out = zeros((t, g, r), torch.bfloat16)
+        gemm_ws = grouped_gemm_workspace_bytes(self._backend_name, g * t, d, r, g)
+        need = max(
+            quantize_workspace_bytes((t, d)),
+            assemble_2d_workspace_bytes(g * t, d // BLOCK, g, self._x_sf.numel()),
+            gemm_ws,
+        )
+        self._ws = zeros(need, torch.uint8)  # every op's temporaries, one op at a time
+        self._gemm_ws = self._ws if gemm_ws else None
         self.state = c.State.FINALIZED
 
     def calibrate(self, sample: torch.Tensor) -> torch.Tensor:
@@ -144,8 +163,9 @@ class GroupedLinear:
     # ---- run
 
     def run(self, o: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """o [T, n_heads, head_dim] float -> out bf16 [T, G, R]. Graph-safe: no allocation of
-        results, no host sync, metadata-only checks (nothing is written when one fails)."""
+        """o [T, n_heads, head_dim] float -> out bf16 [T, G, R]. Graph-safe: allocates nothing,
+        no host sync (but see the module note on the torch backend's eager CUDA path),
+        metadata-only checks (nothing is written when one fails)."""
         c.require(self.kind, self.state, c.State.CALIBRATED, "run()")
         c.tensor("o", o, c.FLOAT_INPUTS, (None, self.n_heads, self.head_dim), self._device)
         t = c.tokens("o", o.shape[0], self.max_num_tokens)
@@ -161,10 +181,13 @@ class GroupedLinear:
         codes, scales = self._x_codes[: g * t], self._x_scales[: g * t]
         for i in range(g):  # one scale per group; the quantizer takes one per call
             rows = slice(i * t, (i + 1) * t)
-            quantize_activation_nvfp4(x[:, i], self._gs[i : i + 1], codes[rows], scales[rows])
+            gs = self._gs[i : i + 1]
+            quantize_activation_nvfp4(x[:, i], gs, codes[rows], scales[rows], self._ws)
         offsets = self._offsets[t]
         need = max_padded_rows(g * t, g) * ((scales.shape[1] + 3) // 4 * 4)
-        sf, _ = assemble_scales_2d_side_from_offsets(scales, offsets, out=self._x_sf[:need])
+        sf, _ = assemble_scales_2d_side_from_offsets(
+            scales, offsets, out=self._x_sf[:need], workspace=self._ws
+        )
         z = self._z[: g * t]
         run_nvfp4_grouped_gemm(
             codes,
@@ -176,6 +199,7 @@ class GroupedLinear:
             self._w_gs,
             out=z,
             backend=self._backend_name,
+            workspace=self._gemm_ws,
         )
         out.copy_(z.view(g, t, r).transpose(0, 1))
         return out

@@ -5,7 +5,8 @@ calibrate(sample, topk_ids, topk_weights) -> run(x, topk_ids, topk_weights, out=
 
 run(), all on the device, nothing read on the host (T and k are shapes, host metadata):
 1. Route. key = global id - first_expert, with every id outside [0, E) (other ranks' experts,
-   -1) mapped to E; a STABLE sort of the T*k keys gives the staged order: rows grouped by local
+   -1) mapped to E; a stable counting sort of the T*k keys (one-hot, cumsum: no sort
+   kernel, whose scratch would be allocated per call) gives the staged order: rows grouped by local
    expert, by token then slot inside an expert (flat index token*k + slot is already ascending),
    the dropped slots last. Expert END offsets = searchsorted(sorted keys, 0..E-1, right) (int32,
    no count reaches the host); the GEMMs read offsets on the device and ignore rows past
@@ -24,6 +25,14 @@ run(), all on the device, nothing read on the host (T and k are shapes, host met
 Activation global scales: one value per activation tensor (calibrated as
 reference.layers.calibrate_routed_moe: gs1 from the amax of the staged rows, gs2 from the amax
 of the weighted SwiGLU output), stored expanded to [E] for the GEMM's per-expert alpha.
+
+Allocation and sync: run() allocates nothing (every temporary of the ops lives in a
+workspace made at finalize, sized for max_num_tokens; checked by the CPU profiler and by
+the CUDA allocator's counters in tests/test_dsv4_layers.py). One sync remains on the torch
+GEMM backend: eager on CUDA it reads the expert offsets on the host (`tolist`, a
+device-to-host copy that waits for the stream) to slice each expert's rows; under CUDA
+graph capture it switches to its sync-free form instead (E times the FLOPs), so a captured
+run() neither syncs nor allocates. On CPU the host read is free.
 """
 
 from __future__ import annotations
@@ -35,16 +44,21 @@ from dsv4.layers import _common as c
 from dsv4.layers import custom_ops
 from dsv4.ops import (
     DEFAULT_SWIGLU_LIMIT,
+    assemble_2d_workspace_bytes,
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
+    grouped_gemm_workspace_bytes,
     make_b_k_major,
     max_padded_rows,
     quantize_activation_nvfp4,
     quantize_weight_to_nvfp4,
+    quantize_workspace_bytes,
     run_nvfp4_grouped_gemm,
     select_backend,
     swiglu,
+    swiglu_workspace_bytes,
 )
+from dsv4.ops._workspace import cumsum_small, scalar
 from dsv4.ops.quantize import BLOCK
 
 
@@ -151,7 +165,35 @@ class RoutedMoERunner:
         # combine
         self._slot_rows = zeros((t, h), torch.bfloat16)
         self._acc = zeros((t, h), torch.float32)
+        self._slot_idx = zeros(t, torch.int64)
+        self._slot_rows32 = zeros((t, h), torch.float32)
         self._out = zeros((t, h), torch.bfloat16)
+        self._act = zeros((rows, i), torch.float32)  # weighted SwiGLU output
+        self._onehot = zeros((rows, e + 1), torch.int64)  # routing: stable counting sort
+        self._onehot_b = zeros((rows, e + 1), torch.bool)
+        self._pos = zeros(rows, torch.int64)
+        self._bin_start = zeros(e + 1, torch.int64)
+        self._pair = zeros((2, e + 1, 2), torch.int64)
+        self._bins = torch.arange(e + 1, dtype=torch.int64, device=dev)
+        self._first = scalar(self.first_expert, torch.int64)  # 0-d CPU constants
+        self._n_keys = scalar(e + 1, torch.int64)
+        self._e_key = scalar(e, torch.int64)
+        self._top_k = scalar(self.top_k, torch.int64)
+        self._one = scalar(1, torch.int64)
+        gemm_ws = max(
+            grouped_gemm_workspace_bytes(self._backend_name, rows, h, 2 * i, e),
+            grouped_gemm_workspace_bytes(self._backend_name, rows, i, h, e),
+        )
+        need = max(
+            quantize_workspace_bytes((t, h)),
+            quantize_workspace_bytes((rows, i)),
+            swiglu_workspace_bytes((rows, 2 * i)),
+            assemble_2d_workspace_bytes(rows, h // BLOCK, e, self._x_sf.numel()),
+            assemble_2d_workspace_bytes(rows, i // BLOCK, e, self._act_sf.numel()),
+            gemm_ws,
+        )
+        self._ws = zeros(need, torch.uint8)  # every op's temporaries, one op at a time
+        self._gemm_ws = self._ws if gemm_ws else None
         self.state = c.State.FINALIZED
 
     @staticmethod
@@ -230,7 +272,8 @@ class RoutedMoERunner:
         bf16 [T, H]: this rank's share of the MoE output (all ranks' with a process group).
 
         Slots whose expert is not local (other ranks, -1, any out-of-range id) add nothing.
-        Graph-safe: no allocation of results, no host sync, metadata-only checks (nothing is
+        Graph-safe: allocates nothing, no host sync (see the module note on the torch
+        backend's eager CUDA path), metadata-only checks (nothing is
         written when one fails).
         """
         c.require(self.kind, self.state, c.State.CALIBRATED, "run()")
@@ -265,18 +308,29 @@ class RoutedMoERunner:
         """Staged order, expert offsets, token and routing weight of each staged row."""
         rows, e = topk_ids.numel(), self.n_local_experts
         key, skey, perm = self._key[:rows], self._sorted_key[:rows], self._perm[:rows]
-        torch.sub(topk_ids.reshape(-1), self.first_expert, out=key)
-        key.clamp_(-1, e).remainder_(e + 1)  # -1 (any id below the rank) and >= E -> E
-        torch.sort(key, stable=True, out=(skey, perm))
+        key.copy_(topk_ids.reshape(-1)).sub_(self._first)
+        key.clamp_(-1, e).remainder_(self._n_keys)  # -1 (any id below the rank) and >= E -> E
+        # stable sort of the keys 0..E by counting (no sort kernel, which allocates scratch):
+        # staged position = rows with a smaller key + earlier rows with the same key
+        onehot, pos = self._onehot[:rows], self._pos[:rows]
+        torch.eq(key.unsqueeze(1), self._bins.unsqueeze(0), out=self._onehot_b[:rows])
+        onehot.copy_(self._onehot_b[:rows])
+        torch.cumsum(onehot, dim=0, out=onehot)
+        cumsum_small(onehot[-1], self._bin_start, self._pair).sub_(onehot[-1])
+        torch.gather(onehot, 1, key.unsqueeze(1), out=pos.unsqueeze(1))  # rank in bin, from 1
+        torch.index_select(self._bin_start, 0, key, out=self._src_row[:rows])
+        pos.add_(self._src_row[:rows]).sub_(self._one)
+        perm.index_copy_(0, pos, self._row_ids[:rows])  # staged row -> flat slot
+        torch.index_select(key, 0, perm, out=skey)
         torch.searchsorted(skey, self._experts, right=True, out_int32=True, out=self._offsets)
-        torch.div(perm, self.top_k, rounding_mode="floor", out=self._token[:rows])
+        torch.div(perm, self._top_k, rounding_mode="floor", out=self._token[:rows])
         self._weight_flat[:rows].copy_(topk_weights.reshape(-1))  # to fp32, as the reference
         torch.index_select(self._weight_flat[:rows], 0, perm, out=self._weight_row[:rows])
 
     def _l1_gemm(self, x: torch.Tensor, rows: int) -> None:
         t = x.shape[0]
         xt_codes, xt_scales = self._xt_codes[:t], self._xt_scales[:t]
-        quantize_activation_nvfp4(x, self._gs1[:1], xt_codes, xt_scales)
+        quantize_activation_nvfp4(x, self._gs1[:1], xt_codes, xt_scales, self._ws)
         token = self._token[:rows]
         codes, scales = self._x_codes[:rows], self._x_scales[:rows]
         torch.index_select(xt_codes, 0, token, out=codes)
@@ -285,34 +339,48 @@ class RoutedMoERunner:
         self._grouped_gemm(codes, scales, self._x_sf, self._w13_q, self._gs1, self._l1[:rows])
 
     def _l2_gemm(self, rows: int) -> None:
-        act = swiglu(self._l1[:rows], self.swiglu_limit)  # fp32
+        act = self._act[:rows]
+        swiglu(self._l1[:rows], self.swiglu_limit, out=act, workspace=self._ws)  # fp32
         act.mul_(self._weight_row[:rows, None])  # the routing weight, before the quantization
         codes, scales = self._act_codes[:rows], self._act_scales[:rows]
-        quantize_activation_nvfp4(act, self._gs2[:1], codes, scales)
+        quantize_activation_nvfp4(act, self._gs2[:1], codes, scales, self._ws)
         self._grouped_gemm(codes, scales, self._act_sf, self._w2_q, self._gs2, self._l2[:rows])
 
     def _grouped_gemm(self, codes, scales, sf_buf, weights, gs, out) -> None:
         rows, cp = scales.shape[0], (scales.shape[1] + 3) // 4 * 4
         need = max_padded_rows(rows, self.n_local_experts) * cp
-        sf, _ = assemble_scales_2d_side_from_offsets(scales, self._offsets, out=sf_buf[:need])
+        sf, _ = assemble_scales_2d_side_from_offsets(
+            scales, self._offsets, out=sf_buf[:need], workspace=self._ws
+        )
         w_codes, w_sf, w_gs = weights
         run_nvfp4_grouped_gemm(
-            codes, w_codes, sf, w_sf, self._offsets, gs, w_gs, out=out, backend=self._backend_name
+            codes,
+            w_codes,
+            sf,
+            w_sf,
+            self._offsets,
+            gs,
+            w_gs,
+            out=out,
+            backend=self._backend_name,
+            workspace=self._gemm_ws,
         )
 
     def _combine(self, t: int, out: torch.Tensor) -> None:
         rows, k = t * self.top_k, self.top_k
         dropped, src = self._dropped[:rows], self._src_row[:rows]
-        torch.eq(self._sorted_key[:rows], self.n_local_experts, out=dropped)
+        torch.eq(self._sorted_key[:rows], self._e_key, out=dropped)
         src.copy_(self._row_ids[:rows]).masked_fill_(dropped, self.max_rows)  # the zero row
         inv = self._inv[:rows]
         inv.index_copy_(0, self._perm[:rows], src)  # flat slot token*k + s -> its staged row
         slots = inv.view(t, k)
         acc, tmp = self._acc[:t], self._slot_rows[:t]
         acc.zero_()  # 0 + row(t, 0) first, as the reference sums (turns -0 into +0 alike)
-        for s in range(k):  # k launches, in slot order: the fp32 sum's order is fixed
-            torch.index_select(self._l2, 0, slots[:, s], out=tmp)
-            acc.add_(tmp)
+        idx, tmp32 = self._slot_idx[:t], self._slot_rows32[:t]
+        for s in range(k):  # in slot order: the fp32 sum's order is fixed
+            idx.copy_(slots[:, s])  # a contiguous index (index_select copies a strided one)
+            torch.index_select(self._l2, 0, idx, out=tmp)
+            acc.add_(tmp32.copy_(tmp))  # bf16 -> fp32 here, not in a temporary of add_
         if self.process_group is not None:
             dist.all_reduce(acc, group=self.process_group)
         out.copy_(acc)

@@ -8,10 +8,17 @@ L1 run with it, gs2 from the amax of the SwiGLU output) -> run(x, out=None).
 run() validates metadata only, then writes into the preallocated buffers and `out`: quantize x
 with gs1, swizzle its scales, L1 GEMM, fused SwiGLU (DeepSeek V4 clamp) + requantize with gs2,
 swizzle, L2 GEMM into out. The expert offsets of T tokens are a view into a preallocated
-arange, so no value crosses from host to device. The ops' temporaries come from the caching
-allocator (inside a CUDA graph, from its private pool). With out=None the result is a view of
+arange, so no value crosses from host to device. With out=None the result is a view of
 the runner's own buffer, overwritten by the next run. stages() names the intermediates of the
 last run like reference.layers.shared_expert, as views of the buffers.
+
+Allocation and sync: run() allocates nothing (every temporary of the ops lives in a
+workspace made at finalize, sized for max_num_tokens; checked by the CPU profiler and by
+the CUDA allocator's counters in tests/test_dsv4_layers.py). One sync remains on the torch
+GEMM backend: eager on CUDA it reads the expert offsets on the host (`tolist`, a
+device-to-host copy that waits for the stream) to slice each expert's rows; under CUDA
+graph capture it switches to its sync-free form instead (E times the FLOPs), so a captured
+run() neither syncs nor allocates. On CPU the host read is free.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from dsv4.layers import custom_ops
 from dsv4.ops import (
     DEFAULT_SWIGLU_LIMIT,
     assemble_scales_3d_side,
+    grouped_gemm_workspace_bytes,
     make_b_k_major,
     pad_and_swizzle,
+    pad_and_swizzle_workspace_bytes,
     quantize_activation_nvfp4,
     quantize_weight_to_nvfp4,
+    quantize_workspace_bytes,
     run_nvfp4_grouped_gemm,
     select_backend,
     swiglu,
     swiglu_quantize,
+    swiglu_quantize_workspace_bytes,
     swizzled_numel,
 )
 from dsv4.ops.quantize import BLOCK
@@ -104,6 +115,19 @@ class SharedExpertRunner:
         self._act_scales = zeros((t, i // BLOCK), torch.float8_e4m3fn)
         self._act_sf = zeros(swizzled_numel(t, i // BLOCK), torch.float8_e4m3fn)
         self._out = zeros((t, h), torch.bfloat16)
+        gemm_ws = grouped_gemm_workspace_bytes(self._backend_name, t, h, 2 * i, 1)
+        gemm_ws = max(gemm_ws, grouped_gemm_workspace_bytes(self._backend_name, t, i, h, 1))
+        self._ws = zeros(
+            max(
+                quantize_workspace_bytes((t, h)),
+                pad_and_swizzle_workspace_bytes(t, h // BLOCK),
+                pad_and_swizzle_workspace_bytes(t, i // BLOCK),
+                swiglu_quantize_workspace_bytes((t, 2 * i)),
+                gemm_ws,
+            ),
+            torch.uint8,
+        )  # every op's temporaries, one op at a time
+        self._gemm_ws = self._ws if gemm_ws else None
         self.state = c.State.FINALIZED
 
     @staticmethod
@@ -144,8 +168,9 @@ class SharedExpertRunner:
     # ---- run
 
     def run(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, H] (float, T <= max_num_tokens) -> out bf16 [T, H]. Graph-safe: no allocation
-        of results, no host sync, metadata-only checks (nothing is written when one fails)."""
+        """x [T, H] (float, T <= max_num_tokens) -> out bf16 [T, H]. Graph-safe: allocates
+        nothing, no host sync (see the module note on the torch backend's eager CUDA path),
+        metadata-only checks (nothing is written when one fails)."""
         c.require(self.kind, self.state, c.State.CALIBRATED, "run()")
         c.tensor("x", x, c.FLOAT_INPUTS, (None, self.hidden), self._device)
         t = c.tokens("x", x.shape[0], self.max_num_tokens)
@@ -158,8 +183,9 @@ class SharedExpertRunner:
             return out
         self._l1_gemm(x)
         codes, scales = self._act_codes[:t], self._act_scales[:t]
-        swiglu_quantize(self._l1[:t], self._gs2, self.swiglu_limit, codes, scales)
-        sf = pad_and_swizzle(scales, out=self._act_sf[: swizzled_numel(t, scales.shape[1])])
+        swiglu_quantize(self._l1[:t], self._gs2, self.swiglu_limit, codes, scales, self._ws)
+        sf = self._act_sf[: swizzled_numel(t, scales.shape[1])]
+        pad_and_swizzle(scales, out=sf, workspace=self._ws)
         w_codes, w_sf, w_gs = self._w2_q
         run_nvfp4_grouped_gemm(
             codes,
@@ -171,6 +197,7 @@ class SharedExpertRunner:
             w_gs,
             out=out,
             backend=self._backend_name,
+            workspace=self._gemm_ws,
         )
         return out
 
@@ -183,8 +210,9 @@ class SharedExpertRunner:
         """Quantize x [t, H] with gs1 and run L1 into the l1 buffer; returns its [t, 2I] view."""
         t = x.shape[0]
         codes, scales = self._x_codes[:t], self._x_scales[:t]
-        quantize_activation_nvfp4(x, self._gs1, codes, scales)
-        sf = pad_and_swizzle(scales, out=self._x_sf[: swizzled_numel(t, scales.shape[1])])
+        quantize_activation_nvfp4(x, self._gs1, codes, scales, self._ws)
+        sf = self._x_sf[: swizzled_numel(t, scales.shape[1])]
+        pad_and_swizzle(scales, out=sf, workspace=self._ws)
         w_codes, w_sf, w_gs = self._w13_q
         l1 = self._l1[:t]
         run_nvfp4_grouped_gemm(
@@ -197,6 +225,7 @@ class SharedExpertRunner:
             w_gs,
             out=l1,
             backend=self._backend_name,
+            workspace=self._gemm_ws,
         )
         return l1
 

@@ -5,10 +5,18 @@ quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, gr
 `assemble_scales_3d_side`, `make_b_k_major`, `compute_expert_offsets`. gemm:
 `run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
 Importing registers the `dsv4::*` torch.library custom ops and the `torch` GEMM backend; it
-touches no GPU. No function here reads an environment variable.
+touches no GPU. No function here reads an environment variable. Every op a runner calls takes an
+optional `workspace=` (uint8 scratch sized by its `*_workspace_bytes` helper): with it and the
+outputs given, the op allocates nothing.
 """
 
-from dsv4.ops.activation import DEFAULT_SWIGLU_LIMIT, swiglu, swiglu_quantize
+from dsv4.ops.activation import (
+    DEFAULT_SWIGLU_LIMIT,
+    swiglu,
+    swiglu_quantize,
+    swiglu_quantize_workspace_bytes,
+    swiglu_workspace_bytes,
+)
 from dsv4.ops.gemm import (
     PLANNED_BACKENDS,
     Backend,
@@ -16,12 +24,14 @@ from dsv4.ops.gemm import (
     available_backends,
     describe_device,
     device_capability,
+    grouped_gemm_workspace_bytes,
     register_backend,
     requires_capability,
     run_nvfp4_grouped_gemm,
     select_backend,
 )
 from dsv4.ops.layouts import (
+    assemble_2d_workspace_bytes,
     assemble_scales_2d_side,
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
@@ -30,6 +40,7 @@ from dsv4.ops.layouts import (
     make_b_k_major,
     max_padded_rows,
     pad_and_swizzle,
+    pad_and_swizzle_workspace_bytes,
     swizzled_numel,
     unswizzle,
 )
@@ -41,9 +52,16 @@ from dsv4.ops.quantize import (
     quantize_activation_nvfp4,
     quantize_to_nvfp4,
     quantize_weight_to_nvfp4,
+    quantize_workspace_bytes,
 )
 
 __all__ = [
+    "quantize_workspace_bytes",
+    "pad_and_swizzle_workspace_bytes",
+    "assemble_2d_workspace_bytes",
+    "grouped_gemm_workspace_bytes",
+    "swiglu_workspace_bytes",
+    "swiglu_quantize_workspace_bytes",
     "BLOCK",
     "DEFAULT_SWIGLU_LIMIT",
     "PLANNED_BACKENDS",

@@ -75,3 +75,15 @@ def positive_limit(name: str, limit: object) -> float | None:
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
         raise ValueError(f"{name} must be a number > 0 or None, got {name}={limit!r}")
     return float(limit)
+
+
+def workspace(workspace: object, device: torch.device, need: int) -> None:
+    """None, or a 1-D uint8 tensor on `device` of at least `need` bytes (metadata only)."""
+    if workspace is None:
+        return
+    tensor("workspace", workspace, (torch.uint8,), ndim=1)
+    if workspace.device != device or workspace.numel() < need:
+        raise ValueError(
+            f"workspace must be on {device} with at least {need} bytes, got "
+            f"workspace.device={workspace.device} workspace.numel()={workspace.numel()}"
+        )

@@ -15,15 +15,57 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.ops import _checks
-from dsv4.ops.quantize import BLOCK, quantize_into
+from dsv4.ops._workspace import Sizer, Workspace, as_workspace
+from dsv4.ops.quantize import BLOCK, quantize_into, quantize_workspace_bytes
 
 DEFAULT_SWIGLU_LIMIT = 10.0
 
 
-def swiglu(l1_out: torch.Tensor, limit: float | None = DEFAULT_SWIGLU_LIMIT) -> torch.Tensor:
-    """[..., 2I] -> fp32 [..., I]: silu(min(gate, L)) * clamp(up, -L, L), gate first."""
+def swiglu(
+    l1_out: torch.Tensor,
+    limit: float | None = DEFAULT_SWIGLU_LIMIT,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[..., 2I] -> fp32 [..., I]: silu(min(gate, L)) * clamp(up, -L, L), gate first.
+
+    With `out` (fp32 [..., I]) and `workspace` (uint8, `swiglu_workspace_bytes(l1_out.shape)`
+    bytes) nothing is allocated; same bits either way.
+    """
     _check_l1("l1_out", l1_out, multiple=1)
-    return _swiglu(l1_out, _checks.positive_limit("limit", limit))
+    lim = _checks.positive_limit("limit", limit)
+    if out is None and workspace is None:
+        return _swiglu(l1_out, lim)
+    lead, i = tuple(l1_out.shape[:-1]), l1_out.shape[-1] // 2
+    if out is None:
+        out = torch.empty((*lead, i), dtype=torch.float32, device=l1_out.device)
+    _checks.tensor("out", out, (torch.float32,))
+    _checks.shape("out", out, (*lead, i))
+    _checks.same_device(l1_out=l1_out, out=out)
+    _checks.workspace(workspace, l1_out.device, swiglu_workspace_bytes(tuple(l1_out.shape)))
+    ws = as_workspace(workspace, l1_out.device)
+    _swiglu_into(l1_out, lim, out, _swiglu_buffers(ws, tuple(l1_out.shape)))
+    return out
+
+
+def _swiglu_buffers(ws: Workspace | Sizer, shape: tuple[int, ...]) -> torch.Tensor:
+    return ws.empty(shape, torch.float32)
+
+
+def swiglu_workspace_bytes(shape: tuple[int, ...]) -> int:
+    """Workspace bytes `swiglu(..., out=)` needs for an L1 output of `shape` [..., 2I]."""
+    sizer = Sizer()
+    _swiglu_buffers(sizer, tuple(shape))
+    return sizer.off
+
+
+def swiglu_quantize_workspace_bytes(shape: tuple[int, ...]) -> int:
+    """Workspace bytes `swiglu_quantize` needs for an L1 output of `shape` [..., 2I]."""
+    sizer = Sizer()
+    _swiglu_buffers(sizer, tuple(shape))
+    half = (*shape[:-1], shape[-1] // 2)
+    sizer.empty(half, torch.float32)
+    return sizer.off + quantize_workspace_bytes(half)
 
 
 def _check_l1(name: str, l1_out: object, multiple: int = BLOCK) -> torch.Tensor:
@@ -44,19 +86,42 @@ def _swiglu(l1_out: torch.Tensor, limit: float | None) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@torch.library.custom_op("dsv4::swiglu_quantize_nvfp4", mutates_args=("codes_out", "scales_out"))
+def _swiglu_into(
+    l1_out: torch.Tensor, limit: float | None, out: torch.Tensor, l1: torch.Tensor
+) -> None:
+    """_swiglu(l1_out, limit) written into out (fp32) through l1, an fp32 buffer of l1_out's
+    shape: the same ops (clamps, then silu, then the product) done in place."""
+    gate, up = l1.copy_(l1_out).chunk(2, dim=-1)
+    if limit is not None:
+        gate.clamp_(max=limit)
+        up.clamp_(-limit, limit)
+    torch.mul(F.silu(gate, inplace=True), up, out=out)
+
+
+@torch.library.custom_op(
+    "dsv4::swiglu_quantize_nvfp4", mutates_args=("codes_out", "scales_out", "workspace")
+)
 def _swiglu_quantize_op(
     l1_out: torch.Tensor,
     global_scale: torch.Tensor,
     limit: float | None,
     codes_out: torch.Tensor,
     scales_out: torch.Tensor,
+    workspace: torch.Tensor | None,
 ) -> None:
-    quantize_into(_swiglu(l1_out, limit), global_scale.reshape(()), codes_out, scales_out)
+    gs = global_scale.reshape(())
+    if workspace is None:
+        quantize_into(_swiglu(l1_out, limit), gs, codes_out, scales_out)
+        return
+    ws = Workspace(workspace)
+    l1 = _swiglu_buffers(ws, tuple(l1_out.shape))  # reserved first, as the sizing counts it
+    h = ws.empty((*l1_out.shape[:-1], l1_out.shape[-1] // 2), torch.float32)
+    _swiglu_into(l1_out, limit, h, l1)
+    quantize_into(h, gs, codes_out, scales_out, ws.rest())
 
 
 @_swiglu_quantize_op.register_fake
-def _(l1_out, global_scale, limit, codes_out, scales_out) -> None:
+def _(l1_out, global_scale, limit, codes_out, scales_out, workspace) -> None:
     return None
 
 
@@ -66,11 +131,14 @@ def swiglu_quantize(
     limit: float | None = DEFAULT_SWIGLU_LIMIT,
     codes_out: torch.Tensor | None = None,
     scales_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU (DeepSeek V4 clamp) of l1_out [..., 2I], requantized with the static gs.
 
     Returns (codes uint8 [..., I/2], scales e4m3 [..., I/16]), written into the outputs when
-    given (then nothing is allocated for the results and nothing is read on the host).
+    given (then nothing is allocated for the results and nothing is read on the host). With a
+    `workspace` (uint8 1-D, `swiglu_quantize_workspace_bytes(l1_out.shape)` bytes) the
+    temporaries live there too: nothing at all is allocated.
     """
     _check_l1("l1_out", l1_out)
     lim = _checks.positive_limit("limit", limit)
@@ -89,5 +157,7 @@ def swiglu_quantize(
         _checks.shape("codes_out", codes_out, (*lead, i // 2))
         _checks.shape("scales_out", scales_out, (*lead, i // BLOCK))
         _checks.same_device(l1_out=l1_out, codes_out=codes_out, scales_out=scales_out)
-    _swiglu_quantize_op(l1_out, gs, lim, codes_out, scales_out)
+    need = swiglu_quantize_workspace_bytes(tuple(l1_out.shape))
+    _checks.workspace(workspace, l1_out.device, need)
+    _swiglu_quantize_op(l1_out, gs, lim, codes_out, scales_out, workspace)
     return codes_out, scales_out

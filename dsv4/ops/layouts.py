@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from dsv4.ops import _checks
+from dsv4.ops._workspace import Sizer, Workspace, cumsum_small, scalar
 
 ATOM_ROWS = 128  # rows of one 512-byte atom: 4 sub-blocks of 32 rows
 ATOM_COLS = 4  # scale columns (K/16 blocks) of one atom
@@ -66,12 +67,25 @@ def _swizzle_padded_into(padded: torch.Tensor, out: torch.Tensor) -> None:
     out.view(src.shape).copy_(src)
 
 
-def _padded(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[..., R, C] bytes -> zero-padded [..., rows, cols] bytes."""
+def _padded(
+    scales: torch.Tensor, rows: int, cols: int, ws: Workspace | None = None
+) -> torch.Tensor:
+    """[..., R, C] bytes -> zero-padded [..., rows, cols] bytes (in `ws` when given)."""
     *lead, r, c = scales.shape
-    pad = torch.zeros((*lead, rows, cols), dtype=torch.uint8, device=scales.device)
-    pad[..., :r, :c] = _bytes(scales)
+    if ws is None:
+        pad = torch.zeros((*lead, rows, cols), dtype=torch.uint8, device=scales.device)
+        pad[..., :r, :c] = _bytes(scales)
+        return pad
+    pad = ws.empty((*lead, rows, cols), torch.uint8).zero_()
+    pad[..., :r, :c].copy_(_bytes(scales))
     return pad
+
+
+def pad_and_swizzle_workspace_bytes(rows: int, cols: int) -> int:
+    """Workspace bytes `pad_and_swizzle` needs for a [rows, cols] scale matrix."""
+    sizer = Sizer()
+    sizer.empty((round_up(rows, ATOM_ROWS), round_up(cols, ATOM_COLS)), torch.uint8)
+    return sizer.off
 
 
 def _check_out(name: str, out: torch.Tensor, numel: int, dev: torch.device) -> None:
@@ -89,8 +103,15 @@ def _check_out(name: str, out: torch.Tensor, numel: int, dev: torch.device) -> N
 # single matrix
 
 
-def pad_and_swizzle(scales_2d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[R, C] scales -> 1-D [round_up(R, 128) * round_up(C, 4)] in the 128x4 layout, same dtype."""
+def pad_and_swizzle(
+    scales_2d: torch.Tensor,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[R, C] scales -> 1-D [round_up(R, 128) * round_up(C, 4)] in the 128x4 layout, same dtype.
+
+    With `out` and `workspace` (uint8, `pad_and_swizzle_workspace_bytes(R, C)` bytes, for the
+    zero-padded copy) nothing is allocated."""
     _checks.tensor("scales_2d", scales_2d, _checks.SCALE_DTYPES, ndim=2)
     r, c = scales_2d.shape
     rp, cp = round_up(r, ATOM_ROWS), round_up(c, ATOM_COLS)
@@ -98,7 +119,9 @@ def pad_and_swizzle(scales_2d: torch.Tensor, out: torch.Tensor | None = None) ->
         out = torch.empty(rp * cp, dtype=scales_2d.dtype, device=scales_2d.device)
     else:
         _check_out("out", out, rp * cp, scales_2d.device)
-    _swizzle_padded_into(_padded(scales_2d, rp, cp), _bytes(out))
+    _checks.workspace(workspace, scales_2d.device, pad_and_swizzle_workspace_bytes(r, c))
+    ws = None if workspace is None else Workspace(workspace)
+    _swizzle_padded_into(_padded(scales_2d, rp, cp, ws), _bytes(out))
     return out
 
 
@@ -185,7 +208,10 @@ def assemble_scales_2d_side(
 
 
 def assemble_scales_2d_side_from_offsets(
-    scales: torch.Tensor, expert_offsets: torch.Tensor, out: torch.Tensor | None = None
+    scales: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, C] scales of all groups back to back, int32 [E] END offsets -> (bytes, row starts).
 
@@ -195,6 +221,10 @@ def assemble_scales_2d_side_from_offsets(
     byte of it is written (group blocks, then zeros). With out=None such a buffer is allocated.
     Returns (out, int32 [E] scale row START offsets). Rows past expert_offsets[-1] are not read;
     offsets must be non-decreasing and <= T (not checked: that would read them).
+
+    With `out` and `workspace` (uint8 1-D, at least `assemble_2d_workspace_bytes(T, C, E,
+    out.numel())` bytes) nothing is allocated; the returned row starts are then a view into the
+    workspace, valid until it is used again.
 
     Built as a gather: each padded scale row R finds its group g by searchsorted over the padded
     ends, and takes data row start_g + (R - scale_start_g), or a zero row when that is past T_g.
@@ -220,6 +250,74 @@ def assemble_scales_2d_side_from_offsets(
                 f"got out.numel()={out.numel()} contiguous={out.is_contiguous()}"
             )
     rows_out = out.numel() // cp
+    if workspace is None:
+        return _assemble_2d_alloc(scales, expert_offsets, out, rows_out, cp)
+    _checks.workspace(workspace, scales.device, assemble_2d_workspace_bytes(t, c, e, out.numel()))
+    ws = Workspace(workspace)
+    ends, tokens, ds, padded, se, ss, pair, starts32, r, g, tmp, local, m, m2, rows, gathered = (
+        _assemble_2d_buffers(ws, c, e, rows_out)
+    )
+    i64 = torch.int64
+    ends.copy_(expert_offsets)
+    tokens[:1].copy_(ends[:1])
+    torch.sub(ends[1:], ends[:-1], out=tokens[1:])
+    torch.sub(ends, tokens, out=ds)  # data starts
+    torch.add(tokens, scalar(ATOM_ROWS - 1, i64), out=padded)
+    padded.div_(scalar(ATOM_ROWS, i64), rounding_mode="floor").mul_(scalar(ATOM_ROWS, i64))
+    cumsum_small(padded, se, pair)
+    torch.sub(se, padded, out=ss)
+    starts32.copy_(ss)
+    torch.arange(rows_out, out=r)
+    torch.searchsorted(se, r, right=True, out=g).clamp_(max=e - 1)
+    torch.index_select(ss, 0, g, out=tmp)
+    torch.sub(r, tmp, out=local)
+    torch.index_select(tokens, 0, g, out=tmp)
+    torch.lt(local, tmp, out=m)
+    torch.ge(local, scalar(0, i64), out=m2)
+    m.logical_and_(m2)  # scale row r holds data row ds[g] + local; else a zero row
+    gathered[:, c:].zero_()
+    if t == 0:
+        gathered.zero_()
+    else:
+        torch.index_select(ds, 0, g, out=tmp)
+        tmp.add_(local).clamp_(0, t - 1)
+        torch.index_select(_bytes(scales), 0, tmp, out=rows)
+        rows.masked_fill_(m.logical_not_().unsqueeze(1), 0)
+        gathered[:, :c].copy_(rows)
+    _swizzle_padded_into(gathered, _bytes(out))
+    return out, starts32
+
+
+def _assemble_2d_buffers(ws: Workspace | Sizer, c: int, e: int, rows_out: int) -> tuple:
+    i64 = torch.int64
+    return (
+        *(ws.empty((e,), i64) for _ in range(6)),
+        ws.empty((2, e, 2), i64),  # cumsum scratch
+        ws.empty((e,), torch.int32),
+        *(ws.empty((rows_out,), i64) for _ in range(4)),
+        ws.empty((rows_out,), torch.bool),
+        ws.empty((rows_out,), torch.bool),
+        ws.empty((rows_out, c), torch.uint8),
+        ws.empty((rows_out, round_up(c, ATOM_COLS)), torch.uint8),
+    )
+
+
+def assemble_2d_workspace_bytes(t: int, c: int, e: int, out_numel: int | None = None) -> int:
+    """Workspace bytes of `assemble_scales_2d_side_from_offsets` for T rows of C scale columns
+    in E groups into an `out` of out_numel bytes (default: the minimum, max_padded_rows)."""
+    cp = round_up(c, ATOM_COLS)
+    rows_out = max_padded_rows(t, e) if out_numel is None else out_numel // cp
+    sizer = Sizer()
+    _assemble_2d_buffers(sizer, c, e, rows_out)
+    return sizer.off
+
+
+def _assemble_2d_alloc(
+    scales: torch.Tensor, expert_offsets: torch.Tensor, out: torch.Tensor, rows_out: int, cp: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The allocating form (no workspace): same bytes."""
+    t, c = scales.shape
+    e = expert_offsets.numel()
     tokens = tokens_from_offsets(expert_offsets).long()
     data_starts = expert_offsets.long() - tokens
     padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops import _checks
+from dsv4.ops._workspace import Sizer, Workspace, as_workspace, scalar
 
 BLOCK = 16  # elements per block scale, along the last (contraction) dim
 E2M1_MAX = 6.0
@@ -37,15 +38,45 @@ E2M1_NAN_CODE = 0x7  # NaN policy: +6
 
 def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
     """fp32 values in block-scale units -> uint8 E2M1 codes 0..15 (one per element, unpacked)."""
-    a = q.abs()
-    lo = torch.round(a * 2.0)  # [0, 2): codes 0..4, 1.75 -> round(3.5) = 4 (2.0, even)
-    mid = torch.round(a) + 2.0  # [2, 4): values 2, 3, 4 are codes 4, 5, 6
-    hi = torch.round(a * 0.5).add_(4.0).clamp_(max=7.0)  # [4, inf]: 4 -> 6, 6 -> 7; Inf -> 7
-    mag = torch.where(a < 2.0, lo, torch.where(a < 4.0, mid, hi))
-    nan = torch.isnan(q)
-    mag = torch.nan_to_num_(mag, nan=float(E2M1_NAN_CODE))  # NaN fails both tests: lands in hi
-    sign = torch.signbit(q) & ~nan  # -0.0 and negatives rounding to 0 keep the sign: 0x8
-    return mag.to(torch.uint8) | (sign.to(torch.uint8) << 3)
+    q = q.float()
+    full, dev = tuple(q.shape), q.device
+    codes = torch.empty(full, dtype=torch.uint8, device=dev)
+    f32 = [torch.empty(full, dtype=torch.float32, device=dev) for _ in range(3)]
+    masks = [torch.empty(full, dtype=torch.bool, device=dev) for _ in range(2)]
+    _e2m1_codes_into(q, codes, *f32, *masks)
+    return codes
+
+
+def _e2m1_codes_into(
+    q: torch.Tensor,
+    codes: torch.Tensor,
+    a: torch.Tensor,
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    m1: torch.Tensor,
+    m2: torch.Tensor,
+) -> None:
+    """e2m1_codes(q) written into codes (uint8, q's shape) with caller-given fp32 / bool
+    temporaries of q's shape (nothing allocated). The grid has quantum 0.5 on [0, 2), 1 on
+    [2, 4) and 2 on [4, 6]: lo = round(2|q|) on [0, 2) (1.75 -> round(3.5) = 4, even); mid =
+    round(|q|) + 2 on [2, 4) (2, 3, 4 are codes 4, 5, 6); hi = min(round(|q|/2) + 4, 7) on
+    [4, inf] (4 -> 6, 6 -> 7, Inf -> 7). NaN fails both tests and lands in hi, then becomes
+    E2M1_NAN_CODE; the sign bit 0x8 is kept for -0.0 and negatives rounding to 0, not NaN."""
+    f32 = torch.float32
+    torch.abs(q, out=a)
+    torch.mul(a, scalar(0.5, f32), out=f1).round_().add_(scalar(4.0, f32)).clamp_(max=7.0)
+    torch.round(a, out=f2).add_(scalar(2.0, f32))  # mid
+    torch.lt(a, scalar(4.0, f32), out=m1)
+    torch.where(m1, f2, f1, out=f1)
+    torch.mul(a, scalar(2.0, f32), out=f2).round_()  # lo
+    torch.lt(a, scalar(2.0, f32), out=m1)
+    torch.where(m1, f2, f1, out=f1)  # magnitude code
+    torch.ne(q, q, out=m1)  # isnan
+    f1.nan_to_num_(nan=float(E2M1_NAN_CODE))
+    torch.signbit(q, out=m2)
+    m2.logical_and_(m1.logical_not_())
+    codes.copy_(f1)
+    codes.add_(m2.view(torch.uint8), alpha=8)  # | 0x8 (the magnitude is <= 7)
 
 
 def e4m3_scale_bytes(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,10 +84,23 @@ def e4m3_scale_bytes(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 
     abs() maps a -0.0 scale to +0.0 (byte 0x00, not e4m3fn's -0 byte 0x80); the scale is unsigned.
     """
-    clamped = s.clamp(0.0, E4M3_MAX).abs_()  # clamp BEFORE the cast: never let torch saturate
-    byte = clamped.to(torch.float8_e4m3fn).view(torch.uint8)
-    byte.masked_fill_(torch.isnan(s), E4M3_NAN_BYTE)  # a scalar fill: no host-to-device copy
-    return byte if out is None else out.copy_(byte)
+    s = s.float()
+    if out is None:
+        out = torch.empty(s.shape, dtype=torch.uint8, device=s.device)
+    tmp = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+    mask = torch.empty(s.shape, dtype=torch.bool, device=s.device)
+    _e4m3_scale_bytes_into(s, out, tmp, mask)
+    return out
+
+
+def _e4m3_scale_bytes_into(
+    s: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor, mask: torch.Tensor
+) -> None:
+    """e4m3_scale_bytes(s) into out (uint8 or e4m3 bytes of s's shape), fp32 / bool temps."""
+    torch.clamp(s, 0.0, E4M3_MAX, out=tmp).abs_()  # clamp BEFORE the cast: torch may not saturate
+    out.view(torch.float8_e4m3fn).copy_(tmp)  # the cast .to() makes, written in place
+    torch.ne(s, s, out=mask)  # isnan
+    out.view(torch.uint8).masked_fill_(mask, E4M3_NAN_BYTE)  # a scalar fill: no host copy
 
 
 def e2m1_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -114,40 +158,83 @@ def _check_outputs(x: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.T
     _checks.same_device(x=x, codes_out=codes_out, scales_out=scales_out)
 
 
+def _quantize_buffers(ws: Workspace | Sizer, shape: tuple[int, ...]) -> tuple:
+    full, blk = shape, (*shape[:-1], shape[-1] // BLOCK)
+    f32 = torch.float32
+    return (
+        *(ws.empty(full, f32) for _ in range(4)),
+        ws.empty(blk, f32),
+        ws.empty(blk, f32),
+        ws.empty(blk, torch.bool),
+        ws.empty(full, torch.bool),
+        ws.empty(full, torch.bool),
+        ws.empty(full, torch.uint8),
+    )
+
+
+def quantize_workspace_bytes(shape: tuple[int, ...]) -> int:
+    """Workspace bytes the static quantizer needs for an input of `shape` [..., K]."""
+    sizer = Sizer()
+    _quantize_buffers(sizer, tuple(shape))
+    return sizer.off
+
+
 def quantize_into(
-    x: torch.Tensor, gs: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.Tensor
+    x: torch.Tensor,
+    gs: torch.Tensor,
+    codes_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    workspace: Workspace | torch.Tensor | None = None,
 ) -> None:
     """Quantize x [..., K] with the 0-d fp32 global scale gs into codes_out / scales_out.
 
-    No validation (callers validate) and no host sync; temporaries come from the caching
-    allocator (a CUDA graph captures them in its private pool), the results go to the outputs.
+    No validation (callers validate) and no host sync. Temporaries come from `workspace` (a
+    uint8 arena of at least `quantize_workspace_bytes(x.shape)` bytes: then nothing at all is
+    allocated), else from the caching allocator; the results go to the outputs.
     """
-    xn = x.float() / gs  # order of operations matters for bits: divide, not multiply by 1/gs
+    ws = as_workspace(workspace, x.device)
+    xn, t1, t2, t3, s, s32, mb, m1, m2, codes = _quantize_buffers(ws, tuple(x.shape))
+    # order of operations matters for bits: divide, not multiply by 1/gs
+    if x.dtype == torch.float32:
+        torch.div(x, gs, out=xn)
+    else:
+        xn.copy_(x).div_(gs)  # x.float() / gs
     blocks = xn.unflatten(-1, (-1, BLOCK))
-    s = blocks.abs().amax(dim=-1) / E2M1_MAX  # NaN-propagating: a NaN block stays visible
-    scale_bytes = scales_out.view(torch.uint8)
-    e4m3_scale_bytes(s, out=scale_bytes)
+    torch.abs(blocks, out=t1.unflatten(-1, (-1, BLOCK)))
+    torch.amax(t1.unflatten(-1, (-1, BLOCK)), dim=-1, out=s)  # NaN-propagating: stays visible
+    s.div_(scalar(E2M1_MAX, torch.float32))  # as `/ 6.0` (on CUDA both are a CPU scalar)
+    _e4m3_scale_bytes_into(s, scales_out, s32, mb)
     # the rounded scale as written (0x7F reads as NaN); through the byte view, so a uint8
     # scales_out works too
-    s32 = scale_bytes.view(torch.float8_e4m3fn).float().unsqueeze(-1)
-    q = torch.where(s32 == 0, torch.zeros_like(blocks), blocks / s32).flatten(-2)
-    codes = e2m1_codes(q)
-    torch.bitwise_or(codes[..., 0::2], codes[..., 1::2] << 4, out=codes_out)
+    s32.copy_(scales_out.view(torch.uint8).view(torch.float8_e4m3fn))
+    torch.logical_not(s32, out=mb)  # s == 0 (NaN is not 0)
+    q = t2.unflatten(-1, (-1, BLOCK))
+    torch.div(blocks, s32.unsqueeze(-1), out=q)
+    q.masked_fill_(mb.unsqueeze(-1), 0.0)  # where(s == 0, 0, x / s)
+    _e2m1_codes_into(t2, codes, t1, xn, t3, m1, m2)
+    # pack, element 2i in the low nibble: lo | hi << 4 == lo + 16 * hi for nibbles
+    torch.add(codes[..., 0::2], codes[..., 1::2], alpha=16, out=codes_out)
 
 
 # --------------------------------------------------------------------------------------------
 # custom ops (opaque to torch.compile: same bits compiled or not)
 
 
-@torch.library.custom_op("dsv4::quantize_nvfp4_static", mutates_args=("codes_out", "scales_out"))
+@torch.library.custom_op(
+    "dsv4::quantize_nvfp4_static", mutates_args=("codes_out", "scales_out", "workspace")
+)
 def _quantize_static_op(
-    x: torch.Tensor, global_scale: torch.Tensor, codes_out: torch.Tensor, scales_out: torch.Tensor
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    codes_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    workspace: torch.Tensor | None,
 ) -> None:
-    quantize_into(x, global_scale.reshape(()), codes_out, scales_out)
+    quantize_into(x, global_scale.reshape(()), codes_out, scales_out, workspace)
 
 
 @_quantize_static_op.register_fake
-def _(x, global_scale, codes_out, scales_out) -> None:
+def _(x, global_scale, codes_out, scales_out, workspace) -> None:
     return None
 
 
@@ -190,12 +277,15 @@ def quantize_activation_nvfp4(
     global_scale: torch.Tensor,
     codes_out: torch.Tensor | None = None,
     scales_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static: quantize x [..., K] with a calibrated gs (fp32, one element, on x's device).
 
     Returns (codes_out, scales_out). With both outputs given nothing is allocated for the
-    results and no tensor value is read on the host: the call is CUDA-graph capturable. Values
-    beyond the calibrated amax saturate in the block scale (448), never NaN.
+    results and no tensor value is read on the host: the call is CUDA-graph capturable. With a
+    `workspace` too (uint8 1-D, at least `quantize_workspace_bytes(x.shape)` bytes, on x's
+    device) the temporaries live there and the call allocates nothing at all. Values beyond the
+    calibrated amax saturate in the block scale (448), never NaN.
     """
     _check_x("x", x)
     gs = _checks.global_scale("global_scale", global_scale, x.device)
@@ -211,7 +301,8 @@ def quantize_activation_nvfp4(
         scales_out = torch.empty((*lead, k // BLOCK), dtype=torch.float8_e4m3fn, device=x.device)
     else:
         _check_outputs(x, codes_out, scales_out)
-    _quantize_static_op(x, gs, codes_out, scales_out)
+    _checks.workspace(workspace, x.device, quantize_workspace_bytes(tuple(x.shape)))
+    _quantize_static_op(x, gs, codes_out, scales_out, workspace)
     return codes_out, scales_out
 
 
