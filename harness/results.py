@@ -144,17 +144,18 @@ def write_parquet(out_dir: str | Path) -> Path:
     return out
 
 
-def _git_sha() -> str | None:
+def _command(args: list[str], cwd: Path | None = None) -> str | None:
+    """First line of a command's output, or None where it fails or is missing."""
     try:
-        here = Path(__file__).resolve().parent
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or None
-        )
+        p = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    out = p.stdout.strip().splitlines()
+    return out[0] if p.returncode == 0 and out else None  # `git` prints its args on failure
+
+
+def _git_sha() -> str | None:
+    return _command(["git", "rev-parse", "HEAD"], Path(__file__).resolve().parent)
 
 
 def fingerprint() -> dict[str, Any]:
@@ -177,7 +178,7 @@ def fingerprint() -> dict[str, Any]:
             gpu=p.name,
             capability=f"sm_{p.major}{p.minor}",
             gpu_count=torch.cuda.device_count(),
-            driver=torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None,
+            driver=_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         )
     for pkg in ("triton", "nvidia-cutlass-dsl", "numpy", "pandas"):
         try:

@@ -257,3 +257,12 @@ def test_show_prints_metrics(tmp_path, capsys):
     assert "[tests.planted:RoundHalfAway] quantize.scales: pass" in text
     assert cli.main(["show", str(out), "no_such_case"]) == 2
     assert "no rows for case 'no_such_case'" in capsys.readouterr().err
+
+
+def test_fingerprint_names_the_commit_or_nothing(tmp_path):
+    from harness.results import _command, fingerprint
+
+    sha = fingerprint()["git_sha"]
+    assert sha is None or re.fullmatch(r"[0-9a-f]{40}", sha), sha
+    # outside a repository git echoes its argument ("HEAD") and fails: that is no sha
+    assert _command(["git", "rev-parse", "HEAD"], tmp_path) is None
