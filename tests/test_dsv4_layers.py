@@ -413,6 +413,26 @@ def test_run_allocates_nothing_on_cuda(kind):
         assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, (kind, t)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
+def test_eager_run_never_syncs_on_cuda(kind):
+    """Eager run() (not only a captured one) makes no host sync: CUDA's sync debug mode turns
+    any synchronizing call (a .item(), a .tolist(), a blocking copy) into an error."""
+    dev = torch.device("cuda")
+    runner = BUILD[kind](t_max=129, device=dev)
+    for t in (5, 129):
+        args = _inputs(kind, t, 43 + t, dev)
+        runner.run(*args)  # warm-up outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runner.run(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
 def test_run_into_out_equals_run_into_own_buffer(kind):
     runner = BUILD[kind]()

@@ -457,16 +457,20 @@ def torch_grouped_gemm(
     sync_free: bool | None = None,
     workspace: torch.Tensor | None = None,
 ) -> None:
-    """The torch backend; `sync_free=None` picks the sync-free form only under graph capture.
+    """The torch backend; `sync_free=None` means sync-free on CUDA, host-sliced on CPU.
 
     With `workspace` (uint8 1-D, `torch_gemm_workspace_bytes(T, K, N, E)` bytes) every
-    temporary lives there: nothing is allocated. The eager form still reads the offsets on the
-    host (`tolist`): free on CPU, a device-to-host copy and a stream sync on CUDA."""
+    temporary lives there: nothing is allocated. The host-sliced form reads the offsets on the
+    host (`tolist`) and runs each expert on its own rows: free on CPU, but a device-to-host copy
+    and a stream sync on CUDA. So on CUDA the default is the sync-free form (every row times
+    every expert, each row keeping its own expert's result: E times the FLOPs), which keeps the
+    runners' promise that run() never syncs; a caller who prefers speed to that promise passes
+    sync_free=False. The sm90 / sm100 backends read the offsets on the device instead."""
     t, kh = mat_a.shape
     e, _, n = mat_b.shape
     c = 2 * kh // BLOCK
     if sync_free is None:
-        sync_free = out.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        sync_free = out.device.type == "cuda"
     ends = None if sync_free else _host_ends(expert_offsets, t, scale_a, c)
     if t == 0 or scale_a.numel() == 0:  # no tokens, or no group holds a row (offsets[-1] == 0)
         return
