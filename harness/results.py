@@ -60,8 +60,9 @@ class ResultWriter:
             self._f.write("\n")  # keep the torn line apart: it is skipped, the next row is not
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self._f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+        # One write per case: with O_APPEND, processes sharing the file (pytest-xdist workers
+        # with --harness-results) never interleave inside a case's rows.
+        self._f.write("".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows))
         self._f.flush()
         os.fsync(self._f.fileno())
 

@@ -238,3 +238,17 @@ def test_plugin_case_filter_deselects(tmp_path):
     # the node id's directory part depends on pytest's rootdir choice; the item is what counts
     assert len(items) == 1 and items[0].endswith(
         f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"), items
+
+
+def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):
+    """`-n 2` runs the items on two worker processes; --harness-results gets every row."""
+    path = tmp_path / "plugin.yaml"
+    path.write_text(PLUGIN_CASES.replace("tokens: [5]", "tokens: [1, 5, 33]"))
+    out = tmp_path / "results"
+    p = _pytest(str(path), "-q", "-n", "2", "--harness-results", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "6 passed" in p.stdout
+    from harness.results import read_rows
+
+    finals = [r for r in read_rows(out) if r.get("final")]
+    assert sorted(r["case_id"] for r in finals) == sorted(c.id for c in load_cases(path)[1])
