@@ -4,10 +4,11 @@
 `GroupedLinear` (wo_a). One life cycle for all three: set weights -> finalize() (quantize, lay
 out, allocate every buffer for max_num_tokens) -> calibrate(warm-up sample) (static activation
 global scales) -> run(). run() checks metadata only, allocates nothing (the ops' temporaries
-live in a workspace made at finalize), reads nothing on the host (except the torch GEMM
-backend's eager CUDA path, which reads the expert offsets) and can be captured in a CUDA
-graph; `run_op` is the same call through a torch.library custom op (`dsv4::*_run`), opaque to
-torch.compile. `stages()` names the last run's
+live in a workspace made at finalize: profiler-counted on CPU, allocator-counted on CUDA),
+makes no host sync (on CUDA the torch GEMM backend takes its sync-free form, E x the FLOPs,
+rather than reading the expert offsets on the host; checked under CUDA's sync debug mode)
+and can be captured in a CUDA graph; `run_op` is the same call through a torch.library
+custom op (`dsv4::*_run`), opaque to torch.compile. `stages()` names the last run's
 intermediates as reference.layers does, so the harness compares them stage by stage.
 Importing this package initialises no GPU and reads no environment variable.
 """

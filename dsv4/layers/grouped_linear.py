@@ -16,12 +16,7 @@ quantizer takes one scale per call), assembles the scales from an offsets row of
 at finalize (no value crosses from host to device), runs the GEMM into a group-major buffer and
 writes out [T, G, R] with one strided copy.
 
-Allocation and sync: run() allocates nothing (every temporary of the ops lives in a
-workspace made at finalize, sized for max_num_tokens; checked by the CPU profiler and by
-the CUDA allocator's counters in tests/test_dsv4_layers.py), and makes no host sync: on
-CUDA the torch GEMM backend takes its sync-free form (every row times every expert, E times
-the FLOPs) rather than reading the expert offsets on the host; on CPU it slices each
-expert's rows, where the host read is free. Checked under CUDA's sync debug mode.
+Allocation and sync: as every runner (dsv4/layers/__init__.py), none in run().
 """
 
 from __future__ import annotations

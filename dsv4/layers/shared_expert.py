@@ -12,12 +12,7 @@ arange, so no value crosses from host to device. With out=None the result is a v
 the runner's own buffer, overwritten by the next run. stages() names the intermediates of the
 last run like reference.layers.shared_expert, as views of the buffers.
 
-Allocation and sync: run() allocates nothing (every temporary of the ops lives in a
-workspace made at finalize, sized for max_num_tokens; checked by the CPU profiler and by
-the CUDA allocator's counters in tests/test_dsv4_layers.py), and makes no host sync: on
-CUDA the torch GEMM backend takes its sync-free form (every row times every expert, E times
-the FLOPs) rather than reading the expert offsets on the host; on CPU it slices each
-expert's rows, where the host read is free. Checked under CUDA's sync debug mode.
+Allocation and sync: as every runner (dsv4/layers/__init__.py), none in run().
 """
 
 from __future__ import annotations
@@ -185,19 +180,7 @@ class SharedExpertRunner:
         swiglu_quantize(self._l1[:t], self._gs2, self.swiglu_limit, codes, scales, self._ws)
         sf = self._act_sf[: swizzled_numel(t, scales.shape[1])]
         pad_and_swizzle(scales, out=sf, workspace=self._ws)
-        w_codes, w_sf, w_gs = self._w2_q
-        run_nvfp4_grouped_gemm(
-            codes,
-            w_codes,
-            sf,
-            w_sf,
-            self._offsets[t : t + 1],
-            self._gs2,
-            w_gs,
-            out=out,
-            backend=self._backend_name,
-            workspace=self._gemm_ws,
-        )
+        self._gemm(codes, sf, self._w2_q, self._gs2, out)
         return out
 
     def run_op(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -212,21 +195,25 @@ class SharedExpertRunner:
         quantize_activation_nvfp4(x, self._gs1, codes, scales, self._ws)
         sf = self._x_sf[: swizzled_numel(t, scales.shape[1])]
         pad_and_swizzle(scales, out=sf, workspace=self._ws)
-        w_codes, w_sf, w_gs = self._w13_q
-        l1 = self._l1[:t]
+        return self._gemm(codes, sf, self._w13_q, self._gs1, self._l1[:t])
+
+    def _gemm(self, codes, sf, weight, gs, out: torch.Tensor) -> torch.Tensor:
+        """One expert of T rows (offsets [T]): activation codes and swizzled scales x weight."""
+        w_codes, w_sf, w_gs = weight
+        t = codes.shape[0]
         run_nvfp4_grouped_gemm(
             codes,
             w_codes,
             sf,
             w_sf,
             self._offsets[t : t + 1],
-            self._gs1,
+            gs,
             w_gs,
-            out=l1,
+            out=out,
             backend=self._backend_name,
             workspace=self._gemm_ws,
         )
-        return l1
+        return out
 
     # ---- introspection
 
