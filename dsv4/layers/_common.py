@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dsv4.layers import custom_ops
 from dsv4.ops import global_scale_from_amax, nvfp4_amax
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,3 +168,33 @@ def calibrated_scale(name: str, amax: torch.Tensor) -> torch.Tensor:
 def amax(x: torch.Tensor) -> torch.Tensor:
     """max |x|, NaN ignored, fp32 0-d (0 for an empty tensor)."""
     return nvfp4_amax(x)
+
+
+class Runner:
+    """What every runner shares: device, GEMM backend, life-cycle state, custom-op handle and
+    the last run's size and output (for stages())."""
+
+    kind = "Runner"
+
+    def _init_runner(
+        self, op_name: str, device: torch.device | str | None, backend: str | None
+    ) -> None:
+        self.backend = backend  # grouped-GEMM backend name; None: chosen by device at finalize
+        self._device = None if device is None else torch.device(device)
+        self.state = State.NEW
+        self.handle = custom_ops.register_runner(self, op_name)
+        self._last_t: int | None = None
+        self._last_out: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._device
+
+    def _set_two_scales(self, gs1: object, gs2: object) -> None:
+        """Static (gs1, gs2), one value each, for the two-GEMM runners (decode convention)."""
+        require(self.kind, self.state, State.FINALIZED, "set_activation_scales()")
+        gs1 = scale_values("gs1", gs1, 1, self._device)
+        gs2 = scale_values("gs2", gs2, 1, self._device)
+        self._gs1.copy_(gs1)
+        self._gs2.copy_(gs2)
+        self.state = State.CALIBRATED

@@ -41,7 +41,7 @@ from dsv4.ops import (
 from dsv4.ops.quantize import BLOCK
 
 
-class GroupedLinear:
+class GroupedLinear(c.Runner):
     """NVFP4 wo_a: n_groups groups of heads_per_group heads of head_dim -> o_lora_rank each."""
 
     kind = "GroupedLinear"
@@ -68,16 +68,7 @@ class GroupedLinear:
                 f"heads_per_group * head_dim (the contraction dim) must be a multiple of {BLOCK},"
                 f" got {heads_per_group=} * {head_dim=} = {self.group_dim}"
             )
-        self.backend = backend
-        self._device = None if device is None else torch.device(device)
-        self.state = c.State.NEW
-        self.handle = custom_ops.register_runner(self, "grouped_linear")
-        self._last_t: int | None = None
-        self._last_out: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device | None:
-        return self._device
+        self._init_runner("grouped_linear", device, backend)
 
     @property
     def n_heads(self) -> int:

@@ -61,7 +61,7 @@ def _scale_cols(k: int) -> int:
     return (k // BLOCK + 3) // 4 * 4
 
 
-class RoutedMoERunner:
+class RoutedMoERunner(c.Runner):
     """NVFP4 routed experts first_expert .. first_expert + n_local_experts - 1 of one rank."""
 
     kind = "RoutedMoERunner"
@@ -88,16 +88,7 @@ class RoutedMoERunner:
         self.max_num_tokens = c.positive_int("max_num_tokens", max_num_tokens)
         self.swiglu_limit = c.limit_value("swiglu_limit", swiglu_limit)
         self.process_group = process_group
-        self.backend = backend
-        self._device = None if device is None else torch.device(device)
-        self.state = c.State.NEW
-        self.handle = custom_ops.register_runner(self, "routed_moe")
-        self._last_t: int | None = None
-        self._last_out: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device | None:
-        return self._device
+        self._init_runner("routed_moe", device, backend)
 
     @property
     def max_rows(self) -> int:
@@ -229,13 +220,8 @@ class RoutedMoERunner:
     def set_activation_scales(self, gs1: torch.Tensor, gs2: torch.Tensor) -> None:
         """Static scales known in advance (decode convention, fp32, one value each), instead of
         calibrate(): e.g. a checkpoint's input scales."""
-        c.require(self.kind, self.state, c.State.FINALIZED, "set_activation_scales()")
-        # one value each: the staged activations are quantized with one scale (see above)
-        gs1 = c.scale_values("gs1", gs1, 1, self._device)
-        gs2 = c.scale_values("gs2", gs2, 1, self._device)
-        self._gs1.copy_(gs1)
-        self._gs2.copy_(gs2)
-        self.state = c.State.CALIBRATED
+        # one value each: the staged activations are quantized with one scale per tensor
+        self._set_two_scales(gs1, gs2)
 
     # ---- run
 

@@ -41,7 +41,7 @@ from dsv4.ops import (
 from dsv4.ops.quantize import BLOCK
 
 
-class SharedExpertRunner:
+class SharedExpertRunner(c.Runner):
     """NVFP4 shared expert of `hidden` -> `intermediate` -> `hidden` for up to max_num_tokens."""
 
     kind = "SharedExpertRunner"
@@ -60,16 +60,7 @@ class SharedExpertRunner:
         self.intermediate = c.positive_int("intermediate", intermediate, BLOCK)
         self.max_num_tokens = c.positive_int("max_num_tokens", max_num_tokens)
         self.swiglu_limit = c.limit_value("swiglu_limit", swiglu_limit)
-        self.backend = backend  # grouped-GEMM backend name; None: chosen by device at finalize
-        self._device = None if device is None else torch.device(device)
-        self.state = c.State.NEW
-        self.handle = custom_ops.register_runner(self, "shared_expert")
-        self._last_t: int | None = None
-        self._last_out: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device | None:
-        return self._device
+        self._init_runner("shared_expert", device, backend)
 
     # ---- life cycle
 
@@ -152,12 +143,8 @@ class SharedExpertRunner:
     def set_activation_scales(self, gs1: torch.Tensor, gs2: torch.Tensor) -> None:
         """Static scales known in advance (decode convention, fp32, one value each), instead of
         calibrate(): e.g. a checkpoint's input scales."""
-        c.require(self.kind, self.state, c.State.FINALIZED, "set_activation_scales()")
-        gs1 = c.scale_values("gs1", gs1, 1, self._device)
-        gs2 = c.scale_values("gs2", gs2, 1, self._device)
-        self._gs1.copy_(gs1)
-        self._gs2.copy_(gs2)
-        self.state = c.State.CALIBRATED
+        # one value each: the staged activations are quantized with one scale per tensor
+        self._set_two_scales(gs1, gs2)
 
     # ---- run
 
