@@ -429,16 +429,20 @@ def measure(
     return Timing("graph" if graph else "eager", samples, why.value, n_sets)
 
 
-def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+def copy_bandwidth_gbps(device: torch.device | None = None, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate (read + write bytes) measured now, as the memory roof."""
+    device = device or torch.device("cuda")
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     t = measure(lambda i: dst.copy_(src), budget_s=0.3, target_ci=0.002)
     return 2 * nbytes / (t.median_us * 1e-6) / 1e9
 
 
-def bf16_matmul_tflops(device: torch.device, m: int = 8192, n: int = 8192, k: int = 8192) -> float:
+def bf16_matmul_tflops(
+    device: torch.device | None = None, m: int = 8192, n: int = 8192, k: int = 8192
+) -> float:
     """BF16 cuBLAS rate measured now, as the compute roof of Hopper's decoded-FP4 GEMMs."""
+    device = device or torch.device("cuda")
     a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
     b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
     c = torch.empty(m, n, dtype=torch.bfloat16, device=device)
