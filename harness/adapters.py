@@ -196,6 +196,7 @@ def register(name: str, factory: Callable[[], Any]) -> None:
 
 
 def _builtin_names() -> list[str]:
+    importlib.import_module("harness.baselines")  # registers the timing baselines (bf16)
     try:  # dsv4 is optional for the harness; when present it registers its adapters
         importlib.import_module("dsv4.adapters")
     except ModuleNotFoundError as e:

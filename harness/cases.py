@@ -139,7 +139,17 @@ AXES: dict[Stage, tuple[str, ...]] = {
     Stage.ROUTED_MOE: ("tokens", "distributions", "limits", "scale_ratios", "routing"),
     Stage.GROUPED_LINEAR: ("tokens", "distributions", "scale_ratios"),
 }
-_COMMON = ("stage", "shape", "seeds", "backends", "tolerance", "budget", "timeout_s", "device")
+_COMMON = (
+    "stage",
+    "shape",
+    "seeds",
+    "backends",
+    "baselines",
+    "tolerance",
+    "budget",
+    "timeout_s",
+    "device",
+)
 _TOP = ("name", "description", "defaults", "sweeps")
 _DEFAULT_AXIS: dict[str, list[Any]] = {
     "tokens": [16],
@@ -168,6 +178,7 @@ class Case:
     timeout_s: float = 120.0
     device: str = "cpu"
     source: str = ""  # file the case came from
+    baselines: tuple[str, ...] = ()  # adapters timed beside each backend (`run --time`)
 
     @property
     def id(self) -> str:
@@ -311,6 +322,8 @@ def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:
     backends = tuple(
         str(b) for b in _list(f"{where}.backends", sweep.get("backends", ["reference"]))
     )
+    raw = sweep.get("baselines")
+    baselines = () if raw is None else tuple(str(b) for b in _list(f"{where}.baselines", raw))
     tolerance = _enum(f"{where}.tolerance", Tolerance, sweep.get("tolerance", "derived"))
     budget = _budget(f"{where}.budget", sweep.get("budget"))
     timeout = float(_number(f"{where}.timeout_s", sweep.get("timeout_s", 120.0)))
@@ -342,6 +355,7 @@ def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:
                 timeout,
                 device,
                 source,
+                baselines,
             )
         )
     return cases

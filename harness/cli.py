@@ -54,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--report", action="store_true", help="write DIR/index.html at the end")
+    r.add_argument(
+        "--time", action="store_true", help="also time each pair (CUDA): timing rows beside errors"
+    )
+    r.add_argument(
+        "--baseline",
+        action="append",
+        dest="baselines",
+        help="adapter timed beside each backend with --time (repeatable; default: the cases')",
+    )
+    r.add_argument(
+        "--time-budget", type=float, default=1.0, help="seconds per timing measurement (1.0)"
+    )
 
     rp = sub.add_parser("report", help="HTML report from a results set (never reruns kernels)")
     rp.add_argument("results", help="results directory or .jsonl/.parquet file")
@@ -72,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="regressions and improvements between two results sets")
     c.add_argument("baseline")
     c.add_argument("new")
+    c.add_argument(
+        "--same-within",
+        type=float,
+        default=0.03,
+        help="timing: a median ratio whose 95%% CI lies within 1 +- this is SAME (0.03)",
+    )
 
     m = sub.add_parser("merge", help="join results of shards into one set")
     m.add_argument("sources", nargs="+")
@@ -84,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--run-id", default="")
     w.add_argument("--device")
     w.add_argument("--rows-out", required=True)
+    w.add_argument("--time", action="store_true")
+    w.add_argument("--time-budget", type=float, default=1.0)
+    w.add_argument("--baseline", action="append", dest="baselines")
     return p
 
 
@@ -102,6 +123,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         not a.fresh,
         not a.no_progress,
         a.filter,
+        a.time,
+        tuple(a.baselines) if a.baselines else None,
+        a.time_budget,
     )
     planned = {(c.id, b) for c, b in plan(cases, opts)}
     if not planned:
@@ -169,7 +193,8 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    d = results.compare_sets(results.read_rows(a.baseline), results.read_rows(a.new))
+    base_rows, new_rows = results.read_rows(a.baseline), results.read_rows(a.new)
+    d = results.compare_sets(base_rows, new_rows)
     for section in ("regressions", "new_failures", "improvements", "new_cases", "missing"):
         items = d[section]
         print(f"{section}: {len(items)}")
@@ -179,6 +204,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
             msg = (new or {}).get("message", "")[:120]
             print(f"  {backend:<20} {case_id}: {was} -> {now}  {msg}")
     print(f"unchanged: {len(d['unchanged'])}")
+    t = results.compare_timings(base_rows, new_rows, a.same_within)
+    if any(t.values()):
+        print("timing (median ratio new/base, 95% bootstrap CI):")
+        for verdict, items in t.items():
+            print(f"  {verdict}: {len(items)}")
+            for (case_id, backend), _, _, v in items[:50]:
+                print(
+                    f"    {backend:<20} {case_id}: x{v['ratio']:.3f} "
+                    f"[{v['ratio_lo']:.3f}, {v['ratio_hi']:.3f}]"
+                )
     return EXIT_FAIL if d["regressions"] or d["new_failures"] else EXIT_OK
 
 
@@ -203,7 +238,8 @@ def cmd_worker(a: argparse.Namespace) -> int:
         print(f"{a.file}: no case {a.case_id!r}", file=sys.stderr)
         return EXIT_USAGE
     case = _with_device(cases, a.device)[0]
-    rows = run_one(case, a.backend, a.run_id)
+    bl = tuple(a.baselines) if a.baselines else None
+    rows = run_one(case, a.backend, a.run_id, a.time, bl, a.time_budget)
     Path(a.rows_out).write_text(json.dumps(results._jsonable(rows)))
     return EXIT_OK
 

@@ -193,26 +193,78 @@ def _heatmaps(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [h for h in maps if h]
 
 
-def _timings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = (
-        "latency_us",
-        "latency_p10_us",
-        "latency_p90_us",
-        "tflops",
-        "gbps",
-        "roofline_pct",
-        "baseline",
-        "ratio_vs_baseline",
-    )
-    return [
-        {
-            "case_id": r["case_id"],
-            "backend": r["backend"],
-            **{k: (r.get("metrics") or {}).get(k) for k in keys},
-        }
-        for r in rows
-        if r.get("compare") == results.TIMING
-    ]
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _speed(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Speed section: every timing row with the verdict of its own case and backend.
+
+    The headline table and the plots hold only pairs whose case passed; the detail table holds
+    every timed pair, a failing one marked so its figure is never read as valid.
+    """
+    timed, untimed = [], []
+    for r in rows:
+        if r.get("compare") != results.TIMING:
+            continue
+        m = r.get("metrics") or {}
+        if r.get("outcome", "timed") != "timed" or "latency_us" not in m:
+            untimed.append({**r, "verdict": m.get("verdict", "-")})
+            continue
+        timed.append(
+            {
+                "case_id": r["case_id"],
+                "backend": r["backend"],
+                "stage": r.get("stage"),
+                "tokens": r.get("tokens"),
+                "verdict": m.get("verdict", "-"),
+                "valid": m.get("verdict") == "pass",
+                "median": m["latency_us"],
+                "latency": _latency(r),
+                "mode": m.get("mode", "-") + (" (graph failed)" if m.get("graph_error") else ""),
+                "eager": _fmt(m.get("eager_us"), ".1f"),
+                "spread": _fmt(100 * m["rel_spread"], ".1f") if "rel_spread" in m else "-",
+                "stop": f"{m.get('stop_reason', '-')}, n={m.get('n_samples', '-')}",
+                "tflops": _fmt(m.get("tflops")),
+                "gbps": _fmt(m.get("gbps"), ".0f"),
+                "roofline_pct": m.get("roofline_pct"),
+                "roof": _fmt(m.get("roofline_pct"), ".1f"),
+                "baseline": m.get("baseline") or "-",
+                "ratio": _fmt(m.get("ratio_vs_baseline"), ".2f"),
+            }
+        )
+    return {
+        "headline": [t for t in timed if t["valid"]],
+        "detail": timed,
+        "untimed": untimed,
+        "plots": _speed_plots([t for t in timed if t["valid"]]),
+    }
+
+
+def _speed_plots(timed: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Per stage: median latency vs tokens, and percent of the roofline vs tokens."""
+    df = pd.DataFrame(timed)
+    out: list[dict[str, str]] = []
+    if df.empty:
+        return out
+    plt = _plt()
+    for stage, s in df.groupby("stage"):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        for backend, b in s.groupby("backend"):
+            g = b.groupby("tokens")
+            ax1.plot(g["median"].min().index, g["median"].min().values, marker="o", label=backend)
+            roof = g["roofline_pct"].max().dropna()
+            if len(roof):
+                ax2.plot(roof.index, roof.values, marker="o", label=backend)
+        ax1.set(xscale="log", yscale="log", xlabel="tokens", ylabel="median us (graph replay)")
+        ax2.set(xscale="log", xlabel="tokens", ylabel="% of roofline", ylim=(0, None))
+        for ax in (ax1, ax2):
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{stage}: speed of passing cases", fontsize=10)
+        fig.tight_layout()
+        out.append({"title": f"{stage}: latency and roofline fraction vs tokens", "png": _png(fig)})
+        plt.close(fig)
+    return out
 
 
 def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -257,19 +309,24 @@ def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any
         ]
         sections.append((name.replace("_", " "), items))
     t = results.compare_timings(base, rows)
-    for name in ("slower", "faster", "ambiguous"):
-        note = "p10..p90 spreads overlap: noise, no verdict" if name == "ambiguous" else ""
-        items = [
-            {
-                "case_id": k[0],
-                "backend": k[1],
-                "was": _latency(o),
-                "now": _latency(n),
-                "message": note,
-            }
-            for k, o, n in t[name]
-        ]
-        sections.append((f"timing {name}", items))
+    for name, items in t.items():
+        note = "95% CI of the median ratio straddles a SAME boundary: noise, no verdict"
+        sections.append(
+            (
+                f"timing {name}",
+                [
+                    {
+                        "case_id": k[0],
+                        "backend": k[1],
+                        "was": _latency(o),
+                        "now": _latency(n),
+                        "message": f"x{v['ratio']:.3f} [{v['ratio_lo']:.3f}, {v['ratio_hi']:.3f}]"
+                        + (f"; {note}" if name == "ambiguous" else ""),
+                    }
+                    for k, o, n, v in items
+                ],
+            )
+        )
     return {"source": str(baseline), "sections": sections}
 
 
@@ -321,7 +378,7 @@ def render(
         baseline=_baseline(rows, baseline) if baseline else None,
         plots=_plots(rows),
         heatmaps=_heatmaps(rows),
-        timings=_timings(rows),
+        speed=_speed(rows),
         classes=_classes(rows),
         nan_traces=_nan_traces(rows),
         env=env,

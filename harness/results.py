@@ -105,12 +105,17 @@ def _load_json_col(k: str, v: Any) -> Any:
     return v
 
 
-def done_keys(out_dir: str | Path) -> set[tuple[str, str]]:
-    """(case_id, backend) pairs that already have a final row in this directory."""
+def done_keys(out_dir: str | Path, timed: bool = False) -> set[tuple[str, str]]:
+    """(case_id, backend) pairs that already have a final row in this directory (and, with
+    `timed`, a timing row: a pair run without --time is not done for a timed sweep)."""
     p = Path(out_dir) / JSONL
     if not p.exists():
         return set()
-    return {(r["case_id"], r["backend"]) for r in read_rows(p) if r.get("final")}
+    rows = read_rows(p)
+    done = {(r["case_id"], r["backend"]) for r in rows if r.get("final")}
+    if timed:
+        done &= {(r["case_id"], r["backend"]) for r in rows if r.get("compare") == TIMING}
+    return done
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -252,25 +257,37 @@ def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[
 TIMING = "timing"  # `compare` value of rows holding a speed measurement (docs/cli.md)
 
 
-def compare_timings(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
-    """Per (case, backend) timing row: slower / faster only where the p10..p90 spreads of the
-    two runs do not overlap; where they overlap the verdict is "ambiguous" (noise)."""
+def compare_timings(
+    base: list[dict[str, Any]], new: list[dict[str, Any]], same_within: float | None = None
+) -> dict[str, list]:
+    """Per (case, backend) timed in both sets: faster / slower / same / ambiguous.
+
+    From the kept samples, a bootstrap of the median ratio new/base (harness.timing
+    `compare_samples`); rows without samples fall back to their p10..p90 intervals. Each item is
+    (key, base row, new row, {"verdict", "ratio", "ratio_lo", "ratio_hi"}).
+    """
+    from harness import timing
+
+    tol = timing.SAME_WITHIN if same_within is None else same_within
 
     def timings(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-        return {(r["case_id"], r["backend"]): r for r in latest(rows) if r.get("compare") == TIMING}
+        return {
+            (r["case_id"], r["backend"]): r
+            for r in latest(rows)
+            if r.get("compare") == TIMING and "latency_us" in (r.get("metrics") or {})
+        }
+
+    def interval(m: dict[str, Any]) -> tuple[float, float, float]:
+        med = m["latency_us"]
+        return med, m.get("latency_p10_us", med), m.get("latency_p90_us", med)
 
     b, n = timings(base), timings(new)
-    out: dict[str, list] = {"slower": [], "faster": [], "ambiguous": []}
+    out: dict[str, list] = {v.value: [] for v in timing.Verdict}
     for k in sorted(set(b) & set(n)):
         mb, mn = b[k]["metrics"], n[k]["metrics"]
-        lo_b, hi_b = (
-            mb.get("latency_p10_us", mb["latency_us"]),
-            mb.get("latency_p90_us", mb["latency_us"]),
-        )
-        lo_n, hi_n = (
-            mn.get("latency_p10_us", mn["latency_us"]),
-            mn.get("latency_p90_us", mn["latency_us"]),
-        )
-        verdict = "slower" if lo_n > hi_b else "faster" if hi_n < lo_b else "ambiguous"
-        out[verdict].append((k, b[k], n[k]))
+        if mb.get("samples_us") and mn.get("samples_us"):
+            v = timing.compare_samples(mb["samples_us"], mn["samples_us"], tol)
+        else:
+            v = timing.compare_intervals(interval(mb), interval(mn), tol)
+        out[v["verdict"]].append((k, b[k], n[k], v))
     return out

@@ -20,13 +20,15 @@ import time
 import traceback
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from harness import adapters, results
+from harness import adapters, results, timing
 from harness.cases import Case
 from harness.stages import Comparison, Outcome, run_case
 
@@ -52,6 +54,18 @@ class SweepOptions:
     resume: bool = True
     progress: bool = True
     case_filter: str | None = None  # substring (or comma-separated substrings) of case ids
+    time: bool = False  # also time each pair (CUDA only): a `timing` row beside its error rows
+    baselines: tuple[str, ...] | None = None  # override the cases' timing baselines
+    time_budget_s: float = 1.0  # per measurement (harness.timing.Protocol.budget_s)
+
+    def timing_args(self) -> list[str]:
+        """The worker flags that carry these timing options into an isolated child."""
+        if not self.time:
+            return []
+        args = ["--time", "--time-budget", str(self.time_budget_s)]
+        for b in self.baselines or ():
+            args += ["--baseline", b]
+        return args
 
 
 def worst(outcomes: list[Outcome]) -> Outcome:
@@ -99,10 +113,70 @@ def _rows(
     return rows
 
 
-def run_one(case: Case, backend: str, run_id: str = "") -> list[dict[str, Any]]:
-    """Run one pair in this process; never raises (errors become rows)."""
+_BASELINE_CACHE: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+def _baseline(case: Case, name: str, proto: timing.Protocol) -> dict[str, Any]:
+    """One baseline's timing on this case, measured once per process and reused by backends."""
+    key = (case.id, case.device, name)
+    if key not in _BASELINE_CACHE:
+        try:
+            m = timing.time_case(case, adapters.load(name), proto)
+            _BASELINE_CACHE[key] = {
+                k: m[k] for k in ("latency_us", "latency_p10_us", "latency_p90_us", "mode")
+            }
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is said, not fatal
+            _BASELINE_CACHE[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return _BASELINE_CACHE[key]
+
+
+def timing_row(
+    case: Case,
+    adapter: Any,
+    verdict: str,
+    baselines: tuple[str, ...],
+    proto: timing.Protocol | None = None,
+) -> tuple[str, str, dict[str, Any]]:
+    """(outcome, message, metrics) of a pair's `timing` row; never raises.
+
+    outcome is `timed`, `skipped` (no CUDA, nothing to time) or `error`; metrics always carry
+    the correctness `verdict` of the same pair, so no speed figure travels without it.
+    """
+    if verdict in ("error", "unsupported", "skipped"):
+        return "skipped", f"not timed: the case is {verdict}", {"verdict": verdict}
+    try:
+        dev = torch.device(case.device)
+        roof = timing.measured_roofline(dev) if dev.type == "cuda" else None
+        m = timing.time_case(case, adapter, proto or timing.Protocol(), roof)
+    except timing.TimingUnavailable as e:
+        return "skipped", str(e), {"verdict": verdict}
+    except Exception as e:  # noqa: BLE001 - a kernel that fails under timing is a row too
+        tb = traceback.format_exc(limit=6)
+        return "error", f"{type(e).__name__}: {e}"[:2000], {"verdict": verdict, "traceback": tb}
+    m["verdict"] = verdict
+    m["baselines"] = {b: _baseline(case, b, proto or timing.Protocol()) for b in baselines}
+    for b, bm in m["baselines"].items():
+        if "latency_us" in bm:
+            bm["speedup"] = bm["latency_us"] / m["latency_us"]
+            if "baseline" not in m:  # the first baseline that ran is the headline ratio
+                m["baseline"], m["ratio_vs_baseline"] = b, bm["speedup"]
+    message = "" if verdict == "pass" else f"speed of a case that is {verdict}: not a valid figure"
+    return "timed", message, m
+
+
+def run_one(
+    case: Case,
+    backend: str,
+    run_id: str = "",
+    time_it: bool = False,
+    baselines: tuple[str, ...] | None = None,
+    time_budget_s: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Run one pair in this process; never raises (errors become rows). With `time_it`, a
+    `timing` row (harness.timing) comes before the pair's final row."""
     t0 = time.perf_counter()
     info: dict[str, Any] = {"backend": backend}
+    adapter = None
     try:
         adapter = adapters.load(backend)
         info = adapters.describe(adapter)
@@ -122,10 +196,32 @@ def run_one(case: Case, backend: str, run_id: str = "") -> list[dict[str, Any]]:
     if comps and comps[0].name == "case":  # the pair ended before any comparison: one row only
         rows = rows[-1:]
         rows[0]["metrics"] = {**comps[0].metrics, "n_compared": 0}
+    if time_it:
+        verdict = rows[-1]["outcome"]
+        bl = case.baselines if baselines is None else baselines
+        proto = timing.Protocol(budget_s=time_budget_s)
+        outcome, message, m = timing_row(case, adapter, verdict, bl, proto)
+        base = {k: v for k, v in rows[-1].items() if k not in _OWN_FIELDS}
+        rows.insert(
+            -1,
+            {
+                **base,
+                "compare": results.TIMING,
+                "outcome": outcome,
+                "message": message,
+                "metrics": m,
+                "final": False,
+            },
+        )
     return rows
 
 
-def run_isolated(case: Case, backend: str, run_id: str, timeout: float) -> list[dict[str, Any]]:
+_OWN_FIELDS = ("compare", "outcome", "message", "metrics", "final", "duration_s")
+
+
+def run_isolated(
+    case: Case, backend: str, run_id: str, timeout: float, time_args: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Run one pair in a child process under `timeout`; a hang or a death is a row too."""
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
@@ -146,6 +242,7 @@ def run_isolated(case: Case, backend: str, run_id: str, timeout: float) -> list[
             case.device,
             "--rows-out",
             str(rows_path),
+            *time_args,
         ]
         t0 = time.perf_counter()
         try:
@@ -194,7 +291,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     run_id = uuid.uuid4().hex[:12]
     pairs = plan(cases, opts)
-    done = results.done_keys(out_dir) if opts.resume else set()
+    done = results.done_keys(out_dir, timed=opts.time) if opts.resume else set()
     if not opts.resume:
         (out_dir / results.JSONL).unlink(missing_ok=True)
     todo = [(c, b) for c, b in pairs if (c.id, b) not in done]
@@ -223,9 +320,11 @@ def run_sweep(
         for case, backend in bar:
             bar.set_postfix_str(case.id[:48], refresh=False)
             if opts.isolate:
-                rows = run_isolated(case, backend, run_id, opts.timeout_s or case.timeout_s)
+                rows = run_isolated(
+                    case, backend, run_id, opts.timeout_s or case.timeout_s, opts.timing_args()
+                )
             else:
-                rows = run_one(case, backend, run_id)
+                rows = run_one(case, backend, run_id, opts.time, opts.baselines, opts.time_budget_s)
             writer.write(rows)
             counts[rows[-1]["outcome"]] += 1
     counts["resumed"] = len(pairs) - len(todo)

@@ -113,9 +113,9 @@ def test_timing_verdicts_slower_faster_and_ambiguous():
     base = [_timing("a", 10, 9, 11), _timing("b", 10, 9, 11), _timing("c", 10, 9, 11)]
     new = [_timing("a", 14, 13, 15), _timing("b", 6, 5, 7), _timing("c", 10.8, 10.5, 12)]
     d = results.compare_timings(base, new)
-    assert [k[0] for k, _, _ in d["slower"]] == ["a"]
-    assert [k[0] for k, _, _ in d["faster"]] == ["b"]
-    assert [k[0] for k, _, _ in d["ambiguous"]] == ["c"]  # spreads overlap: noise
+    assert [k[0] for k, *_ in d["slower"]] == ["a"]
+    assert [k[0] for k, *_ in d["faster"]] == ["b"]
+    assert [k[0] for k, *_ in d["ambiguous"]] == ["c"]  # spreads overlap: noise
 
 
 def test_report_against_a_baseline_names_regressions_and_ambiguous_timings(smoke, tmp_path):
@@ -135,4 +135,24 @@ def test_report_against_a_baseline_names_regressions_and_ambiguous_timings(smoke
     n_regressed = sum(1 for r in bad if r.get("final") and r["outcome"] == "fail")
     assert f"regressions: {n_regressed}</h3>" in text and n_regressed > 0
     assert "timing ambiguous: 1</h3>" in text
-    assert "spreads overlap" in text
+    assert "straddles a SAME boundary" in text
+
+
+def test_speed_section_shows_only_passing_cases_in_the_headline(smoke, tmp_path):
+    rows = [r for r in results.read_rows(smoke) if r["backend"] == "dsv4-torch"]
+    finals = [r for r in rows if r.get("final")][:2]
+    ok, bad = finals
+    timed = []
+    for r, verdict, med in ((ok, "pass", 11.0), (bad, "fail", 3.0)):
+        t = {**_timing(r["case_id"], med, med - 1, med + 1), "backend": "dsv4-torch"}
+        t.update(outcome="timed", stage=r["stage"], tokens=r["tokens"])
+        t["metrics"].update(verdict=verdict, rel_spread=0.1, mode="graph", roofline_pct=42.0)
+        timed.append(t)
+    with results.ResultWriter(tmp_path) as w:
+        w.write(rows + timed)
+    text = render(tmp_path, tmp_path / "index.html").read_text()
+    speed = text[text.index('id="speed"') : text.index('id="classes"')]
+    headline = speed[: speed.index("Every timed pair")]
+    assert ok["case_id"] in headline and bad["case_id"] not in headline
+    assert "3.0 us" in speed and "(invalid: fail)" in speed  # shown, marked, struck through
+    assert "latency and roofline fraction vs tokens" in speed  # the per-stage plot

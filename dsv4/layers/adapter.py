@@ -3,7 +3,9 @@
 `LayerAdapterMixin` gives an adapter `shared_expert`, `routed_moe` and `grouped_linear`
 (docs/cases.md "Adapters"): each builds a runner sized for the case (max_num_tokens = T), sets
 the weights, finalizes, calibrates on the case's warm-up sample, runs once and returns the
-runner's named stages incl. "out" (views of the runner's buffers). The grouped-GEMM backend is
+runner's named stages incl. "out" (views of the runner's buffers). `prepare_<layer>` (same
+arguments) does all but the run and returns the steady-state call, `run` on those inputs, which
+the harness times (docs/timing.md). The grouped-GEMM backend is
 the adapter's `backend` attribute when it has one (dsv4.adapters.Dsv4Adapter does), else chosen
 by device. The mixin holds no state; the harness is not imported here (its protocol is duck
 typed).
@@ -11,6 +13,7 @@ typed).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +32,13 @@ class LayerAdapterMixin:
     def shared_expert(
         self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, limit, calib_sample
     ) -> dict[str, Any]:
+        run = self.prepare_shared_expert(x, w13, w2, limit=limit, calib_sample=calib_sample)
+        run()
+        return run.func.__self__.stages()  # the runner whose run() the partial binds
+
+    def prepare_shared_expert(
+        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, limit, calib_sample
+    ) -> functools.partial:
         runner = SharedExpertRunner(
             w13.shape[0],
             w13.shape[1] // 2,
@@ -40,8 +50,7 @@ class LayerAdapterMixin:
         runner.set_weights(w13, w2)
         runner.finalize()
         runner.calibrate(x if calib_sample is None else calib_sample)
-        runner.run(x)
-        return runner.stages()
+        return functools.partial(runner.run, x)
 
     def routed_moe(
         self,
@@ -55,6 +64,31 @@ class LayerAdapterMixin:
         limit,
         calib_sample,
     ) -> dict[str, Any]:
+        run = self.prepare_routed_moe(
+            x,
+            topk_ids,
+            topk_weights,
+            w13,
+            w2,
+            first_expert=first_expert,
+            limit=limit,
+            calib_sample=calib_sample,
+        )
+        run()
+        return run.func.__self__.stages()  # the runner whose run() the partial binds
+
+    def prepare_routed_moe(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        *,
+        first_expert: int,
+        limit,
+        calib_sample,
+    ) -> functools.partial:
         runner = RoutedMoERunner(
             w13.shape[1],
             w13.shape[2] // 2,
@@ -70,12 +104,20 @@ class LayerAdapterMixin:
         runner.finalize()
         sample = x if calib_sample is None else calib_sample
         runner.calibrate(sample, topk_ids, topk_weights)  # the warm-up batch has x's routing
-        runner.run(x, topk_ids, topk_weights)
-        return runner.stages()
+        return functools.partial(runner.run, x, topk_ids, topk_weights)
 
     def grouped_linear(
         self, o: torch.Tensor, w: torch.Tensor, *, n_groups: int, o_lora_rank: int, calib_sample
     ) -> dict[str, Any]:
+        run = self.prepare_grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        run()
+        return run.func.__self__.stages()  # the runner whose run() the partial binds
+
+    def prepare_grouped_linear(
+        self, o: torch.Tensor, w: torch.Tensor, *, n_groups: int, o_lora_rank: int, calib_sample
+    ) -> functools.partial:
         n_heads, head_dim = o.shape[1], o.shape[2]
         if n_heads % n_groups:
             raise ValueError(f"n_groups must divide n_heads, got {n_groups=} {n_heads=}")
@@ -91,8 +133,7 @@ class LayerAdapterMixin:
         runner.set_weight(w)
         runner.finalize()
         runner.calibrate(o if calib_sample is None else calib_sample)
-        runner.run(o)
-        return runner.stages()
+        return functools.partial(runner.run, o)
 
 
 # The name dsv4.adapters' placeholder asks for.

@@ -1,0 +1,91 @@
+"""Timing baselines: what a kernel's speed is reported against, measured in the same run.
+
+`bf16` is BF16 cuBLAS on dequantized weights (the speed an NVFP4 kernel has to beat to be worth
+it): every GEMM of the grouped GEMM and of the three layers as `torch.mm` / `torch.bmm` on bf16
+operands dequantized once at prepare time, SwiGLU and the routing weight as plain torch ops. It
+has no NVFP4 stage methods, so it cannot be a correctness backend: name it under a case file's
+`baselines:` (or `run --time --baseline bf16`). Any registered adapter (`dsv4-torch`,
+`reference`) can be a baseline too. Nothing here is compared for correctness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from harness.adapters import AdapterBase, GemmOperands, register
+from reference.activation import swiglu
+from reference.gemm import _expert_rows, dequantize_codes_scales
+from reference.nvfp4 import dequantize_weight_nvfp4
+
+
+class Bf16Baseline(AdapterBase):
+    """BF16 cuBLAS on dequantized operands: a timing baseline only."""
+
+    name = "bf16"
+    devices = ("cuda",)
+    timing_only = True
+
+    def can_implement(self, case: Any) -> tuple[bool, str]:
+        return False, (
+            "bf16 is a timing baseline (BF16 cuBLAS on dequantized weights), not an NVFP4 "
+            "implementation: name it under the case file's baselines:"
+        )
+
+    def prepare_grouped_gemm(self, ops: GemmOperands, out: torch.Tensor) -> Callable[[], None]:
+        a = dequantize_codes_scales(ops.a_codes, ops.a_scales).to(torch.bfloat16)
+        b = dequantize_weight_nvfp4(ops.b_codes, ops.b_scales, 1.0, torch.bfloat16)
+        # host offsets, read once here so run() never syncs
+        groups = _expert_rows(ops.expert_offsets.tolist())
+
+        def run() -> None:
+            for e, s, t in groups:
+                torch.mm(a[s:t], b[e], out=out[s:t])
+
+        return run
+
+    def prepare_shared_expert(self, x, w13, w2, *, limit, calib_sample) -> Callable[[], Any]:
+        w13, w2 = w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+        return lambda: swiglu(x @ w13, limit).to(torch.bfloat16) @ w2
+
+    def prepare_routed_moe(
+        self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample
+    ) -> Callable[[], Any]:
+        w13, w2 = w13.to(torch.bfloat16), w2.to(torch.bfloat16)
+        n_experts = w13.shape[0]
+        local = topk_ids.flatten() - first_expert
+        slot = torch.nonzero((local >= 0) & (local < n_experts)).flatten()
+        order = slot[torch.argsort(local[slot], stable=True)]
+        counts = torch.bincount(local[order], minlength=n_experts).tolist()
+        rows = order // topk_ids.shape[1]  # token of each routed slot, in expert order
+        weight = topk_weights.flatten()[order].to(torch.float32).unsqueeze(1)
+        bounds, s = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                bounds.append((e, s, s + c))
+            s += c
+
+        def run() -> torch.Tensor:
+            xs = x.index_select(0, rows)
+            out = torch.zeros_like(x)
+            for e, s, t in bounds:
+                h = swiglu(xs[s:t] @ w13[e], limit) * weight[s:t]
+                out.index_add_(0, rows[s:t], h.to(torch.bfloat16) @ w2[e])
+            return out
+
+        return run
+
+    def prepare_grouped_linear(
+        self, o, w, *, n_groups, o_lora_rank, calib_sample
+    ) -> Callable[[], Any]:
+        t = o.shape[0]
+        og = o.reshape(t, n_groups, -1).transpose(0, 1)  # [G, T, D]
+        w = w.to(torch.bfloat16)
+        return lambda: torch.bmm(og, w).transpose(0, 1)
+
+
+register("bf16", Bf16Baseline)
+
+__all__ = ["Bf16Baseline"]
