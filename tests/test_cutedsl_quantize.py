@@ -82,6 +82,7 @@ def _configs():
         "quant_linear_fp32": QuantConfig(4096, "float32", ScaleLayout.LINEAR),
         "quant_grouped_g8": QuantConfig(4096, groups=8),
         "quant_k48_padded_cols": QuantConfig(48),
+        "quant_gather_linear": QuantConfig(7168, scale_layout=ScaleLayout.LINEAR, gather=True),
         "swiglu_i3072_weighted": QuantConfig(3072, prologue=Prologue.SWIGLU, row_weight=True),
         "swiglu_up_first_nolimit": QuantConfig(
             2048, prologue=Prologue.SWIGLU, swiglu_limit=None, gate_first=False
@@ -216,6 +217,18 @@ def test_gpu_grouped_one_launch_per_group_scale():
         assert torch.equal(
             sf.view(torch.uint8)[g * per : (g + 1) * per], ref_swizzle(rs).view(torch.uint8)
         )
+
+
+@needs_gpu
+def test_gpu_gather_quantize_equals_quantize_of_gathered_rows():
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x = torch.randn(100, 512, device="cuda").to(torch.bfloat16)
+    index = torch.randint(0, 100, (600,), device="cuda", dtype=torch.int32)
+    gs = torch.tensor([0.001], device="cuda")
+    codes, sf = nq.quantize(x, gs, nq.ScaleLayout.LINEAR, index=index)
+    rc, rs = _ref(x[index.long()], gs)
+    assert torch.equal(codes, rc) and torch.equal(sf.view(torch.uint8), rs)
 
 
 @needs_gpu

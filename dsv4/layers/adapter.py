@@ -7,8 +7,9 @@ runner's named stages incl. "out" (views of the runner's buffers). `prepare_<lay
 arguments) does all but the run and returns the steady-state call, `run` on those inputs, which
 the harness times (docs/timing.md). The grouped-GEMM backend is
 the adapter's `backend` attribute when it has one (dsv4.adapters.Dsv4Adapter does), else chosen
-by device. The mixin holds no state; the harness is not imported here (its protocol is duck
-typed).
+by device; the quantize implementation likewise its `quant_impl` attribute (the runner's
+`quant_impl` says which one ran). The mixin holds no state; the harness is not imported here
+(its protocol is duck typed).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class LayerAdapterMixin:
             limit,
             device=x.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weights(w13, w2)
         runner.finalize()
@@ -99,6 +101,7 @@ class LayerAdapterMixin:
             limit,
             device=x.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weights(w13, w2)
         runner.finalize()
@@ -129,6 +132,7 @@ class LayerAdapterMixin:
             max(1, o.shape[0]),
             device=o.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weight(w)
         runner.finalize()

@@ -67,6 +67,7 @@ class QuantConfig:
     swiglu_limit: float | None = 10.0  # SWIGLU only; None clamps nothing
     gate_first: bool = True  # SWIGLU only: gate = first half of the L1 output
     row_weight: bool = False  # SWIGLU only: h *= w[row] (routing weight) before quantizing
+    gather: bool = False  # output row r reads input row index[r] (the routed MoE's staging)
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0 or self.k % BLOCK:
@@ -260,6 +261,7 @@ class Nvfp4QuantKernel:
         codes_ptr: cute.Pointer,
         sf_ptr: cute.Pointer,
         w_ptr: cute.Pointer,
+        idx_ptr: cute.Pointer,
         rows: Int32,
         x_row_stride16: Int32,
         x_group_stride16: Int32,
@@ -285,13 +287,14 @@ class Nvfp4QuantKernel:
         )
         gs = cute.make_tensor(gs_ptr, cute.make_layout(g_n))
         w = cute.make_tensor(w_ptr, cute.make_layout(rows))
+        idx = cute.make_tensor(idx_ptr, cute.make_layout(rows))
         if cutlass.const_expr(cfg.scale_layout is ScaleLayout.SWIZZLED):
             srows = (rows + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
         else:
             srows = rows
         sf = cute.make_tensor(sf_ptr, cute.make_layout(g_n * srows * cfg.padded_cols))
         n_threads = srows * cfg.padded_cols
-        self.kernel(x, gs, codes, sf, w, rows, srows).launch(
+        self.kernel(x, gs, codes, sf, w, idx, rows, srows).launch(
             grid=[(n_threads + (THREADS - 1)) // THREADS, g_n, 1],
             block=[THREADS, 1, 1],
             stream=stream,
@@ -305,6 +308,7 @@ class Nvfp4QuantKernel:
         codes: cute.Tensor,
         sf: cute.Tensor,
         w: cute.Tensor,
+        idx: cute.Tensor,
         rows: Int32,
         srows: Int32,
     ):
@@ -319,7 +323,7 @@ class Nvfp4QuantKernel:
             sf_off = self._scale_offset(g * srows + r, c)
             byte = Uint32(0)
             if (r < rows) & (c < cfg.cols):
-                v = self._load_block(x, r, g, c, w)
+                v = self._load_block(x, r, g, c, w, idx)
                 inv_gs = gs[g]
                 xn = [v[j] / inv_gs for j in range(BLOCK)]  # x / gs: divide, as the reference
                 amax = Float32(0.0)
@@ -356,10 +360,13 @@ class Nvfp4QuantKernel:
         )
 
     @cute.jit
-    def _load_block(self, x: cute.Tensor, r: Int32, g: Int32, c: Int32, w: cute.Tensor):
+    def _load_block(
+        self, x: cute.Tensor, r: Int32, g: Int32, c: Int32, w: cute.Tensor, idx: cute.Tensor
+    ):
         """The 16 fp32 values the block quantizes (the input, or its SwiGLU)."""
         cfg = self.cfg
-        row = x[r, g, None]
+        src = idx[r] if cfg.gather else r  # a Python bool: decided at trace time
+        row = x[src, g, None]
         if cutlass.const_expr(cfg.prologue is Prologue.NONE):
             v = cute.zipped_divide(row, (BLOCK,))[(None, c)].load().to(Float32)
             return [v[j] for j in range(BLOCK)]
@@ -392,6 +399,7 @@ def _ptr_types(cfg: QuantConfig):
         (Uint32, 8),
         (Uint8, 1),
         (Float32, 4),
+        (Int32, 4),
     )
 
 
@@ -440,11 +448,13 @@ def _need(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None) -> None:
+def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=None) -> None:
     """Quantize x into codes / scales (all on one CUDA device, caller-owned).
 
-    x: [T, K_in] (groups == 1) or [T, G, K_in], last dim contiguous, row / group strides
-    multiples of 16 elements, 32-byte aligned; gs fp32 [G]; codes uint8 [G*T, K/2]
+    x: [T_in, K_in] (groups == 1) or [T_in, G, K_in], last dim contiguous, row / group strides
+    multiples of 16 elements, 32-byte aligned. The output has T rows per group: T = T_in, or
+    with cfg.gather T = index.numel() and output row r reads x[index[r]] (int32 [T], values in
+    [0, T_in), not checked: that would read them). gs fp32 [G]; codes uint8 [G*T, K/2]
     contiguous; scales uint8 or float8_e4m3fn, contiguous, cfg.scale_bytes(T) bytes (1-D,
     swizzled) or [G*T, K/16] (linear); row_weight fp32 [T] when cfg.row_weight. Reads no value
     on the host: CUDA-graph capturable.
@@ -463,7 +473,18 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None) -> None:
     _need(
         x.dtype == getattr(torch, cfg.in_dtype), f"x must be {cfg.in_dtype}, got x.dtype={x.dtype}"
     )
-    t = x3.shape[0]
+    if cfg.gather:
+        _need(
+            index is not None
+            and index.dtype == torch.int32
+            and index.dim() == 1
+            and index.is_contiguous(),
+            f"index must be a contiguous int32 [T] for {cfg}, got {index!r:.80}",
+        )
+        t = index.shape[0]
+    else:
+        _need(index is None, f"index is only taken with gather=True, got one for {cfg}")
+        t = x3.shape[0]
     s_row, s_grp, s_k = x3.stride()
     _need(
         s_k == 1 and s_row % BLOCK == 0 and s_grp % BLOCK == 0 and x.data_ptr() % 32 == 0,
@@ -505,7 +526,14 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None) -> None:
             and row_weight.is_contiguous(),
             f"row_weight must be contiguous fp32 [{t}] for {cfg}, got {row_weight!r:.80}",
         )
-    tensors = {"x": x, "gs": gs, "codes": codes, "scales": scales, "row_weight": row_weight}
+    tensors = {
+        "x": x,
+        "gs": gs,
+        "codes": codes,
+        "scales": scales,
+        "row_weight": row_weight,
+        "index": index,
+    }
     devs = {n: v.device for n, v in tensors.items() if v is not None}
     _need(
         len(set(devs.values())) == 1 and x.device.type == "cuda",
@@ -513,12 +541,16 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None) -> None:
     )
     if t == 0:
         return
-    _need(x3.shape[0] * s_row < 2**31 and codes.numel() < 2**31, "tensors over 2^31 elements")
+    _need(
+        x3.shape[0] * s_row < 2**31 and codes.numel() < 2**31,
+        f"tensors must hold fewer than 2^31 elements, got x.shape={tuple(x.shape)}",
+    )
     kernel = compile_quant(cfg, arch_of(x.device))
-    w = row_weight if row_weight is not None else gs
+    w = row_weight if row_weight is not None else gs  # unused pointers: any valid address
+    ix = index if index is not None else gs
     ptrs = [
         make_ptr(ty, v.data_ptr(), cute.AddressSpace.gmem, assumed_align=a)
-        for (ty, a), v in zip(_ptr_types(cfg), (x, gs, codes, scales, w), strict=True)
+        for (ty, a), v in zip(_ptr_types(cfg), (x, gs, codes, scales, w, ix), strict=True)
     ]
     stream = _cu_stream(torch.cuda.current_stream(x.device).cuda_stream)
     kernel(*ptrs, Int32(t), Int32(s_row // BLOCK), Int32(s_grp // BLOCK), stream)
@@ -534,12 +566,20 @@ def _cu_stream(handle: int):
 # thin public functions (allocate the outputs)
 
 
-def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, groups: int = 1):
-    """x [T, K] (or [T, G, K] with gs [G]) -> (codes uint8 [G*T, K/2], scales e4m3)."""
+def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, groups: int = 1, index=None):
+    """x [T, K] (or [T, G, K] with gs [G]) -> (codes uint8 [G*T, K/2], scales e4m3); with an
+    int32 `index` [R] the output rows are x[index] (gathered, R rows)."""
     import torch
 
-    cfg = QuantConfig(x.shape[-1], str(x.dtype).removeprefix("torch."), scale_layout, groups)
-    return _alloc_and_run(cfg, x, gs.reshape(-1), x.shape[0], torch)
+    cfg = QuantConfig(
+        x.shape[-1],
+        str(x.dtype).removeprefix("torch."),
+        scale_layout,
+        groups,
+        gather=index is not None,
+    )
+    t = x.shape[0] if index is None else index.shape[0]
+    return _alloc_and_run(cfg, x, gs.reshape(-1), t, torch, index=index)
 
 
 def swiglu_quantize(
@@ -566,12 +606,12 @@ def swiglu_quantize(
     return _alloc_and_run(cfg, l1_out, gs.reshape(-1), l1_out.shape[0], torch, row_weight)
 
 
-def _alloc_and_run(cfg: QuantConfig, x, gs, t: int, torch, row_weight=None):
+def _alloc_and_run(cfg: QuantConfig, x, gs, t: int, torch, row_weight=None, index=None):
     codes = torch.empty((cfg.groups * t, cfg.k // 2), dtype=torch.uint8, device=x.device)
     if cfg.scale_layout is ScaleLayout.LINEAR:
         shape = (cfg.groups * t, cfg.cols)
     else:
         shape = (cfg.scale_bytes(t),)
     scales = torch.empty(shape, dtype=torch.float8_e4m3fn, device=x.device)
-    run_quant(cfg, x, gs, codes, scales, row_weight)
+    run_quant(cfg, x, gs, codes, scales, row_weight, index)
     return codes, scales

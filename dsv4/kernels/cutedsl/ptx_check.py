@@ -2,9 +2,9 @@
 
 `compile_report(compile_fn, arch)` compiles with the PTX kept and ptxas's verbose report on,
 capturing the report at the file-descriptor and the sys.stdout level (the DSL prints it from
-either), and returns the PTX text and ptxas's numbers: registers, stack frame and spill bytes. CI asserts on
-these (the e2m1 conversion present on sm_100a, no spills, no local memory); a failed compile
-raises naming the configuration (the kernel modules' compile functions do that).
+either), and returns the PTX text and ptxas's numbers: registers, stack frame and spill bytes.
+CI asserts on these (the e2m1 conversion present on sm_100a, no spills, no local memory); a
+failed compile raises naming the configuration (the kernel modules' compile functions do that).
 """
 
 from __future__ import annotations
