@@ -83,6 +83,7 @@ def _configs():
         "quant_grouped_g8": QuantConfig(4096, groups=8),
         "quant_k48_padded_cols": QuantConfig(48),
         "quant_gather_linear": QuantConfig(7168, scale_layout=ScaleLayout.LINEAR, gather=True),
+        "quant_div_rn_only": QuantConfig(7168, fast_division=False),
         "swiglu_i3072_weighted": QuantConfig(3072, prologue=Prologue.SWIGLU, row_weight=True),
         "swiglu_up_first_nolimit": QuantConfig(
             2048, prologue=Prologue.SWIGLU, swiglu_limit=None, gate_first=False
@@ -99,15 +100,22 @@ def test_kernel_compiles_with_expected_ptx(name, arch):
 
     cfg = _configs()[name]
     rep = compile_report(lambda opts: compile_quant(cfg, arch, opts), arch)
+    paths = 2 if cfg.fast_division else 1  # the fast path and the div.rn path
     hw = rep.count("cvt.rn.satfinite.e2m1x2.f32")
-    assert (hw == 8) if arch == "sm_100a" else (hw == 0), f"{name} {arch}: {hw} e2m1x2 cvts"
-    if arch == "sm_90a":  # the exact software rounding: one fma per element
-        assert rep.count("fma.rn.f32") >= 16
-    assert rep.count("cvt.rn.satfinite.e4m3x2.f32") == 1
+    want = 8 * paths if arch == "sm_100a" else 0
+    assert hw == want, f"{name} {arch}: {hw} e2m1x2 cvts, want {want}"
+    if arch == "sm_90a":  # the exact software rounding: one fma per element and path
+        assert rep.count("fma.rn.f32") >= 16 * paths
+    assert rep.count("cvt.rn.satfinite.e4m3x2.f32") == paths
     assert rep.count("max.NaN.f32") >= 16
-    # x / gs and q / s per element and amax / 6: correctly rounded, as the reference
-    divs = 16 * (2 if cfg.prologue is Prologue.NONE else 3) + 1
-    assert rep.count("div.rn.f32") == divs
+    # the div.rn path: x / gs and q / s per element and amax / 6, correctly rounded as the
+    # reference (silu's division too); the fast path: amax / gs and 1 / gs, 1 / s (rcp.rn)
+    # correctly rounded, then the fma-corrected products
+    per_elem = 2 if cfg.prologue is Prologue.NONE else 3
+    assert rep.count("div.rn.f32") >= 16 * per_elem + 1
+    if cfg.fast_division:
+        assert rep.count("div.rn.f32") + rep.count("rcp.rn.f32") >= 16 * per_elem + 3
+        assert rep.count("fma.rn.f32") >= 2 * 2 * 16  # two corrections per division
     assert rep.count("div.approx") == 0
     # the only flush-to-zero is exp's ex2.approx.ftz (libdevice expf, as torch's CUDA silu)
     ftz = rep.ptx.count(".ftz")
@@ -170,17 +178,52 @@ def test_gpu_quantize_bit_exact_any_token_count(t):
 
 
 @needs_gpu
-@pytest.mark.parametrize("gs", [1.0, 1 / 2688, 3.7e-5, 123.456, 1e-30])
-def test_gpu_quantize_every_bf16_value(gs):
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("gs", [1.0, 1 / 2688, 3.7e-5, 123.456, 1e-30, 2.0**-31, 2.0**29])
+def test_gpu_quantize_every_bf16_value(gs, fast):
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
     x = all_bf16().reshape(-1, 64).cuda()
-    x = torch.cat([x, x.flatten()[torch.randperm(65536, device="cuda")].reshape(-1, 64)])
+    finite = x[torch.isfinite(x) & (x.abs() > 2**-80) & (x.abs() < 2**80)]
+    blocks = [x, x.flatten()[torch.randperm(65536, device="cuda")].reshape(-1, 64)]
+    for seed in range(4):  # in-range blocks only: every one takes the fast path
+        perm = torch.randperm(finite.numel(), device="cuda", generator=None)
+        blocks.append(finite[perm][: finite.numel() // 64 * 64].reshape(-1, 64))
+    x = torch.cat(blocks)
     g = torch.tensor([gs], dtype=torch.float32, device="cuda")
-    codes, sf = nq.quantize(x, g, nq.ScaleLayout.LINEAR)
+    cfg = nq.QuantConfig(64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast)
+    codes = torch.empty(x.shape[0], 32, dtype=torch.uint8, device="cuda")
+    sf = torch.empty(x.shape[0], 4, dtype=torch.uint8, device="cuda")
+    nq.run_quant(cfg, x, g, codes, sf)
     rc, rs = _ref(x, g)
     assert torch.equal(codes, rc)
-    assert torch.equal(sf.view(torch.uint8), rs)
+    assert torch.equal(sf, rs)
+
+
+@needs_gpu
+def test_gpu_fast_division_on_rounding_midpoints():
+    """Blocks whose quotients land on and next to every E2M1 midpoint, for every e4m3 scale:
+    where a division's last bit decides the code."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device="cuda")
+    scales = torch.arange(1, 127, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    s = scales.float()
+    steps = torch.arange(-3, 4, device="cuda", dtype=torch.int32)
+    q = (mids[None, :, None].view(torch.int32) + steps).view(torch.float32)  # ulp neighbours
+    vals = (q * s[:, None, None]).reshape(len(s), -1)  # x_n near m * s, exact or not
+    vals = vals[:, : vals.shape[1] // 15 * 15].reshape(-1, 15)
+    amax = (6 * s).repeat_interleave(vals.shape[0] // len(s))[:, None]  # block max: s exact
+    x = torch.cat([vals, amax], 1)
+    x = torch.where(torch.rand_like(x) < 0.5, -x, x)
+    gs = torch.tensor([1.0], device="cuda")
+    cfg = nq.QuantConfig(16, "float32", nq.ScaleLayout.LINEAR)
+    codes = torch.empty(x.shape[0], 8, dtype=torch.uint8, device="cuda")
+    sf = torch.empty(x.shape[0], 1, dtype=torch.uint8, device="cuda")
+    nq.run_quant(cfg, x, gs, codes, sf)
+    rc, rs = _ref(x, gs)
+    assert torch.equal(sf, rs)
+    assert torch.equal(codes, rc)
 
 
 @needs_gpu

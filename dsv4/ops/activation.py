@@ -125,7 +125,7 @@ def _swiglu_quantize_op(
 ) -> None:
     gs = global_scale.reshape(())
     if impl == "cutedsl":
-        _cutedsl_quantize(l1_out, gs, codes_out, scales_out, row_weight, swiglu=limit)
+        _cutedsl_quantize(l1_out, gs, codes_out, scales_out, row_weight, swiglu=True, limit=limit)
         return
     if workspace is None:
         h = _swiglu(l1_out, limit)

@@ -185,32 +185,28 @@ def select_quant_impl(device: torch.device | str, impl: str | None = None) -> st
     return "cutedsl" if ok else "torch"
 
 
-def _cutedsl_quantize(x, gs, codes_out, scales_out, row_weight=None, swiglu=None) -> None:
-    """The CuTeDSL kernel with linear scales into the given outputs (x [..., K] as [T, K])."""
+def _cutedsl_quantize(
+    x, gs, codes_out, scales_out, row_weight=None, swiglu: bool = False, limit=None
+) -> None:
+    """The CuTeDSL kernel with linear scales into the given outputs (x [..., K] as [T, K]);
+    swiglu=True: x is the L1 output [..., 2I], quantized after the SwiGLU with `limit`."""
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
     x2 = x.reshape(-1, x.shape[-1])
-    if swiglu is None:
-        cfg = nq.QuantConfig(
-            x2.shape[1], str(x.dtype).removeprefix("torch."), nq.ScaleLayout.LINEAR
-        )
-    else:
+    dtype = str(x.dtype).removeprefix("torch.")
+    if swiglu:
         cfg = nq.QuantConfig(
             x2.shape[1] // 2,
-            str(x.dtype).removeprefix("torch."),
+            dtype,
             nq.ScaleLayout.LINEAR,
             prologue=nq.Prologue.SWIGLU,
-            swiglu_limit=swiglu,
+            swiglu_limit=limit,
             row_weight=row_weight is not None,
         )
-    nq.run_quant(
-        cfg,
-        x2,
-        gs.reshape(1),
-        codes_out.view(-1, codes_out.shape[-1]),
-        scales_out.view(-1, scales_out.shape[-1]),
-        row_weight,
-    )
+    else:
+        cfg = nq.QuantConfig(x2.shape[1], dtype, nq.ScaleLayout.LINEAR)
+    codes, scales = codes_out.view(-1, codes_out.shape[-1]), scales_out.view(-1, cfg.cols)
+    nq.run_quant(cfg, x2, gs.reshape(1), codes, scales, row_weight)
 
 
 # --------------------------------------------------------------------------------------------

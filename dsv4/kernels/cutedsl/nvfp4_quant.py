@@ -68,6 +68,9 @@ class QuantConfig:
     gate_first: bool = True  # SWIGLU only: gate = first half of the L1 output
     row_weight: bool = False  # SWIGLU only: h *= w[row] (routing weight) before quantizing
     gather: bool = False  # output row r reads input row index[r] (the routed MoE's staging)
+    # divisions of in-range blocks by a reciprocal and one fma correction (bit-identical to
+    # div.rn there, see _div_corrected); div.rn for every other block and when False
+    fast_division: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0 or self.k % BLOCK:
@@ -204,6 +207,61 @@ def _zero_if_zero(word: Uint32, s: Float32, *, loc=None, ip=None) -> Uint32:
     )
 
 
+# |x| <= 2^90, |x| >= 2^-90 over the block and gs in [2^-30, 2^30]: every quotient and every
+# residual of the corrected divisions below is a normal fp32 number (NaN and Inf fail the test)
+_FAST_RANGE_PTX = (
+    "{ .reg .pred p; setp.le.f32 p, $1, 0f6C800000; setp.ge.and.f32 p, $2, 0f12800000, p; "
+    "setp.ge.and.f32 p, $3, 0f30800000, p; setp.le.and.f32 p, $3, 0f4E800000, p; "
+    "selp.u32 $0, 1, 0, p; }"
+)
+
+
+@dsl_user_op
+def _fast_range(amax: Float32, amin: Float32, gs: Float32, *, loc=None, ip=None) -> Uint32:
+    return Uint32(
+        _asm(
+            T.i32(),
+            _FAST_RANGE_PTX,
+            "=r,f,f,f",
+            [Float32(amax), Float32(amin), Float32(gs)],
+            loc,
+            ip,
+        )
+    )
+
+
+@dsl_user_op
+def _min_abs(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
+    return Float32(
+        _asm(
+            T.f32(),
+            "{ .reg .f32 t; abs.f32 t, $2; min.f32 $0, $1, t; }",
+            "=f,f,f",
+            [Float32(acc), Float32(v)],
+            loc,
+            ip,
+        )
+    )
+
+
+@dsl_user_op
+def _div_corrected(a: Float32, r: Float32, neg_b: Float32, *, loc=None, ip=None) -> Float32:
+    """a / b as q0 = a * r, e = a - b * q0 (exact, fma), q = q0 + r * e, with r = RN(1 / b):
+    CUDA's own div.rn fast path minus its range check (FCHK), which the caller does per block
+    (_fast_range); in that range the result is RN(a / b), bit for bit."""
+    return Float32(
+        _asm(
+            T.f32(),
+            "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; "
+            "fma.rn.f32 $0, $2, e, q; }",
+            "=f,f,f,f",
+            [Float32(a), Float32(r), Float32(neg_b)],
+            loc,
+            ip,
+        )
+    )
+
+
 # E2M1 of one clamped value c = max(min(q, 6), -6) in register c, result nibble in k; see
 # bitmodel.py for why each step is exact.
 _E2M1_SW_STEPS = (
@@ -213,14 +271,37 @@ _E2M1_SW_STEPS = (
 )
 
 
+# The same for a finite value in register c (no NaN, any magnitude): min(|c|, 6) saturates
+_E2M1_FINITE_STEPS = (
+    "abs.f32 d, c; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; and.b32 k, e, 0x7F800000; "
+    "add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; sub.rn.f32 f, f, k; "
+    "shr.u32 k, f, 22; shr.u32 s, c, 28; and.b32 s, s, 8; or.b32 k, k, s; "
+)
+
+
 @dsl_user_op
-def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> Uint32:
-    """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32."""
+def _e2m1x2(
+    lo: Float32, hi: Float32, hardware: bool, finite: bool = False, *, loc=None, ip=None
+) -> Uint32:
+    """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32.
+
+    finite=True: the caller guarantees no NaN (a block on the fast path), so the NaN clamp is
+    left out (the hardware cvt saturates, the software steps take min(|c|, 6))."""
     clamp = (
         "min.f32 c, $1, 0f40C00000; max.f32 c, c, 0fC0C00000; "
         "min.f32 g, $2, 0f40C00000; max.f32 g, g, 0fC0C00000; "
     )
-    if hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
+    if hardware and finite:
+        ptx = "{ .reg .b8 b; cvt.rn.satfinite.e2m1x2.f32 b, $2, $1; cvt.u32.u8 $0, b; }"
+    elif finite:
+        ptx = (
+            "{ .reg .b32 c, g, d, e, f, k, s, t; mov.b32 c, $1; "
+            + _E2M1_FINITE_STEPS
+            + "mov.b32 t, k; mov.b32 c, $2; "
+            + _E2M1_FINITE_STEPS
+            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+        )
+    elif hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
         ptx = (
             "{ .reg .f32 c, g; .reg .b8 b; "
             + clamp
@@ -316,35 +397,65 @@ class Nvfp4QuantKernel:
         cp = cfg.padded_cols
         tidx, _, _ = cute.arch.thread_idx()
         bidx, g, _ = cute.arch.block_idx()
-        i = bidx * THREADS + tidx
-        c = i % cp
-        r = i // cp
+        i = Uint32(bidx * THREADS + tidx)  # unsigned: no sign fix-ups in the index math
+        c = Int32(i % cp)
+        r = Int32(i // cp)
         if r < srows:
             sf_off = self._scale_offset(g * srows + r, c)
             byte = Uint32(0)
             if (r < rows) & (c < cfg.cols):
                 v = self._load_block(x, r, g, c, w, idx)
-                inv_gs = gs[g]
-                xn = [v[j] / inv_gs for j in range(BLOCK)]  # x / gs: divide, as the reference
-                amax = Float32(0.0)
-                for j in cutlass.range_constexpr(BLOCK):
-                    amax = _max_abs_nan(amax, xn[j])
-                byte = _e4m3_byte(amax / Float32(6.0))
-                s = _e4m3_value(byte)
-                words = [Uint32(0), Uint32(0)]
-                for h in cutlass.range_constexpr(2):
-                    acc = Uint32(0)
-                    for j in cutlass.range_constexpr(4):
-                        e = 8 * h + 2 * j
-                        pair = _e2m1x2(xn[e] / s, xn[e + 1] / s, self.hardware_e2m1)
-                        acc = acc | (pair << (8 * j))
-                    words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
-                frag = cute.make_rmem_tensor(cute.make_layout(2), Uint32)
-                frag[0] = words[0]
-                frag[1] = words[1]
+                gsv = gs[g]
                 dst = cute.zipped_divide(codes[g, r, None], (2,))[(None, c)]
-                cute.autovec_copy(frag, dst)
+                if cutlass.const_expr(cfg.fast_division):
+                    amax_x = Float32(0.0)
+                    amin_x = Float32(float("inf"))
+                    for j in cutlass.range_constexpr(BLOCK):
+                        amax_x = _max_abs_nan(amax_x, v[j])
+                        amin_x = _min_abs(amin_x, v[j])
+                    if _fast_range(amax_x, amin_x, gsv) != Uint32(0):
+                        r_gs = Float32(1.0) / gsv
+                        xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
+                        # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
+                        byte = self._finish(xn, amax_x / gsv, dst, True)
+                    else:
+                        byte = self._exact(v, gsv, dst)
+                else:
+                    byte = self._exact(v, gsv, dst)
             sf[sf_off] = Uint8(byte)
+
+    @cute.jit
+    def _exact(self, v, gsv: Float32, dst: cute.Tensor) -> Uint32:
+        """Any block (NaN, Inf, zeros, subnormals): div.rn everywhere, NaN-propagating amax."""
+        xn = [v[j] / gsv for j in range(BLOCK)]  # x / gs: divide, as the reference
+        amax = Float32(0.0)
+        for j in cutlass.range_constexpr(BLOCK):
+            amax = _max_abs_nan(amax, xn[j])
+        return self._finish(xn, amax, dst, False)
+
+    @cute.jit
+    def _finish(self, xn, amax: Float32, dst: cute.Tensor, fast: bool) -> Uint32:
+        """Scale byte from the block amax, codes of xn / s into dst; returns the byte."""
+        byte = _e4m3_byte(amax / Float32(6.0))
+        s = _e4m3_value(byte)
+        if cutlass.const_expr(fast):  # in range: finite xn, s normal or 0 (codes zeroed)
+            r_s = Float32(1.0) / s
+            q = [_div_corrected(xn[j], r_s, -s) for j in range(BLOCK)]
+        else:
+            q = [xn[j] / s for j in range(BLOCK)]
+        words = [Uint32(0), Uint32(0)]
+        for h in cutlass.range_constexpr(2):
+            acc = Uint32(0)
+            for j in cutlass.range_constexpr(4):
+                e = 8 * h + 2 * j
+                pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1, fast)
+                acc = acc | (pair << (8 * j))
+            words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
+        frag = cute.make_rmem_tensor(cute.make_layout(2), Uint32)
+        frag[0] = words[0]
+        frag[1] = words[1]
+        cute.autovec_copy(frag, dst)
+        return byte
 
     @cute.jit
     def _scale_offset(self, row: Int32, c: Int32) -> Int32:
@@ -352,11 +463,9 @@ class Nvfp4QuantKernel:
         if cutlass.const_expr(cfg.scale_layout is ScaleLayout.LINEAR):
             return row * cfg.cols + c
         n_cb = cfg.padded_cols // ATOM_COLS
-        return (
-            ((row // ATOM_ROWS) * n_cb + c // ATOM_COLS) * 512
-            + (row % 32) * 16
-            + ((row // 32) % 4) * 4
-            + c % ATOM_COLS
+        u, k = Uint32(row), Uint32(c)  # both >= 0: the atom arithmetic as shifts and masks
+        return Int32(
+            (((u >> 7) * n_cb + (k >> 2)) << 9) | ((u & 31) << 4) | (((u >> 5) & 3) << 2) | (k & 3)
         )
 
     @cute.jit
@@ -443,9 +552,18 @@ def arch_of(device) -> str:
     return "sm_100a" if major >= 10 else "sm_90a"
 
 
-def _need(cond: bool, msg: str) -> None:
+def _need(cond: bool, msg) -> None:
+    """ValueError(msg()) unless cond: the message is built only on failure (formatting a CUDA
+    tensor would read it on the host, which graph capture forbids, and costs time per call)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg())
+
+
+def _meta(t) -> str:
+    """dtype / shape / strides of a tensor (never its values)."""
+    if t is None:
+        return "None"
+    return f"dtype={t.dtype} shape={tuple(t.shape)} stride={t.stride()}"
 
 
 def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=None) -> None:
@@ -466,12 +584,15 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
     x3 = x.unsqueeze(1) if x.dim() == 2 and g_n == 1 else x
     _need(
         x3.dim() == 3 and tuple(x3.shape[1:]) == (g_n, cfg.in_width),
-        f"x must be [T, {cfg.in_width}]"
-        + (f" or [T, {g_n}, {cfg.in_width}]" if g_n > 1 else "")
-        + f" for {cfg}, got x.shape={tuple(x.shape)}",
+        lambda: (
+            f"x must be [T, {cfg.in_width}]"
+            + (f" or [T, {g_n}, {cfg.in_width}]" if g_n > 1 else "")
+            + f" for {cfg}, got x.shape={tuple(x.shape)}"
+        ),
     )
     _need(
-        x.dtype == getattr(torch, cfg.in_dtype), f"x must be {cfg.in_dtype}, got x.dtype={x.dtype}"
+        x.dtype == getattr(torch, cfg.in_dtype),
+        lambda: f"x must be {cfg.in_dtype}, got x.dtype={x.dtype}",
     )
     if cfg.gather:
         _need(
@@ -479,44 +600,50 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
             and index.dtype == torch.int32
             and index.dim() == 1
             and index.is_contiguous(),
-            f"index must be a contiguous int32 [T] for {cfg}, got {index!r:.80}",
+            lambda: f"index must be a contiguous int32 [T] for {cfg}, got {_meta(index)}",
         )
         t = index.shape[0]
     else:
-        _need(index is None, f"index is only taken with gather=True, got one for {cfg}")
+        _need(index is None, lambda: f"index is only taken with gather=True, got one for {cfg}")
         t = x3.shape[0]
     s_row, s_grp, s_k = x3.stride()
     _need(
         s_k == 1 and s_row % BLOCK == 0 and s_grp % BLOCK == 0 and x.data_ptr() % 32 == 0,
-        f"x needs a contiguous last dim, row/group strides multiple of {BLOCK} and a 32-byte "
-        f"aligned start, got x.stride()={x.stride()} x.data_ptr() % 32={x.data_ptr() % 32}",
+        lambda: (
+            f"x needs a contiguous last dim, row/group strides multiple of {BLOCK} and a 32-byte "
+            f"aligned start, got x.stride()={x.stride()} x.data_ptr() % 32={x.data_ptr() % 32}"
+        ),
     )
     _need(
         gs.dtype == torch.float32 and gs.numel() == g_n and gs.is_contiguous(),
-        f"gs must be fp32 with {g_n} value(s), got gs.dtype={gs.dtype} gs.shape={tuple(gs.shape)}",
+        lambda: f"gs must be contiguous fp32 with {g_n} value(s), got {_meta(gs)}",
     )
     _need(
         codes.dtype == torch.uint8
         and tuple(codes.shape) == (g_n * t, k // 2)
         and codes.is_contiguous()
         and codes.data_ptr() % 8 == 0,
-        f"codes must be contiguous uint8 [{g_n * t}, {k // 2}], 8-byte aligned, got "
-        f"codes.dtype={codes.dtype} codes.shape={tuple(codes.shape)}",
+        lambda: (
+            f"codes must be contiguous uint8 [{g_n * t}, {k // 2}], 8-byte aligned, got "
+            f"codes.dtype={codes.dtype} codes.shape={tuple(codes.shape)}"
+        ),
     )
     _need(
         scales.dtype in (torch.uint8, torch.float8_e4m3fn) and scales.is_contiguous(),
-        f"scales must be contiguous uint8 / float8_e4m3fn, got scales.dtype={scales.dtype}",
+        lambda: f"scales must be contiguous uint8 / float8_e4m3fn, got scales.dtype={scales.dtype}",
     )
     if cfg.scale_layout is ScaleLayout.LINEAR:
         _need(
             tuple(scales.shape) == (g_n * t, cfg.cols),
-            f"scales must be [{g_n * t}, {cfg.cols}] (linear), got {tuple(scales.shape)}",
+            lambda: f"scales must be [{g_n * t}, {cfg.cols}] (linear), got {tuple(scales.shape)}",
         )
     else:
         _need(
             scales.numel() >= cfg.scale_bytes(t),
-            f"scales must hold {cfg.scale_bytes(t)} bytes (swizzled, rows padded to 128), got "
-            f"scales.numel()={scales.numel()}",
+            lambda: (
+                f"scales must hold {cfg.scale_bytes(t)} bytes (swizzled, rows padded to 128), got "
+                f"scales.numel()={scales.numel()}"
+            ),
         )
     if cfg.row_weight:
         _need(
@@ -524,7 +651,7 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
             and row_weight.dtype == torch.float32
             and tuple(row_weight.shape) == (t,)
             and row_weight.is_contiguous(),
-            f"row_weight must be contiguous fp32 [{t}] for {cfg}, got {row_weight!r:.80}",
+            lambda: f"row_weight must be contiguous fp32 [{t}] for {cfg}, got {_meta(row_weight)}",
         )
     tensors = {
         "x": x,
@@ -537,13 +664,13 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
     devs = {n: v.device for n, v in tensors.items() if v is not None}
     _need(
         len(set(devs.values())) == 1 and x.device.type == "cuda",
-        f"all tensors must be on one CUDA device, got {devs}",
+        lambda: f"all tensors must be on one CUDA device, got {devs}",
     )
     if t == 0:
         return
     _need(
         x3.shape[0] * s_row < 2**31 and codes.numel() < 2**31,
-        f"tensors must hold fewer than 2^31 elements, got x.shape={tuple(x.shape)}",
+        lambda: f"tensors must hold fewer than 2^31 elements, got x.shape={tuple(x.shape)}",
     )
     kernel = compile_quant(cfg, arch_of(x.device))
     w = row_weight if row_weight is not None else gs  # unused pointers: any valid address
@@ -566,7 +693,7 @@ def _cu_stream(handle: int):
 # thin public functions (allocate the outputs)
 
 
-def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, groups: int = 1, index=None):
+def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, index=None):
     """x [T, K] (or [T, G, K] with gs [G]) -> (codes uint8 [G*T, K/2], scales e4m3); with an
     int32 `index` [R] the output rows are x[index] (gathered, R rows)."""
     import torch
@@ -575,7 +702,7 @@ def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, groups: in
         x.shape[-1],
         str(x.dtype).removeprefix("torch."),
         scale_layout,
-        groups,
+        x.shape[1] if x.dim() == 3 else 1,
         gather=index is not None,
     )
     t = x.shape[0] if index is None else index.shape[0]
