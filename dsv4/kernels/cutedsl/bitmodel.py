@@ -46,6 +46,19 @@ def e2m1_codes_sw(q: torch.Tensor) -> torch.Tensor:
     return code.to(torch.uint8)
 
 
+def e2m1_codes_finite(q: torch.Tensor, sign_of: torch.Tensor) -> torch.Tensor:
+    """The fast path's steps for a finite q (no NaN clamp; min(|q|, 6) saturates), the sign
+    bit taken from `sign_of` (the block's input value, same sign as q)."""
+    q = q.float()
+    a = q.abs().clamp(max=E2M1_MAX)
+    m = torch.maximum(a, torch.ones_like(a))
+    cc = ((m.view(torch.int32) & EXP_MASK) + C_BIAS).view(torch.float32)
+    r = (a.double() * TWO_M126 + cc.double()).float() - cc
+    code = (r.view(torch.int32) >> 22) & 0x7
+    code = code | (torch.signbit(sign_of.float()).to(torch.int32) << 3)
+    return code.to(torch.uint8)
+
+
 def e4m3_satfinite(s: torch.Tensor) -> torch.Tensor:
     """cvt.rn.satfinite.e4m3x2.f32 of non-negative fp32 s -> uint8 bytes (NaN -> 0x7F)."""
     s = s.float()

@@ -207,37 +207,34 @@ def _zero_if_zero(word: Uint32, s: Float32, *, loc=None, ip=None) -> Uint32:
     )
 
 
-# |x| <= 2^90, |x| >= 2^-90 over the block and gs in [2^-30, 2^30]: every quotient and every
-# residual of the corrected divisions below is a normal fp32 number (NaN and Inf fail the test)
+# max |x| <= 2^90 over the block (NaN and Inf fail) and gs in [2^-30, 2^30]: every quotient
+# and residual of the corrected divisions that can change a code or a scale is a normal fp32
+# number. Smaller |x| (zeros, subnormals) may make x_n and q off by an ulp there, but such a q
+# is far below the first E2M1 midpoint (code magnitude 0 either way), the block amax comes
+# from x itself, and code signs are taken from x, so the bits are unchanged.
 _FAST_RANGE_PTX = (
-    "{ .reg .pred p; setp.le.f32 p, $1, 0f6C800000; setp.ge.and.f32 p, $2, 0f12800000, p; "
-    "setp.ge.and.f32 p, $3, 0f30800000, p; setp.le.and.f32 p, $3, 0f4E800000, p; "
+    "{ .reg .pred p; setp.le.f32 p, $1, 0f6C800000; "
+    "setp.ge.and.f32 p, $2, 0f30800000, p; setp.le.and.f32 p, $2, 0f4E800000, p; "
     "selp.u32 $0, 1, 0, p; }"
 )
+_RCP_6 = 0.16666667163372040  # RN(1 / 6) in fp32 (0x3E2AAAAB)
 
 
 @dsl_user_op
-def _fast_range(amax: Float32, amin: Float32, gs: Float32, *, loc=None, ip=None) -> Uint32:
-    return Uint32(
-        _asm(
-            T.i32(),
-            _FAST_RANGE_PTX,
-            "=r,f,f,f",
-            [Float32(amax), Float32(amin), Float32(gs)],
-            loc,
-            ip,
-        )
-    )
+def _fast_range(amax: Float32, gs: Float32, *, loc=None, ip=None) -> Uint32:
+    return Uint32(_asm(T.i32(), _FAST_RANGE_PTX, "=r,f,f", [Float32(amax), Float32(gs)], loc, ip))
 
 
 @dsl_user_op
-def _min_abs(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
+def _rcp_refined(b: Float32, *, loc=None, ip=None) -> Float32:
+    """1 / b as CUDA's div.rn computes it before its quotient: rcp.approx, one Newton step."""
     return Float32(
         _asm(
             T.f32(),
-            "{ .reg .f32 t; abs.f32 t, $2; min.f32 $0, $1, t; }",
-            "=f,f,f",
-            [Float32(acc), Float32(v)],
+            "{ .reg .f32 r, e, n; rcp.approx.ftz.f32 r, $1; neg.f32 n, $1; "
+            "fma.rn.f32 e, n, r, 0f3F800000; fma.rn.f32 $0, r, e, r; }",
+            "=f,f",
+            [Float32(b)],
             loc,
             ip,
         )
@@ -246,9 +243,10 @@ def _min_abs(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
 
 @dsl_user_op
 def _div_corrected(a: Float32, r: Float32, neg_b: Float32, *, loc=None, ip=None) -> Float32:
-    """a / b as q0 = a * r, e = a - b * q0 (exact, fma), q = q0 + r * e, with r = RN(1 / b):
-    CUDA's own div.rn fast path minus its range check (FCHK), which the caller does per block
-    (_fast_range); in that range the result is RN(a / b), bit for bit."""
+    """a / b as q0 = a * r, e = a - b * q0 (exact, fma), q = q0 + r * e, r from _rcp_refined
+    (or RN(1 / b)): CUDA's own div.rn fast path (the same five instructions in its SASS) minus
+    its range check (FCHK), which the caller does per block (_fast_range); in that range the
+    result is RN(a / b), bit for bit."""
     return Float32(
         _asm(
             T.f32(),
@@ -271,37 +269,55 @@ _E2M1_SW_STEPS = (
 )
 
 
-# The same for a finite value in register c (no NaN, any magnitude): min(|c|, 6) saturates
+# The same for a finite value in register c (no NaN, any magnitude): min(|c|, 6) saturates;
+# the sign comes from register x (the block's input value, whose sign q has even where q's
+# own sign was lost: -0 through the corrected divisions)
 _E2M1_FINITE_STEPS = (
     "abs.f32 d, c; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; and.b32 k, e, 0x7F800000; "
     "add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; sub.rn.f32 f, f, k; "
-    "shr.u32 k, f, 22; shr.u32 s, c, 28; and.b32 s, s, 8; or.b32 k, k, s; "
+    "shr.u32 k, f, 22; shr.u32 s, x, 28; and.b32 s, s, 8; or.b32 k, k, s; "
 )
 
 
 @dsl_user_op
-def _e2m1x2(
-    lo: Float32, hi: Float32, hardware: bool, finite: bool = False, *, loc=None, ip=None
+def _e2m1x2_finite(
+    lo: Float32,
+    hi: Float32,
+    sign_lo: Float32,
+    sign_hi: Float32,
+    hardware: bool,
+    *,
+    loc=None,
+    ip=None,
 ) -> Uint32:
-    """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32.
+    """_e2m1x2 for a block on the fast path (no NaN): no NaN clamp (the hardware cvt
+    saturates, the software steps take min(|c|, 6)); signs from sign_lo / sign_hi."""
+    if hardware:  # copysign (lop3 0xD8: (a & ~m) | (b & m)), then the cvt
+        ptx = (
+            "{ .reg .b32 c, g; .reg .b8 b; lop3.b32 c, $1, $3, 0x80000000, 0xD8; "
+            "lop3.b32 g, $2, $4, 0x80000000, 0xD8; "
+            "cvt.rn.satfinite.e2m1x2.f32 b, g, c; cvt.u32.u8 $0, b; }"
+        )
+    else:
+        ptx = (
+            "{ .reg .b32 c, x, d, e, f, k, s, t; mov.b32 c, $1; mov.b32 x, $3; "
+            + _E2M1_FINITE_STEPS
+            + "mov.b32 t, k; mov.b32 c, $2; mov.b32 x, $4; "
+            + _E2M1_FINITE_STEPS
+            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+        )
+    args = [Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi)]
+    return Uint32(_asm(T.i32(), ptx, "=r,f,f,f,f", args, loc, ip))
 
-    finite=True: the caller guarantees no NaN (a block on the fast path), so the NaN clamp is
-    left out (the hardware cvt saturates, the software steps take min(|c|, 6))."""
+
+@dsl_user_op
+def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> Uint32:
+    """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32."""
     clamp = (
         "min.f32 c, $1, 0f40C00000; max.f32 c, c, 0fC0C00000; "
         "min.f32 g, $2, 0f40C00000; max.f32 g, g, 0fC0C00000; "
     )
-    if hardware and finite:
-        ptx = "{ .reg .b8 b; cvt.rn.satfinite.e2m1x2.f32 b, $2, $1; cvt.u32.u8 $0, b; }"
-    elif finite:
-        ptx = (
-            "{ .reg .b32 c, g, d, e, f, k, s, t; mov.b32 c, $1; "
-            + _E2M1_FINITE_STEPS
-            + "mov.b32 t, k; mov.b32 c, $2; "
-            + _E2M1_FINITE_STEPS
-            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
-        )
-    elif hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
+    if hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
         ptx = (
             "{ .reg .f32 c, g; .reg .b8 b; "
             + clamp
@@ -409,15 +425,14 @@ class Nvfp4QuantKernel:
                 dst = cute.zipped_divide(codes[g, r, None], (2,))[(None, c)]
                 if cutlass.const_expr(cfg.fast_division):
                     amax_x = Float32(0.0)
-                    amin_x = Float32(float("inf"))
                     for j in cutlass.range_constexpr(BLOCK):
                         amax_x = _max_abs_nan(amax_x, v[j])
-                        amin_x = _min_abs(amin_x, v[j])
-                    if _fast_range(amax_x, amin_x, gsv) != Uint32(0):
-                        r_gs = Float32(1.0) / gsv
+                    if _fast_range(amax_x, gsv) != Uint32(0):
+                        r_gs = _rcp_refined(gsv)
                         xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
                         # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
-                        byte = self._finish(xn, amax_x / gsv, dst, True)
+                        amax_n = _div_corrected(amax_x, r_gs, -gsv)
+                        byte = self._finish(xn, amax_n, dst, v)
                     else:
                         byte = self._exact(v, gsv, dst)
                 else:
@@ -431,24 +446,35 @@ class Nvfp4QuantKernel:
         amax = Float32(0.0)
         for j in cutlass.range_constexpr(BLOCK):
             amax = _max_abs_nan(amax, xn[j])
-        return self._finish(xn, amax, dst, False)
+        return self._finish(xn, amax, dst, None)
 
     @cute.jit
-    def _finish(self, xn, amax: Float32, dst: cute.Tensor, fast: bool) -> Uint32:
-        """Scale byte from the block amax, codes of xn / s into dst; returns the byte."""
-        byte = _e4m3_byte(amax / Float32(6.0))
-        s = _e4m3_value(byte)
+    def _finish(self, xn, amax: Float32, dst: cute.Tensor, signs) -> Uint32:
+        """Scale byte from the block amax, codes of xn / s into dst; returns the byte.
+
+        signs=None: the div.rn path; else the block is on the fast path and signs[j] (the
+        input values) carry the code signs."""
+        fast = signs is not None
         if cutlass.const_expr(fast):  # in range: finite xn, s normal or 0 (codes zeroed)
-            r_s = Float32(1.0) / s
+            byte = _e4m3_byte(_div_corrected(amax, Float32(_RCP_6), Float32(-6.0)))
+            s = _e4m3_value(byte)
+            r_s = _rcp_refined(s)
             q = [_div_corrected(xn[j], r_s, -s) for j in range(BLOCK)]
         else:
+            byte = _e4m3_byte(amax / Float32(6.0))
+            s = _e4m3_value(byte)
             q = [xn[j] / s for j in range(BLOCK)]
         words = [Uint32(0), Uint32(0)]
         for h in cutlass.range_constexpr(2):
             acc = Uint32(0)
             for j in cutlass.range_constexpr(4):
                 e = 8 * h + 2 * j
-                pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1, fast)
+                if cutlass.const_expr(fast):
+                    pair = _e2m1x2_finite(
+                        q[e], q[e + 1], signs[e], signs[e + 1], self.hardware_e2m1
+                    )
+                else:
+                    pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1)
                 acc = acc | (pair << (8 * j))
             words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
         frag = cute.make_rmem_tensor(cute.make_layout(2), Uint32)
