@@ -173,6 +173,18 @@ def _ref(x, gs):
     return codes, scales.view(torch.uint8)
 
 
+def _assert_linear_exact(cfg, x, gs):
+    """Run cfg (linear scales) on x [T, K] and compare codes and scale bytes with reference/."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    codes = torch.empty(x.shape[0], cfg.k // 2, dtype=torch.uint8, device=x.device)
+    sf = torch.empty(x.shape[0], cfg.cols, dtype=torch.uint8, device=x.device)
+    nq.run_quant(cfg, x, gs, codes, sf)
+    rc, rs = _ref(x, gs)
+    assert torch.equal(sf, rs)
+    assert torch.equal(codes, rc)
+
+
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 3, 31, 128, 129, 4097])
 def test_gpu_quantize_bit_exact_any_token_count(t):
@@ -206,12 +218,7 @@ def test_gpu_quantize_every_bf16_value(gs, fast):
     x = torch.cat(blocks)
     g = torch.tensor([gs], dtype=torch.float32, device="cuda")
     cfg = nq.QuantConfig(64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast)
-    codes = torch.empty(x.shape[0], 32, dtype=torch.uint8, device="cuda")
-    sf = torch.empty(x.shape[0], 4, dtype=torch.uint8, device="cuda")
-    nq.run_quant(cfg, x, g, codes, sf)
-    rc, rs = _ref(x, g)
-    assert torch.equal(codes, rc)
-    assert torch.equal(sf, rs)
+    _assert_linear_exact(cfg, x, g)
 
 
 @needs_gpu
@@ -231,13 +238,7 @@ def test_gpu_fast_division_on_rounding_midpoints():
     x = torch.cat([vals, amax], 1)
     x = torch.where(torch.rand_like(x) < 0.5, -x, x)
     gs = torch.tensor([1.0], device="cuda")
-    cfg = nq.QuantConfig(16, "float32", nq.ScaleLayout.LINEAR)
-    codes = torch.empty(x.shape[0], 8, dtype=torch.uint8, device="cuda")
-    sf = torch.empty(x.shape[0], 1, dtype=torch.uint8, device="cuda")
-    nq.run_quant(cfg, x, gs, codes, sf)
-    rc, rs = _ref(x, gs)
-    assert torch.equal(sf, rs)
-    assert torch.equal(codes, rc)
+    _assert_linear_exact(nq.QuantConfig(16, "float32", nq.ScaleLayout.LINEAR), x, gs)
 
 
 @needs_gpu
