@@ -33,6 +33,12 @@ def test_ops_refuse_cutedsl_on_cpu():
         ops.quantize_activation_nvfp4(x, gs, impl="cutedsl")
     with pytest.raises(QuantImplUnavailableError, match="cutedsl"):
         ops.swiglu_quantize(torch.randn(4, 64), gs, 10.0, impl="cutedsl")
+    with pytest.raises(QuantImplUnavailableError, match="cutedsl"):
+        ops.quantize_to_nvfp4(x, impl="cutedsl")
+    # auto on CPU: torch, the same bits as before the implementations were named
+    c1, s1, g1 = ops.quantize_to_nvfp4(x)
+    c2, s2, g2 = ops.quantize_to_nvfp4(x, impl="torch")
+    assert torch.equal(c1, c2) and torch.equal(s1.view(torch.uint8), s2.view(torch.uint8))
 
 
 def test_runner_records_its_quant_impl_and_refuses_at_finalize():

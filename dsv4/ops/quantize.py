@@ -316,18 +316,23 @@ def _(x, global_scale, codes_out, scales_out, workspace, impl="torch") -> None:
 
 
 @torch.library.custom_op("dsv4::quantize_nvfp4_dynamic", mutates_args=())
-def _quantize_dynamic_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gs = global_scale_from_amax(nvfp4_amax(x))
+def _quantize_dynamic_op(
+    x: torch.Tensor, impl: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gs = global_scale_from_amax(nvfp4_amax(x))  # the amax reduction on the device, then static
     codes = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty(
         (*x.shape[:-1], x.shape[-1] // BLOCK), dtype=torch.float8_e4m3fn, device=x.device
     )
-    quantize_into(x, gs, codes, scales)
+    if impl == "cutedsl":
+        _cutedsl_quantize(x, gs, codes, scales)
+    else:
+        quantize_into(x, gs, codes, scales)
     return codes, scales, gs
 
 
 @_quantize_dynamic_op.register_fake
-def _(x):
+def _(x, impl="torch"):
     lead = tuple(x.shape[:-1])
     return (
         x.new_empty((*lead, x.shape[-1] // 2), dtype=torch.uint8),
@@ -340,13 +345,16 @@ def _(x):
 # public API (names of the serving code, DESIGN.md §2)
 
 
-def quantize_to_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_to_nvfp4(
+    x: torch.Tensor, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic: x [..., K] -> (codes uint8 [..., K/2], scales e4m3 [..., K/16], gs fp32 0-d).
 
-    gs = amax(|x|) / (6 * 448) (NaN ignored, 1.0 for an all-zero x), computed on the device.
+    gs = amax(|x|) / (6 * 448) (NaN ignored, 1.0 for an all-zero x), computed on the device (a
+    torch reduction), then the static quantizer of `impl` (see `select_quant_impl`).
     """
     _check_x("x", x)
-    return _quantize_dynamic_op(x)
+    return _quantize_dynamic_op(x, select_quant_impl(x.device, impl))
 
 
 def quantize_activation_nvfp4(
@@ -437,13 +445,13 @@ def quantize_weight_to_nvfp4(
         raise ValueError(
             f"w must be [K, N] with K a multiple of {BLOCK}, got w.shape={tuple(w.shape)}"
         )
+    # impl="torch": wt is a transposed view (the kernels take a contiguous last dim), and
+    # weights are quantized once, at finalize
     wt = w.t()
     if global_scale is None:
-        codes, scales, gs = quantize_to_nvfp4(wt)
+        codes, scales, gs = quantize_to_nvfp4(wt, impl="torch")
     else:
         gs = _checks.global_scale("global_scale", global_scale, w.device)
-        # torch: wt is a transposed view (the kernels take a contiguous last dim), and weights
-        # are quantized once, at finalize
         codes, scales = quantize_activation_nvfp4(wt, gs, impl="torch")
     return codes.t().contiguous(), scales.t().contiguous(), gs
 
