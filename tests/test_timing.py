@@ -294,3 +294,13 @@ def test_cli_compare_prints_the_timing_verdicts(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "old"), str(tmp_path / "new")]) == 0
     out = capsys.readouterr().out
     assert "same: 1" in out and "slower: 1" in out and "x1.4" in out
+
+
+def test_compiled_reference_is_bit_exact_on_quantize():
+    from harness.stages import run_case
+
+    adapter = adapters.load("reference-compiled")  # SwiGLU-requant: checked on the GPU host
+    for stage in (Stage.QUANTIZE,):
+        comps = run_case(_case(stage, tokens=4, scale_ratio=1.0), adapter)
+        assert comps and all(c.outcome.value == "pass" for c in comps), comps
+        assert all(c.metrics.get("equal", True) for c in comps)
