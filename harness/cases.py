@@ -105,7 +105,7 @@ class Shape:
             )
 
 
-# DeepSeek V4 (DESIGN.md §3). n_experts is the local count of one rank at EP=8.
+# DeepSeek V4 (docs/design.md §3). n_experts is the local count of one rank at EP=8.
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(),
     "v4_pro": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
