@@ -99,7 +99,7 @@ class Adapter(Protocol):
 
 
 class AdapterBase:
-    """Defaults: DESIGN conventions, CPU and CUDA, supports the stages it has methods for."""
+    """Defaults: docs/design.md's conventions, CPU and CUDA, the stages it has methods for."""
 
     name = "unnamed"
     conventions = Conventions()

@@ -3,7 +3,7 @@
 Everything is drawn on the CPU from one `torch.Generator` seeded by (case seed, a tag), then moved
 to the case's device, so a case's inputs are the same on every machine and every backend. The
 exact distributions (fp4_grid, midpoints) come with a power-of-two global scale: with them every
-intermediate of the quantizer is exact and equality is demanded (DESIGN.md §3).
+intermediate of the quantizer is exact and equality is demanded (docs/design.md §3).
 """
 
 from __future__ import annotations

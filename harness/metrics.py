@@ -1,7 +1,7 @@
 """Comparison metrics: small pure functions from tensors to JSON-ready Python values.
 
 Every function takes tensors and returns floats, ints, bools, lists and dicts only, so a runner can
-write the result straight into a JSONL record (DESIGN.md §5). No I/O, no pytest, no printing.
+write the result straight into a JSONL record (docs/design.md §5). No I/O, no pytest, no printing.
 Float64 is used wherever a sum is taken. Non-finite values are never silently averaged: the panels
 compute their statistics on the elements where both sides are finite and count the rest apart.
 A statistic over zero finite pairs is float('nan') ("undefined"), an exact match gives
@@ -142,7 +142,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 def error_panel(
     ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float, token_dim: int = 0
 ) -> dict:
-    """The tolerant-comparison panel of DESIGN.md §5.
+    """The tolerant-comparison panel of docs/design.md §5.
 
     Statistics (max_abs, max_rel, mean_abs, calc_diff, cosine, worst_token_cosine, sqnr_db) use
     only elements where ref and out are both finite. max_rel divides by
@@ -293,7 +293,7 @@ def classify_quantize_mismatches(
     out_codes: torch.Tensor,
     out_scales: torch.Tensor,
 ) -> dict:
-    """Sort NVFP4 quantizer mismatches into legitimate classes and real errors (DESIGN.md §5).
+    """Sort NVFP4 quantizer mismatches into legitimate classes and real errors (docs/design.md §5).
 
     x [..., K] is the quantizer input, global_scale the decode-convention gs both sides used,
     codes packed uint8 [..., K/2], scales float8_e4m3fn [..., K/16]. s_true = amax(|x/gs|)/6 of a

@@ -5,7 +5,7 @@ operands come plain and in the reference's assembled layouts). Layer cases run e
 named intermediate both sides expose is compared, the first divergent stage is named, and the
 first stage whose output holds NaN/Inf is the NaN culprit (later stages only propagate it).
 
-Verdicts (DESIGN.md §5): codes and scale bytes are bit-exact, where only real mismatches fail
+Verdicts (docs/design.md §5): codes and scale bytes are bit-exact, where only real mismatches fail
 (tie flips, signed zeros and underflowed blocks are classified, not failed) unless the case or its
 distribution demands exactness; layouts are exact; GEMM outputs lie within the derived bound of
 `reference.gemm.grouped_gemm_error_bound`; a layer's output meets the case budget.
@@ -95,7 +95,7 @@ def compare_quantized(
     out_q: tuple[torch.Tensor, torch.Tensor],
     exact: bool,
 ) -> list[Comparison]:
-    """Codes and scale bytes: bit-exact, or every mismatch classified (DESIGN.md §5)."""
+    """Codes and scale bytes: bit-exact, or every mismatch classified (docs/design.md §5)."""
     rows = []
     for part, r, o in (("codes", ref_q[0], out_q[0]), ("scales", ref_q[1], out_q[1])):
         if r.shape != o.shape:

@@ -1,6 +1,6 @@
 """SwiGLU with a limit, in every variant the field uses, so a kernel's choice can be named.
 
-DeepSeek V4 (DESIGN.md §3) computes in fp32 on the L1 output [..., 2I]: gate = min(gate, L);
+DeepSeek V4 (docs/design.md §3) computes in fp32 on the L1 output [..., 2I]: gate = min(gate, L);
 up = clamp(up, -L, L); h = silu(gate) * up. Gate is the first half, up the second, unless the
 weights were stacked the other way (`gate_first=False`). Other kernels clamp after the product,
 clamp silu(gate) instead of gate (SwigluStep), skip the clamp, or apply the clamp to the raw GEMM

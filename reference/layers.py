@@ -1,7 +1,7 @@
 """Reference layers: shared expert, routed MoE, grouped linear (wo_a), stage by stage.
 
 Each layer is a plain function that returns `Stages`, an ordered dict of NAMED intermediates, so
-the harness can compare and NaN-trace a kernel stage by stage (DESIGN.md §1, §5). Weights arrive
+the harness can compare and NaN-trace a kernel by stage (docs/design.md §1, §5). Weights arrive
 in high precision and are quantized here, one global scale per expert / group, blocks along K
 (`quantize_weight_nvfp4`, the serving code's `quantize_weight_to_nvfp4`); their stages ("w13_q",
 "w2_q", "w_q") are (codes, scales, gs[E]). Activations are quantized per expert / group with the
@@ -11,7 +11,7 @@ float64 and rounds once to bf16, which makes results independent of summation or
 compare against per-token loops bit for bit).
 
 `quantized=False` gives the unquantized twin: fp32 operands, fp32 matmuls, the same SwiGLU, fp32
-outputs, the same stage names minus the quantized-operand ones (DESIGN.md §5 level 3).
+outputs, the same stage names minus the quantized-operand ones (docs/design.md §5 level 3).
 """
 
 from __future__ import annotations

@@ -274,10 +274,12 @@ def test_a_failed_case_is_timed_but_marked_invalid():
 def test_a_timed_sweep_reruns_pairs_that_have_no_timing_row(tmp_path):
     cases = [dataclasses.replace(_case(Stage.QUANTIZE, tokens=4), backends=("reference",))]
     run_sweep(cases, tmp_path, SweepOptions(progress=False))
-    assert results.done_keys(tmp_path) == {(cases[0].id, "reference")}
-    assert results.done_keys(tmp_path, timed=True) == set()
-    run_sweep(cases, tmp_path, SweepOptions(progress=False, time=True))
-    assert results.done_keys(tmp_path, timed=True) == {(cases[0].id, "reference")}
+    assert results.timed_pairs(tmp_path) == set()
+    assert run_sweep(cases, tmp_path, SweepOptions(progress=False))["resumed"] == 1
+    timed = SweepOptions(progress=False, time=True)
+    assert run_sweep(cases, tmp_path, timed)["resumed"] == 0  # finished, but never timed
+    assert results.timed_pairs(tmp_path) == {(cases[0].id, "reference")}
+    assert run_sweep(cases, tmp_path, timed)["resumed"] == 1
 
 
 def test_cli_compare_prints_the_timing_verdicts(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""dsv4.ops: the NVFP4 building blocks a serving stack calls (DESIGN.md §2).
+"""dsv4.ops: the NVFP4 building blocks a serving stack calls (docs/design.md §2).
 
 quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, graph-safe),
 `quantize_weight_to_nvfp4`. layouts: `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`,
