@@ -276,6 +276,26 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values, a NaN equal to a NaN at the same position (torch.equal is
+    never True once a NaN is present, so a NaN-input case would read as divergent everywhere).
+    +0 == -0 here; use `bitwise_equal` where the sign of zero matters."""
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    a, b = a.detach(), b.detach().to(a.device)
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def codes_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """`bitwise_equal` of packed E2M1 codes counted per CODE (two per byte), not per byte:
+    n_mismatch and first_mismatch are in element coordinates [..., K]; n_mismatch_bytes beside."""
+    eq = bitwise_equal(unpack_e2m1(a), unpack_e2m1(b.to(a.device)))
+    eq["n_mismatch_bytes"] = bitwise_equal(a, b)["n_mismatch"]
+    return eq
+
+
 def _near(q: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     return (q - mid).abs() <= TIE_REL_TOL * mid
 

@@ -107,9 +107,9 @@ def compare_quantized(
                 )
             )
             continue
-        eq = metrics.bitwise_equal(r, o)
+        eq = metrics.codes_equal(r, o) if part == "codes" else metrics.bitwise_equal(r, o)
         rows.append(
-            Comparison(f"{name}.{part}", Outcome.PASS, "", {**eq, **metrics.nonfinite_stats(o)})
+            Comparison(f"{name}.{part}", Outcome.PASS, "", {**metrics.nonfinite_stats(o), **eq})
         )
     if all(c.metrics.get("equal") for c in rows):
         return rows
@@ -123,13 +123,14 @@ def compare_quantized(
         if exact:
             c.outcome = Outcome.FAIL
             c.message = (
-                f"{c.metrics['n_mismatch']} mismatching {part} where every intermediate "
-                f"is exact; first at {c.metrics['first_mismatch']}"
+                f"{c.metrics['n_mismatch']} of {c.metrics['numel']} {part} mismatch where "
+                f"every intermediate is exact; first at {c.metrics['first_mismatch']}"
             )
         elif cls[part].get("real", 0):
             c.outcome = Outcome.FAIL
             first = cls[f"first_real_{part[:-1]}"]
-            c.message = f"{cls[part]['real']} real mismatches ({cls[part]}); first at {first}"
+            n, numel = cls[part]["real"], c.metrics["numel"]
+            c.message = f"{n} of {numel} {part} are real mismatches ({cls[part]}); first at {first}"
         else:
             c.message = f"all mismatches classified as legitimate: {cls[part]}"
     return rows
@@ -471,7 +472,7 @@ def _compare_intermediate(name: str, rv: Any, kv: Any) -> Comparison:
     if isinstance(rv, tuple):  # (codes, scales, gs)
         m = {}
         for part, a, b in (("codes", rv[0], kv[0]), ("scales", rv[1], kv[1])):
-            eq = metrics.bitwise_equal(a, b)
+            eq = metrics.codes_equal(a, b) if part == "codes" else metrics.bitwise_equal(a, b)
             m[f"{part}_mismatch"] = eq["n_mismatch"]
         m["equal"] = not (m["codes_mismatch"] or m["scales_mismatch"])
         st = metrics.nonfinite_stats(kv[1])
@@ -482,7 +483,7 @@ def _compare_intermediate(name: str, rv: Any, kv: Any) -> Comparison:
         eq = metrics.bitwise_equal(rv, kv)
         return Comparison(name, Outcome.PASS if eq["equal"] else Outcome.FAIL, "", eq)
     m = metrics.error_panel(rv.float(), kv.float(), 0.0, 0.0)
-    m["equal"] = bool(torch.equal(rv, kv))
+    m["equal"] = metrics.equal_nan(rv, kv)  # NaN at the same place is equal (a NaN-input case)
     st = metrics.nonfinite_stats(kv)
     m["nonfinite_out"] = st["nan"] + st["inf"]
     m["stats"] = st

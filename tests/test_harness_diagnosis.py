@@ -1,0 +1,77 @@
+"""Diagnosis fidelity (issue 15): every planted defect is named at the stage where it is born.
+
+Each test runs one small case straight through `harness.stages.run_case` (no sweep, no files) on
+the reference or on a defect adapter of tests/planted.py, and checks the verdict, the stage the
+harness names and the diagnosis in its message. Shapes are the tiny preset: the whole file runs
+in seconds on one core.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import adapters, metrics
+from harness.cases import Case, Distribution, Shape, Stage
+from harness.stages import Outcome, run_case
+from reference.nvfp4 import unpack_e2m1
+from tests import planted
+
+
+def run(adapter, stage: Stage, **kw) -> dict:
+    """name -> Comparison of one tiny case."""
+    case = Case(stage, Shape(), **kw)
+    return {c.name: c for c in run_case(case, adapter)}
+
+
+LAYERS = (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. NaN-equal intermediates
+
+
+@pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
+@pytest.mark.parametrize("dist", [Distribution.NAN_ONE], ids=lambda d: d.value)
+def test_reference_against_itself_is_equal_at_every_stage_with_nan_and_inf(stage, dist):
+    rows = run(adapters.ReferenceAdapter(), stage, tokens=5, distribution=dist, scale_ratio=2.0)
+    out = rows.pop("out")
+    assert out.outcome is Outcome.PASS, out.message
+    assert out.metrics["first_divergent_stage"] is None
+    assert rows and all(c.metrics["equal"] for c in rows.values()), {
+        k: c.metrics for k, c in rows.items() if not c.metrics["equal"]
+    }
+
+
+def test_equal_nan_needs_nan_at_the_same_place():
+    a = torch.tensor([1.0, float("nan"), float("inf"), -0.0])
+    assert metrics.equal_nan(a, a.clone()) and not torch.equal(a, a.clone())
+    assert metrics.equal_nan(a, torch.tensor([1.0, float("nan"), float("inf"), 0.0]))
+    assert not metrics.equal_nan(a, torch.tensor([float("nan"), 1.0, float("inf"), 0.0]))
+    assert not metrics.equal_nan(a, a.to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. counts of codes, not bytes
+
+
+def test_code_mismatches_are_counted_per_code():
+    rows = run(
+        planted.RoundHalfAway(), Stage.QUANTIZE, tokens=5, distribution=Distribution.MIDPOINTS
+    )
+    c = rows["quantize.codes"]
+    assert c.outcome is Outcome.FAIL
+    n = c.metrics["n_mismatch"]
+    assert n > c.metrics["n_mismatch_bytes"] > 0  # two codes per byte: the byte count is lower
+    assert c.metrics["numel"] == 5 * 256
+    assert c.message.startswith(f"{n} of 1280 codes mismatch")
+    assert len(c.metrics["first_mismatch"]) == 2 and c.metrics["first_mismatch"][1] < 256
+
+
+def test_codes_equal_unpacks_both_nibbles():
+    a = torch.tensor([[0x21, 0x43]], dtype=torch.uint8)
+    b = torch.tensor([[0x12, 0x43]], dtype=torch.uint8)  # one byte, both of its codes differ
+    eq = metrics.codes_equal(a, b)
+    assert eq["n_mismatch"] == 2 and eq["n_mismatch_bytes"] == 1 and eq["numel"] == 4
+    assert eq["first_mismatch"] == [0, 0]
+    assert torch.equal(unpack_e2m1(a)[0, 2:], unpack_e2m1(b)[0, 2:])
