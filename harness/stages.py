@@ -430,6 +430,11 @@ def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+# The stages a layer must expose for a defect to be placed: its quantized inputs, its GEMM
+# outputs (a layer whose only compared tensor is "out" names no stage at all).
+DIAGNOSTIC_STAGES = ("x_q", "l1_out", "act_q", "l2_out", "gemm_out")
+
+
 def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     d = layer_inputs(case, dev)
     r = run_layer(case, ReferenceAdapter(), d)
@@ -447,9 +452,14 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             nan_culprit = name
     out = _compare_out(case, r["out"], k.get("out"))
     ok_in = all(c.outcome is Outcome.PASS for c in rows)
-    out.metrics.update(first_divergent_stage=first_divergent, nan_first_stage=nan_culprit)
+    hidden = [n for n in r if n not in k and n in DIAGNOSTIC_STAGES]
+    out.metrics.update(
+        first_divergent_stage=first_divergent, nan_first_stage=nan_culprit, not_exposed=hidden
+    )
     if out.outcome is Outcome.FAIL:
         out.message += f"; first divergent stage: {first_divergent}"
+        if first_divergent is None and hidden:
+            out.message += f" (the adapter exposes no {', '.join(hidden)})"
         if nan_culprit:
             out.message += f"; NaN/Inf first appears in stage {nan_culprit}"
     if not ok_in:

@@ -450,7 +450,8 @@ def grouped_linear(
     for every token (no routing), as a grouped GEMM of G groups of T rows, offsets (g+1)*T.
     w: [G, D, R] (bmm form) or [G*R, D] (dense form). gs: scalar or fp32 [G]; None = dynamic
     per group (each group's own amax). Stages: "w_q" (one gs per group), "x_q" (group-major rows
-    [G*T, D/2], gs [G]), "expert_offsets" int32 [G], "out". Unquantized twin: "out" fp32.
+    [G*T, D/2], gs [G]), "expert_offsets" int32 [G], "gemm_out" (group-major bf16 [G*T, R], the
+    GEMM's own output, so a GEMM defect is named there), "out". Unquantized twin: "out" fp32.
     """
     _check_float("o", o, 3)
     t, n_heads, head_dim = o.shape
@@ -480,8 +481,8 @@ def grouped_linear(
     st["w_q"] = _quantize_weights(w)
     st["x_q"] = _quantize_groups(x, offsets, gs)
     st["expert_offsets"] = offsets
-    z = _gemm(st["x_q"], st["w_q"], offsets, oracle)
-    st["out"] = z.reshape(g, t, r).transpose(0, 1).contiguous()
+    st["gemm_out"] = _gemm(st["x_q"], st["w_q"], offsets, oracle)
+    st["out"] = st["gemm_out"].reshape(g, t, r).transpose(0, 1).contiguous()
     return st
 
 

@@ -20,6 +20,7 @@ import torch
 import reference as ref
 from harness.adapters import GemmOperands, ReferenceAdapter
 from reference.activation import SwigluVariant, swiglu
+from reference.gemm import grouped_gemm_nvfp4
 from reference.layouts import assemble_scales_2d_side_from_offsets
 from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS
 
@@ -124,6 +125,45 @@ class PaddingUnwritten(StageDefect):
 
 
 DEFECTS = (RoundHalfAway, SwappedSwizzleBits, SkipLastKBlock, ClampAfterProduct, PaddingUnwritten)
+
+
+# --------------------------------------------------------------------------------------------
+# layer defects: the reference layer with one stage born wrong, the rest computed from it
+
+
+class LayerDefect(ReferenceAdapter):
+    """Base of the layer defects: only the layer named by `layer` (one Stage value)."""
+
+    layer = ""
+
+    def can_implement(self, case):
+        if case.stage.value != self.layer:
+            return False, f"{self.name} plants a defect in {self.layer} only"
+        return super().can_implement(case)
+
+
+def _gemm_skip_last_k_block(a_q, b_q, offsets):
+    """The grouped GEMM of SkipLastKBlock on quantized (codes, scales, gs) operands."""
+    a_codes = a_q[0].clone()
+    a_codes[:, -BLOCK // 2 :] = 0
+    out = grouped_gemm_nvfp4(a_codes, a_q[1], b_q[0], b_q[1], offsets, a_q[2], b_q[2])
+    return out.to(torch.bfloat16)
+
+
+class GroupedLinearSkipLastKBlock(LayerDefect):
+    """wo_a whose grouped GEMM stops one K block early (the only GEMM of that layer)."""
+
+    name = "planted-grouped-linear-skip-last-k-block"
+    layer = "grouped_linear"
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        st = super().grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        z = _gemm_skip_last_k_block(st["x_q"], st["w_q"], st["expert_offsets"])
+        st["gemm_out"] = z
+        st["out"] = z.reshape(n_groups, o.shape[0], o_lora_rank).transpose(0, 1).contiguous()
+        return st
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,3 +75,23 @@ def test_codes_equal_unpacks_both_nibbles():
     assert eq["n_mismatch"] == 2 and eq["n_mismatch_bytes"] == 1 and eq["numel"] == 4
     assert eq["first_mismatch"] == [0, 0]
     assert torch.equal(unpack_e2m1(a)[0, 2:], unpack_e2m1(b)[0, 2:])
+
+
+# --------------------------------------------------------------------------------------------
+# 2. every layer names a stage
+
+
+def test_grouped_linear_gemm_defect_is_named_at_its_gemm():
+    rows = run(planted.GroupedLinearSkipLastKBlock(), Stage.GROUPED_LINEAR, tokens=5)
+    out = rows["out"]
+    assert out.outcome is Outcome.FAIL
+    assert out.metrics["first_divergent_stage"] == "gemm_out"
+    assert "first divergent stage: gemm_out" in out.message
+    assert rows["x_q"].metrics["equal"] and not rows["gemm_out"].metrics["equal"]
+
+
+@pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
+def test_every_layer_exposes_quantized_input_and_gemm_output(stage):
+    rows = run(adapters.ReferenceAdapter(), stage, tokens=5)
+    assert "x_q" in rows and ({"l1_out", "l2_out"} <= set(rows) or "gemm_out" in rows)
+    assert rows["out"].metrics["not_exposed"] == []

@@ -440,7 +440,7 @@ def test_grouped_linear_forms_and_per_group_reference(gen, t):
     w_dense = w_bmm.transpose(1, 2).reshape(g * r, d)  # rows: group-major, each group [R, D]
     a = grouped_linear(o, w_bmm, n_groups=g, o_lora_rank=r)
     b = grouped_linear(o, w_dense, n_groups=g, o_lora_rank=r)
-    assert list(a) == ["w_q", "x_q", "expert_offsets", "out"]
+    assert list(a) == ["w_q", "x_q", "expert_offsets", "gemm_out", "out"]
     for name in ("w_q", "x_q"):
         assert all(torch.equal(u, v) for u, v in zip(a[name], b[name], strict=True)), name
     assert torch.equal(a["out"], b["out"]) and a["out"].shape == (t, g, r)
