@@ -19,10 +19,11 @@ import torch
 
 import reference as ref
 from harness.adapters import GemmOperands, ReferenceAdapter
+from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_nvfp4
 from reference.layouts import assemble_scales_2d_side_from_offsets
-from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS
+from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS, tensor_amax
 
 ATOM_BYTES = 512  # one 128x4 scale atom
 
@@ -94,7 +95,7 @@ class SkipLastKBlock(StageDefect):
 
     def grouped_gemm(self, ops: GemmOperands, out):
         a_codes = ops.a_codes.clone()
-        a_codes[:, -BLOCK // 2:] = 0  # two codes per byte: the last 8 bytes are the last block
+        a_codes[:, -BLOCK // 2 :] = 0  # two codes per byte: the last 8 bytes are the last block
         super().grouped_gemm(dataclasses.replace(ops, a_codes=a_codes), out)
 
 
@@ -225,3 +226,17 @@ def kernel_build():
     """One backend whose build is chosen by $DSV4_PLANTED_BUILD (a regression between runs)."""
     name = os.environ.get(BUILD_ENV)
     return (globals()[name] if name else ReferenceAdapter)()
+
+
+class Gs2FromL1(LayerDefect):
+    """Shared expert calibrating gs2 on the L1 output's amax instead of the SwiGLU output's (the
+    tensor L2 actually quantizes): born in calibration, first seen in act_q's codes."""
+
+    name = "planted-gs2-from-l1"
+    layer = "shared_expert"
+
+    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        gs1, _ = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
+        l1 = ref_layers.shared_expert(calib_sample, w13, w2, limit=limit, gs1=gs1)["l1_out"]
+        gs2 = ref.global_scale_from_amax(tensor_amax(l1))
+        return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)

@@ -95,3 +95,27 @@ def test_every_layer_exposes_quantized_input_and_gemm_output(stage):
     rows = run(adapters.ReferenceAdapter(), stage, tokens=5)
     assert "x_q" in rows and ({"l1_out", "l2_out"} <= set(rows) or "gemm_out" in rows)
     assert rows["out"].metrics["not_exposed"] == []
+
+
+# --------------------------------------------------------------------------------------------
+# 3. calibrated global scales are compared, and calibration is a stage
+
+
+def test_wrong_gs2_calibration_is_named_calibration():
+    rows = run(planted.Gs2FromL1(), Stage.SHARED_EXPERT, tokens=5, scale_ratio=1.0)
+    assert rows["calibration.gs1"].outcome is Outcome.PASS
+    cal = rows["calibration.gs2"]
+    assert cal.outcome is Outcome.FAIL and cal.message.startswith("calibration (gs2)")
+    assert cal.metrics["rel_err"] > 0.01
+    assert rows["l1_out"].metrics["equal"]  # everything before it is right
+    out = rows["out"]
+    assert out.metrics["first_divergent_stage"] == "calibration"
+    assert "first divergent stage: calibration" in out.message
+
+
+def test_calibrated_scales_are_compared_per_group():
+    rows = run(adapters.ReferenceAdapter(), Stage.ROUTED_MOE, tokens=5, scale_ratio=2.0)
+    for gs in ("gs1", "gs2"):
+        c = rows[f"calibration.{gs}"]
+        assert c.outcome is Outcome.PASS and c.metrics["equal"]
+        assert len(c.metrics["ref"]) == 4  # one per local expert
