@@ -316,7 +316,36 @@ def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Compariso
     bound = grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
     out = poisoned((ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, dev)
     adapter.grouped_gemm(conv_ops, out)
-    return [compare_bounded("grouped_gemm.out", oracle, out, bound, ops.expert_offsets)]
+    c = compare_bounded("grouped_gemm.out", oracle, out, bound, ops.expert_offsets)
+    if c.outcome is Outcome.FAIL:
+        found = identify_alpha(ops, out)
+        c.metrics["matches_alpha"] = found
+        if found:
+            c.message += f"; output matches alpha = {found} ({ALPHA_VARIANTS[found][1]})"
+    return [c]
+
+
+# Epilogue mistakes, as the (gsa, gsb) that reproduce them: name -> (scales, what it means).
+ALPHA_VARIANTS: dict[str, tuple[Any, str]] = {
+    "1/(gsa*gsb)": (lambda a, b: (1.0 / a, 1.0 / b), "encode-convention scales applied as decode"),
+    "1 (missing)": (lambda a, b: (torch.ones_like(a), torch.ones_like(b)), "alpha never applied"),
+    "(gsa*gsb)^2": (lambda a, b: (a * a, b * b), "alpha applied twice"),
+    "gsa only": (lambda a, b: (a, torch.ones_like(b)), "the weight global scale is missing"),
+    "gsb only": (lambda a, b: (torch.ones_like(a), b), "the activation global scale is missing"),
+}
+
+
+def identify_alpha(ops: GemmOperands, out: torch.Tensor) -> str | None:
+    """Which mistaken alpha reproduces the kernel's output within the derived bound, if any: the
+    reference GEMM and its bound rerun with the (gsa, gsb) of each variant."""
+    for name, (scales, _) in ALPHA_VARIANTS.items():
+        gsa, gsb = scales(ops.global_scale_a, ops.global_scale_b)
+        args = (*ops.plain()[:5], gsa.float(), gsb.float())
+        oracle = grouped_gemm_nvfp4(*args, oracle=True)
+        bound = grouped_gemm_error_bound(*args, out_dtype=out.dtype)
+        if metrics.error_panel_bound(oracle, out, bound)["n_outside"] == 0:
+            return name
+    return None
 
 
 def compare_bounded(

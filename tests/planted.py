@@ -99,6 +99,40 @@ class SkipLastKBlock(StageDefect):
         super().grouped_gemm(dataclasses.replace(ops, a_codes=a_codes), out)
 
 
+class InvertedAlpha(StageDefect):
+    """GEMM epilogue multiplying by 1/(gsa*gsb): encode-convention scales taken for decode ones."""
+
+    name = "planted-inverted-alpha"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return 1.0 / gsa, 1.0 / gsb
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        gsa, gsb = self.scales(ops.global_scale_a, ops.global_scale_b)
+        super().grouped_gemm(dataclasses.replace(ops, global_scale_a=gsa, global_scale_b=gsb), out)
+
+
+class MissingAlpha(InvertedAlpha):
+    """GEMM epilogue that never multiplies by alpha (the raw block-scaled accumulator)."""
+
+    name = "planted-missing-alpha"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return torch.ones_like(gsa), torch.ones_like(gsb)
+
+
+class AlphaTwice(InvertedAlpha):
+    """alpha applied in the epilogue and again by the caller."""
+
+    name = "planted-alpha-twice"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return gsa * gsa, gsb * gsb
+
+
 class ClampAfterProduct(StageDefect):
     """SwiGLU clamping silu(gate) * up to [-L, L] instead of gate and up (another model's)."""
 

@@ -119,3 +119,29 @@ def test_calibrated_scales_are_compared_per_group():
         c = rows[f"calibration.{gs}"]
         assert c.outcome is Outcome.PASS and c.metrics["equal"]
         assert len(c.metrics["ref"]) == 4  # one per local expert
+
+
+# --------------------------------------------------------------------------------------------
+# 4. the GEMM's alpha convention is diagnosed
+
+
+@pytest.mark.parametrize(
+    "defect, found",
+    [
+        (planted.InvertedAlpha, "1/(gsa*gsb)"),
+        (planted.MissingAlpha, "1 (missing)"),
+        (planted.AlphaTwice, "(gsa*gsb)^2"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_gemm_alpha_mistakes_are_named(defect, found):
+    c = run(defect(), Stage.GROUPED_GEMM, tokens=5)["grouped_gemm.out"]
+    assert c.outcome is Outcome.FAIL
+    assert c.metrics["matches_alpha"] == found
+    assert f"output matches alpha = {found}" in c.message
+
+
+def test_other_gemm_defects_match_no_alpha():
+    c = run(planted.SkipLastKBlock(), Stage.GROUPED_GEMM, tokens=5)["grouped_gemm.out"]
+    assert c.outcome is Outcome.FAIL and c.metrics["matches_alpha"] is None
+    assert "matches alpha" not in c.message
