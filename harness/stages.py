@@ -25,7 +25,8 @@ import reference as ref
 from harness import inputs, metrics
 from harness.adapters import GemmOperands, ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
-from reference.activation import SwigluVariant, swiglu
+from reference import layers as ref_layers
+from reference.activation import SwigluVariant, swiglu, variant_label
 from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
 from reference.layouts import (
     assemble_scales_2d_side_from_offsets,
@@ -402,34 +403,89 @@ def _swiglu_input(case: Case, dev: torch.device) -> torch.Tensor:
 
 
 def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    conv = _conventions(adapter)
     l1 = _swiglu_input(case, dev)
-    act = swiglu(l1, case.limit)
+    act = swiglu(l1, case.limit, conv.swiglu_variant, conv.gate_first)  # as the adapter declares
     gs = global_scale_from_amax(tensor_amax(act)).to(dev)  # calibrated on this very sample
     r_codes, r_scales, _ = ref.quantize_nvfp4(act, gs)
-    conv = _conventions(adapter).global_scale
     codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
     scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
-    adapter.swiglu_requant(l1, case.limit, to_adapter_scale(gs, conv), codes, scales)
+    adapter.swiglu_requant(l1, case.limit, to_adapter_scale(gs, conv.global_scale), codes, scales)
     exact = case.tolerance is Tolerance.EXACT
     rows = compare_quantized("swiglu_requant", act, gs, (r_codes, r_scales), (codes, scales), exact)
-    if any(r.outcome is Outcome.FAIL for r in rows):
-        found = identify_swiglu_variant(l1, case.limit, gs, codes, scales)
-        for r in rows:
-            r.metrics["matches_variant"] = found
-            if found and r.outcome is Outcome.FAIL:
-                r.message += f"; output matches SwiGLU variant {found}, not dsv4"
+    found = None
+    if any(r.outcome is Outcome.FAIL for r in rows) and case.limit is not None:
+        found = identify_swiglu_variant(adapter, case.limit, case.shape.intermediate, dev)
+    for r in rows:
+        _flag_conventions(r, conv)
+        if found is None:
+            continue
+        r.metrics["matches_variant"] = " or ".join(found) or None
+        if found and r.outcome is Outcome.FAIL:
+            r.message += f"; output {_matches(found)}, not the declared {conv.swiglu_label}"
     return rows
 
 
-def identify_swiglu_variant(l1, limit, gs, codes, scales) -> str | None:
-    """Which named SwiGLU variant (and gate/up order) reproduces the kernel's bits, if any."""
-    for gate_first in (True, False):
-        for variant in SwigluVariant:
-            act = swiglu(l1, limit, variant=variant, gate_first=gate_first)
-            c, s, _ = ref.quantize_nvfp4(act, gs)
-            if torch.equal(c, codes) and torch.equal(s.view(torch.uint8), scales.view(torch.uint8)):
-                return variant.value + ("" if gate_first else "+up_first")
-    return None
+def _matches(found: list[str]) -> str:
+    if len(found) == 1:
+        return f"matches SwiGLU variant {found[0]}"
+    return f"matches SwiGLU variants {' or '.join(found)} (indistinguishable here)"
+
+
+def _flag_conventions(c: Comparison, conv: Any) -> None:
+    """Show beside a verdict when it was judged against a convention that is not DSV4's."""
+    other = conv.not_dsv4()
+    c.metrics["swiglu_convention"] = conv.swiglu_label
+    if not other:
+        return
+    c.metrics["not_dsv4"] = other
+    _append(c, f"judged as declared ({', '.join(other)}): not DeepSeek V4's convention")
+
+
+def _append(c: Comparison, note: str) -> None:
+    c.message = f"{c.message}; {note}" if c.message else note
+
+
+# SwiGLU variants are told apart at this limit as well as at the case's: at L = 10 silu has
+# saturated (silu(10) = 9.9995), so DSV4's silu(min(g, L)) and SwigluStep's min(silu(g), L)
+# differ by 5e-5 relative, which FP4 cannot show; at L = 1 (silu(1) = 0.73) every pair differs.
+PROBE_LIMIT = 1.0
+
+
+def variant_probe(limit: float, intermediate: int, dev: torch.device) -> torch.Tensor:
+    """An L1 output [rows, 2I] holding every (gate, up) pair of levels on both sides of +-L
+    (and so of the product's +-L), cycled over the I columns."""
+    levels = torch.tensor([-3.0, -1.5, -0.5, 0.3, 0.8, 1.5, 3.0]) * limit
+    g, u = torch.meshgrid(levels, levels, indexing="ij")
+    rows = -(-g.numel() // intermediate)  # ceil: every pair at least once
+    idx = torch.arange(rows * intermediate) % g.numel()
+    gate, up = g.reshape(-1)[idx], u.reshape(-1)[idx]
+    l1 = torch.cat([gate.reshape(rows, -1), up.reshape(rows, -1)], dim=-1)
+    return l1.to(torch.bfloat16).to(dev)
+
+
+def identify_swiglu_variant(adapter: Any, limit: float, intermediate: int, dev: torch.device):
+    """The named SwiGLU variants (and gate/up orders) that reproduce the adapter's swiglu_requant
+    bits on `variant_probe` at the case's limit and at PROBE_LIMIT: [] when none does. The probe's
+    global scale covers the largest variant, so none saturates into looking like another."""
+    cands = [(v, gf) for gf in (True, False) for v in SwigluVariant]
+    found = {variant_label(v, gf) for v, gf in cands}
+    conv = _conventions(adapter)
+    for lim in dict.fromkeys((limit, PROBE_LIMIT)):
+        l1 = variant_probe(lim, intermediate, dev)
+        acts = {variant_label(v, gf): swiglu(l1, lim, v, gf) for v, gf in cands}
+        gs = global_scale_from_amax(max(tensor_amax(a) for a in acts.values())).to(dev)
+        codes = poisoned((l1.shape[0], intermediate // 2), torch.uint8, dev)
+        scales = poisoned((l1.shape[0], intermediate // 16), torch.float8_e4m3fn, dev)
+        adapter.swiglu_requant(l1, lim, to_adapter_scale(gs, conv.global_scale), codes, scales)
+        for label, act in acts.items():
+            c, sc, _ = ref.quantize_nvfp4(act, gs)
+            same = torch.equal(c, codes) and torch.equal(
+                sc.view(torch.uint8), scales.view(torch.uint8)
+            )
+            if not same:
+                found.discard(label)
+    return [variant_label(v, gf) for v, gf in cands if variant_label(v, gf) in found]
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,11 +559,12 @@ CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
 def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     d = layer_inputs(case, dev)
-    r = run_layer(case, ReferenceAdapter(), d)
+    declared = _conventions(adapter)
+    r = run_layer(case, ReferenceAdapter(conventions=declared), d)  # judged as declared
     k = run_layer(case, adapter, d)
     rows: list[Comparison] = []
     first_divergent = nan_culprit = None
-    conv = _conventions(adapter).global_scale
+    conv = declared.global_scale
     for name, rv in r.items():
         if name == "out" or name not in k or name.startswith("w"):
             continue
@@ -529,6 +586,18 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
         if nan_culprit is None and c.metrics.get("nonfinite_out", 0):
             nan_culprit = name
     out = _compare_out(case, r["out"], k.get("out"))
+    swiglu_found = None
+    if (
+        first_divergent in ("calibration", "act", "act_q")
+        and case.stage is not Stage.GROUPED_LINEAR
+    ):
+        swiglu_found = identify_layer_swiglu(case, r, k, declared)
+        out.metrics["matches_variant"] = " or ".join(swiglu_found) or None
+        label = _layer_label(declared.swiglu_label, declared.weight_after_w2)
+        if swiglu_found and label not in swiglu_found:
+            first_divergent = "act"  # born in the SwiGLU; gs2 and act_q only follow from it
+            _append(out, f"{_matches(swiglu_found)}, not the declared {label}")
+    _flag_conventions(out, declared)
     ok_in = all(c.outcome is Outcome.PASS for c in rows)
     hidden = [n for n in r if n not in k and n in DIAGNOSTIC_STAGES]
     out.metrics.update(
@@ -548,11 +617,93 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     offs = r.get("expert_offsets")
     if case.stage is Stage.ROUTED_MOE and isinstance(l2k, torch.Tensor) and l2k.shape == l2r.shape:
         out.metrics["per_group"] = metrics.per_group_error(l2r.float(), l2k.float(), offs.cpu())
-    twin = run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
+    twin = run_layer(case, ReferenceAdapter(quantized=False, conventions=declared), d)["out"]
     out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
         "sqnr_db"
     ]
     return [*rows, out]
+
+
+def _layer_label(swiglu_label: str, weight_after_w2: bool, pre_alpha: bool = False) -> str:
+    """A layer's SwiGLU convention as named in messages: variant and order, plus the routing
+    weight position and a clamp in raw GEMM units where those differ from DSV4."""
+    after = " (routing weight after w2)" if weight_after_w2 else ""
+    pre = " (clamp in raw GEMM units, before alpha)" if pre_alpha else ""
+    return swiglu_label + after + pre
+
+
+def _expert_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    ends = offsets.long().cpu()
+    counts = torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))
+    return torch.repeat_interleave(torch.arange(ends.numel()), counts)[:rows]
+
+
+# A layer's SwiGLU diagnosis on the kernel's own L1 output: a convention explains the kernel's
+# act_q when at most this fraction of its codes and scale bytes differ. Not 0: a clamp in raw GEMM
+# units is recomputed from the bf16 L1 output divided by alpha, not from the kernel's fp32
+# accumulator, so codes next to a rounding midpoint may flip (measured: < 0.5% on the tiny cases);
+# a wrong convention moves far more wherever a clamp acts.
+LAYER_MATCH_FRAC = 0.01
+
+
+def identify_layer_swiglu(case: Case, r: dict, k: dict, declared: Any) -> list[str]:
+    """Which SwiGLU convention turns the kernel's own L1 output into its own act_q (quantized with
+    its own gs2): every variant and gate/up order, the routing weight before or after w2 (routed
+    MoE), and DSV4's clamp in raw GEMM units before alpha. Of those within LAYER_MATCH_FRAC: exact
+    ones first, then the ones saturating fewest values (two conventions coincide where both
+    saturate), then the fewest choices changed from the declared convention (a variant that merely
+    coincides where no clamp acts is not named over the declared one)."""
+    if not (isinstance(k.get("l1_out"), torch.Tensor) and isinstance(k.get("act_q"), tuple)):
+        return []
+    l1 = k["l1_out"].float()
+    codes, scales, gs2 = k["act_q"]
+    conv = declared.global_scale
+    gs2 = torch.as_tensor(from_adapter_scale(gs2, conv)).float().reshape(-1).to(l1.device)
+    offsets = k.get("expert_offsets", r.get("expert_offsets"))
+    if offsets is None:
+        offsets = torch.tensor([l1.shape[0]], dtype=torch.int32, device=l1.device)
+    n_groups = offsets.numel()
+    gs2 = gs2.expand(n_groups) if gs2.numel() == 1 else gs2
+    expert = _expert_of_rows(offsets, l1.shape[0]).to(l1.device)
+    x_gs = from_adapter_scale(k["x_q"][2], conv) if isinstance(k.get("x_q"), tuple) else None
+    alpha = None
+    if x_gs is not None and "w13_q" in r and case.limit is not None:
+        gs1 = torch.as_tensor(x_gs).float().reshape(-1).to(l1.device).expand(n_groups)
+        alpha = (gs1 * r["w13_q"][2].float().reshape(-1))[expert][:, None]
+    weight = r.get("row_weight")
+    n_codes = codes.numel() * 2 + scales.numel()
+    # Beyond 6 * 448 * gs2 a value saturates: any two conventions agree there, so the kernel's
+    # own (one that its gs2 was calibrated on) is the one that saturates least.
+    top = (6.0 * 448.0 * gs2[expert] * (1.0 + 2.0**-20))[:, None]
+    scored = []  # (n_mismatch, changed choices, label)
+    for gate_first in (True, False):
+        for variant in SwigluVariant:
+            for after in (False, True) if weight is not None else (False,):
+                raw = alpha is not None and variant is SwigluVariant.DSV4
+                for pre in (False, True) if raw else (False,):
+                    if pre:
+                        act = swiglu(l1 / alpha, case.limit, variant, gate_first, pre_alpha=alpha)
+                    else:
+                        act = swiglu(l1, case.limit, variant, gate_first)
+                    if weight is not None and not after:
+                        act = act * weight
+                    c, sc, _ = ref_layers.quantize_groups(act, offsets, gs2)
+                    n = metrics.codes_equal(c, codes)["n_mismatch"]
+                    n += metrics.bitwise_equal(sc, scales)["n_mismatch"]
+                    sat = int((act.abs() > top).sum())
+                    changed = (
+                        (variant is not declared.swiglu_variant)
+                        + (gate_first != declared.gate_first)
+                        + (after != declared.weight_after_w2)
+                        + pre
+                    )
+                    label = _layer_label(variant_label(variant, gate_first), after, pre)
+                    scored.append((n, sat, changed, label))
+    close = [t for t in scored if t[0] <= LAYER_MATCH_FRAC * n_codes]
+    if not close:
+        return []
+    best = min((t[0] > 0, t[1], t[2]) for t in close)  # exact first, then least saturated
+    return [t[3] for t in close if (t[0] > 0, t[1], t[2]) == best]
 
 
 def _compare_intermediate(name: str, rv: Any, kv: Any) -> Comparison:

@@ -18,7 +18,7 @@ import time
 import torch
 
 import reference as ref
-from harness.adapters import GemmOperands, ReferenceAdapter
+from harness.adapters import Conventions, GemmOperands, ReferenceAdapter
 from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_nvfp4
@@ -274,3 +274,91 @@ class Gs2FromL1(LayerDefect):
         l1 = ref_layers.shared_expert(calib_sample, w13, w2, limit=limit, gs1=gs1)["l1_out"]
         gs2 = ref.global_scale_from_amax(tensor_amax(l1))
         return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
+
+
+class ClampAfterProductUpper(StageDefect):
+    """SwiGLU clamping the product from above only, min(silu(gate) * up, L): agrees with
+    clamp_after_product wherever the product is > -L, so it must be told apart at both signs."""
+
+    name = "planted-clamp-after-product-upper"
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER)
+        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+
+def honest(variant: SwigluVariant, weight_after_w2: bool = False) -> ReferenceAdapter:
+    """A correct kernel of another convention that says so: it must pass, flagged not-DSV4."""
+    conv = Conventions(swiglu_variant=variant, weight_after_w2=weight_after_w2)
+    adapter = ReferenceAdapter(conventions=conv)
+    adapter.name = f"planted-honest-{variant.value}"
+    return adapter
+
+
+def honest_clamp_after_product():
+    return honest(SwigluVariant.CLAMP_AFTER_PRODUCT)
+
+
+class DishonestLayers(ReferenceAdapter):
+    """Declares DSV4's conventions (the default) but its layers run `actual`'s."""
+
+    name = "planted-dishonest-layers"
+    actual = Conventions()
+
+    def __init__(self):
+        super().__init__()
+        self._inner = ReferenceAdapter(conventions=self.actual)
+
+    def shared_expert(self, *args, **kw):
+        return self._inner.shared_expert(*args, **kw)
+
+    def routed_moe(self, *args, **kw):
+        return self._inner.routed_moe(*args, **kw)
+
+
+class LayerClampAfterProduct(DishonestLayers):
+    """Shared expert / routed MoE whose SwiGLU clamps after the product."""
+
+    name = "planted-layer-clamp-after-product"
+    actual = Conventions(swiglu_variant=SwigluVariant.CLAMP_AFTER_PRODUCT)
+
+
+class RoutingWeightAfterW2(DishonestLayers):
+    """Routed MoE multiplying the routing weight into the L2 rows (transformers) while declaring
+    DSV4's before-w2 (DeepSeek's reference, DeepGEMM)."""
+
+    name = "planted-routing-weight-after-w2"
+    actual = Conventions(weight_after_w2=True)
+
+
+class ClampBeforeAlpha(LayerDefect):
+    """Shared expert fusing the SwiGLU into the L1 epilogue and clamping the raw fp32
+    accumulator (before alpha = gsa * gsb), so its limit is L / alpha in true units."""
+
+    name = "planted-clamp-before-alpha"
+    layer = "shared_expert"
+
+    def _run(self, x, w13, w2, limit, gs1, gs2):
+        st = ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs1)
+        xq, wq = st["x_q"], st["w13_q"]
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        offsets = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+        raw = grouped_gemm_nvfp4(
+            xq[0], xq[1], wq[0], wq[1], offsets, one, one, out_dtype=torch.float32
+        )
+        alpha = xq[2] * wq[2]
+        act = swiglu(raw, limit, pre_alpha=alpha)
+        if gs2 is None:  # calibration: the amax of this very act
+            return act
+        act_q = ref_layers.quantize_groups(act, offsets, gs2.reshape(1))
+        l2 = grouped_gemm_nvfp4(*act_q[:2], *st["w2_q"][:2], offsets, act_q[2], st["w2_q"][2])
+        st.update(act=act, act_q=act_q, l2_out=l2.to(torch.bfloat16), out=l2.to(torch.bfloat16))
+        return st
+
+    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        gs1, _ = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
+        act = self._run(calib_sample, w13, w2, limit, gs1, None)
+        gs2 = ref.global_scale_from_amax(tensor_amax(act)).to(x.device)
+        return self._run(x, w13, w2, limit, gs1, gs2)

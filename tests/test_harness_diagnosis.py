@@ -145,3 +145,85 @@ def test_other_gemm_defects_match_no_alpha():
     c = run(planted.SkipLastKBlock(), Stage.GROUPED_GEMM, tokens=5)["grouped_gemm.out"]
     assert c.outcome is Outcome.FAIL and c.metrics["matches_alpha"] is None
     assert "matches alpha" not in c.message
+
+
+# --------------------------------------------------------------------------------------------
+# 5. declared SwiGLU conventions are honoured and flagged; 6. more variants, told apart
+
+
+def test_honest_other_convention_passes_flagged_not_dsv4():
+    for stage, kw in (
+        (Stage.SWIGLU_REQUANT, {"limit": 1.0}),
+        (Stage.SHARED_EXPERT, {"limit": 1.0, "scale_ratio": 1.0}),
+    ):
+        rows = run(planted.honest_clamp_after_product(), stage, tokens=5, **kw)
+        for c in rows.values():
+            assert c.outcome is Outcome.PASS, (c.name, c.message)
+        last = list(rows.values())[-1]
+        assert last.metrics["not_dsv4"] == ["SwiGLU clamp_after_product"]
+        assert "not DeepSeek V4's convention" in last.message
+
+
+@pytest.mark.parametrize(
+    "defect, found",
+    [
+        (planted.ClampAfterProduct, "clamp_after_product"),
+        (planted.ClampAfterProductUpper, "clamp_after_product_upper"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+@pytest.mark.parametrize("limit", [10.0, 1.0])
+def test_swiglu_stage_variant_is_named_uniquely(defect, found, limit):
+    rows = run(defect(), Stage.SWIGLU_REQUANT, tokens=5, limit=limit)
+    failing = [c for c in rows.values() if c.outcome is Outcome.FAIL]
+    assert failing
+    for c in failing:
+        assert c.metrics["matches_variant"] == found  # one variant, not "a or b"
+        assert f"matches SwiGLU variant {found}, not the declared dsv4" in c.message
+
+
+def test_variant_probe_tells_every_variant_apart():
+    from harness.stages import PROBE_LIMIT, variant_probe
+    from reference.activation import SwigluVariant, swiglu
+
+    l1 = variant_probe(PROBE_LIMIT, 32, torch.device("cpu"))
+    outs = [
+        swiglu(l1, PROBE_LIMIT, v, gf).to(torch.bfloat16)
+        for gf in (True, False)
+        for v in SwigluVariant
+    ]
+    assert all(not torch.equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1 :])
+
+
+@pytest.mark.parametrize(
+    "defect, stage, kw, found",
+    [
+        (
+            planted.LayerClampAfterProduct,
+            Stage.SHARED_EXPERT,
+            {"limit": 1.0},
+            "clamp_after_product",
+        ),
+        (
+            planted.LayerClampAfterProduct,
+            Stage.ROUTED_MOE,
+            {"limit": 1.0, "tokens": 33},
+            "clamp_after_product",
+        ),
+        (planted.RoutingWeightAfterW2, Stage.ROUTED_MOE, {}, "dsv4 (routing weight after w2)"),
+        (
+            planted.ClampBeforeAlpha,
+            Stage.SHARED_EXPERT,
+            {},
+            "dsv4 (clamp in raw GEMM units, before alpha)",
+        ),
+    ],
+    ids=["shared-cap", "routed-cap", "weight-after-w2", "clamp-before-alpha"],
+)
+def test_layer_swiglu_convention_is_named_at_act(defect, stage, kw, found):
+    kw = {"tokens": 5, "scale_ratio": 1.0, **kw}
+    out = run(defect(), stage, **kw)["out"]
+    assert out.outcome is Outcome.FAIL
+    assert out.metrics["first_divergent_stage"] == "act"  # not calibration, not act_q
+    assert out.metrics["matches_variant"] == found
+    assert f"matches SwiGLU variant {found}, not the declared dsv4" in out.message
