@@ -33,6 +33,7 @@ from reference.layouts import (
     assemble_scales_3d_side,
     compute_expert_offsets,
     round_up,
+    unswizzle_scales,
 )
 from reference.nvfp4 import ScaleConvention, global_scale_from_amax, tensor_amax
 
@@ -234,16 +235,65 @@ def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Compari
     a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
     b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
     a, b = a.view(torch.float8_e4m3fn).to(dev), b.view(torch.float8_e4m3fn).to(dev)
+    return compare_assembly(adapter, ("scales_2d", "scales_3d"), a, offsets, b)
+
+
+def compare_assembly(
+    adapter: Any,
+    names: tuple[str, str],
+    a: torch.Tensor,
+    offsets: torch.Tensor,
+    b: torch.Tensor,
+) -> list[Comparison]:
+    """The adapter's own assembly of activation scales a [T, K/16] (groups at END offsets) and
+    weight scales b [E, K/16, N], each against the reference layout; a 2D-side mismatch names the
+    groups whose rows are misplaced."""
+    dev = a.device
     r2d, _ = assemble_scales_2d_side_from_offsets(a, offsets)
     r3d = assemble_scales_3d_side(list(b))
     o2d = poisoned(tuple(r2d.shape), r2d.dtype, dev)
     o3d = poisoned(tuple(r3d.shape), r3d.dtype, dev)
     adapter.assemble_scales(a, offsets, b, o2d, o3d)
-    pad2d = _padding_mask_2d(counts.tolist(), c).to(dev)
-    return [
-        _compare_layout("scales_2d", r2d, o2d, pad2d),
-        _compare_layout("scales_3d", r3d, o3d, None),
-    ]
+    ends = [int(v) for v in offsets.cpu().tolist()]
+    counts = [e - s for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+    pad2d = _padding_mask_2d(counts, a.shape[1]).to(dev)
+    c2d = _compare_layout(names[0], r2d, o2d, pad2d)
+    if c2d.outcome is Outcome.FAIL:
+        _misplaced_groups(c2d, a, counts, r2d, o2d)
+    return [c2d, _compare_layout(names[1], r3d, o3d, None)]
+
+
+def _misplaced_groups(
+    c: Comparison, a: torch.Tensor, counts: list[int], r: torch.Tensor, o: torch.Tensor
+) -> None:
+    """Which groups' scale rows are not where the layout puts them in a 2D-side assembly, and
+    where they went when they sit at the group's DATA row offset (groups not padded to 128 rows
+    each, the classic mis-padded assembly)."""
+    cols = a.shape[1]
+    cp = round_up(cols, 4)
+    ob = o.view(torch.uint8).reshape(-1)
+    total_rows = ob.numel() // cp
+    whole = unswizzle_scales(ob, total_rows, cols) if total_rows % 128 == 0 else None
+    bad, notes = [], []
+    start = data = 0
+    for g, t in enumerate(counts):
+        span = round_up(t, 128)
+        rows = a[data : data + t].view(torch.uint8)
+        got = unswizzle_scales(ob[start * cp : (start + span) * cp], span, cols)[:t]
+        if t and not torch.equal(got, rows):
+            bad.append(g)
+            where = f"group {g} (expected from scale row {start})"
+            if whole is not None and torch.equal(whole[data : data + t], rows):
+                where = (
+                    f"group {g} at scale rows {data}..{data + t - 1} (its data-row offset), "
+                    f"expected from {start}: groups not padded to 128 rows each"
+                )
+            notes.append(where)
+        start += span
+        data += t
+    c.metrics["groups_misplaced"] = bad
+    if bad:
+        c.message += "; rows misplaced: " + "; ".join(notes)
 
 
 def _padding_mask_2d(counts: list[int], cols: int) -> torch.Tensor:
@@ -553,6 +603,10 @@ def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
 # The stages a layer must expose for a defect to be placed: its quantized inputs, its GEMM
 # outputs (a layer whose only compared tensor is "out" names no stage at all).
 DIAGNOSTIC_STAGES = ("x_q", "l1_out", "act_q", "l2_out", "gemm_out")
+# Quantized activations whose scales the layer's GEMM reads assembled, and the weight beside.
+ASSEMBLED = {"x_q": "w13_q", "act_q": "w2_q"}
+
+
 # Quantized stages whose global scale is calibrated on the warm-up sample: (name, tolerance).
 CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
@@ -585,6 +639,17 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             first_divergent = name
         if nan_culprit is None and c.metrics.get("nonfinite_out", 0):
             nan_culprit = name
+        if name in ASSEMBLED and callable(getattr(adapter, "assemble_scales", None)):
+            # the layer's GEMM reads the adapter's own assembly of exactly these scales
+            offs = k.get("expert_offsets", r.get("expert_offsets"))
+            if offs is None:  # the shared expert: one group of every token
+                offs = torch.tensor([k[name][0].shape[0]], dtype=torch.int32, device=dev)
+            wname = ASSEMBLED[name] if ASSEMBLED[name] in r else "w_q"  # grouped_linear: w_q
+            names = (f"{name}.assembly", f"{wname}.assembly")
+            for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), r[wname][1]):
+                rows.append(a)
+                if first_divergent is None and a.outcome is Outcome.FAIL:
+                    first_divergent = a.name
     out = _compare_out(case, r["out"], k.get("out"))
     swiglu_found = None
     if (

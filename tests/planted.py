@@ -22,7 +22,11 @@ from harness.adapters import Conventions, GemmOperands, ReferenceAdapter
 from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_nvfp4
-from reference.layouts import assemble_scales_2d_side_from_offsets
+from reference.layouts import (
+    assemble_scales_2d_side_from_offsets,
+    swizzle_scales,
+    unswizzle_scales,
+)
 from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS, tensor_amax
 
 ATOM_BYTES = 512  # one 128x4 scale atom
@@ -362,3 +366,43 @@ class ClampBeforeAlpha(LayerDefect):
         act = self._run(calib_sample, w13, w2, limit, gs1, None)
         gs2 = ref.global_scale_from_amax(tensor_amax(act)).to(x.device)
         return self._run(x, w13, w2, limit, gs1, gs2)
+
+
+class UnpaddedGroupAssembly(ReferenceAdapter):
+    """2D-side scale assembly that swizzles all groups as ONE matrix: group g's scale rows start
+    at its data row sum(T_j) instead of sum(round_up(T_j, 128)). Its grouped_linear reads its own
+    assembly (through the correct layout), so groups after the first get another group's scales."""
+
+    name = "planted-unpadded-group-assembly"
+
+    def can_implement(self, case):
+        if case.stage.value not in ("scale_assembly", "grouped_linear"):
+            return False, f"{self.name} plants a defect in scale_assembly and grouped_linear"
+        return super().can_implement(case)
+
+    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
+        super().assemble_scales(a_scales, expert_offsets, b_scales, out_2d, out_3d)
+        whole = swizzle_scales(a_scales).view(torch.uint8)  # the bug: one swizzle for all groups
+        flat = out_2d.view(torch.uint8).reshape(-1)
+        flat.zero_()
+        flat[: whole.numel()] = whole[: flat.numel()]
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        st = super().grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        (codes, scales, gs), wq, offsets = st["x_q"], st["w_q"], st["expert_offsets"]
+        buf = assemble_scales_2d_side_from_offsets(scales, offsets)[0]  # sized as it must be
+        b3d = ref.layouts.assemble_scales_3d_side(list(wq[1]))
+        self.assemble_scales(scales, offsets, wq[1], buf, b3d)
+        # the GEMM reads group g's scales where the layout says they are
+        t, cols = o.shape[0], scales.shape[1]
+        cp, span = (cols + 3) // 4 * 4, (t + 127) // 128 * 128
+        read = [
+            unswizzle_scales(buf[g * span * cp : (g + 1) * span * cp], t, cols)
+            for g in range(n_groups)
+        ]
+        z = grouped_gemm_nvfp4(codes, torch.cat(read), wq[0], wq[1], offsets, gs, wq[2])
+        st["gemm_out"] = z.to(torch.bfloat16)
+        st["out"] = st["gemm_out"].reshape(n_groups, t, o_lora_rank).transpose(0, 1).contiguous()
+        return st

@@ -227,3 +227,25 @@ def test_layer_swiglu_convention_is_named_at_act(defect, stage, kw, found):
     assert out.metrics["first_divergent_stage"] == "act"  # not calibration, not act_q
     assert out.metrics["matches_variant"] == found
     assert f"matches SwiGLU variant {found}, not the declared dsv4" in out.message
+
+
+# --------------------------------------------------------------------------------------------
+# 10. the adapter's own scale assembly in layer cases, misplaced groups named
+
+
+def test_unpadded_group_assembly_is_named_in_the_layer_and_the_stage():
+    rows = run(planted.UnpaddedGroupAssembly(), Stage.GROUPED_LINEAR, tokens=5)
+    asm = rows["x_q.assembly"]
+    assert asm.outcome is Outcome.FAIL and asm.metrics["groups_misplaced"] == [1]
+    assert "group 1 at scale rows 5..9 (its data-row offset), expected from 128" in asm.message
+    assert rows["x_q"].metrics["equal"]  # the quantized scales themselves are right
+    assert rows["out"].metrics["first_divergent_stage"] == "x_q.assembly"
+    stage = run(planted.UnpaddedGroupAssembly(), Stage.SCALE_ASSEMBLY, tokens=5)["scales_2d"]
+    assert stage.outcome is Outcome.FAIL and stage.metrics["groups_misplaced"]
+    assert "its data-row offset" in stage.message
+
+
+def test_layer_assembly_rows_pass_for_the_reference():
+    rows = run(adapters.ReferenceAdapter(), Stage.ROUTED_MOE, tokens=33)
+    for name in ("x_q.assembly", "w13_q.assembly", "act_q.assembly", "w2_q.assembly"):
+        assert rows[name].outcome is Outcome.PASS, rows[name].message
