@@ -15,6 +15,7 @@ which checks the harness end to end on any machine.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import sys
 from collections.abc import Callable
@@ -32,6 +33,16 @@ from reference.gemm import grouped_gemm_nvfp4
 from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
 
 
+class QuantPolicy(enum.Enum):
+    """A quantizer's documented deviation from ours (DESIGN.md §3): declared, it is accepted;
+    undeclared, its mismatches are still classified under its own name, never as real errors."""
+
+    SCALE_FLOOR = "scale_floor"  # block scales clamped up to a floor (e.g. 2^-6): all-zero
+    # blocks get a nonzero scale byte, their values stay 0
+    NAN_SCALE_BYTE = "nan_scale_byte"  # a NaN block's scale byte is 0xFF (negative NaN), not 0x7F
+    NAN_AMAX = "nan_amax"  # the dynamic amax propagates NaN: one NaN makes the global scale NaN
+
+
 @dataclass(frozen=True)
 class Conventions:
     """What an adapter's numbers mean; the runner converts to and from ours."""
@@ -40,6 +51,7 @@ class Conventions:
     swiglu_variant: SwigluVariant = SwigluVariant.DSV4
     gate_first: bool = True
     weight_after_w2: bool = False  # routed MoE: routing weight on the L2 rows, not before L2
+    policies: frozenset[QuantPolicy] = frozenset()  # quantizer policies it follows
 
     @property
     def swiglu_label(self) -> str:
@@ -60,6 +72,7 @@ class Conventions:
             "conv_swiglu": self.swiglu_variant.value,
             "conv_gate_first": self.gate_first,
             "conv_weight_after_w2": self.weight_after_w2,
+            "conv_policies": sorted(p.value for p in self.policies),
         }
 
 
@@ -291,6 +304,7 @@ __all__ = [
     "AdapterError",
     "Conventions",
     "GemmOperands",
+    "QuantPolicy",
     "ReferenceAdapter",
     "available",
     "check",

@@ -62,7 +62,18 @@ CODE_CLASSES = (
     "nan_input",
     "real",
 )
-SCALE_CLASSES = ("exact", "signed_zero", "underflow_block", "scale_tie_flip", "real")
+SCALE_CLASSES = (
+    "exact",
+    "signed_zero",
+    "underflow_block",
+    "scale_tie_flip",
+    "scale_floor",
+    "nan_scale_byte",
+    "real",
+)
+# Classes that are a quantizer's POLICY, not an error and not a rounding accident: legitimate only
+# where the adapter declares them (harness.adapters.QuantPolicy has the same names).
+POLICY_CLASSES = ("scale_floor", "nan_scale_byte", "nan_amax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +333,10 @@ def classify_quantize_mismatches(
       underflow_block  one side 0, the other 0 or the smallest subnormal 2^-9, and s_true <= 2^-9
                        (+ tolerance): such a block legitimately flushes;
       scale_tie_flip   neighbouring bytes and s_true within TIE_REL_TOL of their midpoint;
+      scale_floor      a policy: the out byte is larger than the ref byte and equals F, the
+                       smallest out scale of the tensor (no out scale is below it; F > 0): scales
+                       clamped up to a floor (returned as scale_floor_value), e.g. 2^-6;
+      nan_scale_byte   a policy: both bytes are NaN, of the other sign (0xFF for 0x7F);
       real             anything else.
     Codes (unpacked, one per element), compared with the ref code in blocks whose scale bytes
     agree and with the code the OUT scale implies (reference rounding of x/gs/out_scale) in
@@ -390,7 +405,15 @@ def classify_quantize_mismatches(
         & ~o_nan
         & _near(s_true, s_mid)
     )
-    s_real = s_diff & ~s_signed_zero & ~s_under & ~s_tie
+    s_nan_byte = s_diff & r_nan & o_nan
+    s_val_r, s_val_o = ref_scales.to(dev).float(), out_scales.to(dev).float()
+    finite_o = s_val_o[~o_nan]
+    floor = float(finite_o.min()) if finite_o.numel() else 0.0
+    s_floor = (
+        s_diff & ~s_signed_zero & ~s_under & ~s_tie & ~o_nan & ~r_nan
+        & (s_val_o == floor) & (s_val_r < floor)
+    ) if floor > 0 else torch.zeros_like(s_diff)  # fmt: skip
+    s_real = s_diff & ~s_signed_zero & ~s_under & ~s_tie & ~s_nan_byte & ~s_floor
 
     # ---- codes, per element
     s_out32 = out_scales.to(dev).float()[..., None]
@@ -444,6 +467,8 @@ def classify_quantize_mismatches(
         "signed_zero": int(s_signed_zero.sum()),
         "underflow_block": int(s_under.sum()),
         "scale_tie_flip": int(s_tie.sum()),
+        "scale_floor": int(s_floor.sum()),
+        "nan_scale_byte": int(s_nan_byte.sum()),
         "real": int(s_real.sum()),
     }
     real_elems = c_real.reshape(*lead, k)
@@ -459,6 +484,7 @@ def classify_quantize_mismatches(
         "first_real": first,
         "first_real_code": first_code,
         "first_real_scale": first_scale,
+        "scale_floor_value": floor if int(s_floor.sum()) else None,
     }
 
 

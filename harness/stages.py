@@ -90,6 +90,23 @@ def _conventions(adapter: Any):
     return adapter.conventions
 
 
+POLICY_MEANING = {
+    "scale_floor": "block scales clamped up to a floor",
+    "nan_scale_byte": "NaN scale byte 0xFF instead of 0x7F",
+    "nan_amax": "a NaN-propagating dynamic amax (NaN global scale)",
+}
+
+
+def nan_amax(x: torch.Tensor, r_gs: Any, out_gs: Any) -> bool:
+    """The adapter's dynamic global scale is NaN where ours is finite because x holds a NaN:
+    its amax propagates NaN (ours ignores it, as fmaxf reductions do)."""
+    if out_gs is None:
+        return False
+    o = torch.as_tensor(out_gs).float().reshape(-1)
+    r = torch.as_tensor(r_gs).float().reshape(-1)
+    return bool(torch.isnan(o).all() and torch.isfinite(r).all() and torch.isnan(x).any())
+
+
 def compare_quantized(
     name: str,
     x: torch.Tensor,
@@ -97,8 +114,16 @@ def compare_quantized(
     ref_q: tuple[torch.Tensor, torch.Tensor],
     out_q: tuple[torch.Tensor, torch.Tensor],
     exact: bool,
+    policies: frozenset = frozenset(),
+    whole_nan_amax: bool = False,
 ) -> list[Comparison]:
-    """Codes and scale bytes: bit-exact, or every mismatch classified (DESIGN.md §5)."""
+    """Codes and scale bytes: bit-exact, or every mismatch classified (DESIGN.md §5).
+
+    Policy classes (metrics.POLICY_CLASSES) pass where the adapter declares them (`policies`,
+    QuantPolicy values) and fail under their own name where it does not; never counted as real.
+    `whole_nan_amax`: the adapter's global scale is NaN (see `nan_amax`), so every mismatch is
+    that policy's consequence.
+    """
     rows = []
     for part, r, o in (("codes", ref_q[0], out_q[0]), ("scales", ref_q[1], out_q[1])):
         if r.shape != o.shape:
@@ -119,23 +144,45 @@ def compare_quantized(
     if any(not c.metrics for c in rows):
         return rows
     cls = metrics.classify_quantize_mismatches(x, gs, ref_q[0], ref_q[1], out_q[0], out_q[1])
+    declared = {p.value if hasattr(p, "value") else str(p) for p in policies}
     for c, part in zip(rows, ("codes", "scales"), strict=True):
-        c.metrics["classes"] = cls[part]
+        if whole_nan_amax:
+            n = c.metrics["n_mismatch"]
+            cls[part] = {"exact": c.metrics["numel"] - n, "nan_amax": n}
+        counts = cls[part]
+        c.metrics["classes"] = counts
         if c.metrics["equal"]:
             continue
-        if exact:
+        pol = {k: counts[k] for k in metrics.POLICY_CLASSES if counts.get(k)}
+        undeclared = {k: v for k, v in pol.items() if k not in declared}
+        by_policy = "; ".join(
+            f"{v} {part} by policy {k} ({POLICY_MEANING[k]}"
+            + (f" {cls['scale_floor_value']:g}" if k == "scale_floor" else "")
+            + ")"
+            for k, v in pol.items()
+        )
+        accidents = c.metrics["n_mismatch"] - sum(pol.values())
+        if exact and accidents:
             c.outcome = Outcome.FAIL
             c.message = (
                 f"{c.metrics['n_mismatch']} of {c.metrics['numel']} {part} mismatch where "
                 f"every intermediate is exact; first at {c.metrics['first_mismatch']}"
             )
-        elif cls[part].get("real", 0):
+        elif counts.get("real", 0):
             c.outcome = Outcome.FAIL
             first = cls[f"first_real_{part[:-1]}"]
-            n, numel = cls[part]["real"], c.metrics["numel"]
-            c.message = f"{n} of {numel} {part} are real mismatches ({cls[part]}); first at {first}"
+            n, numel = counts["real"], c.metrics["numel"]
+            c.message = f"{n} of {numel} {part} are real mismatches ({counts}); first at {first}"
+        elif undeclared:
+            c.outcome = Outcome.FAIL
+            c.message = (
+                f"{by_policy}, which the adapter does not declare "
+                f"(Conventions.policies: {', '.join(sorted(undeclared))}); no real mismatches"
+            )
         else:
-            c.message = f"all mismatches classified as legitimate: {cls[part]}"
+            c.message = f"all mismatches classified as legitimate: {counts}"
+            if pol:
+                c.message += f" ({by_policy}, declared)"
     return rows
 
 
@@ -160,8 +207,19 @@ def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
         adapter.quantize(x, to_adapter_scale(gs, conv), codes, scales), conv
     )
     exact = case.tolerance is Tolerance.EXACT or case.distribution.exact
-    rows = compare_quantized("quantize", x, r_gs, (r_codes, r_scales), (codes, scales), exact)
-    rows.append(_compare_global_scale(r_gs, out_gs, conv))
+    policies = _conventions(adapter).policies
+    whole = gs is None and nan_amax(x, r_gs, out_gs)
+    rows = compare_quantized(
+        "quantize", x, r_gs, (r_codes, r_scales), (codes, scales), exact, policies, whole
+    )
+    g_row = _compare_global_scale(r_gs, out_gs, conv)
+    if whole:  # a policy, named as one: declared it passes
+        ok = any(getattr(p, "value", p) == "nan_amax" for p in policies)
+        g_row.outcome = Outcome.PASS if ok else Outcome.FAIL
+        g_row.message = f"global scale NaN by policy nan_amax ({POLICY_MEANING['nan_amax']})" + (
+            ", declared" if ok else ", which the adapter does not declare (Conventions.policies)"
+        )
+    rows.append(g_row)
     return rows
 
 
@@ -462,7 +520,9 @@ def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Compari
     scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
     adapter.swiglu_requant(l1, case.limit, to_adapter_scale(gs, conv.global_scale), codes, scales)
     exact = case.tolerance is Tolerance.EXACT
-    rows = compare_quantized("swiglu_requant", act, gs, (r_codes, r_scales), (codes, scales), exact)
+    rows = compare_quantized(
+        "swiglu_requant", act, gs, (r_codes, r_scales), (codes, scales), exact, conv.policies
+    )
     found = None
     if any(r.outcome is Outcome.FAIL for r in rows) and case.limit is not None:
         found = identify_swiglu_variant(adapter, case.limit, case.shape.intermediate, dev)

@@ -18,7 +18,7 @@ import time
 import torch
 
 import reference as ref
-from harness.adapters import Conventions, GemmOperands, ReferenceAdapter
+from harness.adapters import Conventions, GemmOperands, QuantPolicy, ReferenceAdapter
 from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_nvfp4
@@ -406,3 +406,57 @@ class UnpaddedGroupAssembly(ReferenceAdapter):
         st["gemm_out"] = z.to(torch.bfloat16)
         st["out"] = st["gemm_out"].reshape(n_groups, t, o_lora_rank).transpose(0, 1).contiguous()
         return st
+
+
+# --------------------------------------------------------------------------------------------
+# quantizer policies of real peers (legitimate where declared, named where not)
+
+
+class ScaleFloorQuantizer(StageDefect):
+    """A quantizer clamping block scales up to 2^-6 (normalized units): all-zero blocks get a
+    nonzero scale byte, their codes (and values) stay 0."""
+
+    name = "planted-scale-floor"
+    FLOOR = 2.0**-6
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = ref.global_scale_from_amax(tensor_amax(x)) if global_scale is None else global_scale
+        xn = x.float() / gs
+        blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+        s = (blocks.abs().amax(-1, keepdim=True) / 6.0).clamp(min=self.FLOOR)
+        scales = ref.encode_block_scales(s)
+        q = blocks / scales.float()
+        codes_out.copy_(ref.pack_e2m1(ref.encode_e2m1(q.reshape(x.shape))))
+        scales_out.copy_(scales.squeeze(-1))
+        return gs
+
+
+class NanScaleByteFF(StageDefect):
+    """A quantizer writing 0xFF (negative NaN) for a NaN block's scale byte instead of 0x7F."""
+
+    name = "planted-nan-scale-byte-ff"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = super().quantize(x, global_scale, codes_out, scales_out)
+        b = scales_out.view(torch.uint8)
+        b.copy_(torch.where(b == 0x7F, torch.full_like(b, 0xFF), b))
+        return gs
+
+
+class NanAmaxQuantizer(StageDefect):
+    """A dynamic quantizer whose amax propagates NaN (torch.amax): one NaN input makes the
+    global scale NaN and every block NaN."""
+
+    name = "planted-nan-amax"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        if global_scale is None:
+            global_scale = x.float().abs().amax() / (6.0 * 448.0)  # NaN in, NaN out
+        return super().quantize(x, global_scale, codes_out, scales_out)
+
+
+def declaring(cls: type, *policies: QuantPolicy):
+    """The same quantizer, honest about its policies."""
+    adapter = cls()
+    adapter.conventions = Conventions(policies=frozenset(policies))
+    return adapter

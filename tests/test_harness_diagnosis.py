@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness import adapters, metrics
+from harness.adapters import QuantPolicy
 from harness.cases import Case, Distribution, Shape, Stage
 from harness.stages import Outcome, run_case
 from reference.nvfp4 import unpack_e2m1
@@ -249,3 +250,42 @@ def test_layer_assembly_rows_pass_for_the_reference():
     rows = run(adapters.ReferenceAdapter(), Stage.ROUTED_MOE, tokens=33)
     for name in ("x_q.assembly", "w13_q.assembly", "act_q.assembly", "w2_q.assembly"):
         assert rows[name].outcome is Outcome.PASS, rows[name].message
+
+
+# --------------------------------------------------------------------------------------------
+# 7. quantizer policies are classes: declared they pass, undeclared they are named, never real
+
+POLICY_CASES = [
+    (planted.ScaleFloorQuantizer, QuantPolicy.SCALE_FLOOR, Distribution.ZERO_BLOCKS),
+    (planted.NanScaleByteFF, QuantPolicy.NAN_SCALE_BYTE, Distribution.NAN_ONE),
+    (planted.NanAmaxQuantizer, QuantPolicy.NAN_AMAX, Distribution.NAN_ONE),
+]
+
+
+@pytest.mark.parametrize("cls, policy, dist", POLICY_CASES, ids=lambda v: getattr(v, "value", None))
+def test_undeclared_policy_fails_under_its_own_name(cls, policy, dist):
+    rows = run(cls(), Stage.QUANTIZE, tokens=33, distribution=dist)
+    failing = [c for c in rows.values() if c.outcome is Outcome.FAIL]
+    assert failing
+    for c in failing:
+        assert f"policy {policy.value}" in c.message and "does not declare" in c.message
+        assert "are real mismatches" not in c.message
+        assert c.metrics.get("classes", {}).get("real", 0) == 0
+
+
+@pytest.mark.parametrize("cls, policy, dist", POLICY_CASES, ids=lambda v: getattr(v, "value", None))
+def test_declared_policy_passes(cls, policy, dist):
+    rows = run(planted.declaring(cls, policy), Stage.QUANTIZE, tokens=33, distribution=dist)
+    assert all(c.outcome is Outcome.PASS for c in rows.values()), {
+        c.name: c.message for c in rows.values()
+    }
+    assert any(policy.value in c.message and "declared" in c.message for c in rows.values())
+
+
+def test_a_policy_does_not_hide_a_real_error():
+    # the scale floor declared, but on top of it a rounding defect: still real mismatches
+    adapter = planted.declaring(planted.RoundHalfAway, QuantPolicy.SCALE_FLOOR)
+    c = run(adapter, Stage.QUANTIZE, tokens=5, distribution=Distribution.MIDPOINTS)[
+        "quantize.codes"
+    ]
+    assert c.outcome is Outcome.FAIL and "every intermediate is exact" in c.message
