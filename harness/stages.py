@@ -198,7 +198,8 @@ def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     elif case.scale_ratio is None:
         gs = None
     else:
-        gs = global_scale_from_amax(tensor_amax(x) / case.scale_ratio).to(dev)
+        # calibrated on the clean warm-up sample (the planted NaN / Inf only in the live x)
+        gs = global_scale_from_amax(tensor_amax(inputs.finite(x)) / case.scale_ratio).to(dev)
     r_codes, r_scales, r_gs = ref.quantize_nvfp4(x, gs)
     conv = _conventions(adapter).global_scale
     codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)

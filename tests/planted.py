@@ -460,3 +460,19 @@ def declaring(cls: type, *policies: QuantPolicy):
     adapter = cls()
     adapter.conventions = Conventions(policies=frozenset(policies))
     return adapter
+
+
+class UnclampedScaleCast(StageDefect):
+    """Block scales cast to e4m3 without the clamp to 448 (torch 2.11 turns > 464 and +Inf into
+    NaN, DESIGN.md §3): seen only on the static-scale path, where a block can exceed 448."""
+
+    name = "planted-unclamped-scale-cast"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = super().quantize(x, global_scale, codes_out, scales_out)
+        xn = x.float() / torch.as_tensor(gs, dtype=torch.float32)
+        blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+        over = blocks.abs().amax(-1) / 6.0 > 464.0  # what the unclamped cast makes NaN
+        b = scales_out.view(torch.uint8)
+        b.copy_(torch.where(over, torch.full_like(b, 0x7F), b))
+        return gs

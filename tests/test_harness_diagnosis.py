@@ -33,7 +33,9 @@ LAYERS = (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR)
 
 
 @pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
-@pytest.mark.parametrize("dist", [Distribution.NAN_ONE], ids=lambda d: d.value)
+@pytest.mark.parametrize(
+    "dist", [Distribution.NAN_ONE, Distribution.INF_ONE], ids=lambda d: d.value
+)
 def test_reference_against_itself_is_equal_at_every_stage_with_nan_and_inf(stage, dist):
     rows = run(adapters.ReferenceAdapter(), stage, tokens=5, distribution=dist, scale_ratio=2.0)
     out = rows.pop("out")
@@ -289,3 +291,40 @@ def test_a_policy_does_not_hide_a_real_error():
         "quantize.codes"
     ]
     assert c.outcome is Outcome.FAIL and "every intermediate is exact" in c.message
+
+
+# --------------------------------------------------------------------------------------------
+# 8. the static-scale path meets the Inf (clean warm-up sample)
+
+
+def test_inf_with_a_static_scale_exercises_the_saturating_path():
+    c = run(
+        planted.UnclampedScaleCast(),
+        Stage.QUANTIZE,
+        tokens=33,
+        distribution=Distribution.INF_ONE,
+        scale_ratio=1.0,
+    )
+    assert c["quantize.global_scale"].metrics["ref"] < float("inf")  # calibrated finite
+    assert c["quantize.scales"].outcome is Outcome.FAIL
+    assert c["quantize.scales"].metrics["classes"]["real"] == 1  # the Inf's block, only it
+
+
+def test_shipped_case_files_cover_the_holes():
+    from pathlib import Path
+
+    from harness.cases import load_cases
+
+    root = Path(__file__).resolve().parents[1] / "cases"
+    _, adv = load_cases(root / "adversarial.yaml")
+    assert any(c.stage is Stage.SCALE_ASSEMBLY and c.tokens == 129 for c in adv)
+    assert any(
+        c.stage is Stage.SHARED_EXPERT
+        and c.distribution is Distribution.INF_ONE
+        and c.scale_ratio is not None
+        for c in adv
+    )
+    for name in ("dsv4_pro.yaml", "dsv4_flash.yaml"):
+        _, cases = load_cases(root / name)
+        dists = {c.distribution for c in cases if c.stage is Stage.QUANTIZE}
+        assert {Distribution.MIDPOINTS, Distribution.FP4_GRID} <= dists, name
