@@ -32,8 +32,9 @@ def test_timeout_kills_the_grandchild_and_a_segfault_keeps_its_traceback(
     monkeypatch.setenv(PID_DIR_ENV, str(tmp_path))
     f = case_file(tmp_path, "tests.misbehaving:SpawnsAndHangs", "tests.misbehaving:Segfaults")
     out = tmp_path / "out"
-    # --timeout without --isolate: said, and enforced (an in-process case could not be stopped)
-    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "10", "--no-progress"])
+    # --timeout without --isolate: said, and enforced (an in-process case could not be stopped).
+    # 12 s: the worker imports torch (~4-5 s on a loaded 2-core machine) before the kernel hangs.
+    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "12", "--no-progress"])
     assert rc == 1
     assert "--timeout runs each case in its own process" in capsys.readouterr().err
     finals = {r["backend"]: r for r in results.read_rows(out) if r["final"]}
