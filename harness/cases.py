@@ -16,7 +16,6 @@ import dataclasses
 import enum
 import hashlib
 import itertools
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -211,10 +210,22 @@ class Case:
     def digest(self) -> str:
         """Hash of everything that decides this case's verdict: resume reuses a finished row only
         while it is unchanged (a tightened budget reruns). Not part of it: the file it came from,
-        the backends that run it and the isolated timeout (how long to wait, not the verdict)."""
-        d = {**self.row(), "budget": dataclasses.asdict(self.budget), "device": self.device}
-        del d["source"]
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        the backends that run it and the isolated timeout (how long to wait, not the verdict).
+        ~10 us a case: a resumed sweep of 10^6 cases checks every one."""
+        key = (
+            self.stage.value,
+            tuple(vars(self.shape).values()),
+            self.tokens,
+            self.seed,
+            self.distribution.value,
+            self.scale_ratio,
+            self.routing.value,
+            self.limit,
+            self.tolerance.value,
+            tuple(vars(self.budget).values()),
+            self.device,
+        )
+        return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
     def row(self) -> dict[str, Any]:
         """Flat, JSON-friendly description for result rows."""

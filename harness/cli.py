@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("\ninterrupted before any case ran; nothing was written", file=sys.stderr)
+        print("\ninterrupted before any case ran", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `python -m harness list | head`
         sys.stderr.close()

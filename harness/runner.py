@@ -83,15 +83,25 @@ class SweepOptions:
         return args
 
 
-def thread_budget(workers: int = 1) -> int:
-    """torch intra-op threads for one of `workers` processes sharing this machine: the cores this
-    process may use (its CPU affinity) divided among them, at least 1. $OMP_NUM_THREADS, when
-    set, is the user's choice and wins."""
+def thread_budget(workers: int | None = None) -> int:
+    """torch intra-op threads for one of `workers` processes sharing this machine (default: the
+    pytest-xdist worker count, else 1): the cores this process may use (its CPU affinity)
+    divided among them, at least 1. $OMP_NUM_THREADS, when set, is the user's choice and wins."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
+    if workers is None:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, workers))
+
+
+def _command_line() -> str:
+    """This process's command, as a person typed it (names a lock's holder)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("harness", "__main__.py")):
+        argv[0:1] = ["python", "-m", "harness"]
+    return " ".join(argv)
 
 
 def device_missing(device: str) -> str:
@@ -488,7 +498,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     run_id = uuid.uuid4().hex[:12]
     pairs = plan(cases, opts)
-    with results.locked(out_dir, " ".join(sys.argv) if label else "run_sweep"):
+    with results.locked(out_dir, _command_line()):
         if opts.resume:
             identity = describe_isolated if opts.isolate else _describe_in_process
             timed = results.timed_pairs(out_dir) if opts.time else None

@@ -4,7 +4,8 @@ Beside tests/planted.py's Raises / Hangs / Dies, for the isolation tests of
 test_harness_processes.py: `SpawnsAndHangs` starts a grandchild process, writes its own pid and
 the grandchild's to $DSV4_TEST_PID_DIR, then hangs (so a timeout or a killed sweep must take both
 down); `Segfaults` dies by a real SIGSEGV (so faulthandler's traceback must reach the crashed
-row's stderr tail). Test fixtures only: nothing of the harness imports this.
+row's stderr tail). Then the helpers those tests watch processes with. Test fixtures only:
+nothing of the harness imports this.
 """
 
 from __future__ import annotations
@@ -47,3 +48,34 @@ class Segfaults(ReferenceAdapter):
 
     def quantize(self, x, global_scale, codes_out, scales_out):
         ctypes.string_at(0)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers for the tests that watch these processes from outside
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a killed process no one has reaped yet is dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(pred, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def case_file(tmp_path: Path, *backends: str, tokens: int = 1) -> Path:
+    """One quantize case per backend (tokens, tokens + 1, ...), in order."""
+    f = tmp_path / "c.yaml"
+    f.write_text("sweeps:\n" + "".join(
+        f"  - stage: quantize\n    tokens: [{tokens + i}]\n    backends: [\"{b}\"]\n"
+        for i, b in enumerate(backends)))
+    return f

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from harness import cli, results
 from harness.runner import thread_budget
-from tests.misbehaving import PID_DIR_ENV
+from tests.misbehaving import PID_DIR_ENV, alive, case_file, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,32 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)  # workers import tests.misbehaving from the cwd, like the CLI
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (a killed process no one has reaped yet is dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_for(pred, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def case_file(tmp_path: Path, *backends: str, tokens: int = 1) -> Path:
-    f = tmp_path / "c.yaml"
-    f.write_text("sweeps:\n" + "".join(
-        f"  - stage: quantize\n    tokens: [{tokens + i}]\n    backends: [\"{b}\"]\n"
-        for i, b in enumerate(backends)))
-    return f
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -59,8 +32,9 @@ def test_timeout_kills_the_grandchild_and_a_segfault_keeps_its_traceback(
     monkeypatch.setenv(PID_DIR_ENV, str(tmp_path))
     f = case_file(tmp_path, "tests.misbehaving:SpawnsAndHangs", "tests.misbehaving:Segfaults")
     out = tmp_path / "out"
-    # --timeout without --isolate: said, and enforced (an in-process case could not be stopped)
-    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "10", "--no-progress"])
+    # --timeout without --isolate: said, and enforced (an in-process case could not be stopped).
+    # 12 s: the worker imports torch (~4-5 s on a loaded 2-core machine) before the kernel hangs.
+    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "12", "--no-progress"])
     assert rc == 1
     assert "--timeout runs each case in its own process" in capsys.readouterr().err
     finals = {r["backend"]: r for r in results.read_rows(out) if r["final"]}
@@ -82,5 +56,7 @@ def test_thread_budget_divides_the_affinity_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert [thread_budget(w) for w in (1, 2, 3, 32)] == [16, 8, 5, 1]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")  # default: pytest -n 4's share
+    assert thread_budget() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     assert thread_budget(2) == 3

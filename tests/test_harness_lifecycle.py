@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from harness import cli, results
-from tests.misbehaving import PID_DIR_ENV
+from tests.misbehaving import PID_DIR_ENV, alive, case_file, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,32 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)  # workers import tests.misbehaving from the cwd, like the CLI
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (a killed process no one has reaped yet is dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def wait_for(pred, timeout: float = 60.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def case_file(tmp_path: Path, *backends: str, tokens: int = 1) -> Path:
-    f = tmp_path / "c.yaml"
-    f.write_text("sweeps:\n" + "".join(
-        f"  - stage: quantize\n    tokens: [{tokens + i}]\n    backends: [\"{b}\"]\n"
-        for i, b in enumerate(backends)))
-    return f
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
