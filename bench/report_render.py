@@ -32,8 +32,11 @@ def main() -> None:
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     _, cases = load_cases(REPO / "cases" / "smoke.yaml")
-    run_sweep(cases, tmp / "src", SweepOptions(("dsv4-torch", "tests.planted:SkipLastKBlock"),
-                                               progress=False))
+    run_sweep(
+        cases,
+        tmp / "src",
+        SweepOptions(("dsv4-torch", "tests.planted:SkipLastKBlock"), progress=False),
+    )
     base = results.read_rows(tmp / "src")
     print(f"{'rows':>6} {'render s (median of 3)':>24} {'size MB':>8}")
     for n in a.rows:

@@ -2,8 +2,9 @@
 
     python bench/timing_check.py [--repeats 5] [--out DIR]
 
-For a few cases (quantize [8192, 7168] and [128, 7168] with static scales, grouped GEMM,
-shared-expert layer) on `dsv4-torch` and the `bf16` baseline: each is timed `--repeats` times
+For a few cases (quantize [8192, 7168] and [128, 7168] with static scales, SwiGLU-requant,
+grouped GEMM, shared-expert layer) on `dsv4-torch` and the `bf16` and `reference-compiled`
+baselines: each is timed `--repeats` times
 by `harness.timing.time_case`; the table gives the median of the first measurement with its
 p10..p90, the spread of the repeated medians ((max - min) / median; the goal is under 2%),
 the verdict of the first against the second measurement (the same kernel twice must be SAME),
@@ -57,7 +58,7 @@ def main() -> None:
     proto = timing.Protocol(budget_s=a.budget)
     table, records = [], []
     for case in cases():
-        for backend in ("dsv4-torch", "bf16"):
+        for backend in ("dsv4-torch", "bf16", "reference-compiled"):
             adapter = adapters.load(backend)
             if backend == "bf16":
                 verdict = "baseline"

@@ -1,4 +1,4 @@
-"""dsv4: the NVFP4 inference path for DeepSeek V4 layers (DESIGN.md §2).
+"""dsv4: the NVFP4 inference path for DeepSeek V4 layers (docs/design.md §2).
 
 Thin and lazy: `import dsv4` imports nothing heavy and never initialises CUDA; `dsv4.ops`,
 `dsv4.layers` and `dsv4.adapters` load on first access. The production API lives in `dsv4.ops`

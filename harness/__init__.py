@@ -1,4 +1,4 @@
-"""Reference-vs-kernel validation harness (DESIGN.md §5).
+"""Reference-vs-kernel validation harness (docs/design.md §5).
 
 cases (YAML) -> inputs -> run (reference, kernel through an adapter) -> compare (metrics,
 verdicts) -> results (JSONL/Parquet) -> report. Reaches kernels only through `harness.adapters`;

@@ -15,6 +15,7 @@ which checks the harness end to end on any machine.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import sys
 from collections.abc import Callable
@@ -27,9 +28,19 @@ import torch
 import reference as ref
 from harness.cases import Case, Stage
 from reference import layers as ref_layers
-from reference.activation import SwigluVariant, swiglu
+from reference.activation import SwigluVariant, swiglu, variant_label
 from reference.gemm import grouped_gemm_nvfp4
 from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
+
+
+class QuantPolicy(enum.Enum):
+    """A quantizer's documented deviation from ours (docs/design.md §3): declared, it is accepted;
+    undeclared, its mismatches are still classified under its own name, never as real errors."""
+
+    SCALE_FLOOR = "scale_floor"  # block scales clamped up to a floor (e.g. 2^-6): all-zero
+    # blocks get a nonzero scale byte, their values stay 0
+    NAN_SCALE_BYTE = "nan_scale_byte"  # a NaN block's scale byte is 0xFF (negative NaN), not 0x7F
+    NAN_AMAX = "nan_amax"  # the dynamic amax propagates NaN: one NaN makes the global scale NaN
 
 
 @dataclass(frozen=True)
@@ -39,12 +50,29 @@ class Conventions:
     global_scale: ref.ScaleConvention = ref.ScaleConvention.DECODE
     swiglu_variant: SwigluVariant = SwigluVariant.DSV4
     gate_first: bool = True
+    weight_after_w2: bool = False  # routed MoE: routing weight on the L2 rows, not before L2
+    policies: frozenset[QuantPolicy] = frozenset()  # quantizer policies it follows
+
+    @property
+    def swiglu_label(self) -> str:
+        return variant_label(self.swiglu_variant, self.gate_first)
+
+    def not_dsv4(self) -> list[str]:
+        """The declared conventions that are not DeepSeek V4's (judged as declared, flagged)."""
+        out = []
+        if self.swiglu_label != variant_label(SwigluVariant.DSV4):
+            out.append(f"SwiGLU {self.swiglu_label}")
+        if self.weight_after_w2:
+            out.append("routing weight after w2")
+        return out
 
     def row(self) -> dict[str, Any]:
         return {
             "conv_global_scale": self.global_scale.value,
             "conv_swiglu": self.swiglu_variant.value,
             "conv_gate_first": self.gate_first,
+            "conv_weight_after_w2": self.weight_after_w2,
+            "conv_policies": sorted(p.value for p in self.policies),
         }
 
 
@@ -99,7 +127,7 @@ class Adapter(Protocol):
 
 
 class AdapterBase:
-    """Defaults: DESIGN conventions, CPU and CUDA, supports the stages it has methods for."""
+    """Defaults: docs/design.md's conventions, CPU and CUDA, the stages it has methods for."""
 
     name = "unnamed"
     conventions = Conventions()
@@ -130,12 +158,23 @@ def check(adapter: Any, case: Case) -> tuple[bool, str]:
 
 
 class ReferenceAdapter(AdapterBase):
-    """The oracle itself: every stage, any device. Passing proves the harness, not a kernel."""
+    """The oracle itself: every stage, any device. Passing proves the harness, not a kernel.
+
+    With other `conventions` it is an honest kernel of that convention (SwiGLU variant, gate/up
+    order, routing-weight position): the harness judges every adapter against the reference run
+    with the adapter's declared conventions.
+    """
 
     name = "reference"
 
-    def __init__(self, quantized: bool = True):
+    def __init__(self, quantized: bool = True, conventions: Conventions | None = None):
         self.quantized = quantized  # False: the unquantized fp32 twin of each layer
+        if conventions is not None:
+            self.conventions = conventions
+
+    def _swiglu_args(self) -> dict[str, Any]:
+        c = self.conventions
+        return {"variant": c.swiglu_variant, "gate_first": c.gate_first}
 
     def quantize(self, x, global_scale, codes_out, scales_out):
         codes, scales, gs = ref.quantize_nvfp4(x, global_scale)
@@ -151,29 +190,30 @@ class ReferenceAdapter(AdapterBase):
         out.copy_(grouped_gemm_nvfp4(*ops.plain(), out_dtype=out.dtype))
 
     def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit)
+        act = swiglu(l1_out, limit, **self._swiglu_args())
         codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
         codes_out.copy_(codes)
         scales_out.copy_(scales)
 
     def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        kw = {"limit": limit, **self._swiglu_args()}
         if not self.quantized:
-            return ref_layers.shared_expert(x, w13, w2, limit=limit, quantized=False)
-        gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
-        return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
+            return ref_layers.shared_expert(x, w13, w2, quantized=False, **kw)
+        gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
+        return ref_layers.shared_expert(x, w13, w2, gs1=gs1, gs2=gs2, **kw)
 
     def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
         args = (x, topk_ids, topk_weights, w13, w2)
+        kw = {
+            "first_expert": first_expert,
+            "limit": limit,
+            "weight_after_w2": self.conventions.weight_after_w2,
+            **self._swiglu_args(),
+        }
         if not self.quantized:
-            return ref_layers.routed_moe(
-                *args, first_expert=first_expert, limit=limit, quantized=False
-            )
-        gs1, gs2 = ref_layers.calibrate_routed_moe(
-            calib_sample, *args[1:], first_expert=first_expert, limit=limit
-        )
-        return ref_layers.routed_moe(
-            *args, first_expert=first_expert, limit=limit, gs1=gs1, gs2=gs2
-        )
+            return ref_layers.routed_moe(*args, quantized=False, **kw)
+        gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
+        return ref_layers.routed_moe(*args, gs1=gs1, gs2=gs2, **kw)
 
     def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
         if not self.quantized:
@@ -265,6 +305,7 @@ __all__ = [
     "AdapterError",
     "Conventions",
     "GemmOperands",
+    "QuantPolicy",
     "ReferenceAdapter",
     "available",
     "check",

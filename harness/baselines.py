@@ -5,7 +5,11 @@ it): every GEMM of the grouped GEMM and of the three layers as `torch.mm` / `tor
 operands dequantized once at prepare time, SwiGLU and the routing weight as plain torch ops. It
 has no NVFP4 stage methods, so it cannot be a correctness backend: name it under a case file's
 `baselines:` (or `run --time --baseline bf16`). Any registered adapter (`dsv4-torch`,
-`reference`) can be a baseline too. Nothing here is compared for correctness.
+`reference`) can be a baseline too.
+
+`reference-compiled` is the reference's quantize and SwiGLU-requant under `torch.compile`
+(what a user gets from the oracle with no kernel written): a baseline for the memory-bound
+stages and also a correctness backend (a compiler that changed the bits would fail).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 
 import torch
 
-from harness.adapters import AdapterBase, GemmOperands, register
+import reference as ref
+from harness.adapters import AdapterBase, GemmOperands, ReferenceAdapter, register
 from reference.activation import swiglu
 from reference.gemm import _expert_rows, dequantize_codes_scales
 from reference.nvfp4 import dequantize_weight_nvfp4
@@ -86,6 +91,33 @@ class Bf16Baseline(AdapterBase):
         return lambda: torch.bmm(og, w).transpose(0, 1)
 
 
-register("bf16", Bf16Baseline)
+def _swiglu_quantize(l1: torch.Tensor, limit: float | None, gs: torch.Tensor):
+    return ref.quantize_nvfp4(swiglu(l1, limit), gs)
 
-__all__ = ["Bf16Baseline"]
+
+class CompiledReference(ReferenceAdapter):
+    """The reference's quantize and SwiGLU-requant compiled by torch.compile (layers: eager)."""
+
+    name = "reference-compiled"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._quantize = torch.compile(ref.quantize_nvfp4, dynamic=False)
+        self._swiglu_quantize = torch.compile(_swiglu_quantize, dynamic=False)
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        codes, scales, gs = self._quantize(x, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+        return gs
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        codes, scales, _ = self._swiglu_quantize(l1_out, limit, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+
+register("bf16", Bf16Baseline)
+register("reference-compiled", CompiledReference)
+
+__all__ = ["Bf16Baseline", "CompiledReference"]

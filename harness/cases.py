@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import itertools
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +104,7 @@ class Shape:
             )
 
 
-# DeepSeek V4 (DESIGN.md §3). n_experts is the local count of one rank at EP=8.
+# DeepSeek V4 (docs/design.md §3). n_experts is the local count of one rank at EP=8.
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(),
     "v4_pro": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
@@ -203,6 +206,27 @@ class Case:
         parts.append(f"s{self.seed}")
         return "_".join(parts)
 
+    @property
+    def digest(self) -> str:
+        """Hash of everything that decides this case's verdict: resume reuses a finished row only
+        while it is unchanged (a tightened budget reruns). Not part of it: the file it came from,
+        the backends that run it and the isolated timeout (how long to wait, not the verdict).
+        ~10 us a case: a resumed sweep of 10^6 cases checks every one."""
+        key = (
+            self.stage.value,
+            tuple(vars(self.shape).values()),
+            self.tokens,
+            self.seed,
+            self.distribution.value,
+            self.scale_ratio,
+            self.routing.value,
+            self.limit,
+            self.tolerance.value,
+            tuple(vars(self.budget).values()),
+            self.device,
+        )
+        return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+
     def row(self) -> dict[str, Any]:
         """Flat, JSON-friendly description for result rows."""
         return {
@@ -222,6 +246,20 @@ class Case:
 
 # --------------------------------------------------------------------------------------------
 # loading
+
+MAX_SEED = 2**32  # inputs are drawn from seed * 1_000_003 + crc32(tag), kept below 2**64
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; YAML 1.2, JSON and Python read a number, and
+    so does this loader (docs/cases.md writes `budget: {calc_diff: 1e-4}`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _enum(where: str, cls: type[enum.Enum], value: Any) -> Any:
@@ -319,6 +357,8 @@ def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
             raise CaseError(f"{where}.seeds: expected integers, got {s!r}")
+        if not 0 <= s < MAX_SEED:
+            raise CaseError(f"{where}.seeds: {s} out of range (0 <= seed < 2**32)")
     backends = tuple(
         str(b) for b in _list(f"{where}.backends", sweep.get("backends", ["reference"]))
     )
@@ -367,7 +407,7 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
     if not path.is_file():
         raise CaseError(f"{path}: no such case file")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
         raise CaseError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -402,8 +442,7 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
             axes = AXES[Stage(stage)]
             merged = {k: v for k, v in merged.items() if k in sweep or k in _COMMON or k in axes}
         cases.extend(_expand(where, merged, str(path)))
-    ids = [c.id for c in cases]
-    dup = {i for i in ids if ids.count(i) > 1}
+    dup = {i for i, n in Counter(c.id for c in cases).items() if n > 1}  # linear: 10^6 cases
     if dup:
         raise CaseError(f"{path}: sweeps: duplicate case ids {sorted(dup)[:3]}")
     header = {"name": doc.get("name", path.stem), "description": doc.get("description", "")}

@@ -1,15 +1,19 @@
 """`python -m harness`: run, list, show, compare, merge (docs/cli.md documents every flag).
 
 Exit codes: 0 every case passed (or was unsupported/skipped); 1 a case failed, errored, timed
-out or crashed (for `compare`: a regression or a new failure); 2 bad usage or a malformed case
-file, reported in one line naming file and field, without a traceback.
+out or crashed (for `compare`: a regression or a new failure); 2 bad usage, a malformed case
+file or a results directory in use by another run, reported in one line naming file and field,
+without a traceback; 130 interrupted (Ctrl-C or SIGTERM), saying what was kept and how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import re
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,10 +21,24 @@ from typing import Any
 
 from harness import adapters, results
 from harness.cases import CaseError, load_cases, load_many
-from harness.runner import SweepOptions, plan, run_one, run_sweep
+from harness.runner import (
+    SweepInterrupted,
+    SweepOptions,
+    adapter_digest,
+    plan,
+    prepare_worker,
+    run_one,
+    run_sweep,
+    thread_budget,
+)
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 BAD = results.BAD_OUTCOMES
+COMMANDS_SHOWN = "{run,list,show,compare,report,merge}"  # `worker` is the runner's, not a user's
+
+
+class UsageError(ValueError):
+    """A bad argument; the message names it."""
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -35,7 +53,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar=COMMANDS_SHOWN)
 
     r = sub.add_parser("run", help="run case files on backends, write results")
     r.add_argument("cases", nargs="+", help="case files or directories of *.yaml")
@@ -45,12 +63,24 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="adapter name or module:attr (repeatable; default: each case's backends)",
     )
-    r.add_argument("-o", "--out", help="results directory (default: reports/<first file stem>)")
+    r.add_argument(
+        "-o", "--out", help="results directory (default: reports/<case files>[-<backends>])"
+    )
     r.add_argument("--device", help="run every case on this device (cpu, cuda, cuda:1)")
     r.add_argument("--isolate", action="store_true", help="one child process per case")
-    r.add_argument("--timeout", type=float, help="seconds per isolated case (overrides cases)")
+    r.add_argument(
+        "--timeout", type=float, help="seconds per case (overrides cases; implies --isolate)"
+    )
     r.add_argument("--shard", type=_shard, default=(0, 1), help="run shard i of n, as i/n")
-    r.add_argument("--fresh", action="store_true", help="discard earlier results, do not resume")
+    r.add_argument(
+        "--fresh", action="store_true", help="rerun the selected pairs, dropping their old rows"
+    )
+    r.add_argument(
+        "--keep-errors",
+        action="store_true",
+        help="resume: keep earlier error/timeout/crashed rows instead of retrying them",
+    )
+    r.add_argument("--threads", type=int, help="torch threads per case (default: cores)")
     r.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--report", action="store_true", help="write DIR/index.html at the end")
@@ -95,13 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("sources", nargs="+")
     m.add_argument("-o", "--out", required=True)
 
-    w = sub.add_parser("worker", help=argparse.SUPPRESS)  # one isolated case, for the runner
-    w.add_argument("--file", required=True)
-    w.add_argument("--case-id", required=True)
+    w = sub.add_parser("worker")  # one isolated case (or --describe an adapter), for the runner
+    w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--backend", required=True)
+    w.add_argument("--describe", action="store_true")
+    w.add_argument("--file")
+    w.add_argument("--case-id")
     w.add_argument("--run-id", default="")
     w.add_argument("--device")
-    w.add_argument("--rows-out", required=True)
+    w.add_argument("--rows-out")
+    w.add_argument("--threads", type=int)
     w.add_argument("--time", action="store_true")
     w.add_argument("--time-budget", type=float, default=1.0)
     w.add_argument("--baseline", action="append", dest="baselines")
@@ -112,26 +145,64 @@ def _with_device(cases, device):
     return [dataclasses.replace(c, device=device) for c in cases] if device else cases
 
 
+def default_out(case_paths: list[str], backends: list[str] | None, device: str | None) -> Path:
+    """`reports/<case file stems>[-<backends>][-<device>]`: one directory per case files and
+    backend set, so a run of another adapter never mixes its rows into the main job's."""
+    name = "+".join(Path(p).stem or "cases" for p in case_paths)
+    for extra in ("+".join(backends or []), device or ""):
+        if extra:
+            name += "-" + re.sub(r"[^A-Za-z0-9._+-]+", "_", extra)
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return Path("reports") / name
+
+
+def _out_dir(path: Path, flag: str = "-o") -> Path:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file; give a results directory")
+    return path
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a sweep as Ctrl-C does: groups killed, rows kept
+
+
 def cmd_run(a: argparse.Namespace) -> int:
+    if a.threads is not None and a.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
+    if a.timeout is not None and not a.isolate:
+        print(
+            "note: --timeout runs each case in its own process (--isolate): a case running in "
+            "this process could not be stopped",
+            file=sys.stderr,
+        )
     cases = _with_device(load_many(a.cases), a.device)
-    out = Path(a.out or Path("reports") / Path(a.cases[0]).stem)
+    out = _out_dir(Path(a.out) if a.out else default_out(a.cases, a.backend, a.device))
     opts = SweepOptions(
         tuple(a.backend) if a.backend else None,
-        a.isolate,
+        a.isolate or a.timeout is not None,
         a.timeout,
         a.shard,
         not a.fresh,
         not a.no_progress,
         a.filter,
-        a.time,
-        tuple(a.baselines) if a.baselines else None,
-        a.time_budget,
+        keep_errors=a.keep_errors,
+        threads=a.threads or thread_budget(),
+        time=a.time,
+        baselines=tuple(a.baselines) if a.baselines else None,
+        time_budget_s=a.time_budget,
     )
     planned = {(c.id, b) for c, b in plan(cases, opts)}
     if not planned:
         print(f"error: no case of {' '.join(a.cases)} matches filter {a.filter!r}", file=sys.stderr)
         return EXIT_USAGE
-    counts = run_sweep(cases, out, opts, label=Path(a.cases[0]).stem)
+    print(f"{len(cases)} cases, {len(planned)} (case, backend) pairs -> {out}", file=sys.stderr)
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        counts = run_sweep(cases, out, opts, label=Path(a.cases[0]).stem, say=say)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # judge only this invocation's pairs: the directory may hold other (filtered-out) results
     rows = [
         r
@@ -140,7 +211,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     ]
     print(summary_table(rows))
     resumed = counts.pop("resumed", 0)
-    print(f"\nthis run: {dict(counts)}; resumed (already done): {resumed}")
+    ran = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing"
+    print(f"\nthis run: {ran}; reused from earlier runs: {resumed}")
     print(f"results: {out / results.JSONL}  ({out / results.PARQUET})")
     if a.report:
         from harness.report import render
@@ -149,20 +221,33 @@ def cmd_run(a: argparse.Namespace) -> int:
     return EXIT_FAIL if any(r["outcome"] in BAD for r in rows) else EXIT_OK
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Counts by outcome, then the non-passing cases, worst first."""
+_FAILED_ORDER = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3}
+
+
+def summary_table(rows: list[dict[str, Any]], limit: int = 40) -> str:
+    """Counts by outcome; the failures worst first, one line each; then unsupported and skipped
+    cases grouped by reason (they never crowd real failures out of the list)."""
     counts = Counter(r["outcome"] for r in rows)
     lines = ["outcome counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))]
-    order = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3, "unsupported": 4, "skipped": 5}
     bad = sorted(
-        (r for r in rows if r["outcome"] != "pass"), key=lambda r: order.get(r["outcome"], 9)
+        (r for r in rows if r["outcome"] in _FAILED_ORDER),
+        key=lambda r: _FAILED_ORDER[r["outcome"]],
     )
-    for r in bad[:40]:
+    for r in bad[:limit]:
         lines.append(
             f"  {r['outcome']:<11} {r['backend']:<24} {r['case_id']}: {r['message'][:160]}"
         )
-    if len(bad) > 40:
-        lines.append(f"  ... {len(bad) - 40} more")
+    if len(bad) > limit:
+        lines.append(f"  ... {len(bad) - limit} more failures (python -m harness report DIR)")
+    groups = Counter(
+        (r["outcome"], r["backend"], r["message"][:160])
+        for r in rows
+        if r["outcome"] not in _FAILED_ORDER and r["outcome"] != "pass"
+    )
+    for (outcome, backend, msg), n in sorted(groups.items(), key=lambda g: -g[1])[:10]:
+        lines.append(f"  {outcome:<11} {backend:<24} {n} cases: {msg}")
+    if len(groups) > 10:
+        lines.append(f"  ... {len(groups) - 10} more reasons")
     return "\n".join(lines)
 
 
@@ -187,8 +272,12 @@ def cmd_show(a: argparse.Namespace) -> int:
     for r in rows:
         print(f"[{r['backend']}] {r['compare']}: {r['outcome']}  {r.get('message', '')}")
         for k, v in sorted((r.get("metrics") or {}).items()):
+            if isinstance(v, str) and "\n" in v.strip():  # tracebacks, stderr tails: in full
+                print(f"    {k}:")
+                print("\n".join("      " + line for line in v.rstrip().splitlines()))
+                continue
             text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-            print(f"    {k:<22} {text[:200]}")
+            print(f"    {k:<22} {text if len(text) <= 200 else text[:200] + ' ...'}")
     return EXIT_OK
 
 
@@ -227,12 +316,16 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    n = results.merge(a.sources, a.out)
+    n = results.merge(a.sources, _out_dir(Path(a.out)))
     print(f"merged {len(a.sources)} result sets: {n} rows -> {Path(a.out) / results.JSONL}")
     return EXIT_OK
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
+    prepare_worker(a.parent_pid, a.threads)
+    if a.describe:
+        print(adapter_digest(adapters.load(a.backend)))
+        return EXIT_OK
     cases = [c for c in load_cases(a.file)[1] if c.id == a.case_id]
     if not cases:
         print(f"{a.file}: no case {a.case_id!r}", file=sys.stderr)
@@ -259,9 +352,26 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         return COMMANDS[a.cmd](a)
-    except (CaseError, adapters.AdapterError, FileNotFoundError) as e:
+    except (
+        CaseError,
+        adapters.AdapterError,
+        FileNotFoundError,
+        UsageError,
+        results.DirectoryBusy,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except SweepInterrupted as e:
+        print(
+            f"\ninterrupted: {e.done} pairs finished in this run are kept in "
+            f"{e.out_dir / results.JSONL}; {e.left} not run: run the same command again to "
+            f"resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted before any case ran", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `python -m harness list | head`
         sys.stderr.close()
         return EXIT_OK

@@ -3,7 +3,7 @@
 Everything is drawn on the CPU from one `torch.Generator` seeded by (case seed, a tag), then moved
 to the case's device, so a case's inputs are the same on every machine and every backend. The
 exact distributions (fp4_grid, midpoints) come with a power-of-two global scale: with them every
-intermediate of the quantizer is exact and equality is demanded (DESIGN.md §3).
+intermediate of the quantizer is exact and equality is demanded (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -113,7 +113,17 @@ def tokens_per_expert(ids: torch.Tensor, first: int, n_experts: int) -> torch.Te
 
 
 def calibration_sample(x: torch.Tensor, ratio: float | None) -> torch.Tensor | None:
-    """A warm-up sample whose amax is amax(x) / ratio (None: dynamic scales, no sample)."""
+    """A warm-up sample whose amax is amax(x) / ratio (None: dynamic scales, no sample).
+
+    The sample is CLEAN: the planted NaN / Inf of a nan_one / inf_one case lives in the live batch
+    only (zeroed here), as in serving, where scales come from a finite warm-up batch. Calibrating
+    on the Inf itself gave gs = Inf and never exercised the static-scale path at all.
+    """
     if ratio is None:
         return None
-    return (x.float() / ratio).to(x.dtype)
+    return (finite(x).float() / ratio).to(x.dtype)
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """x with its non-finite elements set to 0."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))

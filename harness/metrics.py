@@ -1,7 +1,7 @@
 """Comparison metrics: small pure functions from tensors to JSON-ready Python values.
 
 Every function takes tensors and returns floats, ints, bools, lists and dicts only, so a runner can
-write the result straight into a JSONL record (DESIGN.md §5). No I/O, no pytest, no printing.
+write the result straight into a JSONL record (docs/design.md §5). No I/O, no pytest, no printing.
 Float64 is used wherever a sum is taken. Non-finite values are never silently averaged: the panels
 compute their statistics on the elements where both sides are finite and count the rest apart.
 A statistic over zero finite pairs is float('nan') ("undefined"), an exact match gives
@@ -62,7 +62,18 @@ CODE_CLASSES = (
     "nan_input",
     "real",
 )
-SCALE_CLASSES = ("exact", "signed_zero", "underflow_block", "scale_tie_flip", "real")
+SCALE_CLASSES = (
+    "exact",
+    "signed_zero",
+    "underflow_block",
+    "scale_tie_flip",
+    "scale_floor",
+    "nan_scale_byte",
+    "real",
+)
+# Classes that are a quantizer's POLICY, not an error and not a rounding accident: legitimate only
+# where the adapter declares them (harness.adapters.QuantPolicy has the same names).
+POLICY_CLASSES = ("scale_floor", "nan_scale_byte", "nan_amax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +153,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 def error_panel(
     ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float, token_dim: int = 0
 ) -> dict:
-    """The tolerant-comparison panel of DESIGN.md §5.
+    """The tolerant-comparison panel of docs/design.md §5.
 
     Statistics (max_abs, max_rel, mean_abs, calc_diff, cosine, worst_token_cosine, sqnr_db) use
     only elements where ref and out are both finite. max_rel divides by
@@ -276,6 +287,26 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and values, a NaN equal to a NaN at the same position (torch.equal is
+    never True once a NaN is present, so a NaN-input case would read as divergent everywhere).
+    +0 == -0 here; use `bitwise_equal` where the sign of zero matters."""
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    a, b = a.detach(), b.detach().to(a.device)
+    if not a.dtype.is_floating_point:
+        return bool(torch.equal(a, b))
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def codes_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """`bitwise_equal` of packed E2M1 codes counted per CODE (two per byte), not per byte:
+    n_mismatch and first_mismatch are in element coordinates [..., K]; n_mismatch_bytes beside."""
+    eq = bitwise_equal(unpack_e2m1(a), unpack_e2m1(b.to(a.device)))
+    eq["n_mismatch_bytes"] = bitwise_equal(a, b)["n_mismatch"]
+    return eq
+
+
 def _near(q: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
     return (q - mid).abs() <= TIE_REL_TOL * mid
 
@@ -293,7 +324,7 @@ def classify_quantize_mismatches(
     out_codes: torch.Tensor,
     out_scales: torch.Tensor,
 ) -> dict:
-    """Sort NVFP4 quantizer mismatches into legitimate classes and real errors (DESIGN.md §5).
+    """Sort NVFP4 quantizer mismatches into legitimate classes and real errors (docs/design.md §5).
 
     x [..., K] is the quantizer input, global_scale the decode-convention gs both sides used,
     codes packed uint8 [..., K/2], scales float8_e4m3fn [..., K/16]. s_true = amax(|x/gs|)/6 of a
@@ -302,6 +333,10 @@ def classify_quantize_mismatches(
       underflow_block  one side 0, the other 0 or the smallest subnormal 2^-9, and s_true <= 2^-9
                        (+ tolerance): such a block legitimately flushes;
       scale_tie_flip   neighbouring bytes and s_true within TIE_REL_TOL of their midpoint;
+      scale_floor      a policy: the out byte is larger than the ref byte and equals F, the
+                       smallest out scale of the tensor (no out scale is below it; F > 0): scales
+                       clamped up to a floor (returned as scale_floor_value), e.g. 2^-6;
+      nan_scale_byte   a policy: both bytes are NaN, of the other sign (0xFF for 0x7F);
       real             anything else.
     Codes (unpacked, one per element), compared with the ref code in blocks whose scale bytes
     agree and with the code the OUT scale implies (reference rounding of x/gs/out_scale) in
@@ -370,7 +405,15 @@ def classify_quantize_mismatches(
         & ~o_nan
         & _near(s_true, s_mid)
     )
-    s_real = s_diff & ~s_signed_zero & ~s_under & ~s_tie
+    s_nan_byte = s_diff & r_nan & o_nan
+    s_val_r, s_val_o = ref_scales.to(dev).float(), out_scales.to(dev).float()
+    finite_o = s_val_o[~o_nan]
+    floor = float(finite_o.min()) if finite_o.numel() else 0.0
+    s_floor = (
+        s_diff & ~s_signed_zero & ~s_under & ~s_tie & ~o_nan & ~r_nan
+        & (s_val_o == floor) & (s_val_r < floor)
+    ) if floor > 0 else torch.zeros_like(s_diff)  # fmt: skip
+    s_real = s_diff & ~s_signed_zero & ~s_under & ~s_tie & ~s_nan_byte & ~s_floor
 
     # ---- codes, per element
     s_out32 = out_scales.to(dev).float()[..., None]
@@ -424,6 +467,8 @@ def classify_quantize_mismatches(
         "signed_zero": int(s_signed_zero.sum()),
         "underflow_block": int(s_under.sum()),
         "scale_tie_flip": int(s_tie.sum()),
+        "scale_floor": int(s_floor.sum()),
+        "nan_scale_byte": int(s_nan_byte.sum()),
         "real": int(s_real.sum()),
     }
     real_elems = c_real.reshape(*lead, k)
@@ -439,6 +484,7 @@ def classify_quantize_mismatches(
         "first_real": first,
         "first_real_code": first_code,
         "first_real_scale": first_scale,
+        "scale_floor_value": floor if int(s_floor.sum()) else None,
     }
 
 

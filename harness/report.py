@@ -226,9 +226,9 @@ def _speed(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "spread": _fmt(100 * m["rel_spread"], ".1f") if "rel_spread" in m else "-",
                 "stop": f"{m.get('stop_reason', '-')}, n={m.get('n_samples', '-')}",
                 "tflops": _fmt(m.get("tflops")),
-                "gbps": _fmt(m.get("gbps"), ".0f"),
+                "gbps": _fmt(m.get("gbps")),
                 "roofline_pct": m.get("roofline_pct"),
-                "roof": _fmt(m.get("roofline_pct"), ".1f"),
+                "roof": _fmt(m.get("roofline_pct"), ".2g"),
                 "baseline": m.get("baseline") or "-",
                 "ratio": _fmt(m.get("ratio_vs_baseline"), ".2f"),
             }

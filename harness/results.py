@@ -3,21 +3,29 @@
 A sweep directory holds `results.jsonl` (appended and flushed row by row, so a crash or a kill
 loses at most the case in flight), `meta.json` (the environment fingerprint of each run that
 wrote to it) and, once the sweep ends, `results.parquet` (the same rows, metrics flattened to
-columns for pandas). Resuming reads the JSONL and skips (case, backend) pairs already finished.
+columns for pandas). Every file other than the JSONL is replaced atomically (temp file + rename),
+so a kill never leaves half of one; a damaged `meta.json` is reported in one line and rebuilt from
+the rows. A run holds `DIR/.lock` (an flock: released by the kernel when its process dies) so two
+runs never write one directory at once. Resuming reads the last final row of each (case, backend)
+pair (`finished`); `--fresh` drops only the rows of the pairs it reruns (`drop_pairs`).
 `merge` joins the results of shards (or machines) into one directory, last row wins per key.
 Nothing here runs a kernel: the report and `compare` read these files only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,7 @@ import pandas as pd
 JSONL = "results.jsonl"
 PARQUET = "results.parquet"
 META = "meta.json"
+LOCK = ".lock"
 KEY = ("case_id", "backend", "compare")
 BAD_OUTCOMES = ("fail", "error", "timeout", "crashed")
 
@@ -41,6 +50,66 @@ def _jsonable(v: Any) -> Any:
     if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
         return _jsonable(v.item())
     return v
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` all at once: readers see the old file or the new, never half."""
+    with _replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _replacing(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path`; on success it is synced and renamed over `path`."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are shared like any output
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class DirectoryBusy(RuntimeError):
+    """Another process holds a results directory's lock; the message says who."""
+
+
+@contextlib.contextmanager
+def locked(out_dir: str | Path, command: str = "") -> Iterator[None]:
+    """Hold `out_dir`'s lock for a writing run, or raise DirectoryBusy naming its holder."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / LOCK, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                h = json.loads(f.read())
+                who = f"pid {h['pid']} on {h['host']} since {h['since']} ({h['command']})"
+            except (json.JSONDecodeError, KeyError, TypeError):
+                who = "another process"
+            raise DirectoryBusy(
+                f"{d} is in use by {who}; wait for it to end or write elsewhere with -o"
+            ) from None
+        f.truncate(0)
+        holder = {
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "command": command or "?",
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        f.write(json.dumps(holder))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the flock
 
 
 class ResultWriter:
@@ -105,17 +174,41 @@ def _load_json_col(k: str, v: Any) -> Any:
     return v
 
 
-def done_keys(out_dir: str | Path, timed: bool = False) -> set[tuple[str, str]]:
-    """(case_id, backend) pairs that already have a final row in this directory (and, with
-    `timed`, a timing row: a pair run without --time is not done for a timed sweep)."""
+def finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The last final row of each (case_id, backend) pair in this directory (what resume sees)."""
+    p = Path(out_dir) / JSONL
+    if not p.exists():
+        return {}
+    return {(r["case_id"], r["backend"]): r for r in read_rows(p) if r.get("final")}
+
+
+def timed_pairs(out_dir: str | Path) -> set[tuple[str, str]]:
+    """(case_id, backend) pairs with a timing row in this directory: done for a timed sweep."""
     p = Path(out_dir) / JSONL
     if not p.exists():
         return set()
-    rows = read_rows(p)
-    done = {(r["case_id"], r["backend"]) for r in rows if r.get("final")}
-    if timed:
-        done &= {(r["case_id"], r["backend"]) for r in rows if r.get("compare") == TIMING}
-    return done
+    return {(r["case_id"], r["backend"]) for r in read_rows(p) if r.get("compare") == TIMING}
+
+
+def drop_pairs(out_dir: str | Path, pairs: set[tuple[str, str]]) -> tuple[int, int]:
+    """Rewrite `results.jsonl` without the rows of `pairs`, atomically (torn lines go too).
+    Returns (rows dropped, rows kept): rows of every other pair stay as they were."""
+    p = Path(out_dir) / JSONL
+    if not p.exists():
+        return 0, 0
+    kept, dropped = [], 0
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (r.get("case_id"), r.get("backend")) in pairs:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(p, "".join(kept))
+    return dropped, len(kept)
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -146,7 +239,8 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def write_parquet(out_dir: str | Path) -> Path:
     out = Path(out_dir) / PARQUET
-    to_frame(latest(read_rows(Path(out_dir) / JSONL))).to_parquet(out, index=False)
+    with _replacing(out) as tmp:
+        to_frame(latest(read_rows(Path(out_dir) / JSONL))).to_parquet(tmp, index=False)
     return out
 
 
@@ -195,15 +289,53 @@ def fingerprint() -> dict[str, Any]:
 
 
 def append_meta(out_dir: str | Path, info: dict[str, Any]) -> None:
+    """Add one run to `meta.json` (atomically); a damaged file is kept as `meta.json.damaged`."""
     p = Path(out_dir) / META
-    runs = json.loads(p.read_text())["runs"] if p.exists() else []
-    runs.append(_jsonable(info))
-    p.write_text(json.dumps({"runs": runs}, indent=1, sort_keys=True))
+    runs, damaged = _meta_runs(Path(out_dir))
+    if damaged:
+        shutil.copyfile(p, p.with_name(META + ".damaged"))
+    atomic_write(p, json.dumps({"runs": [*runs, _jsonable(info)]}, indent=1, sort_keys=True))
 
 
 def read_meta(out_dir: str | Path) -> dict[str, Any]:
-    p = Path(out_dir) / META
-    return json.loads(p.read_text()) if p.exists() else {"runs": []}
+    """The runs recorded in `meta.json`; damaged, it is reported once and rebuilt from the rows."""
+    return {"runs": _meta_runs(Path(out_dir))[0]}
+
+
+_reported: set[Path] = set()
+
+
+def _meta_runs(d: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(runs, damaged). Damaged: one line on stderr, runs rebuilt from the rows' run ids (their
+    environments are lost; the results are not)."""
+    p = d / META
+    if not p.exists():
+        return [], False
+    try:
+        runs = json.loads(p.read_text(encoding="utf-8"))["runs"]
+        if isinstance(runs, list):
+            return runs, False
+        problem = f"'runs' is a {type(runs).__name__}, not a list"
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    rows = read_rows(d / JSONL) if (d / JSONL).exists() else []
+    order = dict.fromkeys(r.get("run_id") for r in rows)
+    runs = [
+        {
+            "run_id": rid,
+            "recovered": True,
+            "pairs": sum(r.get("run_id") == rid and bool(r.get("final")) for r in rows),
+        }
+        for rid in order
+    ]
+    if p.resolve() not in _reported:
+        _reported.add(p.resolve())
+        print(
+            f"warning: {p} is damaged ({problem}); rebuilt {len(runs)} runs from {JSONL} "
+            f"(their environments are lost, no result is)",
+            file=sys.stderr,
+        )
+    return runs, True
 
 
 def merge(sources: list[str | Path], out_dir: str | Path) -> int:
@@ -216,11 +348,12 @@ def merge(sources: list[str | Path], out_dir: str | Path) -> int:
         rows.extend(read_rows(s))
         runs.extend(read_meta(s)["runs"] if Path(s).is_dir() else [])
     rows = latest(rows)
-    (out / JSONL).unlink(missing_ok=True)
-    with ResultWriter(out) as w:
-        w.write(rows)
-    (out / META).write_text(json.dumps({"runs": runs}, indent=1, sort_keys=True))
-    write_parquet(out)
+    with locked(out, "merge"):
+        atomic_write(
+            out / JSONL, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows)
+        )
+        atomic_write(out / META, json.dumps({"runs": runs}, indent=1, sort_keys=True))
+        write_parquet(out)
     return len(rows)
 
 

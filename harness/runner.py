@@ -1,31 +1,42 @@
 """The sweep runner: every (case, backend) pair ends as rows on disk, whatever the kernel does.
 
 In process, an exception (OOM included) becomes an `error` row and the sweep goes on. With
-`isolate=True` each pair runs in a child process (`python -m harness worker ...`) under a timeout,
-so a hang becomes `timeout` and a dead process (segfault, illegal address poisoning the CUDA
-context, os._exit) becomes `crashed`, and the parent carries on. Rows are appended to JSONL as
-each pair finishes; a pair's last row (`compare == "case"`, `final`) marks it done, so a killed
-sweep resumes where it stopped. `shard=(i, n)` takes every n-th pair, so n processes, GPUs or
-machines split one sweep and `harness merge` joins them.
+`isolate=True` each pair runs in a child process (`python -m harness worker ...`) in its own
+process group under a timeout: a hang becomes `timeout` (its Python stack dumped by faulthandler,
+then the whole group killed, grandchildren included), a dead process (segfault, illegal address
+poisoning the CUDA context, os._exit) becomes `crashed` with its output's tail, and the parent
+carries on; a worker dies with its parent (PR_SET_PDEATHSIG on Linux, a watchdog elsewhere).
+Rows are appended to JSONL as each pair finishes; a pair's last row (`compare == "case"`,
+`final`) carries the digests of its case definition and adapter identity. Resume reuses a final
+row only while both digests are unchanged and its outcome is a verdict (`error`, `timeout`,
+`crashed`, `skipped` are retried unless `keep_errors`), and says what it reused; `fresh` drops
+only the rows of the pairs it reruns. `shard=(i, n)` takes every n-th pair, so n processes, GPUs
+or machines split one sweep and `harness merge` joins them. Each case gets its share of the
+cores as torch intra-op threads (`thread_budget`): oversubscribed threads slow a run 10-20x.
 """
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
+import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from harness import adapters, results, timing
@@ -41,6 +52,8 @@ _SEVERITY = [
     Outcome.TIMEOUT,
     Outcome.CRASHED,
 ]
+# Outcomes that are no verdict on the kernel: resume runs these pairs again by default.
+RETRIED = ("error", "timeout", "crashed", "skipped")
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ class SweepOptions:
     resume: bool = True
     progress: bool = True
     case_filter: str | None = None  # substring (or comma-separated substrings) of case ids
+    keep_errors: bool = False  # resume: keep error/timeout/crashed/skipped rows, do not retry
+    threads: int | None = None  # torch intra-op threads per case (None: thread_budget())
     time: bool = False  # also time each pair (CUDA only): a `timing` row beside its error rows
     baselines: tuple[str, ...] | None = None  # override the cases' timing baselines
     time_budget_s: float = 1.0  # per measurement (harness.timing.Protocol.budget_s)
@@ -66,6 +81,47 @@ class SweepOptions:
         for b in self.baselines or ():
             args += ["--baseline", b]
         return args
+
+
+def thread_budget(workers: int | None = None) -> int:
+    """torch intra-op threads for one of `workers` processes sharing this machine (default: the
+    pytest-xdist worker count, else 1): the cores this process may use (its CPU affinity)
+    divided among them, at least 1. $OMP_NUM_THREADS, when set, is the user's choice and wins."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if workers is None:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def _command_line() -> str:
+    """This process's command, as a person typed it (names a lock's holder)."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(os.path.join("harness", "__main__.py")):
+        argv[0:1] = ["python", "-m", "harness"]
+    return " ".join(argv)
+
+
+def device_missing(device: str) -> str:
+    """Why this machine cannot run a case on `device` ("" when it can)."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"case needs {device}; torch.cuda.is_available() is False on this machine"
+    index = device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        return f"case needs {device}; this machine has {torch.cuda.device_count()} CUDA devices"
+    return ""
+
+
+def adapter_digest(adapter: Any) -> str:
+    """Identity of an adapter for resume: its name, conventions and optional `version`."""
+    ident = {**adapters.describe(adapter), "version": str(getattr(adapter, "version", ""))}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def worst(outcomes: list[Outcome]) -> Outcome:
@@ -85,7 +141,7 @@ def plan(cases: list[Case], opts: SweepOptions) -> list[tuple[Case, str]]:
 def _rows(
     case: Case, adapter_info: dict[str, Any], comps: list[Comparison], run_id: str, duration: float
 ) -> list[dict[str, Any]]:
-    base = {"run_id": run_id, **case.row(), **adapter_info}
+    base = {"run_id": run_id, **case.row(), "case_digest": case.digest, **adapter_info}
     rows = [
         {
             **base,
@@ -110,6 +166,16 @@ def _rows(
             "final": True,
         }
     )
+    return rows
+
+
+def _ended(
+    case: Case, info: dict[str, Any], comp: Comparison, run_id: str, t0: float
+) -> list[dict[str, Any]]:
+    """The one final row of a pair that ended before any comparison (unsupported, raised,
+    timed out, crashed), keeping the comparison's metrics (traceback, stderr tail)."""
+    rows = _rows(case, info, [comp], run_id, time.perf_counter() - t0)[-1:]
+    rows[0]["metrics"] = {**comp.metrics, "n_compared": 0}
     return rows
 
 
@@ -144,6 +210,8 @@ def timing_row(
     """
     if verdict in ("error", "unsupported", "skipped"):
         return "skipped", f"not timed: the case is {verdict}", {"verdict": verdict}
+    import torch
+
     try:
         dev = torch.device(case.device)
         roof = timing.measured_roofline(dev) if dev.type == "cuda" else None
@@ -179,9 +247,10 @@ def run_one(
     adapter = None
     try:
         adapter = adapters.load(backend)
-        info = adapters.describe(adapter)
+        info = {**adapters.describe(adapter), "adapter_digest": adapter_digest(adapter)}
         info["backend"] = backend  # keep the name the user gave (import paths included)
-        ok, why = adapters.check(adapter, case)
+        missing = device_missing(case.device)
+        ok, why = (False, missing) if missing else adapters.check(adapter, case)
         if not ok:
             comps = [Comparison("case", Outcome.UNSUPPORTED, why)]
         else:
@@ -192,10 +261,13 @@ def run_one(
         comps = [
             Comparison("case", Outcome.ERROR, f"{kind}: {e}".strip()[:2000], {"traceback": tb})
         ]
-    rows = _rows(case, info, comps, run_id, time.perf_counter() - t0)
     if comps and comps[0].name == "case":  # the pair ended before any comparison: one row only
-        rows = rows[-1:]
-        rows[0]["metrics"] = {**comps[0].metrics, "n_compared": 0}
+        rows = _ended(case, info, comps[0], run_id, t0)
+    else:
+        rows = _rows(case, info, comps, run_id, time.perf_counter() - t0)
+    import torch
+
+    rows[-1]["threads"] = torch.get_num_threads()  # oversubscribed threads: 10-20x slower
     if time_it:
         verdict = rows[-1]["outcome"]
         bl = case.baselines if baselines is None else baselines
@@ -216,20 +288,43 @@ def run_one(
     return rows
 
 
-_OWN_FIELDS = ("compare", "outcome", "message", "metrics", "final", "duration_s")
+_OWN_FIELDS = ("compare", "outcome", "message", "metrics", "final", "duration_s", "threads")
+
+
+def _worker_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "harness", "worker", "--parent-pid", str(os.getpid()), *args]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group: the worker and every process it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
+    proc.wait()
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    """The end of a worker's output, without faulthandler's list of loaded extension modules
+    (~3 KB with torch and pandas, which pushed the traceback itself out of the tail)."""
+    text = path.read_bytes().decode(errors="replace") if path.exists() else ""
+    text = re.sub(r"\n?Extension modules: [^\n]*\n?", "\n", text)
+    return text[-n:]
 
 
 def run_isolated(
-    case: Case, backend: str, run_id: str, timeout: float, time_args: Sequence[str] = ()
+    case: Case,
+    backend: str,
+    run_id: str,
+    timeout: float,
+    threads: int | None = None,
+    time_args: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Run one pair in a child process under `timeout`; a hang or a death is a row too."""
+    """Run one pair in a child process group under `timeout`; a hang or a death is a row too."""
+    threads = threads or thread_budget()
     with tempfile.TemporaryDirectory() as tmp:
-        rows_path = Path(tmp) / "rows.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "harness",
-            "worker",
+        rows_path, log_path = Path(tmp) / "rows.json", Path(tmp) / "output.log"
+        cmd = _worker_cmd(
             "--file",
             case.source,
             "--case-id",
@@ -242,72 +337,219 @@ def run_isolated(
             case.device,
             "--rows-out",
             str(rows_path),
+            "--threads",
+            str(threads),
             *time_args,
-        ]
+        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        with open(log_path, "wb") as log:  # a file, not a pipe: no grandchild can hold it open
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        except subprocess.TimeoutExpired as e:
-            tail = (e.stderr or b"")[-1000:]
-            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-            return _rows(
-                case,
-                {"backend": backend},
-                [
-                    Comparison(
-                        "case",
-                        Outcome.TIMEOUT,
-                        f"killed after {timeout:g} s",
-                        {"stderr_tail": tail},
-                    )
-                ],
-                run_id,
-                time.perf_counter() - t0,
-            )[-1:]
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # faulthandler: dump where every thread hangs
+            time.sleep(0.5)
+            _kill_group(proc)
+            comp = Comparison(
+                "case",
+                Outcome.TIMEOUT,
+                f"killed after {timeout:g} s",
+                {"stderr_tail": _tail(log_path)},
+            )
+            return _ended(case, {"backend": backend}, comp, run_id, t0)
+        finally:  # also on Ctrl-C: no case outlives the sweep, nor its grandchildren the case
+            _kill_group(proc)
         if rows_path.exists():
             return json.loads(rows_path.read_text())
         msg = f"process died with exit code {proc.returncode}"
         if proc.returncode < 0:
             msg = f"process killed by signal {-proc.returncode}"
-        return _rows(
-            case,
-            {"backend": backend},
-            [Comparison("case", Outcome.CRASHED, msg, {"stderr_tail": proc.stderr[-2000:]})],
-            run_id,
-            time.perf_counter() - t0,
-        )[-1:]
+        comp = Comparison("case", Outcome.CRASHED, msg, {"stderr_tail": _tail(log_path)})
+        return _ended(case, {"backend": backend}, comp, run_id, t0)
+
+
+def describe_isolated(backend: str, timeout: float = 120.0) -> str | None:
+    """An adapter's digest, loaded in a child process (an isolated sweep never imports kernels
+    itself); None where it does not load (its pairs then run and record why)."""
+    try:
+        p = subprocess.run(
+            _worker_cmd("--describe", "--backend", backend),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process die when the sweep that started it does (kill -9 included)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:  # no prctl: a watchdog thread polls the parent pid
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def prepare_worker(parent_pid: int, threads: int | None) -> None:
+    """Worker set-up: die with the parent, tracebacks on fatal signals and on SIGUSR1 (the
+    parent's timeout), torch threads as the parent assigned."""
+    die_with_parent(parent_pid)
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class ResumePlan:
+    """Which planned pairs a resumed sweep runs, and why; which it reuses, by outcome."""
+
+    todo: list[tuple[Case, str]] = field(default_factory=list)
+    reused: Counter = field(default_factory=Counter)  # outcome -> pairs reused
+    rerun: Counter = field(default_factory=Counter)  # reason -> pairs rerun
+
+    def summary(self, out_dir: Path) -> str:
+        if not self.reused and not self.rerun:
+            return ""
+        parts = [f"resume: reusing {sum(self.reused.values())} finished pairs of {out_dir}"]
+        if self.reused:
+            parts[0] += " (" + ", ".join(f"{n} {o}" for o, n in sorted(self.reused.items())) + ")"
+        if self.rerun:
+            why = ", ".join(f"{n} {r}" for r, n in sorted(self.rerun.items()))
+            parts.append(f"rerunning {sum(self.rerun.values())}: {why}")
+        return "; ".join(parts)
+
+
+def resume_plan(
+    pairs: list[tuple[Case, str]],
+    previous: dict[tuple[str, str], dict[str, Any]],
+    identity: Callable[[str], str | None],
+    keep_errors: bool = False,
+    timed: set[tuple[str, str]] | None = None,
+) -> ResumePlan:
+    """Split `pairs` into reused (a final row whose case and adapter digests still match and
+    whose outcome is a verdict) and to run. `identity(backend)` is the adapter's digest now.
+    `timed`: the pairs with a timing row, for a timed sweep (a pair without one reruns)."""
+    rp = ResumePlan()
+    digests: dict[str, str | None] = {}
+    for case, backend in pairs:
+        prev = previous.get((case.id, backend))
+        why = ""
+        if prev is None:
+            why = "new"
+        elif prev["outcome"] in RETRIED and not keep_errors:
+            why = f"earlier {prev['outcome']} (--keep-errors keeps them)"
+        elif prev.get("case_digest") != case.digest:
+            why = "case definition changed"
+        elif timed is not None and (case.id, backend) not in timed:
+            why = "no timing row (--time)"
+        elif prev["outcome"] not in RETRIED:
+            if backend not in digests:
+                digests[backend] = identity(backend)
+            if digests[backend] is None or prev.get("adapter_digest") != digests[backend]:
+                why = "adapter changed"
+        if why:
+            rp.todo.append((case, backend))
+            if why != "new":
+                rp.rerun[why] += 1
+        else:
+            rp.reused[prev["outcome"]] += 1
+    return rp
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a sweep: what is on disk is kept; says how much is left."""
+
+    def __init__(self, done: int, left: int, out_dir: Path):
+        super().__init__(f"{done} pairs done this run, {left} left")
+        self.done, self.left, self.out_dir = done, left, out_dir
 
 
 def run_sweep(
-    cases: list[Case], out_dir: str | Path, opts: SweepOptions = SweepOptions(), label: str = ""
+    cases: list[Case],
+    out_dir: str | Path,
+    opts: SweepOptions = SweepOptions(),
+    label: str = "",
+    say: Callable[[str], None] | None = None,
 ) -> Counter:
-    """Run the sweep into `out_dir`; returns counts of case outcomes (this run's and resumed)."""
+    """Run the sweep into `out_dir`; returns counts of case outcomes (this run's and, under
+    "resumed", the pairs reused). `say` receives one-line notes (what resume reused, what a
+    fresh run dropped, how many pairs run). Raises results.DirectoryBusy if another run holds
+    the directory, SweepInterrupted on Ctrl-C (rows written so far are kept)."""
+    say = say or (lambda _: None)
     out_dir = Path(out_dir)
     run_id = uuid.uuid4().hex[:12]
     pairs = plan(cases, opts)
-    done = results.done_keys(out_dir, timed=opts.time) if opts.resume else set()
-    if not opts.resume:
-        (out_dir / results.JSONL).unlink(missing_ok=True)
-    todo = [(c, b) for c, b in pairs if (c.id, b) not in done]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results.append_meta(
-        out_dir,
-        {
-            "run_id": run_id,
-            "label": label,
-            "shard": list(opts.shard),
-            "pairs": len(pairs),
-            "resumed": len(pairs) - len(todo),
-            "env": results.fingerprint(),
-        },
-    )
+    with results.locked(out_dir, _command_line()):
+        if opts.resume:
+            identity = describe_isolated if opts.isolate else _describe_in_process
+            timed = results.timed_pairs(out_dir) if opts.time else None
+            rp = resume_plan(pairs, results.finished(out_dir), identity, opts.keep_errors, timed)
+            todo = rp.todo
+            if rp.summary(out_dir):
+                say(rp.summary(out_dir))
+        else:
+            rp, todo = ResumePlan(), pairs
+            dropped, kept = results.drop_pairs(out_dir, {(c.id, b) for c, b in pairs})
+            if dropped or kept:
+                say(
+                    f"fresh: dropped {dropped} earlier rows of the {len(pairs)} pairs to run; "
+                    f"kept {kept} rows of other pairs"
+                )
+        say(f"running {len(todo)} of {len(pairs)} pairs into {out_dir}")
+        results.append_meta(
+            out_dir,
+            {
+                "run_id": run_id,
+                "label": label,
+                "shard": list(opts.shard),
+                "pairs": len(pairs),
+                "resumed": len(pairs) - len(todo),
+                "rerun": dict(rp.rerun),
+                "fresh": not opts.resume,
+                "env": results.fingerprint(),
+            },
+        )
+        counts = _run_pairs(todo, out_dir, opts, run_id, label)
+        counts["resumed"] = len(pairs) - len(todo)
+        results.write_parquet(out_dir)
+    return counts
+
+
+def _describe_in_process(backend: str) -> str | None:
+    try:
+        return adapter_digest(adapters.load(backend))
+    except Exception:  # noqa: BLE001 - it fails again in run_one, which records why
+        return None
+
+
+def _run_pairs(
+    todo: list[tuple[Case, str]], out_dir: Path, opts: SweepOptions, run_id: str, label: str
+) -> Counter:
     counts: Counter = Counter()
+    threads = opts.threads or thread_budget()
+    if opts.threads and not opts.isolate:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     bar = tqdm(
         todo,
         desc=label or "sweep",
@@ -317,16 +559,21 @@ def run_sweep(
         file=sys.stderr,
     )
     with results.ResultWriter(out_dir) as writer:
-        for case, backend in bar:
-            bar.set_postfix_str(case.id[:48], refresh=False)
-            if opts.isolate:
-                rows = run_isolated(
-                    case, backend, run_id, opts.timeout_s or case.timeout_s, opts.timing_args()
-                )
-            else:
-                rows = run_one(case, backend, run_id, opts.time, opts.baselines, opts.time_budget_s)
-            writer.write(rows)
-            counts[rows[-1]["outcome"]] += 1
-    counts["resumed"] = len(pairs) - len(todo)
-    results.write_parquet(out_dir)
+        try:
+            for case, backend in bar:
+                bar.set_postfix_str(case.id[:48], refresh=False)
+                if opts.isolate:
+                    timeout = opts.timeout_s or case.timeout_s
+                    rows = run_isolated(case, backend, run_id, timeout, threads, opts.timing_args())
+                else:
+                    rows = run_one(
+                        case, backend, run_id, opts.time, opts.baselines, opts.time_budget_s
+                    )
+                writer.write(rows)
+                counts[rows[-1]["outcome"]] += 1
+        except KeyboardInterrupt:
+            bar.close()
+            results.write_parquet(out_dir)
+            done = sum(counts.values())
+            raise SweepInterrupted(done, len(todo) - done, out_dir) from None
     return counts

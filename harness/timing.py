@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ import torch
 class Protocol:
     """How long and how finely to measure (defaults suit kernels of 1 us to 100 ms)."""
 
-    warmup_s: float = 0.05  # discarded samples first (clocks, caches, lazy init)
+    warmup_s: float = 0.1  # discarded samples first (clocks, caches, lazy init)
     budget_s: float = 1.0  # time limit for the measured samples
     min_samples: int = 20
     max_samples: int = 5000
@@ -420,8 +421,15 @@ def measure(
     torch.cuda.synchronize()
     if graph:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            one_pass()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(g):
+                one_pass()
+        if any("Graph is empty" in str(w.message) for w in caught):
+            # Replaying nothing would time as a fast kernel: the work ran off the capture stream.
+            raise RuntimeError(
+                "the captured CUDA graph is empty (work launched on another stream?)"
+            )
         run: Callable[[], None] = g.replay
     else:
         run = one_pass
@@ -430,12 +438,17 @@ def measure(
 
 
 def copy_bandwidth_gbps(device: torch.device | None = None, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy rate (read + write bytes) measured now, as the memory roof."""
+    """Device-to-device streaming rate (read + write bytes) measured now, as the memory roof:
+    the faster of a DMA copy (`copy_` of bytes) and a copy kernel (a bf16 `mul` by one)."""
     device = device or torch.device("cuda")
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    t = measure(lambda i: dst.copy_(src), budget_s=0.3, target_ci=0.002)
-    return 2 * nbytes / (t.median_us * 1e-6) / 1e9
+    sb, db = src.view(torch.bfloat16), dst.view(torch.bfloat16)
+    rates = []
+    for run in (lambda i: dst.copy_(src), lambda i: torch.mul(sb, 1, out=db)):
+        t = measure(run, warmup_s=0.2, budget_s=0.3, target_ci=0.002)
+        rates.append(2 * nbytes / (t.median_us * 1e-6) / 1e9)
+    return max(rates)
 
 
 def bf16_matmul_tflops(
@@ -446,7 +459,7 @@ def bf16_matmul_tflops(
     a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
     b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
     c = torch.empty(m, n, dtype=torch.bfloat16, device=device)
-    t = measure(lambda i: torch.mm(a, b, out=c), budget_s=0.3, target_ci=0.002)
+    t = measure(lambda i: torch.mm(a, b, out=c), warmup_s=0.5, budget_s=0.3, target_ci=0.002)
     return 2 * m * n * k / (t.median_us * 1e-6) / 1e12
 
 

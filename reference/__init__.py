@@ -1,7 +1,7 @@
-"""The oracle: pure PyTorch, any device, imports nothing from dsv4/ (DESIGN.md §1).
+"""The oracle: pure PyTorch, any device, imports nothing from dsv4/ (docs/design.md §1).
 
 What the harness says is only as true as this package. It follows the hardware bit for bit
-(DESIGN.md §3) and each function reads like the math it implements.
+(docs/design.md §3) and each function reads like the math it implements.
 """
 
 from reference import activation, gemm, layers, layouts

@@ -1,10 +1,11 @@
 """SwiGLU with a limit, in every variant the field uses, so a kernel's choice can be named.
 
-DeepSeek V4 (DESIGN.md §3) computes in fp32 on the L1 output [..., 2I]: gate = min(gate, L);
+DeepSeek V4 (docs/design.md §3) computes in fp32 on the L1 output [..., 2I]: gate = min(gate, L);
 up = clamp(up, -L, L); h = silu(gate) * up. Gate is the first half, up the second, unless the
 weights were stacked the other way (`gate_first=False`). Other kernels clamp after the product,
-clamp silu(gate) instead of gate (SwigluStep), skip the clamp, or apply the clamp to the raw GEMM
-accumulator before the alpha = gsa * gsb multiply (`pre_alpha`). Each is expressible here, and
+clamp only from above after the product, clamp silu(gate) instead of gate (SwigluStep), skip the
+clamp, or apply the clamp to the raw GEMM accumulator before the alpha = gsa * gsb multiply
+(`pre_alpha`). Each is expressible here, and
 `clamp_active_mask` says where a clamp changes a value: only there can two variants disagree.
 Everything is computed in fp32 whatever the input dtype; silu(x) = x * sigmoid(x) as torch does it.
 """
@@ -22,6 +23,7 @@ class SwigluVariant(enum.Enum):
 
     DSV4 = "dsv4"  # gate = min(gate, L); up = clamp(up, -L, L); h = silu(gate) * up (the default)
     CLAMP_AFTER_PRODUCT = "clamp_after_product"  # h = clamp(silu(gate) * up, -L, L)
+    CLAMP_AFTER_PRODUCT_UPPER = "clamp_after_product_upper"  # h = min(silu(gate) * up, L)
     SWIGLU_STEP = "swiglu_step"  # h = min(silu(gate), L) * clamp(up, -L, L)
     NO_CLAMP = "no_clamp"  # h = silu(gate) * up, limit ignored
 
@@ -95,7 +97,14 @@ def swiglu(
     h = act * up
     if lim is not None and variant is SwigluVariant.CLAMP_AFTER_PRODUCT:
         h = h.clamp(-lim, lim)
+    if lim is not None and variant is SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER:
+        h = h.clamp(max=lim)
     return h
+
+
+def variant_label(variant: SwigluVariant, gate_first: bool = True) -> str:
+    """How a (variant, gate/up order) pair is named in results: "dsv4", "no_clamp+up_first"."""
+    return variant.value + ("" if gate_first else "+up_first")
 
 
 def clamp_active_mask(
@@ -120,5 +129,7 @@ def clamp_active_mask(
     # the remaining variants have no pre_alpha form (_check refused it)
     if variant is SwigluVariant.SWIGLU_STEP:
         return (F.silu(gate) > limit) | (up.abs() > limit)
+    if variant is SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER:
+        return F.silu(gate) * up > limit
     assert variant is SwigluVariant.CLAMP_AFTER_PRODUCT
     return (F.silu(gate) * up).abs() > limit

@@ -3,7 +3,7 @@
 A [T, K] holds the tokens of all experts back to back (expert e owns rows offsets[e-1]:offsets[e],
 offsets are int32 cumulative END offsets); B [E, K, N] holds one weight per expert, blocks of 16
 along K. Both operands are dequantized WITHOUT their global scales: code * block scale has at most
-6 significant bits and is exact in bf16 and fp32 (DESIGN.md §3), so the fp32 matmul below equals a
+6 significant bits, exact in bf16 and fp32 (docs/design.md §3), so the fp32 matmul below equals a
 bf16 block-scaled MMA with fp32 accumulation up to the order of summation. The fp32 accumulator is
 then multiplied by alpha = gsa[e] * gsb[e] (fp32, decode convention) and cast to the output dtype,
 as the serving kernels' epilogue does. `oracle=True` runs the same formula in float64.

@@ -1,7 +1,7 @@
 """Reference layers: shared expert, routed MoE, grouped linear (wo_a), stage by stage.
 
 Each layer is a plain function that returns `Stages`, an ordered dict of NAMED intermediates, so
-the harness can compare and NaN-trace a kernel stage by stage (DESIGN.md §1, §5). Weights arrive
+the harness can compare and NaN-trace a kernel by stage (docs/design.md §1, §5). Weights arrive
 in high precision and are quantized here, one global scale per expert / group, blocks along K
 (`quantize_weight_nvfp4`, the serving code's `quantize_weight_to_nvfp4`); their stages ("w13_q",
 "w2_q", "w_q") are (codes, scales, gs[E]). Activations are quantized per expert / group with the
@@ -11,7 +11,7 @@ float64 and rounds once to bf16, which makes results independent of summation or
 compare against per-token loops bit for bit).
 
 `quantized=False` gives the unquantized twin: fp32 operands, fp32 matmuls, the same SwiGLU, fp32
-outputs, the same stage names minus the quantized-operand ones (DESIGN.md §5 level 3).
+outputs, the same stage names minus the quantized-operand ones (docs/design.md §5 level 3).
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def _group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def _quantize_groups(x: torch.Tensor, offsets: torch.Tensor, gs: torch.Tensor) -> Quantized:
-    """Rows of group g (offsets: cumulative END) quantized with gs[g]; -> (codes, scales, gs[G])."""
+def quantize_groups(x: torch.Tensor, offsets: torch.Tensor, gs: torch.Tensor) -> Quantized:
+    """Rows of group g (offsets: cumulative END) quantized with gs[g] (fp32 [G]);
+    -> (codes, scales, gs[G])."""
     parts = [
         quantize_nvfp4(x[start:end], gs[g])[:2]
         for g, (start, end) in enumerate(_group_bounds(offsets))
@@ -216,12 +217,12 @@ def shared_expert(
     gs1 = _dynamic_scales(x, 1) if gs1 is None else _global_scales("gs1", gs1, 1, x.device)
     st["w13_q"] = _quantize_weights(w13[None])
     st["w2_q"] = _quantize_weights(w2[None])
-    st["x_q"] = _quantize_groups(x, offsets, gs1)
+    st["x_q"] = quantize_groups(x, offsets, gs1)
     st["l1_out"] = _gemm(st["x_q"], st["w13_q"], offsets, oracle)
     st["act"] = swiglu(st["l1_out"], limit, variant, gate_first)
     act = st["act"]
     gs2 = _dynamic_scales(act, 1) if gs2 is None else _global_scales("gs2", gs2, 1, x.device)
-    st["act_q"] = _quantize_groups(act, offsets, gs2)
+    st["act_q"] = quantize_groups(act, offsets, gs2)
     st["l2_out"] = _gemm(st["act_q"], st["w2_q"], offsets, oracle)
     st["out"] = st["l2_out"]
     return st
@@ -318,6 +319,7 @@ def routed_moe(
     limit: float | None = 10.0,
     variant: SwigluVariant = SwigluVariant.DSV4,
     gate_first: bool = True,
+    weight_after_w2: bool = False,
     gs1: torch.Tensor | float | None = None,
     gs2: torch.Tensor | float | None = None,
     quantized: bool = True,
@@ -328,14 +330,18 @@ def routed_moe(
     topk_ids [T, k] are GLOBAL ids; local = id - first_expert, and ids outside [0, E_local)
     (other ranks' experts, -1) contribute nothing. w13 [E_local, H, 2I], w2 [E_local, I, H].
     Staged rows: the (token, slot) pairs with a local expert, grouped by expert, stable by token.
-    The routing weight multiplies h = swiglu(L1) in fp32 BEFORE the L2 quantization. out[t] is
-    the fp32 sum over t's slots, in slot order, of its L2 rows, cast to bf16.
+    The routing weight multiplies h = swiglu(L1) in fp32 BEFORE the L2 quantization (DeepSeek's
+    reference, DeepGEMM); `weight_after_w2=True` multiplies the fp32 L2 rows instead
+    (transformers), so "act" is unweighted. out[t] is the fp32 sum over t's slots, in slot order,
+    of its (weighted) L2 rows, cast to bf16.
     gs1 / gs2: scalar or fp32 [E_local]; None = dynamic, one scale from the amax of the whole
     staged tensor, expanded to [E_local].
     Stages: "w13_q", "w2_q", "expert_offsets" int32 [E_local] (cumulative END), "gather_index"
-    int64 [R] (token of each staged row), "x_q" (codes [R, H/2], scales, gs1 [E_local]), "l1_out"
+    int64 [R] (token of each staged row), "row_weight" fp32 [R, 1] (its routing weight),
+    "x_q" (codes [R, H/2], scales, gs1 [E_local]), "l1_out"
     bf16 [R, 2I], "act" fp32 [R, I] (weighted), "act_q", "l2_out" bf16 [R, H], "out".
-    Unquantized twin: "expert_offsets", "gather_index", "l1_out", "act", "l2_out", "out" (fp32).
+    Unquantized twin: "expert_offsets", "gather_index", "row_weight", "l1_out", "act", "l2_out",
+    "out" (fp32).
     """
     _check_float("x", x, 2)
     _check_float("w13", w13, 3)
@@ -354,24 +360,26 @@ def routed_moe(
         st["w2_q"] = _quantize_weights(w2)
     st["expert_offsets"] = offsets
     st["gather_index"] = token
+    st["row_weight"] = weight
+    w_act, w_l2 = (1.0, weight) if weight_after_w2 else (weight, 1.0)
     if not quantized:
         st["l1_out"] = _matmul_fp32(staged, w13, offsets)
-        st["act"] = swiglu(st["l1_out"], limit, variant, gate_first) * weight
+        st["act"] = swiglu(st["l1_out"], limit, variant, gate_first) * w_act
         st["l2_out"] = _matmul_fp32(st["act"], w2, offsets)
-        st["out"] = _combine(st["l2_out"], token, slot, t, k)
+        st["out"] = _combine(st["l2_out"] * w_l2, token, slot, t, k)
         return st
     if gs1 is None:
         gs1 = _dynamic_scales(staged, n_experts)
     gs1 = _global_scales("gs1", gs1, n_experts, x.device)
-    st["x_q"] = _quantize_groups(staged, offsets, gs1)
+    st["x_q"] = quantize_groups(staged, offsets, gs1)
     st["l1_out"] = _gemm(st["x_q"], st["w13_q"], offsets, oracle)
-    st["act"] = swiglu(st["l1_out"], limit, variant, gate_first) * weight
+    st["act"] = swiglu(st["l1_out"], limit, variant, gate_first) * w_act
     if gs2 is None:
         gs2 = _dynamic_scales(st["act"], n_experts)
     gs2 = _global_scales("gs2", gs2, n_experts, x.device)
-    st["act_q"] = _quantize_groups(st["act"], offsets, gs2)
+    st["act_q"] = quantize_groups(st["act"], offsets, gs2)
     st["l2_out"] = _gemm(st["act_q"], st["w2_q"], offsets, oracle)
-    st["out"] = _combine(st["l2_out"], token, slot, t, k).to(torch.bfloat16)
+    st["out"] = _combine(st["l2_out"].float() * w_l2, token, slot, t, k).to(torch.bfloat16)
     return st
 
 
@@ -386,6 +394,7 @@ def calibrate_routed_moe(
     limit: float | None = 10.0,
     variant: SwigluVariant = SwigluVariant.DSV4,
     gate_first: bool = True,
+    weight_after_w2: bool = False,
     oracle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static activation scales (gs1, gs2), fp32 [E_local] each, as the shared expert calibrates.
@@ -404,6 +413,7 @@ def calibrate_routed_moe(
         limit=limit,
         variant=variant,
         gate_first=gate_first,
+        weight_after_w2=weight_after_w2,
         oracle=oracle,
     )
     return st["x_q"][2], st["act_q"][2]
@@ -450,7 +460,8 @@ def grouped_linear(
     for every token (no routing), as a grouped GEMM of G groups of T rows, offsets (g+1)*T.
     w: [G, D, R] (bmm form) or [G*R, D] (dense form). gs: scalar or fp32 [G]; None = dynamic
     per group (each group's own amax). Stages: "w_q" (one gs per group), "x_q" (group-major rows
-    [G*T, D/2], gs [G]), "expert_offsets" int32 [G], "out". Unquantized twin: "out" fp32.
+    [G*T, D/2], gs [G]), "expert_offsets" int32 [G], "gemm_out" (group-major bf16 [G*T, R], the
+    GEMM's own output, so a GEMM defect is named there), "out". Unquantized twin: "out" fp32.
     """
     _check_float("o", o, 3)
     t, n_heads, head_dim = o.shape
@@ -478,10 +489,10 @@ def grouped_linear(
         ).to(o.device)
     gs = _global_scales("gs", gs, g, o.device)
     st["w_q"] = _quantize_weights(w)
-    st["x_q"] = _quantize_groups(x, offsets, gs)
+    st["x_q"] = quantize_groups(x, offsets, gs)
     st["expert_offsets"] = offsets
-    z = _gemm(st["x_q"], st["w_q"], offsets, oracle)
-    st["out"] = z.reshape(g, t, r).transpose(0, 1).contiguous()
+    st["gemm_out"] = _gemm(st["x_q"], st["w_q"], offsets, oracle)
+    st["out"] = st["gemm_out"].reshape(g, t, r).transpose(0, 1).contiguous()
     return st
 
 

@@ -1,6 +1,6 @@
 """NVFP4 exactly as the hardware does it: E2M1 codes, UE4M3 block scales, an fp32 global scale.
 
-Format (DESIGN.md §3): E2M1 has 1 sign, 2 exponent and 1 mantissa bit; codes 0..7 are
+Format (docs/design.md §3): E2M1 has 1 sign, 2 exponent and 1 mantissa bit; codes 0..7 are
 0, 0.5, 1, 1.5, 2, 3, 4, 6 and bit 3 is the sign. Two codes per byte, element 2i in the LOW nibble.
 Sixteen consecutive elements along the contraction dim share one UE4M3 scale (float8_e4m3fn byte);
 one fp32 global scale per tensor, in the DECODE convention: value = code * block_scale * gs.
@@ -202,7 +202,7 @@ def quantize_nvfp4(
 
     `global_scale=None` computes it from the tensor's amax (dynamic); a given value is used as is
     (static, calibrated), so values beyond the calibrated amax saturate in the block scale.
-    Order of operations (bits depend on it, DESIGN.md §3), all in fp32:
+    Order of operations (bits depend on it, docs/design.md §3), all in fp32:
       x_n = x / gs;  s = amax_block(|x_n|) / 6;  clamp [0, 448];  round to e4m3;
       q = x_n / s  (0 where s == 0);  round q to E2M1.
     A NaN in a block makes its amax NaN, its scale byte 0x7F, and its codes follow `nan_policy`.

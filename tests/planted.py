@@ -18,10 +18,16 @@ import time
 import torch
 
 import reference as ref
-from harness.adapters import GemmOperands, ReferenceAdapter
+from harness.adapters import Conventions, GemmOperands, QuantPolicy, ReferenceAdapter
+from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
-from reference.layouts import assemble_scales_2d_side_from_offsets
-from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS
+from reference.gemm import grouped_gemm_nvfp4
+from reference.layouts import (
+    assemble_scales_2d_side_from_offsets,
+    swizzle_scales,
+    unswizzle_scales,
+)
+from reference.nvfp4 import BLOCK, E2M1_MIDPOINTS, tensor_amax
 
 ATOM_BYTES = 512  # one 128x4 scale atom
 
@@ -93,8 +99,42 @@ class SkipLastKBlock(StageDefect):
 
     def grouped_gemm(self, ops: GemmOperands, out):
         a_codes = ops.a_codes.clone()
-        a_codes[:, -BLOCK // 2:] = 0  # two codes per byte: the last 8 bytes are the last block
+        a_codes[:, -BLOCK // 2 :] = 0  # two codes per byte: the last 8 bytes are the last block
         super().grouped_gemm(dataclasses.replace(ops, a_codes=a_codes), out)
+
+
+class InvertedAlpha(StageDefect):
+    """GEMM epilogue multiplying by 1/(gsa*gsb): encode-convention scales taken for decode ones."""
+
+    name = "planted-inverted-alpha"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return 1.0 / gsa, 1.0 / gsb
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        gsa, gsb = self.scales(ops.global_scale_a, ops.global_scale_b)
+        super().grouped_gemm(dataclasses.replace(ops, global_scale_a=gsa, global_scale_b=gsb), out)
+
+
+class MissingAlpha(InvertedAlpha):
+    """GEMM epilogue that never multiplies by alpha (the raw block-scaled accumulator)."""
+
+    name = "planted-missing-alpha"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return torch.ones_like(gsa), torch.ones_like(gsb)
+
+
+class AlphaTwice(InvertedAlpha):
+    """alpha applied in the epilogue and again by the caller."""
+
+    name = "planted-alpha-twice"
+
+    @staticmethod
+    def scales(gsa, gsb):
+        return gsa * gsa, gsb * gsb
 
 
 class ClampAfterProduct(StageDefect):
@@ -124,6 +164,45 @@ class PaddingUnwritten(StageDefect):
 
 
 DEFECTS = (RoundHalfAway, SwappedSwizzleBits, SkipLastKBlock, ClampAfterProduct, PaddingUnwritten)
+
+
+# --------------------------------------------------------------------------------------------
+# layer defects: the reference layer with one stage born wrong, the rest computed from it
+
+
+class LayerDefect(ReferenceAdapter):
+    """Base of the layer defects: only the layer named by `layer` (one Stage value)."""
+
+    layer = ""
+
+    def can_implement(self, case):
+        if case.stage.value != self.layer:
+            return False, f"{self.name} plants a defect in {self.layer} only"
+        return super().can_implement(case)
+
+
+def _gemm_skip_last_k_block(a_q, b_q, offsets):
+    """The grouped GEMM of SkipLastKBlock on quantized (codes, scales, gs) operands."""
+    a_codes = a_q[0].clone()
+    a_codes[:, -BLOCK // 2 :] = 0
+    out = grouped_gemm_nvfp4(a_codes, a_q[1], b_q[0], b_q[1], offsets, a_q[2], b_q[2])
+    return out.to(torch.bfloat16)
+
+
+class GroupedLinearSkipLastKBlock(LayerDefect):
+    """wo_a whose grouped GEMM stops one K block early (the only GEMM of that layer)."""
+
+    name = "planted-grouped-linear-skip-last-k-block"
+    layer = "grouped_linear"
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        st = super().grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        z = _gemm_skip_last_k_block(st["x_q"], st["w_q"], st["expert_offsets"])
+        st["gemm_out"] = z
+        st["out"] = z.reshape(n_groups, o.shape[0], o_lora_rank).transpose(0, 1).contiguous()
+        return st
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,3 +264,215 @@ def kernel_build():
     """One backend whose build is chosen by $DSV4_PLANTED_BUILD (a regression between runs)."""
     name = os.environ.get(BUILD_ENV)
     return (globals()[name] if name else ReferenceAdapter)()
+
+
+class Gs2FromL1(LayerDefect):
+    """Shared expert calibrating gs2 on the L1 output's amax instead of the SwiGLU output's (the
+    tensor L2 actually quantizes): born in calibration, first seen in act_q's codes."""
+
+    name = "planted-gs2-from-l1"
+    layer = "shared_expert"
+
+    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        gs1, _ = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
+        l1 = ref_layers.shared_expert(calib_sample, w13, w2, limit=limit, gs1=gs1)["l1_out"]
+        gs2 = ref.global_scale_from_amax(tensor_amax(l1))
+        return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
+
+
+class ClampAfterProductUpper(StageDefect):
+    """SwiGLU clamping the product from above only, min(silu(gate) * up, L): agrees with
+    clamp_after_product wherever the product is > -L, so it must be told apart at both signs."""
+
+    name = "planted-clamp-after-product-upper"
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER)
+        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+
+def honest(variant: SwigluVariant, weight_after_w2: bool = False) -> ReferenceAdapter:
+    """A correct kernel of another convention that says so: it must pass, flagged not-DSV4."""
+    conv = Conventions(swiglu_variant=variant, weight_after_w2=weight_after_w2)
+    adapter = ReferenceAdapter(conventions=conv)
+    adapter.name = f"planted-honest-{variant.value}"
+    return adapter
+
+
+def honest_clamp_after_product():
+    return honest(SwigluVariant.CLAMP_AFTER_PRODUCT)
+
+
+class DishonestLayers(ReferenceAdapter):
+    """Declares DSV4's conventions (the default) but its layers run `actual`'s."""
+
+    name = "planted-dishonest-layers"
+    actual = Conventions()
+
+    def __init__(self):
+        super().__init__()
+        self._inner = ReferenceAdapter(conventions=self.actual)
+
+    def shared_expert(self, *args, **kw):
+        return self._inner.shared_expert(*args, **kw)
+
+    def routed_moe(self, *args, **kw):
+        return self._inner.routed_moe(*args, **kw)
+
+
+class LayerClampAfterProduct(DishonestLayers):
+    """Shared expert / routed MoE whose SwiGLU clamps after the product."""
+
+    name = "planted-layer-clamp-after-product"
+    actual = Conventions(swiglu_variant=SwigluVariant.CLAMP_AFTER_PRODUCT)
+
+
+class RoutingWeightAfterW2(DishonestLayers):
+    """Routed MoE multiplying the routing weight into the L2 rows (transformers) while declaring
+    DSV4's before-w2 (DeepSeek's reference, DeepGEMM)."""
+
+    name = "planted-routing-weight-after-w2"
+    actual = Conventions(weight_after_w2=True)
+
+
+class ClampBeforeAlpha(LayerDefect):
+    """Shared expert fusing the SwiGLU into the L1 epilogue and clamping the raw fp32
+    accumulator (before alpha = gsa * gsb), so its limit is L / alpha in true units."""
+
+    name = "planted-clamp-before-alpha"
+    layer = "shared_expert"
+
+    def _run(self, x, w13, w2, limit, gs1, gs2):
+        st = ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs1)
+        xq, wq = st["x_q"], st["w13_q"]
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        offsets = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
+        raw = grouped_gemm_nvfp4(
+            xq[0], xq[1], wq[0], wq[1], offsets, one, one, out_dtype=torch.float32
+        )
+        alpha = xq[2] * wq[2]
+        act = swiglu(raw, limit, pre_alpha=alpha)
+        if gs2 is None:  # calibration: the amax of this very act
+            return act
+        act_q = ref_layers.quantize_groups(act, offsets, gs2.reshape(1))
+        l2 = grouped_gemm_nvfp4(*act_q[:2], *st["w2_q"][:2], offsets, act_q[2], st["w2_q"][2])
+        st.update(act=act, act_q=act_q, l2_out=l2.to(torch.bfloat16), out=l2.to(torch.bfloat16))
+        return st
+
+    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        gs1, _ = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, limit=limit)
+        act = self._run(calib_sample, w13, w2, limit, gs1, None)
+        gs2 = ref.global_scale_from_amax(tensor_amax(act)).to(x.device)
+        return self._run(x, w13, w2, limit, gs1, gs2)
+
+
+class UnpaddedGroupAssembly(ReferenceAdapter):
+    """2D-side scale assembly that swizzles all groups as ONE matrix: group g's scale rows start
+    at its data row sum(T_j) instead of sum(round_up(T_j, 128)). Its grouped_linear reads its own
+    assembly (through the correct layout), so groups after the first get another group's scales."""
+
+    name = "planted-unpadded-group-assembly"
+
+    def can_implement(self, case):
+        if case.stage.value not in ("scale_assembly", "grouped_linear"):
+            return False, f"{self.name} plants a defect in scale_assembly and grouped_linear"
+        return super().can_implement(case)
+
+    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
+        super().assemble_scales(a_scales, expert_offsets, b_scales, out_2d, out_3d)
+        whole = swizzle_scales(a_scales).view(torch.uint8)  # the bug: one swizzle for all groups
+        flat = out_2d.view(torch.uint8).reshape(-1)
+        flat.zero_()
+        flat[: whole.numel()] = whole[: flat.numel()]
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        st = super().grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        (codes, scales, gs), wq, offsets = st["x_q"], st["w_q"], st["expert_offsets"]
+        buf = assemble_scales_2d_side_from_offsets(scales, offsets)[0]  # sized as it must be
+        b3d = ref.layouts.assemble_scales_3d_side(list(wq[1]))
+        self.assemble_scales(scales, offsets, wq[1], buf, b3d)
+        # the GEMM reads group g's scales where the layout says they are
+        t, cols = o.shape[0], scales.shape[1]
+        cp, span = (cols + 3) // 4 * 4, (t + 127) // 128 * 128
+        read = [
+            unswizzle_scales(buf[g * span * cp : (g + 1) * span * cp], t, cols)
+            for g in range(n_groups)
+        ]
+        z = grouped_gemm_nvfp4(codes, torch.cat(read), wq[0], wq[1], offsets, gs, wq[2])
+        st["gemm_out"] = z.to(torch.bfloat16)
+        st["out"] = st["gemm_out"].reshape(n_groups, t, o_lora_rank).transpose(0, 1).contiguous()
+        return st
+
+
+# --------------------------------------------------------------------------------------------
+# quantizer policies of real peers (legitimate where declared, named where not)
+
+
+class ScaleFloorQuantizer(StageDefect):
+    """A quantizer clamping block scales up to 2^-6 (normalized units): all-zero blocks get a
+    nonzero scale byte, their codes (and values) stay 0."""
+
+    name = "planted-scale-floor"
+    FLOOR = 2.0**-6
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = ref.global_scale_from_amax(tensor_amax(x)) if global_scale is None else global_scale
+        xn = x.float() / gs
+        blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+        s = (blocks.abs().amax(-1, keepdim=True) / 6.0).clamp(min=self.FLOOR)
+        scales = ref.encode_block_scales(s)
+        q = blocks / scales.float()
+        codes_out.copy_(ref.pack_e2m1(ref.encode_e2m1(q.reshape(x.shape))))
+        scales_out.copy_(scales.squeeze(-1))
+        return gs
+
+
+class NanScaleByteFF(StageDefect):
+    """A quantizer writing 0xFF (negative NaN) for a NaN block's scale byte instead of 0x7F."""
+
+    name = "planted-nan-scale-byte-ff"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = super().quantize(x, global_scale, codes_out, scales_out)
+        b = scales_out.view(torch.uint8)
+        b.copy_(torch.where(b == 0x7F, torch.full_like(b, 0xFF), b))
+        return gs
+
+
+class NanAmaxQuantizer(StageDefect):
+    """A dynamic quantizer whose amax propagates NaN (torch.amax): one NaN input makes the
+    global scale NaN and every block NaN."""
+
+    name = "planted-nan-amax"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        if global_scale is None:
+            global_scale = x.float().abs().amax() / (6.0 * 448.0)  # NaN in, NaN out
+        return super().quantize(x, global_scale, codes_out, scales_out)
+
+
+def declaring(cls: type, *policies: QuantPolicy):
+    """The same quantizer, honest about its policies."""
+    adapter = cls()
+    adapter.conventions = Conventions(policies=frozenset(policies))
+    return adapter
+
+
+class UnclampedScaleCast(StageDefect):
+    """Block scales cast to e4m3 without the clamp to 448 (torch 2.11 turns > 464 and +Inf into
+    NaN, docs/design.md §3): seen only on the static-scale path, where a block can exceed 448."""
+
+    name = "planted-unclamped-scale-cast"
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        gs = super().quantize(x, global_scale, codes_out, scales_out)
+        xn = x.float() / torch.as_tensor(gs, dtype=torch.float32)
+        blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+        over = blocks.abs().amax(-1) / 6.0 > 464.0  # what the unclamped cast makes NaN
+        b = scales_out.view(torch.uint8)
+        b.copy_(torch.where(over, torch.full_like(b, 0x7F), b))
+        return gs

@@ -384,7 +384,7 @@ def test_allocation_counter_sees_allocations():
 
 @pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
 def test_run_allocates_nothing_after_warm_up(kind):
-    """DESIGN §2 "run() allocates nothing" on the torch backend: after one warm-up call (which
+    """docs/design.md §2 "run() allocates nothing" on the torch backend: after a warm-up call (which
     may fill lazily cached 0-d constants), run() makes no allocation at all, not even a
     temporary: every op writes into the runner's buffers and its workspace."""
     runner = BUILD[kind](t_max=129)

@@ -366,7 +366,7 @@ def test_routed_moe_matches_per_token_loop(gen, t, kind):
     gs1, gs2 = calibrate_routed_moe(x, ids, wts, w13, w2, oracle=True, **kw)
     st = routed_moe(x, ids, wts, w13, w2, gs1=gs1, gs2=gs2, oracle=True, **kw)
     assert list(st) == [
-        "w13_q", "w2_q", "expert_offsets", "gather_index",
+        "w13_q", "w2_q", "expert_offsets", "gather_index", "row_weight",
         "x_q", "l1_out", "act", "act_q", "l2_out", "out",
     ]  # fmt: skip
     want = naive_routed(x, ids, wts, w13, w2, gs1, gs2, first, limit=10.0)
@@ -399,7 +399,9 @@ def test_routed_moe_vs_twin_within_derived_bounds(gen):
     gs2 = pow2_ceil(tensor_amax(dyn["act"]) / 2688)
     q = routed_moe(x, ids, wts, w13, w2, gs1=1.0, gs2=gs2)
     tw = routed_moe(x, ids, wts, w13, w2, quantized=False)
-    assert list(tw) == ["expert_offsets", "gather_index", "l1_out", "act", "l2_out", "out"]
+    assert list(tw) == [
+        "expert_offsets", "gather_index", "row_weight", "l1_out", "act", "l2_out", "out"
+    ]  # fmt: skip
     assert torch.equal(tw["gather_index"], q["gather_index"])
     check_against_twin(q, tw, x[q["gather_index"]], w13, w2, q["expert_offsets"])
     # the weight multiplies h before L2
@@ -408,6 +410,13 @@ def test_routed_moe_vs_twin_within_derived_bounds(gen):
     expert = torch.repeat_interleave(torch.arange(E), counts)
     slot = (ids[token].long() == expert[:, None]).int().argmax(1)
     assert torch.equal(q["act"], swiglu(q["l1_out"]) * wts[token, slot][:, None])
+    assert torch.equal(q["row_weight"], wts[token, slot][:, None])
+    # weight_after_w2: act unweighted, the weight on the fp32 L2 rows before the combine
+    a = routed_moe(x, ids, wts, w13, w2, gs1=1.0, gs2=gs2, weight_after_w2=True)
+    assert torch.equal(a["act"], swiglu(a["l1_out"]))
+    want = torch.zeros(t, H)
+    want.index_add_(0, token, a["l2_out"].float() * a["row_weight"])  # exact: grid values
+    assert torch.equal(a["out"], want.to(torch.bfloat16))
 
 
 def test_calibrate_routed_moe_scales(gen):
@@ -440,7 +449,7 @@ def test_grouped_linear_forms_and_per_group_reference(gen, t):
     w_dense = w_bmm.transpose(1, 2).reshape(g * r, d)  # rows: group-major, each group [R, D]
     a = grouped_linear(o, w_bmm, n_groups=g, o_lora_rank=r)
     b = grouped_linear(o, w_dense, n_groups=g, o_lora_rank=r)
-    assert list(a) == ["w_q", "x_q", "expert_offsets", "out"]
+    assert list(a) == ["w_q", "x_q", "expert_offsets", "gemm_out", "out"]
     for name in ("w_q", "x_q"):
         assert all(torch.equal(u, v) for u, v in zip(a[name], b[name], strict=True)), name
     assert torch.equal(a["out"], b["out"]) and a["out"].shape == (t, g, r)

@@ -39,7 +39,7 @@ def _rand_scales(rows: int, cols: int, dtype: torch.dtype = torch.float8_e4m3fn)
 
 
 def _closed_form_swizzle(s: torch.Tensor) -> torch.Tensor:
-    """Independent oracle: scatter byte (r, c) to its DESIGN.md §3 offset, padding stays 0."""
+    """Independent oracle: scatter byte (r, c) to its docs/design.md §3 offset, padding stays 0."""
     b = s.view(torch.uint8)
     rows, cols = b.shape
     rp, cp = -(-rows // 128) * 128, -(-cols // 4) * 4

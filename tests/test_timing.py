@@ -274,10 +274,12 @@ def test_a_failed_case_is_timed_but_marked_invalid():
 def test_a_timed_sweep_reruns_pairs_that_have_no_timing_row(tmp_path):
     cases = [dataclasses.replace(_case(Stage.QUANTIZE, tokens=4), backends=("reference",))]
     run_sweep(cases, tmp_path, SweepOptions(progress=False))
-    assert results.done_keys(tmp_path) == {(cases[0].id, "reference")}
-    assert results.done_keys(tmp_path, timed=True) == set()
-    run_sweep(cases, tmp_path, SweepOptions(progress=False, time=True))
-    assert results.done_keys(tmp_path, timed=True) == {(cases[0].id, "reference")}
+    assert results.timed_pairs(tmp_path) == set()
+    assert run_sweep(cases, tmp_path, SweepOptions(progress=False))["resumed"] == 1
+    timed = SweepOptions(progress=False, time=True)
+    assert run_sweep(cases, tmp_path, timed)["resumed"] == 0  # finished, but never timed
+    assert results.timed_pairs(tmp_path) == {(cases[0].id, "reference")}
+    assert run_sweep(cases, tmp_path, timed)["resumed"] == 1
 
 
 def test_cli_compare_prints_the_timing_verdicts(tmp_path, capsys):
@@ -294,3 +296,13 @@ def test_cli_compare_prints_the_timing_verdicts(tmp_path, capsys):
     assert cli.main(["compare", str(tmp_path / "old"), str(tmp_path / "new")]) == 0
     out = capsys.readouterr().out
     assert "same: 1" in out and "slower: 1" in out and "x1.4" in out
+
+
+def test_compiled_reference_is_bit_exact_on_quantize():
+    from harness.stages import run_case
+
+    adapter = adapters.load("reference-compiled")  # SwiGLU-requant: checked on the GPU host
+    for stage in (Stage.QUANTIZE,):
+        comps = run_case(_case(stage, tokens=4, scale_ratio=1.0), adapter)
+        assert comps and all(c.outcome.value == "pass" for c in comps), comps
+        assert all(c.metrics.get("equal", True) for c in comps)

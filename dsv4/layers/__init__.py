@@ -1,4 +1,4 @@
-"""dsv4.layers: the NVFP4 runners a serving stack calls (DESIGN.md §2).
+"""dsv4.layers: the NVFP4 runners a serving stack calls (docs/design.md §2).
 
 `SharedExpertRunner`, `RoutedMoERunner` (top-k routing on one expert-parallel rank) and
 `GroupedLinear` (wo_a). One life cycle for all three: set weights -> finalize() (quantize, lay

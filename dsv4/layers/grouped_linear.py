@@ -4,7 +4,7 @@ o is viewed as [T, G, D], D = heads_per_group * head_dim, and group g computes o
 for EVERY token (no routing): one NVFP4 grouped GEMM of G groups of T rows each, group-major
 (group g's rows are g*T .. (g+1)*T - 1, the reference's order), END offsets (g+1)*T.
 Layout choice: data rows are NOT padded per group; the activation SCALES are, each group's block
-starting at scale row g * round_up(T, 128) (the grouped GEMM's 2-D-side contract), so DESIGN's
+starting at scale row g * round_up(T, 128) (the grouped GEMM's 2-D-side contract), so the design's
 "offsets are g*padded_T" holds for the scale rows, while the data offsets stay (g+1)*T and the
 staged codes match reference.layers.grouped_linear row for row.
 

@@ -1,4 +1,4 @@
-"""dsv4.ops: the NVFP4 building blocks a serving stack calls (DESIGN.md §2).
+"""dsv4.ops: the NVFP4 building blocks a serving stack calls (docs/design.md §2).
 
 quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, graph-safe),
 `quantize_activation_nvfp4_grouped` (one scale per group), `quantize_weight_to_nvfp4`; each

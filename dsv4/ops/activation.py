@@ -1,6 +1,6 @@
 """DeepSeek V4 SwiGLU with a limit, fused with the static NVFP4 requantization of its output.
 
-On the L1 output [..., 2I] (gate = first half, up = second half), in fp32 (DESIGN.md §3):
+On the L1 output [..., 2I] (gate = first half, up = second half), in fp32 (docs/design.md §3):
 gate = min(gate, L); up = clamp(up, -L, L); h = silu(gate) * up; then h is quantized with the
 calibrated global scale exactly as `quantize_activation_nvfp4` does. `limit=None` clamps nothing.
 silu is torch's (x * sigmoid(x) as F.silu computes it on that device), so a fused kernel that

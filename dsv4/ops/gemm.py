@@ -7,7 +7,7 @@ highest-priority backend that supports the device (sm100 > sm90 > torch), and an
 names a backend whose capability is missing fails naming what it needs and what it got.
 
 The torch backend (any device, CPU in CI) unswizzles both scale layouts itself, dequantizes both
-operands to bf16 (code * scale is exact there, DESIGN.md §3), multiplies per expert in fp32,
+operands to bf16 (code * scale is exact there, docs/design.md §3), multiplies per expert in fp32,
 applies alpha = gsa[e] * gsb[e] in fp32 and casts once to bf16. Trade-off: to slice each expert's
 rows it reads the offsets on the host (free on CPU, one device-to-host copy on CUDA). Under CUDA
 graph capture, where that copy is illegal, it switches to a sync-free form that multiplies every

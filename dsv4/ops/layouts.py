@@ -1,4 +1,4 @@
-"""Scale and weight layouts of the block-scaled grouped GEMM (DESIGN.md §3 "Scale layout").
+"""Scale and weight layouts of the block-scaled grouped GEMM (docs/design.md §3 "Scale layout").
 
 A [R, C] scale matrix (R rows of M or N, C = K/16) is zero-padded to [round_up(R, 128),
 round_up(C, 4)] and stored in 512-byte atoms ("128x4", tcgen05 / torch SWIZZLE_32_4_4):

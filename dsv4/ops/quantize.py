@@ -1,6 +1,6 @@
 """NVFP4 quantization: dynamic (amax), static (calibrated global scale) and weights.
 
-Format and order of operations follow DESIGN.md §3, in fp32: x_n = x / gs; s = amax_block(|x_n|)
+Format and order of operations (docs/design.md §3), in fp32: x_n = x / gs; s = amax_block(|x_n|)
 / 6; clamp to [0, 448]; round to e4m3 (nearest even); q = x_n / s (0 where s == 0); round q to
 E2M1 (nearest, ties to the even code, saturate to +-6, sign kept when rounding to zero).
 
@@ -342,7 +342,7 @@ def _(x, impl="torch"):
 
 
 # --------------------------------------------------------------------------------------------
-# public API (names of the serving code, DESIGN.md §2)
+# public API (names of the serving code, docs/design.md §2)
 
 
 def quantize_to_nvfp4(
@@ -464,7 +464,7 @@ def dequantize_nvfp4(
 ) -> torch.Tensor:
     """codes [..., K/2], scales [..., K/16] (blocks along the last dim) -> values [..., K].
 
-    code * scale is exact in bf16 and fp32 (<= 6 significant bits, DESIGN.md §3); with a
+    code * scale is exact in bf16 and fp32 (<= 6 significant bits, docs/design.md §3); with a
     global scale the product is taken in fp32 and rounded once to `dtype`.
     """
     _checks.tensor("codes", codes, (torch.uint8,), min_ndim=1)
