@@ -1,7 +1,7 @@
 """The CuTeDSL quantize kernel's bit tricks, written as torch ops one for one (CPU-testable).
 
 The kernel (nvfp4_quant.py) computes NVFP4 with the reference's order of operations
-(DESIGN.md §3), fp32 throughout: x_n = x / gs (div.rn); amax = max.NaN |x_n| over 16; s =
+(docs/design.md §3), fp32 throughout: x_n = x / gs (div.rn); amax = max.NaN |x_n| over 16; s =
 amax / 6 (div.rn); byte = cvt.rn.satfinite.e4m3 (clamp-then-round: > 448 and +Inf give 448,
 NaN gives 0x7F); s' = the byte decoded (exact); q = x_n / s' (div.rn), the block's codes 0 when
 s' == 0. E2M1 of q, where the arch has no cvt...e2m1x2 (sm_90), by these exact steps:

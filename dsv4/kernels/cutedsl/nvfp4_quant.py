@@ -8,7 +8,7 @@ GEMM reads, each group's rows padded to 128 on their own (padding bytes written 
 linear [rows, K/16] (the harness's stage output). One thread quantizes one 16-element block:
 two 16-byte loads, one 8-byte code store, one scale byte.
 
-Bits (DESIGN.md §3, the reference's order, fp32, correctly rounded divisions): x_n = x / gs;
+Bits (docs/design.md §3, the reference's order, fp32, correctly rounded divisions): x_n = x / gs;
 amax = max.NaN |x_n|; s = amax / 6; byte = cvt.rn.satfinite.e4m3 (clamp-then-round, NaN ->
 0x7F); q = x_n / decode(byte), 0 where the scale is 0; E2M1 of q by cvt.rn.satfinite.e2m1x2 on
 sm_100+ and by the exact software steps of `bitmodel` elsewhere. NaN policy: +6 (q is clamped
@@ -34,7 +34,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 BLOCK = 16
 THREADS = 128  # one 16-element block per thread
-ATOM_ROWS, ATOM_COLS = 128, 4  # the 512-byte scale atom (DESIGN.md §3 "Scale layout")
+ATOM_ROWS, ATOM_COLS = 128, 4  # the 512-byte scale atom (docs/design.md §3 "Scale layout")
 ARCHS = ("sm_90a", "sm_100a")
 
 
