@@ -132,79 +132,56 @@ def _asm(res_type, ptx: str, constraints: str, args, loc=None, ip=None):
     )
 
 
+def _ptx(ptx: str, out, *args, loc=None, ip=None):
+    """One pure inline-PTX value of type `out` (Float32 or Uint32) from Float32 / Uint32 args
+    ($0 the result, $1.. the args; constraint letters follow the types)."""
+    letter = {Float32: "f", Uint32: "r"}
+    cons = "=" + letter[out] + "".join("," + letter[type(a)] for a in args)
+    res = T.f32() if out is Float32 else T.i32()
+    return out(_asm(res, ptx, cons, list(args), loc, ip))
+
+
 @dsl_user_op
 def _max_abs_nan(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
     """max(acc, |v|), NaN-propagating (a NaN block must give scale 0x7F)."""
-    return Float32(
-        _asm(
-            T.f32(),
-            "{ .reg .f32 t; abs.f32 t, $2; max.NaN.f32 $0, $1, t; }",
-            "=f,f,f",
-            [Float32(acc), Float32(v)],
-            loc,
-            ip,
-        )
-    )
+    ptx = "{ .reg .f32 t; abs.f32 t, $2; max.NaN.f32 $0, $1, t; }"
+    return _ptx(ptx, Float32, Float32(acc), Float32(v), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _min_nan(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
-    return Float32(
-        _asm(T.f32(), "min.NaN.f32 $0, $1, $2;", "=f,f,f", [Float32(a), Float32(b)], loc, ip)
-    )
+    return _ptx("min.NaN.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _max_nan(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
-    return Float32(
-        _asm(T.f32(), "max.NaN.f32 $0, $1, $2;", "=f,f,f", [Float32(a), Float32(b)], loc, ip)
-    )
+    return _ptx("max.NaN.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _e4m3_byte(s: Float32, *, loc=None, ip=None) -> Uint32:
     """cvt.rn.satfinite.e4m3x2.f32: round to nearest even, > 448 and Inf -> 448, NaN -> 0x7F."""
-    return Uint32(
-        _asm(
-            T.i32(),
-            "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, $1, $1; cvt.u32.u16 $0, h; "
-            "and.b32 $0, $0, 255; }",
-            "=r,f",
-            [Float32(s)],
-            loc,
-            ip,
-        )
+    ptx = (
+        "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, $1, $1; cvt.u32.u16 $0, h; "
+        "and.b32 $0, $0, 255; }"
     )
+    return _ptx(ptx, Uint32, Float32(s), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _e4m3_value(byte: Uint32, *, loc=None, ip=None) -> Float32:
     """The e4m3 byte as fp32 (exact; 0x7F -> NaN)."""
-    return Float32(
-        _asm(
-            T.f32(),
-            "{ .reg .b16 h, lo, hi; .reg .b32 w; cvt.u16.u32 h, $1; cvt.rn.f16x2.e4m3x2 w, h; "
-            "mov.b32 {lo, hi}, w; cvt.f32.f16 $0, lo; }",
-            "=f,r",
-            [Uint32(byte)],
-            loc,
-            ip,
-        )
+    ptx = (
+        "{ .reg .b16 h, lo, hi; .reg .b32 w; cvt.u16.u32 h, $1; cvt.rn.f16x2.e4m3x2 w, h; "
+        "mov.b32 {lo, hi}, w; cvt.f32.f16 $0, lo; }"
     )
+    return _ptx(ptx, Float32, Uint32(byte), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _zero_if_zero(word: Uint32, s: Float32, *, loc=None, ip=None) -> Uint32:
-    return Uint32(
-        _asm(
-            T.i32(),
-            "{ .reg .pred p; setp.eq.f32 p, $2, 0f00000000; selp.b32 $0, 0, $1, p; }",
-            "=r,r,f",
-            [Uint32(word), Float32(s)],
-            loc,
-            ip,
-        )
-    )
+    ptx = "{ .reg .pred p; setp.eq.f32 p, $2, 0f00000000; selp.b32 $0, 0, $1, p; }"
+    return _ptx(ptx, Uint32, Uint32(word), Float32(s), loc=loc, ip=ip)
 
 
 # max |x| <= 2^90 over the block (NaN and Inf fail) and gs in [2^-30, 2^30]: every quotient
@@ -222,23 +199,17 @@ _RCP_6 = 0.16666667163372040  # RN(1 / 6) in fp32 (0x3E2AAAAB)
 
 @dsl_user_op
 def _fast_range(amax: Float32, gs: Float32, *, loc=None, ip=None) -> Uint32:
-    return Uint32(_asm(T.i32(), _FAST_RANGE_PTX, "=r,f,f", [Float32(amax), Float32(gs)], loc, ip))
+    return _ptx(_FAST_RANGE_PTX, Uint32, Float32(amax), Float32(gs), loc=loc, ip=ip)
 
 
 @dsl_user_op
 def _rcp_refined(b: Float32, *, loc=None, ip=None) -> Float32:
     """1 / b as CUDA's div.rn computes it before its quotient: rcp.approx, one Newton step."""
-    return Float32(
-        _asm(
-            T.f32(),
-            "{ .reg .f32 r, e, n; rcp.approx.ftz.f32 r, $1; neg.f32 n, $1; "
-            "fma.rn.f32 e, n, r, 0f3F800000; fma.rn.f32 $0, r, e, r; }",
-            "=f,f",
-            [Float32(b)],
-            loc,
-            ip,
-        )
+    ptx = (
+        "{ .reg .f32 r, e, n; rcp.approx.ftz.f32 r, $1; neg.f32 n, $1; "
+        "fma.rn.f32 e, n, r, 0f3F800000; fma.rn.f32 $0, r, e, r; }"
     )
+    return _ptx(ptx, Float32, Float32(b), loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -247,17 +218,11 @@ def _div_corrected(a: Float32, r: Float32, neg_b: Float32, *, loc=None, ip=None)
     (or RN(1 / b)): CUDA's own div.rn fast path (the same five instructions in its SASS) minus
     its range check (FCHK), which the caller does per block (_fast_range); in that range the
     result is RN(a / b), bit for bit."""
-    return Float32(
-        _asm(
-            T.f32(),
-            "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; "
-            "fma.rn.f32 $0, $2, e, q; }",
-            "=f,f,f,f",
-            [Float32(a), Float32(r), Float32(neg_b)],
-            loc,
-            ip,
-        )
+    ptx = (
+        "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; "
+        "fma.rn.f32 $0, $2, e, q; }"
     )
+    return _ptx(ptx, Float32, Float32(a), Float32(r), Float32(neg_b), loc=loc, ip=ip)
 
 
 # E2M1 of one clamped value c = max(min(q, 6), -6) in register c, result nibble in k; see
@@ -306,8 +271,8 @@ def _e2m1x2_finite(
             + _E2M1_FINITE_STEPS
             + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
         )
-    args = [Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi)]
-    return Uint32(_asm(T.i32(), ptx, "=r,f,f,f,f", args, loc, ip))
+    args = (Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi))
+    return _ptx(ptx, Uint32, *args, loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -332,7 +297,7 @@ def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> U
             + _E2M1_SW_STEPS
             + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
         )
-    return Uint32(_asm(T.i32(), ptx, "=r,f,f", [Float32(lo), Float32(hi)], loc, ip))
+    return _ptx(ptx, Uint32, Float32(lo), Float32(hi), loc=loc, ip=ip)
 
 
 # --------------------------------------------------------------------------------------------
