@@ -167,8 +167,11 @@ class ReferenceAdapter(AdapterBase):
 
     name = "reference"
 
-    def __init__(self, quantized: bool = True, conventions: Conventions | None = None):
+    def __init__(
+        self, quantized: bool = True, conventions: Conventions | None = None, oracle: bool = False
+    ):
         self.quantized = quantized  # False: the unquantized fp32 twin of each layer
+        self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
         if conventions is not None:
             self.conventions = conventions
 
@@ -196,7 +199,7 @@ class ReferenceAdapter(AdapterBase):
         scales_out.copy_(scales)
 
     def shared_expert(self, x, w13, w2, *, limit, calib_sample):
-        kw = {"limit": limit, **self._swiglu_args()}
+        kw = {"limit": limit, "oracle": self.oracle, **self._swiglu_args()}
         if not self.quantized:
             return ref_layers.shared_expert(x, w13, w2, quantized=False, **kw)
         gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
@@ -208,6 +211,7 @@ class ReferenceAdapter(AdapterBase):
             "first_expert": first_expert,
             "limit": limit,
             "weight_after_w2": self.conventions.weight_after_w2,
+            "oracle": self.oracle,
             **self._swiglu_args(),
         }
         if not self.quantized:
@@ -221,7 +225,9 @@ class ReferenceAdapter(AdapterBase):
                 o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, quantized=False
             )
         gs = ref_layers.calibrate_grouped_linear(calib_sample, n_groups=n_groups)
-        return ref_layers.grouped_linear(o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs)
+        return ref_layers.grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs, oracle=self.oracle
+        )
 
 
 # --------------------------------------------------------------------------------------------
