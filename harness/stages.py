@@ -689,6 +689,7 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     k = run_layer(case, adapter, d)
     rows: list[Comparison] = []
     first_divergent = nan_culprit = None
+    why = ""  # the first divergent stage's own diagnosis, repeated in the verdict
     conv = declared.global_scale
     for name, rv in r.items():
         if name == "out" or name not in k or name.startswith("w"):
@@ -699,15 +700,16 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             cal = _compare_global_scale(
                 rv[2], from_adapter_scale(k[name][2], conv), conv, f"calibration.{gs_name}", tol
             )
+            detail = f"{gs_name}: {cal.message}" if cal.message else gs_name
             if cal.outcome is Outcome.FAIL:
                 cal.message = f"calibration ({gs_name}): {cal.message}"
             rows.append(cal)
             if first_divergent is None and not cal.metrics.get("equal", False):
-                first_divergent = "calibration"
+                first_divergent, why = "calibration", detail
         c = _compare_intermediate(name, rv, k[name])
         rows.append(c)
         if first_divergent is None and not c.metrics.get("equal", False):
-            first_divergent = name
+            first_divergent, why = name, c.message
         if nan_culprit is None and c.metrics.get("nonfinite_out", 0):
             nan_culprit = name
         if name in ASSEMBLED and callable(getattr(adapter, "assemble_scales", None)):
@@ -720,7 +722,7 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
             for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), r[wname][1]):
                 rows.append(a)
                 if first_divergent is None and a.outcome is Outcome.FAIL:
-                    first_divergent = a.name
+                    first_divergent, why = a.name, a.message
     second = run_layer(case, ReferenceAdapter(conventions=declared, oracle=True), d)["out"]
     floor = metrics.error_panel(r["out"].float(), second.float(), 0.0, 0.0)["calc_diff"]
     out = _compare_out(case, r["out"], k.get("out"), floor)
@@ -733,7 +735,7 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
         out.metrics["matches_variant"] = " or ".join(swiglu_found) or None
         label = _layer_label(declared.swiglu_label, declared.weight_after_w2)
         if swiglu_found and label not in swiglu_found:
-            first_divergent = "act"  # born in the SwiGLU; gs2 and act_q only follow from it
+            first_divergent, why = "act", ""  # born in the SwiGLU; gs2, act_q only follow
             _append(out, f"{_matches(swiglu_found)}, not the declared {label}")
     _flag_conventions(out, declared)
     ok_in = all(c.outcome is Outcome.PASS for c in rows)
@@ -743,6 +745,8 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     )
     if out.outcome is Outcome.FAIL:
         out.message += f"; first divergent stage: {first_divergent}"
+        if why:
+            out.message += f" ({why})"
         if first_divergent is None and hidden:
             out.message += f" (the adapter exposes no {', '.join(hidden)})"
         if nan_culprit:
@@ -759,7 +763,7 @@ def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
         "sqnr_db"
     ]
-    return [*rows, out]
+    return [out, *rows]  # the verdict first: a case's message is its first failing row's
 
 
 def _layer_label(swiglu_label: str, weight_after_w2: bool, pre_alpha: bool = False) -> str:

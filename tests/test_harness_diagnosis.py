@@ -162,7 +162,7 @@ def test_honest_other_convention_passes_flagged_not_dsv4():
         rows = run(planted.honest_clamp_after_product(), stage, tokens=5, **kw)
         for c in rows.values():
             assert c.outcome is Outcome.PASS, (c.name, c.message)
-        last = list(rows.values())[-1]
+        last = rows.get("out") or list(rows.values())[-1]
         assert last.metrics["not_dsv4"] == ["SwiGLU clamp_after_product"]
         assert "not DeepSeek V4's convention" in last.message
 
