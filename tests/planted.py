@@ -165,9 +165,10 @@ class ClampAfterProduct(StageDefect):
     """SwiGLU clamping silu(gate) * up to [-L, L] instead of gate and up (another model's)."""
 
     name = "planted-clamp-after-product"
+    variant = SwigluVariant.CLAMP_AFTER_PRODUCT
 
     def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT)
+        act = swiglu(l1_out, limit, variant=self.variant)
         codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
         codes_out.copy_(codes)
         scales_out.copy_(scales)
@@ -304,17 +305,12 @@ class Gs2FromL1(LayerDefect):
         return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
 
 
-class ClampAfterProductUpper(StageDefect):
+class ClampAfterProductUpper(ClampAfterProduct):
     """SwiGLU clamping the product from above only, min(silu(gate) * up, L): agrees with
     clamp_after_product wherever the product is > -L, so it must be told apart at both signs."""
 
     name = "planted-clamp-after-product-upper"
-
-    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER)
-        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
-        codes_out.copy_(codes)
-        scales_out.copy_(scales)
+    variant = SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER
 
 
 def honest(variant: SwigluVariant, weight_after_w2: bool = False) -> ReferenceAdapter:

@@ -8,6 +8,8 @@ in seconds on one core.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -384,3 +386,23 @@ def test_rounding_direction_is_named(defect, dist, direction):
     assert c.outcome is Outcome.FAIL
     assert c.metrics["rounding"]["direction"] == direction
     assert f"rounding: {direction}" in c.message
+
+
+# --------------------------------------------------------------------------------------------
+# the report shows what was named
+
+
+def test_report_lists_the_diagnoses(tmp_path, monkeypatch):
+    from harness.report import render
+    from harness.runner import SweepOptions, run_sweep
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # tests.planted:* from the repo root
+    cases = [
+        Case(Stage.GROUPED_GEMM, Shape(), 5),
+        Case(Stage.QUANTIZE, Shape(), 5, distribution=Distribution.MIDPOINTS),
+    ]
+    backends = ("tests.planted:InvertedAlpha", "tests.planted:RoundTiesDown")
+    run_sweep(cases, tmp_path, SweepOptions(backends=backends, progress=False))
+    text = render(tmp_path, tmp_path / "index.html").read_text()
+    assert ">Diagnoses</h2>" in text
+    assert "alpha matches 1/(gsa*gsb)" in text and "rounding ties toward zero" in text
