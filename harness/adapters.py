@@ -104,6 +104,34 @@ class GemmOperands:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# the runner's side of the protocol: poisoned outputs, scales in the adapter's convention
+
+POISON_BYTE = 0xFF  # e4m3 NaN (negative), and a pair of -6 codes: unwritten bytes show
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer whose unwritten elements show: NaN for floats, 0xFF bytes otherwise."""
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, POISON_BYTE, dtype=torch.uint8, device=device).view(dtype)
+
+
+def to_adapter_scale(
+    gs: torch.Tensor | None, convention: ref.ScaleConvention
+) -> torch.Tensor | None:
+    if gs is None or convention is ref.ScaleConvention.DECODE:
+        return gs
+    return ref.to_encode_scale(gs)
+
+
+def from_adapter_scale(gs: Any, convention: ref.ScaleConvention) -> torch.Tensor | None:
+    if gs is None:
+        return None
+    gs = torch.as_tensor(gs, dtype=torch.float32)
+    return gs if convention is ref.ScaleConvention.DECODE else ref.from_encode_scale(gs)
+
+
 STAGE_METHODS: dict[Stage, str] = {
     Stage.QUANTIZE: "quantize",
     Stage.SCALE_ASSEMBLY: "assemble_scales",
@@ -310,12 +338,16 @@ __all__ = [
     "AdapterError",
     "Conventions",
     "GemmOperands",
+    "POISON_BYTE",
     "QuantPolicy",
     "ReferenceAdapter",
     "available",
     "check",
     "describe",
+    "from_adapter_scale",
     "load",
+    "poisoned",
     "register",
+    "to_adapter_scale",
     "dataclasses",
 ]

@@ -231,6 +231,22 @@ def error_panel(
     return panel
 
 
+def gain_and_bias(r: torch.Tensor, k: torch.Tensor) -> dict[str, float]:
+    """Least-squares gain of k on r and signed mean error relative to rms(r), finite pairs only."""
+    r, k = r.double(), k.double().to(r.device)
+    fin = torch.isfinite(r) & torch.isfinite(k)
+    r, k = r[fin], k[fin]
+    rr = float((r * r).sum())
+    if not rr:
+        return {"gain": math.nan, "bias": math.nan, "n": int(fin.sum())}
+    rms = math.sqrt(rr / r.numel())
+    return {
+        "gain": float((r * k).sum()) / rr,
+        "bias": float((k - r).mean()) / rms,
+        "n": int(r.numel()),
+    }
+
+
 def error_panel_bound(ref: torch.Tensor, out: torch.Tensor, bound: torch.Tensor | float) -> dict:
     """Check |out - ref| <= bound elementwise, `bound` (broadcastable to ref) from a derivation.
 

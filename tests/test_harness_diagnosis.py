@@ -188,7 +188,7 @@ def test_swiglu_stage_variant_is_named_uniquely(defect, found, limit):
 
 
 def test_variant_probe_tells_every_variant_apart():
-    from harness.stages import PROBE_LIMIT, variant_probe
+    from harness.diagnose import PROBE_LIMIT, variant_probe
     from reference.activation import SwigluVariant, swiglu
 
     l1 = variant_probe(PROBE_LIMIT, 32, torch.device("cpu"))
