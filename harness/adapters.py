@@ -104,6 +104,34 @@ class GemmOperands:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# the runner's side of the protocol: poisoned outputs, scales in the adapter's convention
+
+POISON_BYTE = 0xFF  # e4m3 NaN (negative), and a pair of -6 codes: unwritten bytes show
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer whose unwritten elements show: NaN for floats, 0xFF bytes otherwise."""
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, POISON_BYTE, dtype=torch.uint8, device=device).view(dtype)
+
+
+def to_adapter_scale(
+    gs: torch.Tensor | None, convention: ref.ScaleConvention
+) -> torch.Tensor | None:
+    if gs is None or convention is ref.ScaleConvention.DECODE:
+        return gs
+    return ref.to_encode_scale(gs)
+
+
+def from_adapter_scale(gs: Any, convention: ref.ScaleConvention) -> torch.Tensor | None:
+    if gs is None:
+        return None
+    gs = torch.as_tensor(gs, dtype=torch.float32)
+    return gs if convention is ref.ScaleConvention.DECODE else ref.from_encode_scale(gs)
+
+
 STAGE_METHODS: dict[Stage, str] = {
     Stage.QUANTIZE: "quantize",
     Stage.SCALE_ASSEMBLY: "assemble_scales",
@@ -167,8 +195,11 @@ class ReferenceAdapter(AdapterBase):
 
     name = "reference"
 
-    def __init__(self, quantized: bool = True, conventions: Conventions | None = None):
+    def __init__(
+        self, quantized: bool = True, conventions: Conventions | None = None, oracle: bool = False
+    ):
         self.quantized = quantized  # False: the unquantized fp32 twin of each layer
+        self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
         if conventions is not None:
             self.conventions = conventions
 
@@ -196,7 +227,7 @@ class ReferenceAdapter(AdapterBase):
         scales_out.copy_(scales)
 
     def shared_expert(self, x, w13, w2, *, limit, calib_sample):
-        kw = {"limit": limit, **self._swiglu_args()}
+        kw = {"limit": limit, "oracle": self.oracle, **self._swiglu_args()}
         if not self.quantized:
             return ref_layers.shared_expert(x, w13, w2, quantized=False, **kw)
         gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
@@ -208,6 +239,7 @@ class ReferenceAdapter(AdapterBase):
             "first_expert": first_expert,
             "limit": limit,
             "weight_after_w2": self.conventions.weight_after_w2,
+            "oracle": self.oracle,
             **self._swiglu_args(),
         }
         if not self.quantized:
@@ -221,7 +253,9 @@ class ReferenceAdapter(AdapterBase):
                 o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, quantized=False
             )
         gs = ref_layers.calibrate_grouped_linear(calib_sample, n_groups=n_groups)
-        return ref_layers.grouped_linear(o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs)
+        return ref_layers.grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs, oracle=self.oracle
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,12 +339,16 @@ __all__ = [
     "AdapterError",
     "Conventions",
     "GemmOperands",
+    "POISON_BYTE",
     "QuantPolicy",
     "ReferenceAdapter",
     "available",
     "check",
     "describe",
+    "from_adapter_scale",
     "load",
+    "poisoned",
     "register",
+    "to_adapter_scale",
     "dataclasses",
 ]

@@ -124,9 +124,12 @@ class Tolerance(enum.Enum):
 
 @dataclass(frozen=True)
 class Budget:
-    """End-to-end budget of a layer case (layers accumulate several roundings)."""
+    """End-to-end budget of a layer case (layers accumulate several roundings).
 
-    calc_diff: float = 1e-4
+    calc_diff None (the default): derived per case from the measured noise floor (harness.stages
+    `derived_calc_diff_budget`); a number caps it by hand."""
+
+    calc_diff: float | None = None
     atol: float = 0.0
     rtol: float = 0.0
     min_frac_within: float = 0.0  # 0 disables the atol/rtol check
@@ -321,8 +324,8 @@ def _budget(where: str, spec: Any) -> Budget:
             raise CaseError(
                 f"{where}.{k}: unknown field (budget fields: {', '.join(sorted(names))})"
             )
-        _number(f"{where}.{k}", v, positive=False)
-    return Budget(**{k: float(v) for k, v in spec.items()})
+        _number(f"{where}.{k}", v, positive=False, allow_none=k == "calc_diff")
+    return Budget(**{k: None if v is None else float(v) for k, v in spec.items()})
 
 
 def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:

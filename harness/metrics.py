@@ -231,6 +231,22 @@ def error_panel(
     return panel
 
 
+def gain_and_bias(r: torch.Tensor, k: torch.Tensor) -> dict[str, float]:
+    """Least-squares gain of k on r and signed mean error relative to rms(r), finite pairs only."""
+    r, k = r.double(), k.double().to(r.device)
+    fin = torch.isfinite(r) & torch.isfinite(k)
+    r, k = r[fin], k[fin]
+    rr = float((r * r).sum())
+    if not rr:
+        return {"gain": math.nan, "bias": math.nan, "n": int(fin.sum())}
+    rms = math.sqrt(rr / r.numel())
+    return {
+        "gain": float((r * k).sum()) / rr,
+        "bias": float((k - r).mean()) / rms,
+        "n": int(r.numel()),
+    }
+
+
 def error_panel_bound(ref: torch.Tensor, out: torch.Tensor, bound: torch.Tensor | float) -> dict:
     """Check |out - ref| <= bound elementwise, `bound` (broadcastable to ref) from a derivation.
 
@@ -486,6 +502,61 @@ def classify_quantize_mismatches(
         "first_real_scale": first_scale,
         "scale_floor_value": floor if int(s_floor.sum()) else None,
     }
+
+
+def rounding_direction(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    ref_codes: torch.Tensor,
+    ref_scales: torch.Tensor,
+    out_codes: torch.Tensor,
+    out_scales: torch.Tensor,
+) -> dict:
+    """Which way the kernel's codes round where they differ from ours (same block scale bytes).
+
+    q = |x / gs / scale| of each mismatching element; `at_tie` means q lies within TIE_REL_TOL of
+    an E2M1 midpoint. Counts: tie_up / tie_down (the kernel chose the larger / smaller magnitude
+    at a tie), off_tie_down / off_tie_up (not at a tie: below / above the nearest value).
+    direction names the rule the counts fit, or "mixed":
+      "ties away from zero"  every mismatch a tie rounded up (C roundf);
+      "ties toward zero"     every mismatch a tie rounded down;
+      "truncation"           every mismatch rounded down, some off a tie (toward zero always);
+      None                   no mismatch in blocks with equal scales.
+    """
+    k = x.shape[-1]
+    nb = k // BLOCK
+    lead = tuple(x.shape[:-1])
+    dev = x.device
+    gs = torch.as_tensor(global_scale, dtype=torch.float32, device=dev).reshape(())
+    xn = (x.detach().float() / gs).reshape(*lead, nb, BLOCK).double()
+    rc = unpack_e2m1(ref_codes.to(dev)).reshape(*lead, nb, BLOCK)
+    oc = unpack_e2m1(out_codes.to(dev)).reshape(*lead, nb, BLOCK)
+    same_scale = ref_scales.to(dev).view(torch.uint8) == out_scales.to(dev).view(torch.uint8)
+    s = ref_scales.to(dev).double()[..., None]
+    q = torch.where(s == 0, torch.zeros_like(xn), xn / s).abs()
+    diff = (rc != oc) & same_scale[..., None] & torch.isfinite(q)
+    rmag, omag = (rc & 0x7).long(), (oc & 0x7).long()
+    mids = torch.tensor(E2M1_MIDPOINTS, dtype=torch.float64, device=dev)
+    at_tie = ((q[..., None] - mids).abs() <= TIE_REL_TOL * mids).any(-1)
+    up, down = diff & (omag > rmag), diff & (omag < rmag)
+    counts = {
+        "tie_up": int((up & at_tie).sum()),
+        "tie_down": int((down & at_tie).sum()),
+        "off_tie_up": int((up & ~at_tie).sum()),
+        "off_tie_down": int((down & ~at_tie).sum()),
+    }
+    n = sum(counts.values())
+    if not n:
+        direction = None
+    elif counts["tie_up"] == n:
+        direction = "ties away from zero"
+    elif counts["tie_down"] == n:
+        direction = "ties toward zero"
+    elif counts["tie_down"] + counts["off_tie_down"] == n:
+        direction = "truncation"
+    else:
+        direction = "mixed"
+    return {**counts, "n": n, "direction": direction}
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Data first, rendering later (STYLE.md rule 10): this module reads result rows and meta.json
 and never runs a kernel. Sections: summary (outcome counts, worst cases first, counts by stage),
 baseline comparison when given, error against tokens / clamp limit / scale ratio (matplotlib),
-quantize mismatch classes, NaN traces (first stage with NaN, first divergent stage) and the
-environment fingerprint. Every user-supplied string goes through Jinja2's autoescape.
+quantize mismatch classes, diagnoses (where a defect was born and what it matches: SwiGLU
+variant, alpha, rounding direction, quantizer policy, misplaced scale rows, non-DSV4 conventions),
+NaN traces (first stage with NaN, first divergent stage) and the environment fingerprint.
+Every user-supplied string goes through Jinja2's autoescape.
 """
 
 from __future__ import annotations
@@ -282,6 +284,43 @@ def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _diagnosis(r: dict[str, Any]) -> str:
+    """What the harness named about one comparison row (harness/stages.py), as one line."""
+    m = r.get("metrics") or {}
+    parts = []
+    if r.get("outcome") != "pass" and m.get("first_divergent_stage"):
+        parts.append(f"first divergent stage {m['first_divergent_stage']}")
+    for key, what in (
+        ("matches_variant", "SwiGLU matches"),
+        ("matches_alpha", "alpha matches"),
+        ("groups_misplaced", "scale rows misplaced for groups"),
+        ("not_dsv4", "judged as declared, not DSV4"),
+    ):
+        if m.get(key):
+            parts.append(f"{what} {m[key]}")
+    direction = (m.get("rounding") or {}).get("direction")
+    if direction:
+        parts.append(f"rounding {direction}")
+    cls = m.get("classes") or {}
+    pol = [f"{k} x{cls[k]}" for k in ("scale_floor", "nan_scale_byte", "nan_amax") if cls.get(k)]
+    if pol:
+        parts.append("policy " + ", ".join(pol))
+    if m.get("gain") is not None and r.get("outcome") != "pass" and "gain" in r.get("message", ""):
+        parts.append(f"gain {m['gain']:.5g}")
+    return "; ".join(parts)
+
+
+def _diagnoses(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r.get("final"):
+            continue
+        d = _diagnosis(r)
+        if d:
+            out.append({**r, "diagnosis": d})
+    return out
+
+
 def _nan_traces(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -386,6 +425,7 @@ def render(
         speed=_speed(rows),
         classes=_classes(rows),
         nan_traces=_nan_traces(rows),
+        diagnoses=_diagnoses(rows),
         env=env,
     )
     out = Path(out)

@@ -552,7 +552,7 @@ def _prepare_stage(adapter: Any, method: str, *args: Any) -> Callable[[], Any]:
 def prepare(case: Any, adapter: Any, dev: torch.device) -> Callable[[], Any]:
     """One input set of `case` (its own seed) with outputs allocated: a call runs the hot path."""
     from harness import inputs, stages
-    from harness.adapters import STAGE_METHODS
+    from harness.adapters import STAGE_METHODS, to_adapter_scale
     from harness.cases import Stage
     from reference.activation import swiglu
     from reference.nvfp4 import global_scale_from_amax, tensor_amax
@@ -567,14 +567,14 @@ def prepare(case: Any, adapter: Any, dev: torch.device) -> Callable[[], Any]:
             gs = global_scale_from_amax(tensor_amax(x) / case.scale_ratio).to(dev)
         codes = torch.empty((t, s.hidden // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, s.hidden // 16), dtype=torch.float8_e4m3fn, device=dev)
-        return _prepare_stage(adapter, method, x, stages.to_adapter_scale(gs, conv), codes, scales)
+        return _prepare_stage(adapter, method, x, to_adapter_scale(gs, conv), codes, scales)
     if case.stage is Stage.SWIGLU_REQUANT:
         l1 = stages._swiglu_input(case, dev)
         gs = global_scale_from_amax(tensor_amax(swiglu(l1, case.limit))).to(dev)
         i = s.intermediate
         codes = torch.empty((t, i // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, i // 16), dtype=torch.float8_e4m3fn, device=dev)
-        args = (l1, case.limit, stages.to_adapter_scale(gs, conv), codes, scales)
+        args = (l1, case.limit, to_adapter_scale(gs, conv), codes, scales)
         return _prepare_stage(adapter, method, *args)
     if case.stage is Stage.SCALE_ASSEMBLY:
         from reference.layouts import (

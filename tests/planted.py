@@ -51,6 +51,10 @@ class RoundHalfAway(StageDefect):
 
     name = "planted-round-half-away"
 
+    @staticmethod
+    def step(a, mid, value):  # the bug: every tie goes up, even ones included
+        return a >= mid
+
     def quantize(self, x, global_scale, codes_out, scales_out):
         _, scales, gs = ref.quantize_nvfp4(x, global_scale)  # block scales are right
         xn = x.float() / gs
@@ -59,13 +63,33 @@ class RoundHalfAway(StageDefect):
         q = torch.where(s == 0, torch.zeros_like(blocks), blocks / s).reshape(x.shape)
         a = q.abs()
         code = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
-        for mid in E2M1_MIDPOINTS:
-            code += (a >= mid).to(torch.uint8)  # the bug: every tie goes up, even ones included
+        for mid, value in zip(E2M1_MIDPOINTS, ref.E2M1_VALUES[1:], strict=True):
+            code += self.step(a, mid, value).to(torch.uint8)
         code |= torch.signbit(q).to(torch.uint8) << 3
         code = torch.where(torch.isnan(q), torch.full_like(code, 0x7), code)  # as the reference
         codes_out.copy_(ref.pack_e2m1(code))
         scales_out.copy_(scales)
         return gs
+
+
+class RoundTiesDown(RoundHalfAway):
+    """E2M1 ties always rounded to the smaller magnitude."""
+
+    name = "planted-round-ties-down"
+
+    @staticmethod
+    def step(a, mid, value):
+        return a > mid
+
+
+class RoundTruncate(RoundHalfAway):
+    """E2M1 by truncation: the largest magnitude not above |q| (a floor, not a rounding)."""
+
+    name = "planted-round-truncate"
+
+    @staticmethod
+    def step(a, mid, value):
+        return a >= value
 
 
 def _swap_bits_2_and_4(n_bytes: int, device: torch.device) -> torch.Tensor:
@@ -141,9 +165,10 @@ class ClampAfterProduct(StageDefect):
     """SwiGLU clamping silu(gate) * up to [-L, L] instead of gate and up (another model's)."""
 
     name = "planted-clamp-after-product"
+    variant = SwigluVariant.CLAMP_AFTER_PRODUCT
 
     def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT)
+        act = swiglu(l1_out, limit, variant=self.variant)
         codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
         codes_out.copy_(codes)
         scales_out.copy_(scales)
@@ -280,17 +305,12 @@ class Gs2FromL1(LayerDefect):
         return ref_layers.shared_expert(x, w13, w2, limit=limit, gs1=gs1, gs2=gs2)
 
 
-class ClampAfterProductUpper(StageDefect):
+class ClampAfterProductUpper(ClampAfterProduct):
     """SwiGLU clamping the product from above only, min(silu(gate) * up, L): agrees with
     clamp_after_product wherever the product is > -L, so it must be told apart at both signs."""
 
     name = "planted-clamp-after-product-upper"
-
-    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit, variant=SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER)
-        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
-        codes_out.copy_(codes)
-        scales_out.copy_(scales)
+    variant = SwigluVariant.CLAMP_AFTER_PRODUCT_UPPER
 
 
 def honest(variant: SwigluVariant, weight_after_w2: bool = False) -> ReferenceAdapter:
@@ -476,3 +496,32 @@ class UnclampedScaleCast(StageDefect):
         b = scales_out.view(torch.uint8)
         b.copy_(torch.where(over, torch.full_like(b, 0x7F), b))
         return gs
+
+
+class GroupedLinearScaled(LayerDefect):
+    """wo_a whose output is uniformly `factor` too large (a stray scale in the epilogue)."""
+
+    name = "planted-grouped-linear-scaled"
+    layer = "grouped_linear"
+    factor = 1.01
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        st = super().grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
+        )
+        (codes, scales, gs), wq = st["x_q"], st["w_q"]
+        z = grouped_gemm_nvfp4(
+            codes, scales, *wq[:2], st["expert_offsets"], gs, wq[2], out_dtype=torch.float32
+        )
+        st["gemm_out"] = (z * self.factor).to(torch.bfloat16)  # scaled in the fp32 epilogue
+        t = o.shape[0]
+        st["out"] = st["gemm_out"].reshape(n_groups, t, o_lora_rank).transpose(0, 1).contiguous()
+        return st
+
+
+class GroupedLinearScaledSlightly(GroupedLinearScaled):
+    """0.4% too large (0.5% after the bf16 rounding): calc_diff ~1e-5, under the calc_diff
+    budget; only the gain shows it."""
+
+    name = "planted-grouped-linear-scaled-slightly"
+    factor = 1.004

@@ -8,6 +8,8 @@ in seconds on one core.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -162,7 +164,7 @@ def test_honest_other_convention_passes_flagged_not_dsv4():
         rows = run(planted.honest_clamp_after_product(), stage, tokens=5, **kw)
         for c in rows.values():
             assert c.outcome is Outcome.PASS, (c.name, c.message)
-        last = list(rows.values())[-1]
+        last = rows.get("out") or list(rows.values())[-1]
         assert last.metrics["not_dsv4"] == ["SwiGLU clamp_after_product"]
         assert "not DeepSeek V4's convention" in last.message
 
@@ -186,7 +188,7 @@ def test_swiglu_stage_variant_is_named_uniquely(defect, found, limit):
 
 
 def test_variant_probe_tells_every_variant_apart():
-    from harness.stages import PROBE_LIMIT, variant_probe
+    from harness.diagnose import PROBE_LIMIT, variant_probe
     from reference.activation import SwigluVariant, swiglu
 
     l1 = variant_probe(PROBE_LIMIT, 32, torch.device("cpu"))
@@ -328,3 +330,79 @@ def test_shipped_case_files_cover_the_holes():
         _, cases = load_cases(root / name)
         dists = {c.distribution for c in cases if c.stage is Stage.QUANTIZE}
         assert {Distribution.MIDPOINTS, Distribution.FP4_GRID} <= dists, name
+
+
+# --------------------------------------------------------------------------------------------
+# 11. layer verdicts see a uniform scale error; a derived budget; the rounding direction
+
+
+@pytest.mark.parametrize("t", [5, 129])
+def test_one_percent_too_large_fails_with_its_gain(t):
+    out = run(planted.GroupedLinearScaled(), Stage.GROUPED_LINEAR, tokens=t, scale_ratio=1.0)["out"]
+    assert out.outcome is Outcome.FAIL
+    assert abs(out.metrics["gain"] - 1.01) < 1e-3
+    assert "1% too large" in out.message or "0.99% too large" in out.message
+
+
+def test_a_scale_error_under_the_calc_diff_budget_fails_by_gain_alone():
+    out = run(
+        planted.GroupedLinearScaledSlightly(), Stage.GROUPED_LINEAR, tokens=129, scale_ratio=1.0
+    )["out"]
+    assert out.metrics["calc_diff"] < out.metrics["budget_calc_diff"]  # calc_diff alone: pass
+    assert out.outcome is Outcome.FAIL and out.message.startswith("gain 1.004")
+
+
+@pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
+def test_budget_is_derived_from_the_measured_noise_floor(stage):
+    from harness.stages import CALC_DIFF_MIN, NOISE_MULT
+
+    out = run(adapters.ReferenceAdapter(), stage, tokens=33, scale_ratio=1.0)["out"]
+    m = out.metrics
+    assert out.outcome is Outcome.PASS and m["budget_derived"]
+    assert m["budget_calc_diff"] == max(NOISE_MULT * m["noise_floor_calc_diff"], CALC_DIFF_MIN)
+    assert m["gain"] == 1.0 and m["bias"] == 0.0
+
+
+def test_an_explicit_budget_overrides_the_derived_one():
+    from harness.cases import Budget
+
+    case = Case(Stage.GROUPED_LINEAR, Shape(), 5, scale_ratio=1.0, budget=Budget(calc_diff=1e-3))
+    out = {c.name: c for c in run_case(case, planted.GroupedLinearScaled())}["out"]
+    assert out.metrics["budget_calc_diff"] == 1e-3 and not out.metrics["budget_derived"]
+    assert "calc_diff" not in out.message and "gain" in out.message  # the gain still sees it
+
+
+@pytest.mark.parametrize(
+    "defect, dist, direction",
+    [
+        (planted.RoundHalfAway, Distribution.MIDPOINTS, "ties away from zero"),
+        (planted.RoundTiesDown, Distribution.MIDPOINTS, "ties toward zero"),
+        (planted.RoundTruncate, Distribution.NORMAL, "truncation"),
+    ],
+    ids=["half-away", "ties-down", "truncate"],
+)
+def test_rounding_direction_is_named(defect, dist, direction):
+    c = run(defect(), Stage.QUANTIZE, tokens=5, distribution=dist)["quantize.codes"]
+    assert c.outcome is Outcome.FAIL
+    assert c.metrics["rounding"]["direction"] == direction
+    assert f"rounding: {direction}" in c.message
+
+
+# --------------------------------------------------------------------------------------------
+# the report shows what was named
+
+
+def test_report_lists_the_diagnoses(tmp_path, monkeypatch):
+    from harness.report import render
+    from harness.runner import SweepOptions, run_sweep
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # tests.planted:* from the repo root
+    cases = [
+        Case(Stage.GROUPED_GEMM, Shape(), 5),
+        Case(Stage.QUANTIZE, Shape(), 5, distribution=Distribution.MIDPOINTS),
+    ]
+    backends = ("tests.planted:InvertedAlpha", "tests.planted:RoundTiesDown")
+    run_sweep(cases, tmp_path, SweepOptions(backends=backends, progress=False))
+    text = render(tmp_path, tmp_path / "index.html").read_text()
+    assert ">Diagnoses</h2>" in text
+    assert "alpha matches 1/(gsa*gsb)" in text and "rounding ties toward zero" in text

@@ -51,7 +51,7 @@ def test_report_of_a_real_sweep_loads_cleanly_in_chromium(smoke):
     html = render(smoke, smoke / "index.html")
     text = html.read_text()
     for section in ("Summary", "Error by axis", "Per-expert and per-token error", "Speed",
-                    "Quantize mismatch classes", "NaN traces", "Environment"):
+                    "Quantize mismatch classes", "Diagnoses", "NaN traces", "Environment"):
         assert f">{section}</h2>" in text
     assert "outside the derived bound" in text  # the planted GEMM defect, diagnosed
     with Page(_browser()) as page:
