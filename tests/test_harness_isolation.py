@@ -33,8 +33,8 @@ def test_timeout_kills_the_grandchild_and_a_segfault_keeps_its_traceback(
     f = case_file(tmp_path, "tests.misbehaving:SpawnsAndHangs", "tests.misbehaving:Segfaults")
     out = tmp_path / "out"
     # --timeout without --isolate: said, and enforced (an in-process case could not be stopped).
-    # 12 s: the worker imports torch (~4-5 s on a loaded 2-core machine) before the kernel hangs.
-    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "12", "--no-progress"])
+    # 20 s: the worker imports torch (~4-5 s alone, 12+ s on a loaded 2-core machine) first.
+    rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "20", "--no-progress"])
     assert rc == 1
     assert "--timeout runs each case in its own process" in capsys.readouterr().err
     finals = {r["backend"]: r for r in results.read_rows(out) if r["final"]}
