@@ -105,14 +105,80 @@ class Shape:
             )
 
 
-# DeepSeek V4 (docs/design.md §3). n_experts is the local count of one rank at EP=8.
+@dataclass(frozen=True)
+class PublishedConfig:
+    """A released model's numbers, as its config.json spells them; the presets derive from it.
+    routed_scaling_factor is kept here for the layers' conventions (not yet a case field)."""
+
+    source: str
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    num_attention_heads: int
+    head_dim: int
+    o_groups: int
+    o_lora_rank: int
+    routed_scaling_factor: float
+
+    def shape(self, ep: int = 8) -> Shape:
+        """The shapes one rank sees at expert parallelism `ep` (attention replicated, as the
+        published expert-parallel plans keep it: every o-group is local)."""
+        if self.n_routed_experts % ep:
+            raise ValueError(f"{ep=} does not divide n_routed_experts={self.n_routed_experts}")
+        return Shape(
+            hidden=self.hidden_size,
+            intermediate=self.moe_intermediate_size,
+            n_experts=self.n_routed_experts // ep,
+            top_k=self.num_experts_per_tok,
+            n_groups=self.o_groups,
+            group_dim=self.num_attention_heads * self.head_dim // self.o_groups,
+            head_dim=self.head_dim,
+            o_lora_rank=self.o_lora_rank,
+        )
+
+
+_TRANSFORMERS = "transformers src/transformers/models/deepseek_v4/configuration_deepseek_v4.py"
+PUBLISHED: dict[str, PublishedConfig] = {
+    # the defaults of transformers' DeepseekV4Config are V4-Flash's (checkpoint
+    # deepseek-ai/DeepSeek-V4-Flash-Base)
+    "v4_flash": PublishedConfig(
+        source=f"{_TRANSFORMERS} (defaults = deepseek-ai/DeepSeek-V4-Flash config.json)",
+        hidden_size=4096,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        num_experts_per_tok=6,
+        num_attention_heads=64,
+        head_dim=512,
+        o_groups=8,
+        o_lora_rank=1024,
+        routed_scaling_factor=1.5,
+    ),
+    "v4_pro": PublishedConfig(
+        source=f"deepseek-ai/DeepSeek-V4-Pro config.json, read by {_TRANSFORMERS}",
+        hidden_size=7168,
+        moe_intermediate_size=3072,
+        n_routed_experts=384,
+        num_experts_per_tok=6,
+        num_attention_heads=128,
+        head_dim=512,
+        o_groups=16,
+        o_lora_rank=1024,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+# docs/design.md §3; n_experts is the local count of one rank at EP=8. Reduced presets keep
+# the published proportions divided by 8 (hidden, intermediate, head_dim, group dim, rank) with
+# 8 local experts: CPU sized.
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(),
-    "v4_pro": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
-    "v4_flash": Shape(4096, 2048, 32, 6, 8, 4096, 128, 1024),
-    # V4-Pro proportions divided by 8 (hidden, intermediate, group dim, rank), CPU friendly.
-    "v4_pro_reduced": Shape(896, 384, 8, 6, 8, 1024, 128, 192),
-    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 128, 128),
+    "v4_pro": PUBLISHED["v4_pro"].shape(ep=8),
+    "v4_flash": PUBLISHED["v4_flash"].shape(ep=8),
+    # the seed's wo_a runner: 8 local groups of 8192 -> 1536 (not a published V4 shape)
+    "v4_pro_seed_wo_a": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
+    "v4_pro_reduced": Shape(896, 384, 8, 6, 16, 512, 64, 128),
+    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 64, 128),
 }
 
 

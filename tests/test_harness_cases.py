@@ -303,3 +303,35 @@ def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):
 
     finals = [r for r in read_rows(out) if r.get("final")]
     assert sorted(r["case_id"] for r in finals) == sorted(c.id for c in load_cases(path)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+
+
+def test_v4_presets_follow_the_published_configs():
+    from harness.cases import PRESETS, PUBLISHED
+
+    pro, flash = PRESETS["v4_pro"], PRESETS["v4_flash"]
+    # 128 heads of 512 in 16 groups of 4096 -> 1024; 384 routed experts over EP=8
+    assert (pro.hidden, pro.intermediate, pro.n_experts, pro.top_k) == (7168, 3072, 48, 6)
+    assert (pro.n_groups, pro.group_dim, pro.head_dim, pro.o_lora_rank) == (16, 4096, 512, 1024)
+    assert pro.n_groups * pro.group_dim // pro.head_dim == PUBLISHED["v4_pro"].num_attention_heads
+    assert (flash.hidden, flash.intermediate, flash.n_experts) == (4096, 2048, 32)
+    assert (flash.n_groups, flash.group_dim, flash.o_lora_rank) == (8, 4096, 1024)
+    assert flash.n_groups * flash.group_dim // flash.head_dim == 64
+    assert PUBLISHED["v4_pro"].shape(ep=16).n_experts == 24
+    with pytest.raises(ValueError, match="ep=5"):
+        PUBLISHED["v4_pro"].shape(ep=5)
+    seed = PRESETS["v4_pro_seed_wo_a"]  # the seed's wo_a runner, its own preset
+    assert (seed.n_groups, seed.group_dim, seed.o_lora_rank) == (8, 8192, 1536)
+    for name in ("v4_pro", "v4_flash", "v4_pro_seed_wo_a", "v4_pro_reduced", "v4_flash_reduced"):
+        PRESETS[name].validate(name)  # every preset satisfies the case checks
+
+
+def test_v4_case_files_name_their_source_and_sweep_the_seed_wo_a_shape():
+    for name in ("dsv4_pro.yaml", "dsv4_flash.yaml"):
+        assert "configuration_deepseek_v4.py" in (REPO / "cases" / name).read_text(), name
+    _, cases = load_cases(REPO / "cases" / "dsv4_pro.yaml")
+    linear = {c.shape.o_lora_rank for c in cases if c.stage is Stage.GROUPED_LINEAR}
+    assert linear == {1024, 1536}
