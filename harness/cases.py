@@ -430,11 +430,11 @@ class SweepField:
 
 
 # The schema of a sweep, in one table: name in the file -> (Case field, parser, axis or not).
-# Defaults are Case's; which axes a stage has is AXES; cross-field checks are _CHECKS.
+# Defaults are Case's; which axes a stage has is AXES; cross-field checks are _CHECKS. Table
+# order is the order of the product (seeds vary fastest, tokens slowest).
 SWEEP_FIELDS: dict[str, SweepField] = {
     "stage": SweepField("stage", _enum(Stage)),
     "shape": SweepField("shape", _shape),
-    "seeds": SweepField("seed", _seed, axis=True),
     "backends": SweepField("backends", _strings),
     "baselines": SweepField("baselines", _strings),
     "tolerance": SweepField("tolerance", _enum(Tolerance)),
@@ -446,6 +446,7 @@ SWEEP_FIELDS: dict[str, SweepField] = {
     "scale_ratios": SweepField("scale_ratio", _float_or_none, axis=True),
     "routing": SweepField("routing", _enum(Routing), axis=True),
     "limits": SweepField("limit", _float_or_none, axis=True),
+    "seeds": SweepField("seed", _seed, axis=True),
 }
 _STAGE_AXES = {name for axes in AXES.values() for name in axes}
 assert _STAGE_AXES <= set(SWEEP_FIELDS) and all(SWEEP_FIELDS[a].axis for a in _STAGE_AXES)

@@ -199,6 +199,12 @@ def test_sweep_defaults_are_the_case_defaults(tmp_path):
     assert c == Case(Stage.ROUTED_MOE, source=str(path))
 
 
+def test_cases_come_in_product_order_seeds_fastest(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text(QUANTIZE + "    tokens: [1, 2]\n    seeds: [0, 1]\n")
+    assert [(c.tokens, c.seed) for c in load_cases(path)[1]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
 def test_docs_list_every_sweep_field():
     doc = (REPO / "docs" / "cases.md").read_text()
     for name in SWEEP_FIELDS:
