@@ -292,6 +292,7 @@ class Case:
             "tolerance": self.tolerance.value,
             "source": self.source,
             **{f"shape_{k}": v for k, v in dataclasses.asdict(self.shape).items()},
+            **{f"budget_{k}": v for k, v in dataclasses.asdict(self.budget).items()},
         }
 
 
