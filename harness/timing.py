@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -420,8 +421,15 @@ def measure(
     torch.cuda.synchronize()
     if graph:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            one_pass()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(g):
+                one_pass()
+        if any("Graph is empty" in str(w.message) for w in caught):
+            # Replaying nothing would time as a fast kernel: the work ran off the capture stream.
+            raise RuntimeError(
+                "the captured CUDA graph is empty (work launched on another stream?)"
+            )
         run: Callable[[], None] = g.replay
     else:
         run = one_pass
