@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,80 @@ class Shape:
             )
 
 
-# DeepSeek V4 (docs/design.md §3). n_experts is the local count of one rank at EP=8.
+@dataclass(frozen=True)
+class PublishedConfig:
+    """A released model's numbers, as its config.json spells them; the presets derive from it.
+    routed_scaling_factor is kept here for the layers' conventions (not yet a case field)."""
+
+    source: str
+    hidden_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    num_attention_heads: int
+    head_dim: int
+    o_groups: int
+    o_lora_rank: int
+    routed_scaling_factor: float
+
+    def shape(self, ep: int = 8) -> Shape:
+        """The shapes one rank sees at expert parallelism `ep` (attention replicated, as the
+        published expert-parallel plans keep it: every o-group is local)."""
+        if self.n_routed_experts % ep:
+            raise ValueError(f"{ep=} does not divide n_routed_experts={self.n_routed_experts}")
+        return Shape(
+            hidden=self.hidden_size,
+            intermediate=self.moe_intermediate_size,
+            n_experts=self.n_routed_experts // ep,
+            top_k=self.num_experts_per_tok,
+            n_groups=self.o_groups,
+            group_dim=self.num_attention_heads * self.head_dim // self.o_groups,
+            head_dim=self.head_dim,
+            o_lora_rank=self.o_lora_rank,
+        )
+
+
+_TRANSFORMERS = "transformers src/transformers/models/deepseek_v4/configuration_deepseek_v4.py"
+PUBLISHED: dict[str, PublishedConfig] = {
+    # the defaults of transformers' DeepseekV4Config are V4-Flash's (checkpoint
+    # deepseek-ai/DeepSeek-V4-Flash-Base)
+    "v4_flash": PublishedConfig(
+        source=f"{_TRANSFORMERS} (defaults = deepseek-ai/DeepSeek-V4-Flash config.json)",
+        hidden_size=4096,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        num_experts_per_tok=6,
+        num_attention_heads=64,
+        head_dim=512,
+        o_groups=8,
+        o_lora_rank=1024,
+        routed_scaling_factor=1.5,
+    ),
+    "v4_pro": PublishedConfig(
+        source=f"deepseek-ai/DeepSeek-V4-Pro config.json, read by {_TRANSFORMERS}",
+        hidden_size=7168,
+        moe_intermediate_size=3072,
+        n_routed_experts=384,
+        num_experts_per_tok=6,
+        num_attention_heads=128,
+        head_dim=512,
+        o_groups=16,
+        o_lora_rank=1024,
+        routed_scaling_factor=2.5,
+    ),
+}
+
+# docs/design.md §3; n_experts is the local count of one rank at EP=8. Reduced presets keep
+# the published proportions divided by 8 (hidden, intermediate, head_dim, group dim, rank) with
+# 8 local experts: CPU sized.
 PRESETS: dict[str, Shape] = {
     "tiny": Shape(),
-    "v4_pro": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
-    "v4_flash": Shape(4096, 2048, 32, 6, 8, 4096, 128, 1024),
-    # V4-Pro proportions divided by 8 (hidden, intermediate, group dim, rank), CPU friendly.
-    "v4_pro_reduced": Shape(896, 384, 8, 6, 8, 1024, 128, 192),
-    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 128, 128),
+    "v4_pro": PUBLISHED["v4_pro"].shape(ep=8),
+    "v4_flash": PUBLISHED["v4_flash"].shape(ep=8),
+    # the seed's wo_a runner: 8 local groups of 8192 -> 1536 (not a published V4 shape)
+    "v4_pro_seed_wo_a": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
+    "v4_pro_reduced": Shape(896, 384, 8, 6, 16, 512, 64, 128),
+    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 64, 128),
 }
 
 
@@ -145,34 +212,18 @@ AXES: dict[Stage, tuple[str, ...]] = {
     Stage.ROUTED_MOE: ("tokens", "distributions", "limits", "scale_ratios", "routing"),
     Stage.GROUPED_LINEAR: ("tokens", "distributions", "scale_ratios"),
 }
-_COMMON = (
-    "stage",
-    "shape",
-    "seeds",
-    "backends",
-    "baselines",
-    "tolerance",
-    "budget",
-    "timeout_s",
-    "device",
-)
 _TOP = ("name", "description", "defaults", "sweeps")
-_DEFAULT_AXIS: dict[str, list[Any]] = {
-    "tokens": [16],
-    "distributions": ["normal"],
-    "scale_ratios": [None],
-    "routing": ["uniform"],
-    "limits": [10.0],
-}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One runnable case: a stage, shapes and one value per axis."""
+    """One runnable case: a stage, shapes and one value per axis. Its field defaults are the
+    case files' defaults too (`SWEEP_FIELDS` reads them): written once, here."""
 
     stage: Stage
-    shape: Shape
-    tokens: int
+    shape: Shape = Shape()
+    tokens: int = 16
+    _: dataclasses.KW_ONLY  # the rest by keyword only: Case(stage, shape, tokens, seed=1, ...)
     seed: int = 0
     distribution: Distribution = Distribution.NORMAL
     scale_ratio: float | None = None  # live amax / calibrated amax; None = dynamic scale
@@ -244,6 +295,7 @@ class Case:
             "tolerance": self.tolerance.value,
             "source": self.source,
             **{f"shape_{k}": v for k, v in dataclasses.asdict(self.shape).items()},
+            **{f"budget_{k}": v for k, v in dataclasses.asdict(self.budget).items()},
         }
 
 
@@ -265,12 +317,15 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _enum(where: str, cls: type[enum.Enum], value: Any) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        options = ", ".join(m.value for m in cls)
-        raise CaseError(f"{where}: unknown value {value!r} (one of: {options})") from None
+def _enum(cls: type[enum.Enum]) -> Callable[[str, Any], Any]:
+    def parse(where: str, value: Any) -> Any:
+        try:
+            return cls(value)
+        except ValueError:
+            options = ", ".join(m.value for m in cls)
+            raise CaseError(f"{where}: unknown value {value!r} (one of: {options})") from None
+
+    return parse
 
 
 def _list(where: str, value: Any) -> list[Any]:
@@ -291,6 +346,49 @@ def _number(where: str, value: Any, *, allow_none: bool = False, positive: bool 
     return value
 
 
+def _tokens(where: str, value: Any) -> int:
+    value = _number(where, value)
+    if not isinstance(value, int):
+        raise CaseError(f"{where}: expected integers, got {value!r}")
+    return value
+
+
+def _seed(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaseError(f"{where}: expected integers, got {value!r}")
+    if not 0 <= value < MAX_SEED:
+        raise CaseError(f"{where}: {value} out of range (0 <= seed < 2**32)")
+    return value
+
+
+def _float_or_none(where: str, value: Any) -> float | None:
+    v = _number(where, value, allow_none=True)
+    return None if v is None else float(v)
+
+
+def _strings(where: str, value: Any) -> tuple[str, ...]:
+    return () if value is None else tuple(str(b) for b in _list(where, value))
+
+
+def _timeout(where: str, value: Any) -> float:
+    return float(_number(where, value))
+
+
+def _device(where: str, value: Any) -> str:
+    if not isinstance(value, str) or value.split(":")[0] not in ("cpu", "cuda"):
+        raise CaseError(f"{where}: expected 'cpu' or 'cuda[:n]', got {value!r}")
+    return value
+
+
+def _fields_of(where: str, spec: dict[str, Any], cls: type, what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in spec:
+        if k not in names:
+            raise CaseError(
+                f"{where}.{k}: unknown field ({what} fields: {', '.join(sorted(names))})"
+            )
+
+
 def _shape(where: str, spec: Any) -> Shape:
     if spec is None:
         return PRESETS["tiny"]
@@ -302,12 +400,7 @@ def _shape(where: str, spec: Any) -> Shape:
     preset = spec.pop("preset", "tiny")
     if preset not in PRESETS:
         raise CaseError(f"{where}.preset: unknown preset {preset!r} (one of: {', '.join(PRESETS)})")
-    names = {f.name for f in dataclasses.fields(Shape)}
-    for k in spec:
-        if k not in names:
-            raise CaseError(
-                f"{where}.{k}: unknown field (shape fields: {', '.join(sorted(names))})"
-            )
+    _fields_of(where, spec, Shape, "shape")
     shape = dataclasses.replace(PRESETS[preset], **spec)
     shape.validate(where)
     return shape
@@ -318,90 +411,124 @@ def _budget(where: str, spec: Any) -> Budget:
         return Budget()
     if not isinstance(spec, dict):
         raise CaseError(f"{where}: expected a mapping, got {spec!r}")
-    names = {f.name for f in dataclasses.fields(Budget)}
+    _fields_of(where, spec, Budget, "budget")
     for k, v in spec.items():
-        if k not in names:
-            raise CaseError(
-                f"{where}.{k}: unknown field (budget fields: {', '.join(sorted(names))})"
-            )
         _number(f"{where}.{k}", v, positive=False, allow_none=k == "calc_diff")
     return Budget(**{k: None if v is None else float(v) for k, v in spec.items()})
+
+
+@dataclass(frozen=True)
+class SweepField:
+    """One field of a sweep: the `Case` field it sets and how one YAML value becomes that field's
+    value (raising a one-line CaseError). An axis holds a list of values, one case per value
+    (a single value is a list of one); its default is [the Case field's default]."""
+
+    case_field: str
+    parse: Callable[[str, Any], Any]  # (where, value) -> Case value
+    axis: bool = False
+
+    @property
+    def default(self) -> Any:
+        f = next(f for f in dataclasses.fields(Case) if f.name == self.case_field)
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+# The schema of a sweep, in one table: name in the file -> (Case field, parser, axis or not).
+# Defaults are Case's; which axes a stage has is AXES; cross-field checks are _CHECKS. Table
+# order is the order of the product (seeds vary fastest, tokens slowest).
+SWEEP_FIELDS: dict[str, SweepField] = {
+    "stage": SweepField("stage", _enum(Stage)),
+    "shape": SweepField("shape", _shape),
+    "backends": SweepField("backends", _strings),
+    "baselines": SweepField("baselines", _strings),
+    "tolerance": SweepField("tolerance", _enum(Tolerance)),
+    "budget": SweepField("budget", _budget),
+    "timeout_s": SweepField("timeout_s", _timeout),
+    "device": SweepField("device", _device),
+    "tokens": SweepField("tokens", _tokens, axis=True),
+    "distributions": SweepField("distribution", _enum(Distribution), axis=True),
+    "scale_ratios": SweepField("scale_ratio", _float_or_none, axis=True),
+    "routing": SweepField("routing", _enum(Routing), axis=True),
+    "limits": SweepField("limit", _float_or_none, axis=True),
+    "seeds": SweepField("seed", _seed, axis=True),
+}
+_STAGE_AXES = {name for axes in AXES.values() for name in axes}
+assert _STAGE_AXES <= set(SWEEP_FIELDS) and all(SWEEP_FIELDS[a].axis for a in _STAGE_AXES)
+_COMMON = tuple(n for n in SWEEP_FIELDS if n not in _STAGE_AXES)
+
+
+def _exact_distribution_takes_no_ratio(where: str, values: dict[str, list[Any]]) -> None:
+    if values["stage"][0] is not Stage.QUANTIZE:
+        return
+    for d in values["distributions"]:
+        if d.exact and any(r is not None for r in values["scale_ratios"]):
+            raise CaseError(
+                f"{where}.scale_ratios: distribution {d.value} fixes a power-of-two global "
+                f"scale; use scale_ratios: [null] with it"
+            )
+
+
+# Checks across fields of one sweep, given every field's parsed values (a list per field).
+_CHECKS: tuple[Callable[[str, dict[str, list[Any]]], None], ...] = (
+    _exact_distribution_takes_no_ratio,
+)
 
 
 def _expand(where: str, sweep: dict[str, Any], source: str) -> list[Case]:
     if "stage" not in sweep:
         raise CaseError(f"{where}.stage: missing (one of: {', '.join(s.value for s in Stage)})")
-    stage = _enum(f"{where}.stage", Stage, sweep["stage"])
+    stage = SWEEP_FIELDS["stage"].parse(f"{where}.stage", sweep["stage"])
     for key in sweep:
         if key not in _COMMON and key not in AXES[stage]:
-            if key in _DEFAULT_AXIS:
+            if key in _STAGE_AXES:
                 raise CaseError(
                     f"{where}.{key}: not an axis of stage {stage.value} "
                     f"(its axes: {', '.join(AXES[stage])})"
                 )
             raise CaseError(f"{where}.{key}: unknown field")
-    shape = _shape(f"{where}.shape", sweep.get("shape"))
-    axes = {a: _list(f"{where}.{a}", sweep.get(a, _DEFAULT_AXIS[a])) for a in AXES[stage]}
-    tokens = [_number(f"{where}.tokens", t) for t in axes["tokens"]]
-    for t in tokens:
-        if not isinstance(t, int):
-            raise CaseError(f"{where}.tokens: expected integers, got {t!r}")
-    dists = [
-        _enum(f"{where}.distributions", Distribution, d)
-        for d in axes.get("distributions", ["normal"])
+    values: dict[str, list[Any]] = {}
+    for name, f in SWEEP_FIELDS.items():
+        if name in _STAGE_AXES and name not in AXES[stage]:
+            values[name] = [f.default]
+        elif name not in sweep:
+            values[name] = [f.default]
+        elif f.axis:
+            values[name] = [
+                f.parse(f"{where}.{name}", v) for v in _list(f"{where}.{name}", sweep[name])
+            ]
+        else:
+            values[name] = [f.parse(f"{where}.{name}", sweep[name])]
+    for check in _CHECKS:
+        check(where, values)
+    names = list(values)
+    fixed = {"source": source}
+    return [
+        Case(**{SWEEP_FIELDS[n].case_field: v for n, v in zip(names, combo, strict=True)}, **fixed)
+        for combo in itertools.product(*values.values())
     ]
-    ratios = [
-        _number(f"{where}.scale_ratios", r, allow_none=True)
-        for r in axes.get("scale_ratios", [None])
-    ]
-    routings = [_enum(f"{where}.routing", Routing, r) for r in axes.get("routing", ["uniform"])]
-    limits = [_number(f"{where}.limits", x, allow_none=True) for x in axes.get("limits", [10.0])]
-    seeds = _list(f"{where}.seeds", sweep.get("seeds", [0]))
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise CaseError(f"{where}.seeds: expected integers, got {s!r}")
-        if not 0 <= s < MAX_SEED:
-            raise CaseError(f"{where}.seeds: {s} out of range (0 <= seed < 2**32)")
-    backends = tuple(
-        str(b) for b in _list(f"{where}.backends", sweep.get("backends", ["reference"]))
-    )
-    raw = sweep.get("baselines")
-    baselines = () if raw is None else tuple(str(b) for b in _list(f"{where}.baselines", raw))
-    tolerance = _enum(f"{where}.tolerance", Tolerance, sweep.get("tolerance", "derived"))
-    budget = _budget(f"{where}.budget", sweep.get("budget"))
-    timeout = float(_number(f"{where}.timeout_s", sweep.get("timeout_s", 120.0)))
-    device = sweep.get("device", "cpu")
-    if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
-        raise CaseError(f"{where}.device: expected 'cpu' or 'cuda[:n]', got {device!r}")
-    if stage is Stage.QUANTIZE:
-        for d in dists:
-            if d.exact and any(r is not None for r in ratios):
-                raise CaseError(
-                    f"{where}.scale_ratios: distribution {d.value} fixes a power-of-two global "
-                    f"scale; use scale_ratios: [null] with it"
-                )
-    cases = []
-    for t, d, r, ro, lim, s in itertools.product(tokens, dists, ratios, routings, limits, seeds):
-        cases.append(
-            Case(
-                stage,
-                shape,
-                t,
-                s,
-                d,
-                None if r is None else float(r),
-                ro,
-                None if lim is None else float(lim),
-                tolerance,
-                budget,
-                backends,
-                timeout,
-                device,
-                source,
-                baselines,
-            )
-        )
-    return cases
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """PyYAML keeps the last of two equal keys silently; a case file that says `tokens` twice
+    means one of them by mistake, so that is an error naming the key and its line."""
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) or key is None:
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
@@ -411,6 +538,10 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
         raise CaseError(f"{path}: no such case file")
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except _DuplicateKey as e:
+        raise CaseError(
+            f"{path}: line {e.line} duplicate key {e.key!r} (YAML would keep only the last one)"
+        ) from None
     except UnicodeDecodeError as e:
         raise CaseError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -426,9 +557,8 @@ def load_cases(path: str | Path) -> tuple[dict[str, Any], list[Case]]:
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise CaseError(f"{path}: defaults: expected a mapping, got {defaults!r}")
-    known = set(_COMMON) | {a for axes in AXES.values() for a in axes}
     for k in defaults:
-        if k not in known:
+        if k not in SWEEP_FIELDS:
             raise CaseError(f"{path}: defaults.{k}: unknown field")
     sweeps = doc.get("sweeps")
     if not isinstance(sweeps, list) or not sweeps:

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.cases import AXES, CaseError, Stage, load_cases, load_many
+from harness.cases import (
+    AXES,
+    SWEEP_FIELDS,
+    Case,
+    CaseError,
+    Shape,
+    Stage,
+    load_cases,
+    load_many,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "cases").glob("*.yaml"))
@@ -61,6 +70,24 @@ MALFORMED = {
     "duplicate_ids": (QUANTIZE + "    tokens: [1]\n  - stage: quantize\n    tokens: [1, 2]\n",
                       "duplicate case ids ['quantize_t1_h256_normal_rdyn_s0']"),
     "invalid_yaml": ("sweeps: [\n  - stage: quantize\n", "line 2 not valid YAML"),
+    "duplicate_key": (QUANTIZE + "    tokens: [1]\n    tokens: [2]\n",
+                      "line 4 duplicate key 'tokens'"),
+    "duplicate_shape_key": (QUANTIZE + "    shape: {hidden: 64, hidden: 128}\n",
+                            "line 3 duplicate key 'hidden'"),
+    "duplicate_top_level_key": (QUANTIZE + "sweeps: []\n", "line 3 duplicate key 'sweeps'"),
+    "seed_out_of_range": (QUANTIZE + "    seeds: [4294967296]\n",
+                          "sweeps[0].seeds: 4294967296 out of range (0 <= seed < 2**32)"),
+    "unknown_field_in_defaults": ("defaults: {tokns: [1]}\n" + QUANTIZE,
+                                  "defaults.tokns: unknown field"),
+    "bad_timeout": (QUANTIZE + "    timeout_s: 0\n", "sweeps[0].timeout_s: must be > 0, got 0"),
+    "bad_limit": ("sweeps:\n  - stage: swiglu_requant\n    limits: [ten]\n",
+                  "sweeps[0].limits: expected a number, got 'ten'"),
+    "bad_budget_value": ("sweeps:\n  - stage: shared_expert\n    budget: {calc_diff: big}\n",
+                         "sweeps[0].budget.calc_diff: expected a number, got 'big'"),
+    "unknown_tolerance": (QUANTIZE + "    tolerance: loose\n",
+                          "sweeps[0].tolerance: unknown value 'loose' (one of: derived, exact)"),
+    "shape_not_a_mapping": (QUANTIZE + "    shape: [1, 2]\n",
+                            "sweeps[0].shape: expected a preset name or a mapping"),
 }
 
 
@@ -152,6 +179,36 @@ def test_same_id_in_two_files_is_refused(tmp_path):
     b.write_text(QUANTIZE + "    tolerance: exact\n")  # same id, another verdict rule
     with pytest.raises(CaseError, match="duplicate"):
         load_many([a, b])
+
+
+# --------------------------------------------------------------------------------------------
+# the schema
+
+
+def test_case_takes_stage_shape_and_tokens_by_position_and_the_rest_by_keyword():
+    c = Case(Stage.QUANTIZE, Shape(), 5, seed=3)
+    assert (c.tokens, c.seed) == (5, 3)
+    with pytest.raises(TypeError):
+        Case(Stage.QUANTIZE, Shape(), 5, 3)  # a positional seed is refused
+
+
+def test_sweep_defaults_are_the_case_defaults(tmp_path):
+    path = tmp_path / "d.yaml"
+    path.write_text("sweeps:\n  - stage: routed_moe\n")
+    (c,) = load_cases(path)[1]
+    assert c == Case(Stage.ROUTED_MOE, source=str(path))
+
+
+def test_cases_come_in_product_order_seeds_fastest(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text(QUANTIZE + "    tokens: [1, 2]\n    seeds: [0, 1]\n")
+    assert [(c.tokens, c.seed) for c in load_cases(path)[1]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_docs_list_every_sweep_field():
+    doc = (REPO / "docs" / "cases.md").read_text()
+    for name in SWEEP_FIELDS:
+        assert f"| `{name}` |" in doc or f"`{name}`:" in doc, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,3 +309,35 @@ def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):
 
     finals = [r for r in read_rows(out) if r.get("final")]
     assert sorted(r["case_id"] for r in finals) == sorted(c.id for c in load_cases(path)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+
+
+def test_v4_presets_follow_the_published_configs():
+    from harness.cases import PRESETS, PUBLISHED
+
+    pro, flash = PRESETS["v4_pro"], PRESETS["v4_flash"]
+    # 128 heads of 512 in 16 groups of 4096 -> 1024; 384 routed experts over EP=8
+    assert (pro.hidden, pro.intermediate, pro.n_experts, pro.top_k) == (7168, 3072, 48, 6)
+    assert (pro.n_groups, pro.group_dim, pro.head_dim, pro.o_lora_rank) == (16, 4096, 512, 1024)
+    assert pro.n_groups * pro.group_dim // pro.head_dim == PUBLISHED["v4_pro"].num_attention_heads
+    assert (flash.hidden, flash.intermediate, flash.n_experts) == (4096, 2048, 32)
+    assert (flash.n_groups, flash.group_dim, flash.o_lora_rank) == (8, 4096, 1024)
+    assert flash.n_groups * flash.group_dim // flash.head_dim == 64
+    assert PUBLISHED["v4_pro"].shape(ep=16).n_experts == 24
+    with pytest.raises(ValueError, match="ep=5"):
+        PUBLISHED["v4_pro"].shape(ep=5)
+    seed = PRESETS["v4_pro_seed_wo_a"]  # the seed's wo_a runner, its own preset
+    assert (seed.n_groups, seed.group_dim, seed.o_lora_rank) == (8, 8192, 1536)
+    for name in ("v4_pro", "v4_flash", "v4_pro_seed_wo_a", "v4_pro_reduced", "v4_flash_reduced"):
+        PRESETS[name].validate(name)  # every preset satisfies the case checks
+
+
+def test_v4_case_files_name_their_source_and_sweep_the_seed_wo_a_shape():
+    for name in ("dsv4_pro.yaml", "dsv4_flash.yaml"):
+        assert "configuration_deepseek_v4.py" in (REPO / "cases" / name).read_text(), name
+    _, cases = load_cases(REPO / "cases" / "dsv4_pro.yaml")
+    linear = {c.shape.o_lora_rank for c in cases if c.stage is Stage.GROUPED_LINEAR}
+    assert linear == {1024, 1536}

@@ -1,6 +1,9 @@
 """The HTML report: rendered from a real smoke sweep and opened in headless Chromium (no console
 errors, every image decodes, a screenshot saved to reports/test-artifacts/), user strings
-escaped, a 1,000-row report under 5 MB, baseline verdicts including "ambiguous" timings.
+escaped, a 1,000-row report under 5 MB, baseline verdicts including "ambiguous" timings. Its
+structure as a kernel engineer reads it: the verdict matrix first, failures worst first with
+unsupported collapsed, plots with the pass line and failing points, per-expert heatmaps on a
+pass/fail scale, no reassuring sentence about stages that did not run.
 
 Chromium comes from Debian (`.ci/run` installs it); without it these browser tests skip here
 and fail under CI=true, so CI can never count a missing browser as a pass.
@@ -18,7 +21,7 @@ import pytest
 
 from harness import results
 from harness.cases import load_cases
-from harness.report import render
+from harness.report import NO_TOKENS, RATIO_DECADES, _plots, _ratio_cmap, expert_grid, render
 from harness.runner import SweepOptions, run_sweep
 from tests.browser import Page, chromium
 
@@ -50,8 +53,10 @@ def smoke(tmp_path_factory) -> Path:
 def test_report_of_a_real_sweep_loads_cleanly_in_chromium(smoke):
     html = render(smoke, smoke / "index.html")
     text = html.read_text()
-    for section in ("Summary", "Error by axis", "Per-expert and per-token error", "Speed",
-                    "Quantize mismatch classes", "Diagnoses", "NaN traces", "Environment"):
+    for section in ("Verdicts", "Failures", "Headroom", "Error by axis",
+                    "Per-expert and per-token error", "Speed", "Bit-exact stages", "Diagnoses",
+                    "NaN traces",
+                    "Environment"):
         assert f">{section}</h2>" in text
     assert "outside the derived bound" in text  # the planted GEMM defect, diagnosed
     with Page(_browser()) as page:
@@ -156,3 +161,110 @@ def test_speed_section_shows_only_passing_cases_in_the_headline(smoke, tmp_path)
     assert ok["case_id"] in headline and bad["case_id"] not in headline
     assert "3.0 us" in speed and "(invalid: fail)" in speed  # shown, marked, struck through
     assert "latency and roofline fraction vs tokens" in speed  # the per-stage plot
+
+
+# --------------------------------------------------------------------------------------------
+# structure: the answer first
+
+
+def _section(text: str, sid: str) -> str:
+    start = text.index(f'id="{sid}"')
+    return text[start : text.index("<h2", start)]
+
+
+def test_the_verdict_matrix_comes_first_then_the_failures(smoke):
+    text = render(smoke, smoke / "index.html").read_text()
+    order = [text.index(f'id="{s}"') for s in ("verdicts", "failures", "plots", "speed", "env")]
+    assert order == sorted(order)
+    matrix = _section(text, "verdicts")
+    header = re.findall(r"<th>([^<]+)</th>", matrix.split("</tr>")[0])
+    assert header == ["stage", "dsv4-torch", "tests.planted:SkipLastKBlock"]
+    gemm = next(row for row in matrix.split("<tr>") if row.startswith("<th>grouped_gemm</th>"))
+    cells = re.findall(r'<td class="cell-(\w+)">(.*?)</td>', gemm)
+    assert [c[0] for c in cells] == ["pass", "fail"]
+    assert "9 fail" in cells[1][1] and "worst:" in cells[1][1]
+    assert re.search(r"\(\d\.\d+e\+03x the pass line\)", cells[1][1])  # planted: ~10^3 x
+    layer = next(row for row in matrix.split("<tr>") if row.startswith("<th>routed_moe</th>"))
+    assert re.findall(r'<td class="cell-(\w+)">', layer) == ["pass", "unsupported"]
+
+
+def test_failures_are_worst_first_and_unsupported_collapsed(smoke):
+    rows = results.read_rows(smoke)
+    text = render(smoke, smoke / "index.html").read_text()
+    failures = _section(text, "failures")
+    blocks = failures.split("<details")[0].split('<div class="failure">')[1:]
+    n_fail = sum(1 for r in rows if r.get("final") and r["outcome"] == "fail")
+    assert len(blocks) == n_fail > 0
+    ratios = [float(re.search(r"<td>worst_ratio</td><td>([^<]+)</td>", b).group(1))
+              for b in blocks]
+    assert ratios == sorted(ratios, reverse=True) and ratios[-1] > 1
+    assert all("<td>1</td>" in b and "at [" in b for b in blocks)  # pass line, first bad element
+    assert "unsupported" not in "".join(blocks)
+    collapsed = re.search(r'<details id="not-run"><summary>(\d+) pairs did not run', failures)
+    n_unsupported = sum(1 for r in rows if r.get("final") and r["outcome"] == "unsupported")
+    assert collapsed and int(collapsed.group(1)) == n_unsupported > 0
+
+
+def test_a_failing_output_shows_the_reference_output_and_bound_of_its_first_bad_element(
+    smoke, tmp_path
+):
+    rows = results.read_rows(smoke)
+    for r in rows:
+        if r.get("compare") == "grouped_gemm.out" and r["outcome"] == "fail":
+            r["metrics"].update(first_ref=1.5, first_out=-2.25, first_bound=0.0625)
+    with results.ResultWriter(tmp_path) as w:
+        w.write(rows)
+    failures = _section(render(tmp_path, tmp_path / "index.html").read_text(), "failures")
+    assert "at [0, 0], ref 1.5, out -2.25, bound 0.0625" in failures
+
+
+def test_plots_draw_the_pass_line_and_mark_failing_points(smoke):
+    rows = results.latest(results.read_rows(smoke))
+    assert all(r["budget_calc_diff"] == 1e-4 for r in rows if r.get("final"))  # in every row
+    by_axis = {p["title"].split(",")[0]: p for p in _plots(rows)}
+    tokens = by_axis["worst error vs tokens"]
+    assert tokens["pass_lines"]["grouped_gemm"] == [1.0]  # the derived bound
+    assert tokens["pass_lines"]["shared_expert"] == [1e-4]  # the case budget
+    n_bad = sum(r.get("compare") == "grouped_gemm.out" and r["outcome"] == "fail" for r in rows)
+    assert tokens["n_failing"]["grouped_gemm"] == n_bad > 0
+    assert tokens["n_failing"]["shared_expert"] == 0
+
+
+def _expert_row(ratios, rows_per_expert, outcome="pass"):
+    groups = [{"group": i, "worst_ratio": v, "rows": n}
+              for i, (v, n) in enumerate(zip(ratios, rows_per_expert, strict=True))]
+    return {"case_id": "grouped_gemm_t5_" + outcome, "backend": "k", "stage": "grouped_gemm",
+            "compare": "grouped_gemm.out", "outcome": outcome, "metrics": {"per_group": groups}}
+
+
+def test_per_expert_scale_tells_pass_from_fail_and_no_tokens_from_exact():
+    import numpy as np
+    from matplotlib.colors import Normalize, to_rgba
+
+    rows = [_expert_row([0.85, 0.99, 0.0, 0.0], [3, 2, 4, 0]),
+            _expert_row([3.4, 1.01, 0.5, 1e6], [3, 2, 4, 1], outcome="fail")]
+    grid, labels = expert_grid(rows)
+    assert labels == ["grouped_gemm_t5_pass [k]", "grouped_gemm_t5_fail [k]"]  # full ids
+    assert (grid[0, :2] < 0).all() and (grid[1, :2] > 0).all()
+    assert grid[0, 2] == -RATIO_DECADES and np.isnan(grid[0, 3])  # exact vs no tokens
+    assert grid[1, 3] == RATIO_DECADES  # clipped
+    cmap, norm = _ratio_cmap(), Normalize(-RATIO_DECADES, RATIO_DECADES)
+    rgb = lambda v: cmap(norm(v))[:3]  # noqa: E731
+    for v in grid[0, :2]:  # 0.85 and 0.99 of the bound: green
+        r, g, _ = rgb(v)
+        assert g > r
+    for v in grid[1, :2]:  # 3.4 and 1.01: red
+        r, g, _ = rgb(v)
+        assert r > g
+    assert cmap(np.nan) == to_rgba(NO_TOKENS) != cmap(norm(grid[0, 2]))
+
+
+def test_no_reassuring_sentence_about_stages_that_did_not_run(smoke, tmp_path):
+    rows = [r for r in results.read_rows(smoke) if r["stage"] == "grouped_gemm"]
+    with results.ResultWriter(tmp_path) as w:
+        w.write(rows)
+    text = render(tmp_path, tmp_path / "index.html").read_text()
+    assert "No bit-exact stage" in _section(text, "classes")
+    assert "bit-exact." not in text
+    assert "No layer case ran." in _section(text, "nan")
+    assert "produced NaN" not in text
