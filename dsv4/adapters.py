@@ -90,5 +90,6 @@ class Dsv4Adapter(LayerMethods, AdapterBase):
 
 
 register("dsv4-torch", functools.partial(Dsv4Adapter, "torch"))
+register("dsv4-sm90", functools.partial(Dsv4Adapter, "sm90"))  # opt-in: unverified on a GPU
 
 __all__ = ["Dsv4Adapter"]

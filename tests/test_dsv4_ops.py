@@ -643,9 +643,9 @@ def test_override_missing_capability_names_it(registry):
 
 def test_override_unknown_or_planned_backend(registry):
     with pytest.raises(
-        ValueError, match=r"backend='sm90' is not implemented yet .*registered: torch"
+        ValueError, match=r"backend='sm100' is not implemented yet .*registered: torch, sm90"
     ):
-        ops.select_backend("cpu", "sm90")
+        ops.select_backend("cpu", "sm100")
     with pytest.raises(ValueError, match=r"backend='nope' is not registered"):
         ops.select_backend("cpu", "nope")
 
@@ -658,7 +658,9 @@ def test_adapter_reports_missing_capability_as_unsupported(registry, sweep_cases
     ok, why = Dsv4Adapter("sm100").can_implement(case)
     assert not ok and why == "backend 'sm100' needs sm_100, got cpu"
     ok, why = Dsv4Adapter("sm90").can_implement(case)
-    assert not ok and why.startswith("backend='sm90' is not implemented yet")
+    assert not ok and why == "backend 'sm90' needs sm_90, got cpu"
+    ok, why = Dsv4Adapter("sm7").can_implement(case)
+    assert not ok and why.startswith("backend='sm7' is not registered")
     assert Dsv4Adapter("torch").can_implement(case) == (True, "")
 
 

@@ -47,6 +47,8 @@ class Backend:
     priority: int  # higher wins when several support the device
     # (T, K, N, E) -> bytes of scratch the backend takes as `workspace=`; None: takes none
     workspace_bytes: Callable[[int, int, int, int], int] | None = None
+    # reads mat_b only K-major (make_b_k_major's layout, made once at finalize), else any strides
+    b_k_major: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -57,7 +59,6 @@ DEFAULT_PRIORITY = {"sm100": 100, "sm90": 90, "torch": 0}
 # Backends the design names but that are not written yet: an override naming one says so.
 PLANNED_BACKENDS = {
     "sm100": "CuTeDSL tcgen05 block-scaled MMA for sm_100a (dsv4/kernels/cutedsl)",
-    "sm90": "Triton kernel decoding FP4 to bf16 in-kernel for sm_90a (dsv4/kernels/triton)",
 }
 
 
@@ -112,16 +113,18 @@ def register_backend(
     *,
     priority: int | None = None,
     workspace_bytes: Callable[[int, int, int, int], int] | None = None,
+    b_k_major: bool = False,
 ) -> None:
     """Add (or replace) a backend. `fn(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out)`
     gets validated operands and writes `out`; `supports(device) -> (ok, why)` says where it runs
-    (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name]."""
+    (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name].
+    `b_k_major`: the backend reads mat_b only in make_b_k_major's layout (checked at the call)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name=}")
     if not callable(fn) or not callable(supports):
         raise ValueError(f"fn and supports must be callable, got {fn=} {supports=}")
     prio = DEFAULT_PRIORITY.get(name, 0) if priority is None else priority
-    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes)
+    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes, b_k_major)
 
 
 def grouped_gemm_workspace_bytes(backend: str, t: int, k: int, n: int, e: int) -> int:
@@ -568,6 +571,11 @@ def run_nvfp4_grouped_gemm(
     """
     _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out)
     name = select_backend(mat_a.device, backend)
+    if _BACKENDS[name].b_k_major and mat_b.stride(1) != 1:
+        raise ValueError(
+            f"backend {name!r} reads mat_b K-major (make_b_k_major, once at finalize), got "
+            f"mat_b.stride()={mat_b.stride()}"
+        )
     if workspace is not None:
         t, n, e = mat_a.shape[0], mat_b.shape[2], mat_b.shape[0]
         need = grouped_gemm_workspace_bytes(name, t, 2 * mat_a.shape[1], n, e)
