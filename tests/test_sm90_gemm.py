@@ -69,7 +69,7 @@ def test_decode_lanes_pair_element_p_with_element_p_plus_4():
 def _interpret_main() -> None:
     """Run in the child: every check raises AssertionError naming its case."""
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
-    from tests.test_dsv4_ops import _gemm_problem, _within_bound
+    from tests.gemm_problems import gemm_problem, within_bound
 
     cases = [  # (name, counts, k, n, extra rows, plan or None (plan()), num_sms, dirty ws)
         ("mid_empty_split1", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 1, 4, 1, 3), 3, False),
@@ -78,7 +78,7 @@ def _interpret_main() -> None:
         ("bm32_one_gs", [40, 1], 384, 64, 2, g.Plan(32, 32, 16, 2, 4, 1, 2), 2, False),
     ]
     for name, counts, k, n, extra, the_plan, sms, dirty in cases:
-        plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(
+        plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(
             counts, k=k, n=n, seed=len(name), extra=extra
         )
         if name.endswith("one_gs"):  # one global scale pair broadcast to every expert
@@ -94,12 +94,12 @@ def _interpret_main() -> None:
             a, b, a_sw, b_sw, offs, gsa, gsb, out, workspace=ws, num_sms=sms, the_plan=the_plan
         )
         try:
-            _within_bound(plain, out, sum(counts))
+            within_bound(plain, out, sum(counts))
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from err
         assert (out[sum(counts) :] == 7.0).all(), f"{name}: rows past offsets[-1] written"
     # no routed row: nothing written
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([3], k=128, n=32, seed=9)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3], k=128, n=32, seed=9)
     offs = torch.zeros_like(offs)
     out = torch.full((3, 32), 7.0, dtype=torch.bfloat16)
     g.launch_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb, out, num_sms=2)
@@ -136,14 +136,14 @@ def test_sm90_is_registered_opt_in_and_names_what_cpu_lacks():
 
 def test_k_major_backend_refuses_an_n_major_weight(monkeypatch):
     from dsv4.ops import gemm as dgemm
-    from tests.test_dsv4_ops import _gemm_problem
+    from tests.gemm_problems import gemm_problem
 
     monkeypatch.setattr(dgemm, "_BACKENDS", dict(dgemm._BACKENDS))
     calls = []
     ops.register_backend(
         "kmajor", lambda *a: calls.append(a), lambda d: (True, ""), priority=1, b_k_major=True
     )
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([2, 3], seed=4)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([2, 3], seed=4)
     with pytest.raises(ValueError, match=r"backend 'kmajor' reads mat_b K-major .*stride"):
         ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, backend="kmajor")
     ops.run_nvfp4_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)

@@ -368,27 +368,18 @@ def launch_grouped_gemm(
     ap, acc = _buffers(Workspace(workspace, out.device), t, k, n)
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
-    e_pad = triton.next_power_of_2(e)
+    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
     scale_a8 = scale_a.view(torch.uint8)
     scale_b8 = scale_b.view(torch.uint8)
-    gsa_pe, gsb_pe = global_scale_a.numel() > 1, global_scale_b.numel() > 1
-    bt, bja = 32, 32
-    _dequant_a_kernel[(triton.cdiv(t, bt), triton.cdiv(kw, bja))](
-        mat_a,
-        scale_a8,
-        expert_offsets,
-        ap,
-        t,
-        kw,
-        mat_a.stride(0) // 4,
-        E=e,
-        E_PAD=e_pad,
-        BT=bt,
-        BJ=bja,
+    consts, warps = cfg["dequant_a"]
+    grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+    _dequant_a_kernel[grid](
+        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, **consts, num_warps=warps
     )
     dst = out if p.split_k == 1 else acc[:t]
     if p.split_k > 1:
         dst.zero_()
+    consts, warps = cfg["grouped_gemm"]
     _grouped_gemm_kernel[(p.programs,)](
         ap,
         mat_b,
@@ -403,33 +394,40 @@ def launch_grouped_gemm(
         mat_b.stride(0) // 4,
         mat_b.stride(2) // 4,
         scale_b8.stride(0),
-        E=e,
-        E_PAD=e_pad,
-        GSA_PER_EXPERT=gsa_pe,
-        GSB_PER_EXPERT=gsb_pe,
-        BM=p.bm,
-        BN=p.bn,
-        BJ=p.bj,
-        SPLIT_K=p.split_k,
-        NUM_STAGES=p.num_stages,
-        num_warps=p.num_warps,
+        **consts,
+        num_warps=warps,
     )
     if p.split_k > 1:
-        bt, bnf = 32, 128
-        _finish_kernel[(triton.cdiv(t, bt), triton.cdiv(n, bnf))](
-            dst,
-            expert_offsets,
-            global_scale_a,
-            global_scale_b,
-            out,
-            n,
-            E=e,
-            E_PAD=e_pad,
-            GSA_PER_EXPERT=gsa_pe,
-            GSB_PER_EXPERT=gsb_pe,
-            BT=bt,
-            BN=bnf,
+        consts, warps = cfg["finish"]
+        grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(n, consts["BN"]))
+        _finish_kernel[grid](
+            dst, expert_offsets, global_scale_a, global_scale_b, out, n, **consts, num_warps=warps
         )
+
+
+def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dict, int]]:
+    """{kernel: (constexprs, num_warps)} of plan `p`: what the launcher passes and compile_for
+    compiles (one place, so the compiled configuration is the launched one)."""
+    ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
+    gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
+    cfg = {
+        "dequant_a": (dict(**ex, BT=32, BJ=32), 4),
+        "grouped_gemm": (
+            dict(
+                **ex,
+                **gs,
+                BM=p.bm,
+                BN=p.bn,
+                BJ=p.bj,
+                SPLIT_K=p.split_k,
+                NUM_STAGES=p.num_stages,
+            ),
+            p.num_warps,
+        ),
+    }
+    if p.split_k > 1:
+        cfg["finish"] = (dict(**ex, **gs, BT=32, BN=128), 4)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,54 +442,31 @@ def compile_for(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    e_pad = triton.next_power_of_2(e)
-    gs = dict(GSA_PER_EXPERT=gs_per_expert, GSB_PER_EXPERT=gs_per_expert)
     ptrs = dict(offsets_ptr="*i32", gsa_ptr="*fp32", gsb_ptr="*fp32")
-    specs = {
-        "dequant_a": (
-            _dequant_a_kernel,
-            dict(a_ptr="*u8", scale_a_ptr="*u8", offsets_ptr="*i32", ap_ptr="*fp16"),
-            dict(T="i32", KW="i32", stride_a="i32"),
-            dict(E=e, E_PAD=e_pad, BT=32, BJ=32),
-            4,
+    names = ("T", "N", "KW", "stride_be", "stride_bn", "stride_se")
+    types = {  # pointer and scalar argument types of each kernel
+        "dequant_a": dict(
+            a_ptr="*u8", scale_a_ptr="*u8", offsets_ptr="*i32", ap_ptr="*fp16", T="i32", KW="i32",
+            stride_a="i32",
         ),
-        "grouped_gemm": (
-            _grouped_gemm_kernel,
-            dict(ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs),
-            dict(
-                out_ptr="*bf16" if p.split_k == 1 else "*fp32",
-                **{n: "i32" for n in ("T", "N", "KW", "stride_be", "stride_bn", "stride_se")},
-            ),
-            dict(
-                E=e,
-                E_PAD=e_pad,
-                **gs,
-                BM=p.bm,
-                BN=p.bn,
-                BJ=p.bj,
-                SPLIT_K=p.split_k,
-                NUM_STAGES=p.num_stages,
-            ),
-            p.num_warps,
+        "grouped_gemm": dict(
+            ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
+            out_ptr="*bf16" if p.split_k == 1 else "*fp32", **{n: "i32" for n in names},
         ),
-    }
-    if p.split_k > 1:
-        specs["finish"] = (
-            _finish_kernel,
-            dict(acc_ptr="*fp32", **ptrs, out_ptr="*bf16"),
-            dict(N="i32"),
-            dict(E=e, E_PAD=e_pad, **gs, BT=32, BN=128),
-            4,
-        )
+        "finish": dict(acc_ptr="*fp32", **ptrs, out_ptr="*bf16", N="i32"),
+    }  # fmt: skip
+    kernels = {"dequant_a": _dequant_a_kernel, "grouped_gemm": _grouped_gemm_kernel}
+    kernels["finish"] = _finish_kernel
     out = {}
-    for name, (fn, pointers, scalars, constexprs, warps) in specs.items():
-        signature = {**pointers, **scalars, **{k: "constexpr" for k in constexprs}}
+    for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert).items():
+        fn = kernels[name]
+        signature = {**types[name], **{k: "constexpr" for k in constexprs}}
         signature = {a: signature[a] for a in fn.arg_names}  # the kernel's argument order
         try:
             out[name] = triton.compile(
                 ASTSource(fn, signature, constexprs),
                 target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": warps, "enable_fp_fusion": True},
+                options={"num_warps": warps},
             )
         except Exception as err:  # re-raised with the configuration that failed
             raise RuntimeError(
