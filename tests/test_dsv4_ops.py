@@ -26,6 +26,7 @@ import yaml
 import dsv4.ops as ops
 import reference as ref
 from dsv4.ops import gemm as dgemm
+from dsv4.ops import gemm_torch
 from dsv4.ops import quantize as dq
 from harness.cases import Stage, load_cases
 from harness.runner import SweepOptions, run_one, run_sweep
@@ -326,7 +327,7 @@ def test_graph_safe_paths_read_no_tensor_value_on_meta_device():
     sb = torch.empty(4, 128 * 16, dtype=torch.uint8, device=meta)
     g4 = torch.empty(4, device=meta)
     out = torch.empty(300, 64, dtype=torch.bfloat16, device=meta)
-    dgemm.torch_grouped_gemm(codes, b, out2d, sb, offsets, g4, g4, out, sync_free=True)
+    gemm_torch.torch_grouped_gemm(codes, b, out2d, sb, offsets, g4, g4, out, sync_free=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ def test_grouped_gemm_with_no_routed_rows_writes_nothing(sync_free):
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([0, 0], extra=3, seed=12)
     assert a.shape[0] == 3 and a_sw.numel() == 0
     out = torch.full((3, 192), 2.0, dtype=torch.bfloat16)
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=sync_free)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=sync_free)
     assert out.eq(2.0).all()
 
 
@@ -461,8 +462,8 @@ def test_grouped_gemm_sync_free_form_matches_host_form():
     plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=3, seed=2)
     host = torch.full((a.shape[0], 192), 7.0, dtype=torch.bfloat16)
     free = host.clone()
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, host, sync_free=False)
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, free, sync_free=True)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, host, sync_free=False)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, free, sync_free=True)
     within_bound(plain, free, 136)
     assert free[136:].eq(7.0).all()
 
@@ -480,9 +481,9 @@ def test_grouped_gemm_workspace_form_is_bit_identical(counts, sync_free, k_major
     need = ops.grouped_gemm_workspace_bytes("torch", t, 2 * a.shape[1], n, e)
     want = torch.full((t, n), 7.0, dtype=torch.bfloat16)
     got = want.clone()
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, want, sync_free=sync_free)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, want, sync_free=sync_free)
     ws = torch.full((need,), 0xAB, dtype=torch.uint8)  # stale bytes must not leak in
-    dgemm.torch_grouped_gemm(
+    gemm_torch.torch_grouped_gemm(
         a, b, a_sw, b_sw, offs, gsa, gsb, got, sync_free=sync_free, workspace=ws
     )
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
@@ -896,7 +897,7 @@ def test_static_paths_capture_in_a_cuda_graph_and_never_sync():
             ops.quantize_activation_nvfp4(x, gs, codes, scales)
             ops.swiglu_quantize(l1, gs, 10.0, codes2, scales2)
             ops.assemble_scales_2d_side_from_offsets(a_scales, offs, out=s2d)
-            dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=True)
+            gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.current_stream().wait_stream(stream)

@@ -31,6 +31,7 @@ from dsv4.ops.gemm import (
     select_backend,
 )
 from dsv4.ops.gemm_sm90 import sm90_supports  # registers the sm90 backend (no Triton import)
+from dsv4.ops.gemm_torch import torch_grouped_gemm  # registers the torch backend
 from dsv4.ops.layouts import (
     assemble_2d_workspace_bytes,
     assemble_scales_2d_side,
@@ -89,6 +90,7 @@ __all__ = [
     "requires_capability",
     "run_nvfp4_grouped_gemm",
     "select_backend",
+    "torch_grouped_gemm",
     "sm90_supports",
     "swiglu",
     "swiglu_quantize",
