@@ -8,8 +8,10 @@
    empty experts (first, middle, last), M not a multiple of the tile, N not a multiple of BN,
    split-K with a dirty workspace, a persistent grid smaller than the tile count, one global
    scale for all experts, rows past offsets[-1] untouched, no routed row at all.
-The registry side (sm90 opt-in, its capability message on CPU, the K-major requirement) is at the
-end. On-GPU numerics and speed are NOT tested here (no GPU in CI): docs/backends.md.
+The registry side (sm90 opt-in, its capability message on CPU, the K-major requirement) follows.
+On an sm_90 GPU (skipped elsewhere, with the reason): the derived bound on CUDA, CUDA-graph
+capture, no allocation with the registry's workspace, no host sync. They have NOT run yet (no GPU
+this session): docs/backends.md. Speed is bench/gemm.py's, never a test's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import reference as ref
 pytest.importorskip("triton", reason="the sm90 kernels need triton (pip install '.[sm90]')")
 
 from dsv4.kernels.triton import fp4_bits  # noqa: E402  (no Triton import inside)
+from tests.gemm_problems import gemm_problem, within_bound  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +72,6 @@ def test_decode_lanes_pair_element_p_with_element_p_plus_4():
 def _interpret_main() -> None:
     """Run in the child: every check raises AssertionError naming its case."""
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
-    from tests.gemm_problems import gemm_problem, within_bound
 
     cases = [  # (name, counts, k, n, extra rows, plan or None (plan()), num_sms, dirty ws)
         ("mid_empty_split1", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 1, 4, 1, 3), 3, False),
@@ -136,7 +138,6 @@ def test_sm90_is_registered_opt_in_and_names_what_cpu_lacks():
 
 def test_k_major_backend_refuses_an_n_major_weight(monkeypatch):
     from dsv4.ops import gemm as dgemm
-    from tests.gemm_problems import gemm_problem
 
     monkeypatch.setattr(dgemm, "_BACKENDS", dict(dgemm._BACKENDS))
     calls = []
@@ -148,3 +149,75 @@ def test_k_major_backend_refuses_an_n_major_weight(monkeypatch):
         ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, backend="kmajor")
     ops.run_nvfp4_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
     assert len(calls) == 1  # selected by priority, K-major accepted
+
+
+# --------------------------------------------------------------------------------------------
+# on an sm_90 GPU (skipped elsewhere): numerics, graph capture, no allocation, no host sync
+
+
+def _on_sm90() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs an sm_90 CUDA GPU (CPU-only machine)"
+    return ops.sm90_supports(torch.device("cuda"))
+
+
+needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "needs sm_90")
+
+
+def _cuda_problem(counts, k, n, seed):
+    plain, gemm = gemm_problem(counts, k=k, n=n, seed=seed, extra=3)
+    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
+    return plain, (a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "counts,k,n",
+    [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 300, 1, 0], 1024, 384), ([600, 7], 512, 256)],
+)
+def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, k, n, seed=sum(counts))
+    out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
+    ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90")
+    within_bound(plain, out.cpu(), sum(counts))
+    assert (out[sum(counts) :] == 7.0).all()
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [5, 700])  # split-K path and the 128-row path
+def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t):
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([t - 2, 0, 2], 512, 256, seed=t)
+    n_rows = a.shape[0]
+    ws = torch.empty(
+        ops.grouped_gemm_workspace_bytes("sm90", n_rows, 512, 256, 3),
+        dtype=torch.uint8,
+        device="cuda",
+    )
+    out = torch.zeros(n_rows, 256, dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        ops.run_nvfp4_grouped_gemm(
+            a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90", workspace=ws
+        )
+
+    call()  # compiles
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    want = out.clone()
+    out.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()
+    torch.cuda.synchronize()
+    if t > 512:  # one program owns each output tile: replay gives the same bits
+        assert torch.equal(out, want)
+    within_bound(plain, out.cpu(), t)
