@@ -1,18 +1,18 @@
-"""NVFP4 grouped GEMM (2D x 3D) for sm_90 in Triton: FP4 decoded in registers, bf16 MMA, fp32 acc.
+"""NVFP4 grouped GEMM (2D x 3D) for sm_90 in Triton: FP4 decoded in registers, fp16 MMA, fp32 acc.
 
 Same operands as every backend (docs/backends.md); B must be K-major (`make_b_k_major`, the
 production layout), so each expert's codes are read as int32 words of 8 consecutive K elements.
 Three launches, all reading the expert offsets on the device (no host sync, graph-capturable):
 
-1. `_dequant_a_kernel`: A codes + per-group swizzled scales -> bf16 A (exact) in a K order
+1. `_dequant_a_kernel`: A codes + per-group swizzled scales -> fp16 A (exact) in a K order
    permuted by word lane, Ap[r, t, j] = A[t, 8j + r] (fp4_bits: one decode for both operands).
 2. `_grouped_gemm_kernel`: a persistent grid (one program per SM) walks a virtual tile space
    (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a cumsum of
    cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never visited. Per
-   K step it loads B as words, decodes each word into 4 bf16 pairs (fp4_bits) with the e4m3
+   K step it loads B as words, decodes each word into 4 fp16 pairs (fp4_bits) with the e4m3
    scale folded in exactly, and accumulates acc += Ap[r] @ B_r for the 8 lanes r (K permuted
    identically on both sides: no interleave, as the H100 prototype found, docs/design.md §4).
-   SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store.
+   SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store (RNE).
    SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a zeroed workspace, then
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
 Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
@@ -312,7 +312,6 @@ def _num_sms(index: int) -> int:
 
 def _check_layout(mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
     """Word loads need 4-byte aligned rows: A row-major, B K-major (make_b_k_major)."""
-    e, kh, n = mat_b.shape
     if mat_a.stride(1) != 1 or mat_a.stride(0) % 4 or mat_a.storage_offset() % 4:
         raise ValueError(
             f"backend 'sm90' reads mat_a as int32 words: needs row-major rows on 4-byte "
