@@ -6,8 +6,14 @@ backend's capability probe for the case's device, so `dsv4-sm100` on an H100 is 
 needs sm_100, got sm_90", never a silent fallback. The layer methods (shared_expert,
 routed_moe, grouped_linear) are dsv4.layers' `LayerMethods` mixin, which runs the layer runners
 on the adapter's `backend`.
-Registered names: `dsv4-torch` (the portable backend). Conventions are ours (decode-convention
-global scales, DeepSeek V4 SwiGLU, gate first). Never imports `reference`.
+The quantize-family stages (quantize, swiglu_requant, and inside the layers) run on the
+adapter's `quant_impl` ("torch" or "cutedsl", dsv4.ops.select_quant_impl), refused by
+can_implement where it cannot run ("needs a CUDA device of sm_90 or newer").
+Registered names: `dsv4-torch` (the portable backend, torch quantize), `dsv4-cutedsl` (the
+CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best backend) and
+`dsv4-sm90` (the Triton grouped GEMM for sm_90: opt-in, unverified on a GPU).
+Conventions are ours (decode-convention global scales, DeepSeek V4 SwiGLU, gate first). Never
+imports `reference`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from dsv4.layers.adapter import LayerMethods  # shared_expert, routed_moe, grouped_linear
 from dsv4.ops import (
+    QuantImplUnavailableError,
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
     global_scale_from_amax,
@@ -28,6 +35,7 @@ from dsv4.ops import (
     quantize_activation_nvfp4,
     run_nvfp4_grouped_gemm,
     select_backend,
+    select_quant_impl,
     swiglu_quantize,
 )
 from dsv4.ops.gemm import BackendUnavailableError
@@ -40,17 +48,20 @@ class Dsv4Adapter(LayerMethods, AdapterBase):
     conventions = Conventions()
     devices = ("cpu", "cuda")
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.name = f"dsv4-{backend}"
+    def __init__(self, backend: str | None, quant_impl: str = "torch", name: str = "") -> None:
+        self.backend = backend  # None: the device's best grouped-GEMM backend
+        self.quant_impl = quant_impl
+        self.name = name or f"dsv4-{backend}"
 
     def can_implement(self, case: Any) -> tuple[bool, str]:
         ok, why = default_can_implement(self, case)
         if not ok:
             return ok, why
-        try:  # ValueError: not registered; BackendUnavailableError: capability missing
-            select_backend(torch.device(case.device), self.backend)
-        except (ValueError, BackendUnavailableError) as e:
+        dev = torch.device(case.device)
+        try:  # ValueError: not registered; *UnavailableError: capability missing
+            select_backend(dev, self.backend)
+            select_quant_impl(dev, self.quant_impl)
+        except (ValueError, BackendUnavailableError, QuantImplUnavailableError) as e:
             return False, str(e)
         return True, ""
 
@@ -58,7 +69,7 @@ class Dsv4Adapter(LayerMethods, AdapterBase):
 
     def quantize(self, x, global_scale, codes_out, scales_out):
         gs = global_scale_from_amax(nvfp4_amax(x)) if global_scale is None else global_scale
-        quantize_activation_nvfp4(x, gs.float(), codes_out, scales_out)
+        quantize_activation_nvfp4(x, gs.float(), codes_out, scales_out, impl=self.quant_impl)
         return gs
 
     def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
@@ -86,10 +97,13 @@ class Dsv4Adapter(LayerMethods, AdapterBase):
         )
 
     def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        swiglu_quantize(l1_out, global_scale.float(), limit, codes_out, scales_out)
+        swiglu_quantize(
+            l1_out, global_scale.float(), limit, codes_out, scales_out, impl=self.quant_impl
+        )
 
 
 register("dsv4-torch", functools.partial(Dsv4Adapter, "torch"))
+register("dsv4-cutedsl", functools.partial(Dsv4Adapter, None, "cutedsl", "dsv4-cutedsl"))
 register("dsv4-sm90", functools.partial(Dsv4Adapter, "sm90"))  # opt-in: unverified on a GPU
 
 __all__ = ["Dsv4Adapter"]

@@ -34,7 +34,8 @@ from harness.runner import (
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 BAD = results.BAD_OUTCOMES
-COMMANDS_SHOWN = "{run,list,show,compare,report,merge}"  # `worker` is the runner's, not a user's
+# `worker` is the runner's, not a user's
+COMMANDS_SHOWN = "{run,list,show,compare,report,merge,bisect,bisect-check,bundle,repro}"
 
 
 class UsageError(ValueError):
@@ -125,6 +126,34 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("sources", nargs="+")
     m.add_argument("-o", "--out", required=True)
 
+    bc = sub.add_parser(
+        "bisect-check", help="one commit's verdict for git bisect run: 0 good, 1 bad, 125 skip"
+    )
+    _check_args(bc)
+
+    bi = sub.add_parser("bisect", help="find the commit that broke cases (temporary worktree)")
+    bi.add_argument("--good", required=True, help="a commit where the cases pass")
+    bi.add_argument("--bad", required=True, help="a later commit where they fail")
+    bi.add_argument("--repo", default=".", help="the git repository (default: this directory)")
+    bi.add_argument(
+        "--judge",
+        choices=("current", "commit"),
+        default="current",
+        help="whose harness and reference judge each commit (default: this checkout's)",
+    )
+    _check_args(bi)
+
+    rb = sub.add_parser("bundle", help="write a repro bundle of one case and backend")
+    rb.add_argument("cases", help="the case file holding the case")
+    rb.add_argument("case_id")
+    rb.add_argument("-b", "--backend", required=True)
+    rb.add_argument("-o", "--out", required=True, help="bundle directory")
+    rb.add_argument("--device", help="the device to record the case for")
+
+    rr = sub.add_parser("repro", help="replay a repro bundle and print its verdict")
+    rr.add_argument("bundle")
+    rr.add_argument("-b", "--backend", help="another adapter than the bundle's")
+
     w = sub.add_parser("worker")  # one isolated case (or --describe an adapter), for the runner
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--backend", required=True)
@@ -139,6 +168,25 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--time-budget", type=float, default=1.0)
     w.add_argument("--baseline", action="append", dest="baselines")
     return p
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    """The arguments `bisect-check` takes (and `bisect` passes on to it)."""
+    p.add_argument("cases", nargs="+", help="case files (paths relative to the repository root)")
+    p.add_argument("-b", "--backend", action="append", help="adapter (repeatable)")
+    p.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
+    p.add_argument("--device", help="run every case on this device")
+    p.add_argument("--isolate", action="store_true", help="one child process per case")
+
+
+def _check_argv(a: argparse.Namespace) -> list[str]:
+    argv = list(a.cases)
+    for b in a.backend or ():
+        argv += ["-b", b]
+    for flag, v in (("-k", a.filter), ("--device", a.device)):
+        if v:
+            argv += [flag, v]
+    return argv + (["--isolate"] if a.isolate else [])
 
 
 def _with_device(cases, device):
@@ -321,6 +369,63 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bisect_check(a: argparse.Namespace) -> int:
+    from harness import bisect
+
+    backends = tuple(a.backend) if a.backend else None
+    try:
+        return bisect.check(a.cases, backends, a.filter, a.device, a.isolate)
+    except Exception as e:  # noqa: BLE001 - whatever breaks at this commit, it cannot tell
+        print(f"bisect-check: untestable: {type(e).__name__}: {e}")
+        return bisect.UNTESTABLE
+
+
+def cmd_bisect(a: argparse.Namespace) -> int:
+    from harness import bisect
+
+    try:
+        r = bisect.bisect(a.repo, a.good, a.bad, _check_argv(a), a.judge)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if r.first_bad is None:
+        print(r.log[-3000:])
+        print("bisect: git bisect named no first bad commit (see its log above)", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"first bad commit: {r.first_bad} {r.subject}")
+    return EXIT_OK
+
+
+def cmd_bundle(a: argparse.Namespace) -> int:
+    from harness import repro, stages
+
+    cases = [c for c in _with_device(load_cases(a.cases)[1], a.device) if c.id == a.case_id]
+    if not cases:
+        print(f"{a.cases}: no case {a.case_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    case = cases[0]
+    inputs = None
+    if case.stage.is_layer:  # the layer's own tensors: replays do not depend on the generator
+        import torch
+
+        inputs = stages.layer_inputs(case, torch.device("cpu"))
+    print(f"bundle: {repro.save(a.out, case, a.backend, inputs)}")
+    return EXIT_OK
+
+
+def cmd_repro(a: argparse.Namespace) -> int:
+    from harness import repro
+
+    try:
+        rows = repro.replay(a.bundle, a.backend)
+    except repro.BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for r in rows:
+        print(f"[{r['backend']}] {r['compare']}: {r['outcome']}  {r.get('message', '')}")
+    return EXIT_FAIL if rows[-1]["outcome"] in BAD else EXIT_OK
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     prepare_worker(a.parent_pid, a.threads)
     if a.describe:
@@ -344,6 +449,10 @@ COMMANDS = {
     "compare": cmd_compare,
     "merge": cmd_merge,
     "report": cmd_report,
+    "bisect-check": cmd_bisect_check,
+    "bisect": cmd_bisect,
+    "bundle": cmd_bundle,
+    "repro": cmd_repro,
     "worker": cmd_worker,
 }
 

@@ -239,9 +239,11 @@ def run_one(
     time_it: bool = False,
     baselines: tuple[str, ...] | None = None,
     time_budget_s: float = 1.0,
+    inputs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run one pair in this process; never raises (errors become rows). With `time_it`, a
-    `timing` row (harness.timing) comes before the pair's final row."""
+    `timing` row (harness.timing) comes before the pair's final row; `inputs` replay a layer
+    case on given tensors (harness.repro)."""
     t0 = time.perf_counter()
     info: dict[str, Any] = {"backend": backend}
     adapter = None
@@ -254,7 +256,7 @@ def run_one(
         if not ok:
             comps = [Comparison("case", Outcome.UNSUPPORTED, why)]
         else:
-            comps = run_case(case, adapter)
+            comps = run_case(case, adapter, inputs)
     except Exception as e:  # noqa: BLE001 - every failure of a kernel is a recorded outcome
         kind = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
         tb = traceback.format_exc(limit=6)

@@ -672,8 +672,10 @@ ASSEMBLED = {"x_q": "w13_q", "act_q": "w2_q"}
 CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
 
-def _layer(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
-    d = layer_inputs(case, dev)
+def _layer(
+    case: Case, adapter: Any, dev: torch.device, d: dict[str, Any] | None = None
+) -> list[Comparison]:
+    d = layer_inputs(case, dev) if d is None else d
     declared = _conventions(adapter)
     r = run_layer(case, ReferenceAdapter(conventions=declared), d)  # judged as declared
     k = run_layer(case, adapter, d)
@@ -889,11 +891,20 @@ _STAGES = {
 }
 
 
-def run_case(case: Case, adapter: Any) -> list[Comparison]:
-    """All comparisons of one case on one adapter (exceptions propagate to the runner)."""
+def run_case(
+    case: Case, adapter: Any, inputs: dict[str, torch.Tensor] | None = None
+) -> list[Comparison]:
+    """All comparisons of one case on one adapter (exceptions propagate to the runner).
+
+    `inputs` (layer cases only: the tensors of `layer_inputs`, e.g. from a repro bundle) replace
+    the ones drawn from the case's seed."""
     dev = torch.device(case.device)
     with torch.no_grad():
-        return _STAGES[case.stage](case, adapter, dev)
+        if inputs is None:
+            return _STAGES[case.stage](case, adapter, dev)
+        if not case.stage.is_layer:
+            raise ValueError(f"given inputs replay layer cases only, not {case.stage.value}")
+        return _layer(case, adapter, dev, {k: v.to(dev) for k, v in inputs.items()})
 
 
 __all__ = ["Comparison", "Outcome", "run_case", "round_up"]

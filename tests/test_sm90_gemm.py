@@ -172,6 +172,7 @@ def _cuda_problem(counts, k, n, seed):
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.sm90
 @pytest.mark.parametrize(
     "counts,k,n",
     [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 300, 1, 0], 1024, 384), ([600, 7], 512, 256)],
@@ -186,6 +187,7 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 
 @needs_sm90
 @pytest.mark.gpu
+@pytest.mark.sm90
 @pytest.mark.parametrize("t", [5, 700])  # split-K path and the 128-row path
 def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t):
     plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([t - 2, 0, 2], 512, 256, seed=t)

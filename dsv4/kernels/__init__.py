@@ -1,5 +1,5 @@
-"""dsv4.kernels: hand-written kernels behind dsv4.ops' backend registry (docs/design.md §1).
-
-One sub-package per tool: `triton/` (the sm_90 grouped GEMM). Importing this package imports no
-kernel tool; each kernel module imports its own (Triton, CuTeDSL) when a backend first needs it.
-"""
+"""Device kernels behind dsv4.ops (docs/design.md §1): `cutedsl/` (quantize, SwiGLU-requantize, any
+arch) and `triton/` (the sm_90 grouped GEMM). Importing this package imports no kernel DSL and
+touches no GPU; each subpackage says whether its DSL is importable through a cached probe (or
+its backend's probe does), and dsv4.ops names the implementation that ran (never a silent
+fallback)."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from dsv4.layers import custom_ops
-from dsv4.ops import global_scale_from_amax, nvfp4_amax
+from dsv4.ops import global_scale_from_amax, nvfp4_amax, select_quant_impl
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -177,9 +177,17 @@ class Runner:
     kind = "Runner"
 
     def _init_runner(
-        self, op_name: str, device: torch.device | str | None, backend: str | None
+        self,
+        op_name: str,
+        device: torch.device | str | None,
+        backend: str | None,
+        quant_impl: str | None = None,
     ) -> None:
         self.backend = backend  # grouped-GEMM backend name; None: chosen by device at finalize
+        # quantize / SwiGLU-requantize implementation asked for ("torch", "cutedsl", None: by
+        # device); `quant_impl` is the one chosen at finalize, which every run() uses
+        self.quant_impl_request = quant_impl
+        self.quant_impl: str | None = None
         self._device = None if device is None else torch.device(device)
         self.state = State.NEW
         self.handle = custom_ops.register_runner(self, op_name)
@@ -189,6 +197,9 @@ class Runner:
     @property
     def device(self) -> torch.device | None:
         return self._device
+
+    def _resolve_quant_impl(self, device: torch.device) -> None:
+        self.quant_impl = select_quant_impl(device, self.quant_impl_request)
 
     def _set_two_scales(self, gs1: object, gs2: object) -> None:
         """Static (gs1, gs2), one value each, for the two-GEMM runners (decode convention)."""

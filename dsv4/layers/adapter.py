@@ -7,8 +7,9 @@ runner's named stages incl. "out" (views of the runner's buffers). `prepare_<lay
 arguments) does all but the run and returns the steady-state call, `run` on those inputs, which
 the harness times (docs/timing.md). The grouped-GEMM backend is
 the adapter's `backend` attribute when it has one (dsv4.adapters.Dsv4Adapter does), else chosen
-by device. The mixin holds no state; the harness is not imported here (its protocol is duck
-typed).
+by device; the quantize implementation likewise its `quant_impl` attribute (the runner's
+`quant_impl` says which one ran). The mixin holds no state; the harness is not imported here
+(its protocol is duck typed).
 """
 
 from __future__ import annotations
@@ -29,13 +30,6 @@ class LayerAdapterMixin:
     def _layer_backend(self) -> str | None:
         return getattr(self, "backend", None)
 
-    def shared_expert(
-        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, limit, calib_sample
-    ) -> dict[str, Any]:
-        run = self.prepare_shared_expert(x, w13, w2, limit=limit, calib_sample=calib_sample)
-        run()
-        return run.func.__self__.stages()  # the runner whose run() the partial binds
-
     def prepare_shared_expert(
         self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, limit, calib_sample
     ) -> functools.partial:
@@ -46,36 +40,12 @@ class LayerAdapterMixin:
             limit,
             device=x.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weights(w13, w2)
         runner.finalize()
         runner.calibrate(x if calib_sample is None else calib_sample)
         return functools.partial(runner.run, x)
-
-    def routed_moe(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        *,
-        first_expert: int,
-        limit,
-        calib_sample,
-    ) -> dict[str, Any]:
-        run = self.prepare_routed_moe(
-            x,
-            topk_ids,
-            topk_weights,
-            w13,
-            w2,
-            first_expert=first_expert,
-            limit=limit,
-            calib_sample=calib_sample,
-        )
-        run()
-        return run.func.__self__.stages()  # the runner whose run() the partial binds
 
     def prepare_routed_moe(
         self,
@@ -99,21 +69,13 @@ class LayerAdapterMixin:
             limit,
             device=x.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weights(w13, w2)
         runner.finalize()
         sample = x if calib_sample is None else calib_sample
         runner.calibrate(sample, topk_ids, topk_weights)  # the warm-up batch has x's routing
         return functools.partial(runner.run, x, topk_ids, topk_weights)
-
-    def grouped_linear(
-        self, o: torch.Tensor, w: torch.Tensor, *, n_groups: int, o_lora_rank: int, calib_sample
-    ) -> dict[str, Any]:
-        run = self.prepare_grouped_linear(
-            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, calib_sample=calib_sample
-        )
-        run()
-        return run.func.__self__.stages()  # the runner whose run() the partial binds
 
     def prepare_grouped_linear(
         self, o: torch.Tensor, w: torch.Tensor, *, n_groups: int, o_lora_rank: int, calib_sample
@@ -129,11 +91,29 @@ class LayerAdapterMixin:
             max(1, o.shape[0]),
             device=o.device,
             backend=self._layer_backend(),
+            quant_impl=getattr(self, "quant_impl", None),
         )
         runner.set_weight(w)
         runner.finalize()
         runner.calibrate(o if calib_sample is None else calib_sample)
         return functools.partial(runner.run, o)
+
+    # The layer methods: prepare, run once, return the runner's named stages.
+
+    def shared_expert(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _stages(self.prepare_shared_expert(*args, **kwargs))
+
+    def routed_moe(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _stages(self.prepare_routed_moe(*args, **kwargs))
+
+    def grouped_linear(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _stages(self.prepare_grouped_linear(*args, **kwargs))
+
+
+def _stages(run: functools.partial) -> dict[str, Any]:
+    """Run a prepared call once; the named stages of the runner whose run() it binds."""
+    run()
+    return run.func.__self__.stages()
 
 
 # The name dsv4.adapters' placeholder asks for.

@@ -32,7 +32,7 @@ from dsv4.ops import (
     grouped_gemm_workspace_bytes,
     make_b_k_major,
     max_padded_rows,
-    quantize_activation_nvfp4,
+    quantize_activation_nvfp4_grouped,
     quantize_weight_to_nvfp4,
     quantize_workspace_bytes,
     run_nvfp4_grouped_gemm,
@@ -56,6 +56,7 @@ class GroupedLinear(c.Runner):
         *,
         device: torch.device | str | None = None,
         backend: str | None = None,
+        quant_impl: str | None = None,
     ) -> None:
         self.n_groups = c.positive_int("n_groups", n_groups)
         self.heads_per_group = c.positive_int("heads_per_group", heads_per_group)
@@ -68,7 +69,7 @@ class GroupedLinear(c.Runner):
                 f"heads_per_group * head_dim (the contraction dim) must be a multiple of {BLOCK},"
                 f" got {heads_per_group=} * {head_dim=} = {self.group_dim}"
             )
-        self._init_runner("grouped_linear", device, backend)
+        self._init_runner("grouped_linear", device, backend, quant_impl)
 
     @property
     def n_heads(self) -> int:
@@ -97,6 +98,7 @@ class GroupedLinear(c.Runner):
         c.require(self.kind, self.state, c.State.WEIGHTS_SET, "finalize()")
         dev, g, d, r = self._device, self.n_groups, self.group_dim, self.o_lora_rank
         t = self.max_num_tokens
+        self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
         self._backend_name = select_backend(dev, self.backend)
         qs = [quantize_weight_to_nvfp4(self._w[i]) for i in range(g)]
         self._w_codes = make_b_k_major(torch.stack([q[0] for q in qs]))
@@ -164,10 +166,8 @@ class GroupedLinear(c.Runner):
             return out
         x = o.reshape(t, g, self.group_dim)
         codes, scales = self._x_codes[: g * t], self._x_scales[: g * t]
-        for i in range(g):  # one scale per group; the quantizer takes one per call
-            rows = slice(i * t, (i + 1) * t)
-            gs = self._gs[i : i + 1]
-            quantize_activation_nvfp4(x[:, i], gs, codes[rows], scales[rows], self._ws)
+        # one scale per group: one launch (cutedsl) or one quantize per group (torch)
+        quantize_activation_nvfp4_grouped(x, self._gs, codes, scales, self._ws, self.quant_impl)
         offsets = self._offsets[t]
         need = max_padded_rows(g * t, g) * ((scales.shape[1] + 3) // 4 * 4)
         sf, _ = assemble_scales_2d_side_from_offsets(

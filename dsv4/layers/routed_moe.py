@@ -50,7 +50,8 @@ from dsv4.ops import (
     run_nvfp4_grouped_gemm,
     select_backend,
     swiglu,
-    swiglu_workspace_bytes,
+    swiglu_quantize,
+    swiglu_quantize_workspace_bytes,
 )
 from dsv4.ops._workspace import cumsum_small, scalar
 from dsv4.ops.quantize import BLOCK
@@ -79,6 +80,7 @@ class RoutedMoERunner(c.Runner):
         *,
         device: torch.device | str | None = None,
         backend: str | None = None,
+        quant_impl: str | None = None,
     ) -> None:
         self.hidden = c.positive_int("hidden", hidden, BLOCK)
         self.intermediate = c.positive_int("intermediate", intermediate, BLOCK)
@@ -88,7 +90,7 @@ class RoutedMoERunner(c.Runner):
         self.max_num_tokens = c.positive_int("max_num_tokens", max_num_tokens)
         self.swiglu_limit = c.limit_value("swiglu_limit", swiglu_limit)
         self.process_group = process_group
-        self._init_runner("routed_moe", device, backend)
+        self._init_runner("routed_moe", device, backend, quant_impl)
 
     @property
     def max_rows(self) -> int:
@@ -112,6 +114,7 @@ class RoutedMoERunner(c.Runner):
         c.require(self.kind, self.state, c.State.WEIGHTS_SET, "finalize()")
         dev, e, h, i = self._device, self.n_local_experts, self.hidden, self.intermediate
         t, rows = self.max_num_tokens, self.max_rows
+        self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
         self._backend_name = select_backend(dev, self.backend)
         self._w13_q = self._weights(self._w13)
         self._w2_q = self._weights(self._w2)
@@ -153,7 +156,6 @@ class RoutedMoERunner(c.Runner):
         self._slot_idx = zeros(t, torch.int64)
         self._slot_rows32 = zeros((t, h), torch.float32)
         self._out = zeros((t, h), torch.bfloat16)
-        self._act = zeros((rows, i), torch.float32)  # weighted SwiGLU output
         self._onehot = zeros((rows, e + 1), torch.int64)  # routing: stable counting sort
         self._onehot_b = zeros((rows, e + 1), torch.bool)
         self._pos = zeros(rows, torch.int64)
@@ -171,8 +173,7 @@ class RoutedMoERunner(c.Runner):
         )
         need = max(
             quantize_workspace_bytes((t, h)),
-            quantize_workspace_bytes((rows, i)),
-            swiglu_workspace_bytes((rows, 2 * i)),
+            swiglu_quantize_workspace_bytes((rows, 2 * i)),
             assemble_2d_workspace_bytes(rows, h // BLOCK, e, self._x_sf.numel()),
             assemble_2d_workspace_bytes(rows, i // BLOCK, e, self._act_sf.numel()),
             gemm_ws,
@@ -310,7 +311,7 @@ class RoutedMoERunner(c.Runner):
     def _l1_gemm(self, x: torch.Tensor, rows: int) -> None:
         t = x.shape[0]
         xt_codes, xt_scales = self._xt_codes[:t], self._xt_scales[:t]
-        quantize_activation_nvfp4(x, self._gs1[:1], xt_codes, xt_scales, self._ws)
+        quantize_activation_nvfp4(x, self._gs1[:1], xt_codes, xt_scales, self._ws, self.quant_impl)
         token = self._token[:rows]
         codes, scales = self._x_codes[:rows], self._x_scales[:rows]
         torch.index_select(xt_codes, 0, token, out=codes)
@@ -319,11 +320,18 @@ class RoutedMoERunner(c.Runner):
         self._grouped_gemm(codes, scales, self._x_sf, self._w13_q, self._gs1, self._l1[:rows])
 
     def _l2_gemm(self, rows: int) -> None:
-        act = self._act[:rows]
-        swiglu(self._l1[:rows], self.swiglu_limit, out=act, workspace=self._ws)  # fp32
-        act.mul_(self._weight_row[:rows, None])  # the routing weight, before the quantization
         codes, scales = self._act_codes[:rows], self._act_scales[:rows]
-        quantize_activation_nvfp4(act, self._gs2[:1], codes, scales, self._ws)
+        # SwiGLU in fp32, times the routing weight, BEFORE the quantization with gs2: one op
+        swiglu_quantize(
+            self._l1[:rows],
+            self._gs2[:1],
+            self.swiglu_limit,
+            codes,
+            scales,
+            self._ws,
+            row_weight=self._weight_row[:rows],
+            impl=self.quant_impl,
+        )
         self._grouped_gemm(codes, scales, self._act_sf, self._w2_q, self._gs2, self._l2[:rows])
 
     def _grouped_gemm(self, codes, scales, sf_buf, weights, gs, out) -> None:

@@ -55,12 +55,13 @@ class SharedExpertRunner(c.Runner):
         *,
         device: torch.device | str | None = None,
         backend: str | None = None,
+        quant_impl: str | None = None,
     ) -> None:
         self.hidden = c.positive_int("hidden", hidden, BLOCK)
         self.intermediate = c.positive_int("intermediate", intermediate, BLOCK)
         self.max_num_tokens = c.positive_int("max_num_tokens", max_num_tokens)
         self.swiglu_limit = c.limit_value("swiglu_limit", swiglu_limit)
-        self._init_runner("shared_expert", device, backend)
+        self._init_runner("shared_expert", device, backend, quant_impl)
 
     # ---- life cycle
 
@@ -81,6 +82,7 @@ class SharedExpertRunner(c.Runner):
         """
         c.require(self.kind, self.state, c.State.WEIGHTS_SET, "finalize()")
         dev, t, h, i = self._device, self.max_num_tokens, self.hidden, self.intermediate
+        self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
         self._backend_name = select_backend(dev, self.backend)  # fails here, naming the need
         self._w13_q = self._weight(self._w13)
         self._w2_q = self._weight(self._w2)
@@ -164,7 +166,15 @@ class SharedExpertRunner(c.Runner):
             return out
         self._l1_gemm(x)
         codes, scales = self._act_codes[:t], self._act_scales[:t]
-        swiglu_quantize(self._l1[:t], self._gs2, self.swiglu_limit, codes, scales, self._ws)
+        swiglu_quantize(
+            self._l1[:t],
+            self._gs2,
+            self.swiglu_limit,
+            codes,
+            scales,
+            self._ws,
+            impl=self.quant_impl,
+        )
         sf = self._act_sf[: swizzled_numel(t, scales.shape[1])]
         pad_and_swizzle(scales, out=sf, workspace=self._ws)
         self._gemm(codes, sf, self._w2_q, self._gs2, out)
@@ -179,7 +189,7 @@ class SharedExpertRunner(c.Runner):
         """Quantize x [t, H] with gs1 and run L1 into the l1 buffer; returns its [t, 2I] view."""
         t = x.shape[0]
         codes, scales = self._x_codes[:t], self._x_scales[:t]
-        quantize_activation_nvfp4(x, self._gs1, codes, scales, self._ws)
+        quantize_activation_nvfp4(x, self._gs1, codes, scales, self._ws, self.quant_impl)
         sf = self._x_sf[: swizzled_numel(t, scales.shape[1])]
         pad_and_swizzle(scales, out=sf, workspace=self._ws)
         return self._gemm(codes, sf, self._w13_q, self._gs1, self._l1[:t])

@@ -1,8 +1,10 @@
 """dsv4.ops: the NVFP4 building blocks a serving stack calls (docs/design.md §2).
 
 quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, graph-safe),
-`quantize_weight_to_nvfp4`. layouts: `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`,
-`assemble_scales_3d_side`, `make_b_k_major`, `compute_expert_offsets`. gemm:
+`quantize_activation_nvfp4_grouped` (one scale per group), `quantize_weight_to_nvfp4`; each
+activation op takes `impl=` ("torch" or "cutedsl", `select_quant_impl`). layouts:
+`pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`, `assemble_scales_3d_side`,
+`make_b_k_major`, `compute_expert_offsets`. gemm:
 `run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
 Importing registers the `dsv4::*` torch.library custom ops and the `torch` and `sm90` GEMM
 backends (Triton loads on sm90's first call); it touches no GPU. No function here reads an
@@ -48,16 +50,26 @@ from dsv4.ops.layouts import (
 )
 from dsv4.ops.quantize import (
     BLOCK,
+    QUANT_IMPLS,
+    QuantImplUnavailableError,
+    cutedsl_supports,
     dequantize_nvfp4,
     global_scale_from_amax,
     nvfp4_amax,
     quantize_activation_nvfp4,
+    quantize_activation_nvfp4_grouped,
     quantize_to_nvfp4,
     quantize_weight_to_nvfp4,
     quantize_workspace_bytes,
+    select_quant_impl,
 )
 
 __all__ = [
+    "QUANT_IMPLS",
+    "QuantImplUnavailableError",
+    "cutedsl_supports",
+    "quantize_activation_nvfp4_grouped",
+    "select_quant_impl",
     "quantize_workspace_bytes",
     "pad_and_swizzle_workspace_bytes",
     "assemble_2d_workspace_bytes",

@@ -7,16 +7,28 @@ silu is torch's (x * sigmoid(x) as F.silu computes it on that device), so a fuse
 evaluates it differently may differ by an ulp before quantization: the harness classifies that.
 This torch version composes the steps; it allocates only temporaries and reads no value on the
 host, so with outputs given it is CUDA-graph capturable. It is a custom op, opaque to compile.
+`swiglu_quantize(..., row_weight=w)` multiplies each row by w (the routed MoE's routing weight)
+after the SwiGLU, before the quantization. `impl="cutedsl"` runs the one fused kernel of
+dsv4/kernels/cutedsl instead (`select_quant_impl`); its silu is g / (1 + exp(-g)) as torch's
+CUDA kernel evaluates it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from dsv4.ops import _checks
 from dsv4.ops._workspace import Sizer, Workspace, as_workspace
-from dsv4.ops.quantize import BLOCK, quantize_into, quantize_workspace_bytes
+from dsv4.ops.quantize import (
+    BLOCK,
+    _cutedsl_quantize,
+    quantize_into,
+    quantize_workspace_bytes,
+    select_quant_impl,
+)
 
 DEFAULT_SWIGLU_LIMIT = 10.0
 
@@ -108,20 +120,32 @@ def _swiglu_quantize_op(
     codes_out: torch.Tensor,
     scales_out: torch.Tensor,
     workspace: torch.Tensor | None,
+    row_weight: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> None:
     gs = global_scale.reshape(())
+    if impl == "cutedsl":
+        _cutedsl_quantize(l1_out, gs, codes_out, scales_out, row_weight, swiglu=True, limit=limit)
+        return
     if workspace is None:
-        quantize_into(_swiglu(l1_out, limit), gs, codes_out, scales_out)
+        h = _swiglu(l1_out, limit)
+        if row_weight is not None:
+            h = h * row_weight.unsqueeze(-1)
+        quantize_into(h, gs, codes_out, scales_out)
         return
     ws = Workspace(workspace)
     l1 = _swiglu_buffers(ws, tuple(l1_out.shape))  # reserved first, as the sizing counts it
     h = ws.empty((*l1_out.shape[:-1], l1_out.shape[-1] // 2), torch.float32)
     _swiglu_into(l1_out, limit, h, l1)
+    if row_weight is not None:
+        h.mul_(row_weight.unsqueeze(-1))  # fp32, after the SwiGLU (the reference's order)
     quantize_into(h, gs, codes_out, scales_out, ws.rest())
 
 
 @_swiglu_quantize_op.register_fake
-def _(l1_out, global_scale, limit, codes_out, scales_out, workspace) -> None:
+def _(
+    l1_out, global_scale, limit, codes_out, scales_out, workspace, row_weight=None, impl="torch"
+) -> None:
     return None
 
 
@@ -132,13 +156,16 @@ def swiglu_quantize(
     codes_out: torch.Tensor | None = None,
     scales_out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU (DeepSeek V4 clamp) of l1_out [..., 2I], requantized with the static gs.
 
     Returns (codes uint8 [..., I/2], scales e4m3 [..., I/16]), written into the outputs when
     given (then nothing is allocated for the results and nothing is read on the host). With a
     `workspace` (uint8 1-D, `swiglu_quantize_workspace_bytes(l1_out.shape)` bytes) the
-    temporaries live there too: nothing at all is allocated.
+    temporaries live there too: nothing at all is allocated. `row_weight` (fp32 [T] for a
+    [T, 2I] l1_out) multiplies row t after the SwiGLU. `impl`: see `select_quant_impl`.
     """
     _check_l1("l1_out", l1_out)
     lim = _checks.positive_limit("limit", limit)
@@ -159,5 +186,10 @@ def swiglu_quantize(
         _checks.same_device(l1_out=l1_out, codes_out=codes_out, scales_out=scales_out)
     need = swiglu_quantize_workspace_bytes(tuple(l1_out.shape))
     _checks.workspace(workspace, l1_out.device, need)
-    _swiglu_quantize_op(l1_out, gs, lim, codes_out, scales_out, workspace)
+    if row_weight is not None:
+        _checks.tensor("row_weight", row_weight, (torch.float32,), ndim=1)
+        _checks.shape("row_weight", row_weight, (math.prod(lead),))
+        _checks.same_device(l1_out=l1_out, row_weight=row_weight)
+    impl = select_quant_impl(l1_out.device, impl)
+    _swiglu_quantize_op(l1_out, gs, lim, codes_out, scales_out, workspace, row_weight, impl)
     return codes_out, scales_out

@@ -15,9 +15,17 @@ rounding arithmetic, so the two are independent statements of the same format):
 - NaN policy (explicit): a NaN block amax gives scale byte 0x7F; a NaN element (or every element
   of a NaN-scaled block) gives code 0x7 (+6), as CUDA's software cvt path does.
 The static path reads no tensor value on the host and writes into caller-owned outputs.
+
+Implementations (`QUANT_IMPLS`): "torch" (this file, any device) and "cutedsl" (the fused kernel
+of dsv4/kernels/cutedsl, CUDA sm_90+, same bits). `select_quant_impl(device, impl)` says which one
+a call runs: impl=None takes cutedsl where it can run, else torch; naming one that cannot run
+raises BackendUnavailableError saying what is missing. Callers record the name (the runners as
+`quant_impl`, the harness adapter in its name): explicit, never a silent fallback.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -137,6 +145,71 @@ def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# implementations
+
+QUANT_IMPLS = ("torch", "cutedsl")
+
+
+class QuantImplUnavailableError(RuntimeError):
+    """A quantize implementation was asked for where it cannot run (the message says why)."""
+
+
+@functools.cache
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def cutedsl_supports(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the CuTeDSL quantize kernels run on `device`: (ok, why not)."""
+    from dsv4.kernels.cutedsl import available
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"needs a CUDA device of sm_90 or newer, got {device.type}"
+    major = _cuda_major(device.index if device.index is not None else torch.cuda.current_device())
+    if major < 9:
+        return False, f"needs sm_90 or newer, got sm_{major}x"
+    return available()
+
+
+def select_quant_impl(device: torch.device | str, impl: str | None = None) -> str:
+    """The quantize implementation for `device`: `impl` if given (it must run there), else
+    "cutedsl" where it runs and "torch" elsewhere."""
+    if impl is not None and impl not in QUANT_IMPLS:
+        raise ValueError(f"impl must be one of {QUANT_IMPLS} or None, got {impl=}")
+    if impl == "torch":
+        return impl
+    ok, why = cutedsl_supports(device)
+    if impl == "cutedsl" and not ok:
+        raise QuantImplUnavailableError(f"quantize impl 'cutedsl' {why}")
+    return "cutedsl" if ok else "torch"
+
+
+def _cutedsl_quantize(
+    x, gs, codes_out, scales_out, row_weight=None, swiglu: bool = False, limit=None
+) -> None:
+    """The CuTeDSL kernel with linear scales into the given outputs (x [..., K] as [T, K]);
+    swiglu=True: x is the L1 output [..., 2I], quantized after the SwiGLU with `limit`."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x2 = x.reshape(-1, x.shape[-1])
+    dtype = str(x.dtype).removeprefix("torch.")
+    if swiglu:
+        cfg = nq.QuantConfig(
+            x2.shape[1] // 2,
+            dtype,
+            nq.ScaleLayout.LINEAR,
+            prologue=nq.Prologue.SWIGLU,
+            swiglu_limit=limit,
+            row_weight=row_weight is not None,
+        )
+    else:
+        cfg = nq.QuantConfig(x2.shape[1], dtype, nq.ScaleLayout.LINEAR)
+    codes, scales = codes_out.view(-1, codes_out.shape[-1]), scales_out.view(-1, cfg.cols)
+    nq.run_quant(cfg, x2, gs.reshape(1), codes, scales, row_weight)
+
+
+# --------------------------------------------------------------------------------------------
 # the one quantizer every public function goes through
 
 
@@ -229,28 +302,37 @@ def _quantize_static_op(
     codes_out: torch.Tensor,
     scales_out: torch.Tensor,
     workspace: torch.Tensor | None,
+    impl: str = "torch",
 ) -> None:
-    quantize_into(x, global_scale.reshape(()), codes_out, scales_out, workspace)
+    if impl == "cutedsl":
+        _cutedsl_quantize(x, global_scale, codes_out, scales_out)
+    else:
+        quantize_into(x, global_scale.reshape(()), codes_out, scales_out, workspace)
 
 
 @_quantize_static_op.register_fake
-def _(x, global_scale, codes_out, scales_out, workspace) -> None:
+def _(x, global_scale, codes_out, scales_out, workspace, impl="torch") -> None:
     return None
 
 
 @torch.library.custom_op("dsv4::quantize_nvfp4_dynamic", mutates_args=())
-def _quantize_dynamic_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gs = global_scale_from_amax(nvfp4_amax(x))
+def _quantize_dynamic_op(
+    x: torch.Tensor, impl: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gs = global_scale_from_amax(nvfp4_amax(x))  # the amax reduction on the device, then static
     codes = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty(
         (*x.shape[:-1], x.shape[-1] // BLOCK), dtype=torch.float8_e4m3fn, device=x.device
     )
-    quantize_into(x, gs, codes, scales)
+    if impl == "cutedsl":
+        _cutedsl_quantize(x, gs, codes, scales)
+    else:
+        quantize_into(x, gs, codes, scales)
     return codes, scales, gs
 
 
 @_quantize_dynamic_op.register_fake
-def _(x):
+def _(x, impl="torch"):
     lead = tuple(x.shape[:-1])
     return (
         x.new_empty((*lead, x.shape[-1] // 2), dtype=torch.uint8),
@@ -263,13 +345,16 @@ def _(x):
 # public API (names of the serving code, docs/design.md §2)
 
 
-def quantize_to_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_to_nvfp4(
+    x: torch.Tensor, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dynamic: x [..., K] -> (codes uint8 [..., K/2], scales e4m3 [..., K/16], gs fp32 0-d).
 
-    gs = amax(|x|) / (6 * 448) (NaN ignored, 1.0 for an all-zero x), computed on the device.
+    gs = amax(|x|) / (6 * 448) (NaN ignored, 1.0 for an all-zero x), computed on the device (a
+    torch reduction), then the static quantizer of `impl` (see `select_quant_impl`).
     """
     _check_x("x", x)
-    return _quantize_dynamic_op(x)
+    return _quantize_dynamic_op(x, select_quant_impl(x.device, impl))
 
 
 def quantize_activation_nvfp4(
@@ -278,6 +363,7 @@ def quantize_activation_nvfp4(
     codes_out: torch.Tensor | None = None,
     scales_out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static: quantize x [..., K] with a calibrated gs (fp32, one element, on x's device).
 
@@ -285,7 +371,8 @@ def quantize_activation_nvfp4(
     results and no tensor value is read on the host: the call is CUDA-graph capturable. With a
     `workspace` too (uint8 1-D, at least `quantize_workspace_bytes(x.shape)` bytes, on x's
     device) the temporaries live there and the call allocates nothing at all. Values beyond the
-    calibrated amax saturate in the block scale (448), never NaN.
+    calibrated amax saturate in the block scale (448), never NaN. `impl`: see
+    `select_quant_impl` (None: cutedsl on CUDA where it runs, else torch); same bits either way.
     """
     _check_x("x", x)
     gs = _checks.global_scale("global_scale", global_scale, x.device)
@@ -302,7 +389,46 @@ def quantize_activation_nvfp4(
     else:
         _check_outputs(x, codes_out, scales_out)
     _checks.workspace(workspace, x.device, quantize_workspace_bytes(tuple(x.shape)))
-    _quantize_static_op(x, gs, codes_out, scales_out, workspace)
+    _quantize_static_op(x, gs, codes_out, scales_out, workspace, select_quant_impl(x.device, impl))
+    return codes_out, scales_out
+
+
+def quantize_activation_nvfp4_grouped(
+    x: torch.Tensor,
+    global_scales: torch.Tensor,
+    codes_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    workspace: torch.Tensor | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static, one scale per group: x [T, G, K] (group g = x[:, g]) with gs fp32 [G] ->
+    codes_out uint8 [G*T, K/2] and scales_out e4m3 [G*T, K/16], group g in rows g*T..(g+1)*T.
+
+    cutedsl: one launch for all groups; torch: one quantize per group (workspace as
+    `quantize_workspace_bytes((T, K))`). Graph-capturable, nothing read on the host.
+    """
+    _checks.tensor("x", x, _checks.FLOAT_INPUTS, ndim=3)
+    _check_x("x", x)
+    t, g, k = x.shape
+    _checks.tensor("global_scales", global_scales, (torch.float32,), ndim=1)
+    _checks.shape("global_scales", global_scales, (g,))
+    _checks.tensor("codes_out", codes_out, (torch.uint8,))
+    _checks.tensor("scales_out", scales_out, (torch.float8_e4m3fn,))
+    _checks.shape("codes_out", codes_out, (g * t, k // 2))
+    _checks.shape("scales_out", scales_out, (g * t, k // BLOCK))
+    _checks.same_device(x=x, gs=global_scales, codes_out=codes_out, scales_out=scales_out)
+    impl = select_quant_impl(x.device, impl)
+    if impl == "cutedsl":
+        from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+        cfg = nq.QuantConfig(k, str(x.dtype).removeprefix("torch."), nq.ScaleLayout.LINEAR, g)
+        nq.run_quant(cfg, x, global_scales, codes_out, scales_out)
+        return codes_out, scales_out
+    for i in range(g):  # the torch quantizer takes one scale per call
+        rows = slice(i * t, (i + 1) * t)
+        quantize_activation_nvfp4(
+            x[:, i], global_scales[i : i + 1], codes_out[rows], scales_out[rows], workspace, impl
+        )
     return codes_out, scales_out
 
 
@@ -319,12 +445,14 @@ def quantize_weight_to_nvfp4(
         raise ValueError(
             f"w must be [K, N] with K a multiple of {BLOCK}, got w.shape={tuple(w.shape)}"
         )
+    # impl="torch": wt is a transposed view (the kernels take a contiguous last dim), and
+    # weights are quantized once, at finalize
     wt = w.t()
     if global_scale is None:
-        codes, scales, gs = quantize_to_nvfp4(wt)
+        codes, scales, gs = quantize_to_nvfp4(wt, impl="torch")
     else:
         gs = _checks.global_scale("global_scale", global_scale, w.device)
-        codes, scales = quantize_activation_nvfp4(wt, gs)
+        codes, scales = quantize_activation_nvfp4(wt, gs, impl="torch")
     return codes.t().contiguous(), scales.t().contiguous(), gs
 
 

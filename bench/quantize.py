@@ -1,0 +1,289 @@
+"""Speed of the NVFP4 quantize kernels on a CUDA GPU, one table, ratios measured in one run.
+
+    python bench/quantize.py [--budget 1.0] [--out DIR]
+
+Rows: the CuTeDSL kernels (static-scale quantize with swizzled scales, SwiGLU-requantize, grouped
+gs[G]), dsv4's portable torch path and a torch.compile'd seed-style quantizer (reciprocal,
+threshold rounding: fast, not bit-exact; the speed baseline the issue names). Each is timed by
+harness.timing.measure (CUDA-graph replays, input sets rotated so a pass reads more than 2x L2)
+and given as median us, GB/s of the bytes it must move (input read, codes and scale bytes
+written) and percent of the device-to-device copy bandwidth measured in the same run. Small
+shapes (T = 128) report graph-replay latency. Every CuTeDSL row is checked bit-exact against
+reference/ before it is timed (the `exact` column). Full records go to DIR/quantize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dsv4.kernels.cutedsl import nvfp4_quant as nq  # noqa: E402
+from dsv4.ops import quantize_activation_nvfp4  # noqa: E402
+from harness import timing  # noqa: E402
+from reference.activation import swiglu as ref_swiglu  # noqa: E402
+from reference.layouts import swizzle_scales  # noqa: E402
+from reference.nvfp4 import quantize_nvfp4  # noqa: E402
+
+
+def seed_style_quantize(x: torch.Tensor, gs: torch.Tensor):
+    """The common torch NVFP4 recipe (reciprocals, threshold count): the speed baseline."""
+    xn = x.float() * (1.0 / gs)
+    b = xn.unflatten(-1, (-1, 16))
+    s = (b.abs().amax(-1, keepdim=True) / 6.0).clamp(max=448.0).to(torch.float8_e4m3fn)
+    q = b * (1.0 / s.float())
+    a = q.abs()
+    mids = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+    code = sum((a > m).to(torch.uint8) for m in mids) | ((q < 0).to(torch.uint8) << 3)
+    code = code.flatten(-2)
+    return code[..., 0::2] | (code[..., 1::2] << 4), s.squeeze(-1)
+
+
+def nvfp4_bytes(rows: int, k_in: int, k: int, in_bytes: int = 2) -> int:
+    return rows * k_in * in_bytes + rows * k // 2 + rows * k // 16
+
+
+def row(name, fn_sets, n_sets, nbytes, copy_gbps, exact, budget):
+    t = timing.measure(fn_sets, n_sets, budget_s=budget)
+    gbps = nbytes / (t.median_us * 1e-6) / 1e9
+    return {
+        "case": name,
+        "median_us": t.median_us,
+        "p10_us": t.p10_us,
+        "p90_us": t.p90_us,
+        "GB/s": gbps,
+        "%copy": 100 * gbps / copy_gbps,
+        "exact": exact,
+        "stop": t.stop_reason,
+    }
+
+
+def sets(make, nbytes, dev):
+    n = timing.cold_l2_sets(nbytes, dev)
+    return [make(i) for i in range(n)]
+
+
+def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]:
+    """Static quantize [t, k]: CuTeDSL (swizzled scales), dsv4's torch path, torch.compile seed."""
+    cfg = nq.QuantConfig(k)
+    nb = nvfp4_bytes(t, k, k)
+
+    def make(i):
+        x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)
+        gs = (x.float().abs().amax() / 2688).reshape(1)
+        codes = torch.empty(t, k // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(cfg.scale_bytes(t), dtype=torch.uint8, device=dev)
+        lin = torch.empty(t, k // 16, dtype=torch.float8_e4m3fn, device=dev)
+        return x, gs, codes, sf, lin
+
+    data = sets(make, nb, dev)
+    x, gs, codes, sf, _ = data[0]
+    nq.run_quant(cfg, x, gs, codes, sf)
+    rc, rs, _ = quantize_nvfp4(x, gs)
+    exact = bool(torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8)))
+    seed = torch.compile(seed_style_quantize, dynamic=False)
+    n = len(data)
+    slow = nq.QuantConfig(k, fast_division=False)
+    nq.run_quant(slow, x, gs, codes, sf)
+    slow_exact = bool(
+        torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8))
+    )
+    return [
+        row(
+            f"cutedsl quantize [{t},{k}] div.rn only",
+            lambda i: nq.run_quant(slow, *data[i][:4]),
+            n,
+            nb,
+            copy,
+            slow_exact,
+            budget,
+        ),
+        row(
+            f"cutedsl quantize [{t},{k}] swizzled",
+            lambda i: nq.run_quant(cfg, *data[i][:4]),
+            n,
+            nb,
+            copy,
+            exact,
+            budget,
+        ),
+        row(
+            f"torch (dsv4 ops) quantize [{t},{k}]",
+            lambda i: quantize_activation_nvfp4(*data[i][:3], data[i][4], impl="torch"),
+            n,
+            nb,
+            copy,
+            True,
+            budget,
+        ),
+        row(
+            f"torch.compile seed-style quantize [{t},{k}]",
+            lambda i: seed(data[i][0], data[i][1]),
+            n,
+            nb,
+            copy,
+            False,
+            budget,
+        ),
+    ]
+
+
+def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> list[dict]:
+    """The routed MoE's staged quantize of t tokens x top_k slots (rows gathered by token):
+    the gather kernel, quantize-then-gather of codes and scales (what the MoE runner does), and
+    the plain quantize of the same t * top_k rows (the 1.3x target's yardstick)."""
+    rows_n = t * top_k
+    plain = nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR)
+    gather = nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True)
+    nb = nvfp4_bytes(rows_n, k, k)
+
+    def make(i):
+        x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)
+        token = torch.randint(0, t, (rows_n,), device=dev, dtype=torch.int32)
+        gs = (x.float().abs().amax() / 2688).reshape(1)
+        codes = torch.empty(rows_n, k // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(rows_n, k // 16, dtype=torch.uint8, device=dev)
+        tc = torch.empty(t, k // 2, dtype=torch.uint8, device=dev)
+        ts = torch.empty(t, k // 16, dtype=torch.uint8, device=dev)
+        xs = x[token.long()]  # the staged rows, materialized: the plain quantize's input
+        return x, token, gs, codes, sf, tc, ts, xs
+
+    data = sets(make, nb, dev)
+    x, token, gs, codes, sf, *_ = data[0]
+    nq.run_quant(gather, x, gs, codes, sf, index=token)
+    rc, rs, _ = quantize_nvfp4(x[token.long()], gs)
+    exact = bool(torch.equal(codes, rc) and torch.equal(sf, rs.view(torch.uint8)))
+
+    def then_gather(i):
+        x, token, gs, codes, sf, tc, ts, _ = data[i]
+        nq.run_quant(plain, x, gs, tc, ts)
+        torch.index_select(tc, 0, token, out=codes)
+        torch.index_select(ts, 0, token, out=sf)
+
+    n = len(data)
+    return [
+        row(
+            f"cutedsl gather quantize {t}x top-{top_k} [{rows_n},{k}]",
+            lambda i: nq.run_quant(gather, *data[i][:1], *data[i][2:5], index=data[i][1]),
+            n,
+            nb,
+            copy,
+            exact,
+            budget,
+        ),
+        row(
+            f"cutedsl quantize {t} then gather codes+scales", then_gather, n, nb, copy, None, budget
+        ),
+        row(
+            f"cutedsl plain quantize [{rows_n},{k}] (yardstick)",
+            lambda i: nq.run_quant(plain, data[i][7], *data[i][2:5]),
+            n,
+            nb,
+            copy,
+            None,
+            budget,
+        ),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    copy = timing.copy_bandwidth_gbps(dev)
+    rows = []
+
+    for t in (8192, 128):
+        rows += quantize_rows(t, 7168, dev, copy, args.budget)
+    rows += gather_rows(4096, 6, 7168, dev, copy, args.budget)
+
+    # SwiGLU-requant of the L1 output [8192, 2 x 3072], routing weight per row
+    t, i_ = 8192, 3072
+    cfg = nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True)
+    nb = nvfp4_bytes(t, 2 * i_, i_) + 4 * t
+
+    def make_l1(j):
+        l1 = (torch.randn(t, 2 * i_, device=dev) * 4).to(torch.bfloat16)
+        w = torch.rand(t, device=dev)
+        h = ref_swiglu(l1, 10.0) * w[:, None]
+        gs = (h.abs().amax() / 2688).reshape(1)
+        codes = torch.empty(t, i_ // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(cfg.scale_bytes(t), dtype=torch.uint8, device=dev)
+        return l1, gs, codes, sf, w, h
+
+    data = sets(make_l1, nb, dev)
+    l1, gs, codes, sf, w, h = data[0]
+    nq.run_quant(cfg, l1, gs, codes, sf, w)
+    rc, rs, _ = quantize_nvfp4(h, gs)
+    exact = bool(torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8)))
+    rows.append(
+        row(
+            f"cutedsl swiglu-requant [{t},2x{i_}]",
+            lambda j: nq.run_quant(cfg, *data[j][:4], data[j][4]),
+            len(data),
+            nb,
+            copy,
+            exact,
+            args.budget,
+        )
+    )
+
+    # grouped linear form: one launch for G groups, gs[G]
+    t, g, d = 4096, 16, 4096
+    cfg = nq.QuantConfig(d, groups=g)
+    nb = nvfp4_bytes(t * g, d, d)
+
+    def make_g(j):
+        o = torch.randn(t, g * d, device=dev).to(torch.bfloat16)
+        gs = torch.rand(g, device=dev) * 1e-3 + 1e-3
+        codes = torch.empty(g * t, d // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(cfg.scale_bytes(t), dtype=torch.uint8, device=dev)
+        return o.view(t, g, d), gs, codes, sf
+
+    data = sets(make_g, nb, dev)
+    rows.append(
+        row(
+            f"cutedsl grouped quantize G={g} [{t},{d}]",
+            lambda j: nq.run_quant(cfg, *data[j]),
+            len(data),
+            nb,
+            copy,
+            None,
+            args.budget,
+        )
+    )
+
+    print(f"\ndevice {torch.cuda.get_device_name()}  copy bandwidth {copy:.0f} GB/s (same run)\n")
+    hdr = f"{'case':46} {'median us':>10} {'p10..p90 us':>17} {'GB/s':>7} {'%copy':>6} exact"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(
+            f"{r['case']:46} {r['median_us']:10.2f} {r['p10_us']:8.2f}..{r['p90_us']:<8.2f} "
+            f"{r['GB/s']:7.0f} {r['%copy']:6.1f} {r['exact']}"
+        )
+    by = {r["case"]: r for r in rows}
+    ours = by["cutedsl quantize [8192,7168] swizzled"]["median_us"]
+    seed = by["torch.compile seed-style quantize [8192,7168]"]["median_us"]
+    print(f"\nquantize [8192,7168]: {seed / ours:.2f}x the torch.compile'd seed-style quantizer")
+    g = by["cutedsl gather quantize 4096x top-6 [24576,7168]"]["median_us"]
+    yard = by["cutedsl plain quantize [24576,7168] (yardstick)"]["median_us"]
+    print(f"gather quantize 4096 x top-6: {g / yard:.2f}x the plain quantize of the same rows")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quantize.json").write_text(
+            json.dumps({"copy_gbps": copy, "rows": rows}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

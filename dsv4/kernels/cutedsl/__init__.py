@@ -1,0 +1,22 @@
+"""CuTeDSL kernels (nvidia-cutlass-dsl, the `.[cutedsl]` extra): NVFP4 quantize and fused
+SwiGLU-requantize for any arch from sm_90 (nvfp4_quant.py), with `bitmodel.py` (their bit tricks
+in torch, CPU-testable) and `ptx_check.py` (compile on CPU, read PTX and ptxas's report).
+
+`available()` says whether the DSL imports (cached; the reason when not). Importing this
+package imports neither cutlass nor CUDA; import `nvfp4_quant` for the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+    """(True, "") when nvidia-cutlass-dsl imports, else (False, why)."""
+    try:
+        import cutlass  # noqa: F401
+        import cutlass.cute  # noqa: F401
+    except ImportError as e:  # the reason is reported, never swallowed
+        return False, f"nvidia-cutlass-dsl is not importable ({e}); pip install '.[cutedsl]'"
+    return True, ""

@@ -1,0 +1,735 @@
+"""NVFP4 quantize kernels in CuTeDSL, any arch: activation quantize and fused SwiGLU-requantize.
+
+One kernel family, variants as config fields (`QuantConfig`): the input may be a [T, K] tensor,
+G groups of one [T, G, K] tensor with one global scale each (the grouped linear, one launch),
+or the L1 output [T, 2I] passed through the DeepSeek V4 SwiGLU with limit (times a per-row
+routing weight) before it is quantized. Scales go straight into the 128x4-swizzled layout the
+GEMM reads, each group's rows padded to 128 on their own (padding bytes written as 0), or stay
+linear [rows, K/16] (the harness's stage output). One thread quantizes one 16-element block:
+two 16-byte loads, one 8-byte code store, one scale byte.
+
+Bits (docs/design.md §3, the reference's order, fp32, correctly rounded divisions): x_n = x / gs;
+amax = max.NaN |x_n|; s = amax / 6; byte = cvt.rn.satfinite.e4m3 (clamp-then-round, NaN ->
+0x7F); q = x_n / decode(byte), 0 where the scale is 0; E2M1 of q by cvt.rn.satfinite.e2m1x2 on
+sm_100+ and by the exact software steps of `bitmodel` elsewhere. NaN policy: +6 (q is clamped
+with min first, so NaN never reaches the conversion). SwiGLU: gate = min.NaN(gate, L), up =
+clamp(up) (NaN kept, as torch.clamp), silu(g) = g / (1 + exp(-g)) as torch's CUDA kernel.
+
+Layers (STYLE.md rule 1): `Nvfp4QuantKernel` (config, `@cute.jit` launch, `@cute.kernel` body),
+`compile_quant` (cached by (config, arch)), `run_quant` (validates, writes caller-owned outputs).
+Nothing here reads an environment variable; importing it imports cutlass but touches no GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint8, Uint32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+BLOCK = 16
+THREADS = 128  # one 16-element block per thread
+ATOM_ROWS, ATOM_COLS = 128, 4  # the 512-byte scale atom (docs/design.md §3 "Scale layout")
+ARCHS = ("sm_90a", "sm_100a")
+
+
+class ScaleLayout(enum.Enum):
+    """Where the scale bytes go."""
+
+    SWIZZLED = "swizzled"  # 128x4 atoms, each group's rows padded to 128 (the GEMM's operand)
+    LINEAR = "linear"  # [rows, K/16] row-major, no padding (stage outputs, the harness)
+
+
+class Prologue(enum.Enum):
+    """What the kernel computes from its input before quantizing."""
+
+    NONE = "none"  # quantize the input itself
+    SWIGLU = "swiglu"  # DeepSeek V4 SwiGLU with limit of the [.., 2K] L1 output
+
+
+_DTYPES = {"bfloat16": cutlass.BFloat16, "float16": cutlass.Float16, "float32": Float32}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that changes generated code (the compile key, with the arch)."""
+
+    k: int  # quantized width (columns of codes * 2); the input has k (NONE) or 2k (SWIGLU)
+    in_dtype: str = "bfloat16"  # "bfloat16" | "float16" | "float32"
+    scale_layout: ScaleLayout = ScaleLayout.SWIZZLED
+    groups: int = 1  # G: input [T, G, k], one global scale per group, one launch
+    prologue: Prologue = Prologue.NONE
+    swiglu_limit: float | None = 10.0  # SWIGLU only; None clamps nothing
+    gate_first: bool = True  # SWIGLU only: gate = first half of the L1 output
+    row_weight: bool = False  # SWIGLU only: h *= w[row] (routing weight) before quantizing
+    gather: bool = False  # output row r reads input row index[r] (the routed MoE's staging)
+    # divisions of in-range blocks by a reciprocal and one fma correction (bit-identical to
+    # div.rn there, see _div_corrected); div.rn for every other block and when False
+    fast_division: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k <= 0 or self.k % BLOCK:
+            raise ValueError(f"QuantConfig.k must be a positive multiple of {BLOCK}, got {self.k=}")
+        if self.in_dtype not in _DTYPES:
+            raise ValueError(
+                f"QuantConfig.in_dtype must be one of {sorted(_DTYPES)}, got {self.in_dtype=}"
+            )
+        if not isinstance(self.groups, int) or self.groups <= 0:
+            raise ValueError(f"QuantConfig.groups must be an int >= 1, got {self.groups=}")
+        if self.prologue is not Prologue.SWIGLU and (self.row_weight or not self.gate_first):
+            raise ValueError(
+                f"row_weight / gate_first apply to the SWIGLU prologue only, got "
+                f"{self.prologue=} {self.row_weight=} {self.gate_first=}"
+            )
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ValueError(
+                f"QuantConfig.swiglu_limit must be > 0 or None, got {self.swiglu_limit=}"
+            )
+
+    @property
+    def cols(self) -> int:
+        """Scale columns K/16."""
+        return self.k // BLOCK
+
+    @property
+    def padded_cols(self) -> int:
+        c = self.cols
+        if self.scale_layout is ScaleLayout.LINEAR:
+            return c
+        return (c + ATOM_COLS - 1) // ATOM_COLS * ATOM_COLS
+
+    @property
+    def in_width(self) -> int:
+        return 2 * self.k if self.prologue is Prologue.SWIGLU else self.k
+
+    def scale_rows(self, rows: int) -> int:
+        """Scale rows per group for `rows` data rows (padded to 128 when swizzled)."""
+        if self.scale_layout is ScaleLayout.LINEAR:
+            return rows
+        return (rows + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
+
+    def scale_bytes(self, rows: int) -> int:
+        return self.groups * self.scale_rows(rows) * self.padded_cols
+
+
+# --------------------------------------------------------------------------------------------
+# PTX helpers (pure value computations: has_side_effects=False lets LLVM schedule them)
+
+
+def _asm(res_type, ptx: str, constraints: str, args, loc=None, ip=None):
+    return llvm.inline_asm(
+        res_type,
+        [a.ir_value(loc=loc, ip=ip) for a in args],
+        ptx,
+        constraints,
+        has_side_effects=False,
+        is_align_stack=False,
+    )
+
+
+def _ptx(ptx: str, out, *args, loc=None, ip=None):
+    """One pure inline-PTX value of type `out` (Float32 or Uint32) from Float32 / Uint32 args
+    ($0 the result, $1.. the args; constraint letters follow the types)."""
+    letter = {Float32: "f", Uint32: "r"}
+    cons = "=" + letter[out] + "".join("," + letter[type(a)] for a in args)
+    res = T.f32() if out is Float32 else T.i32()
+    return out(_asm(res, ptx, cons, list(args), loc, ip))
+
+
+@dsl_user_op
+def _max_abs_nan(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
+    """max(acc, |v|), NaN-propagating (a NaN block must give scale 0x7F)."""
+    ptx = "{ .reg .f32 t; abs.f32 t, $2; max.NaN.f32 $0, $1, t; }"
+    return _ptx(ptx, Float32, Float32(acc), Float32(v), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _min_nan(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
+    return _ptx("min.NaN.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _max_nan(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
+    return _ptx("max.NaN.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _e4m3_byte(s: Float32, *, loc=None, ip=None) -> Uint32:
+    """cvt.rn.satfinite.e4m3x2.f32: round to nearest even, > 448 and Inf -> 448, NaN -> 0x7F."""
+    ptx = (
+        "{ .reg .b16 h; cvt.rn.satfinite.e4m3x2.f32 h, $1, $1; cvt.u32.u16 $0, h; "
+        "and.b32 $0, $0, 255; }"
+    )
+    return _ptx(ptx, Uint32, Float32(s), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _e4m3_value(byte: Uint32, *, loc=None, ip=None) -> Float32:
+    """The e4m3 byte as fp32 (exact; 0x7F -> NaN)."""
+    ptx = (
+        "{ .reg .b16 h, lo, hi; .reg .b32 w; cvt.u16.u32 h, $1; cvt.rn.f16x2.e4m3x2 w, h; "
+        "mov.b32 {lo, hi}, w; cvt.f32.f16 $0, lo; }"
+    )
+    return _ptx(ptx, Float32, Uint32(byte), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _zero_if_zero(word: Uint32, s: Float32, *, loc=None, ip=None) -> Uint32:
+    ptx = "{ .reg .pred p; setp.eq.f32 p, $2, 0f00000000; selp.b32 $0, 0, $1, p; }"
+    return _ptx(ptx, Uint32, Uint32(word), Float32(s), loc=loc, ip=ip)
+
+
+# max |x| <= 2^90 over the block (NaN and Inf fail) and gs in [2^-30, 2^30]: every quotient
+# and residual of the corrected divisions that can change a code or a scale is a normal fp32
+# number. Smaller |x| (zeros, subnormals) may make x_n and q off by an ulp there, but such a q
+# is far below the first E2M1 midpoint (code magnitude 0 either way), the block amax comes
+# from x itself, and code signs are taken from x, so the bits are unchanged.
+_FAST_RANGE_PTX = (
+    "{ .reg .pred p; setp.le.f32 p, $1, 0f6C800000; "
+    "setp.ge.and.f32 p, $2, 0f30800000, p; setp.le.and.f32 p, $2, 0f4E800000, p; "
+    "selp.u32 $0, 1, 0, p; }"
+)
+_RCP_6 = 0.16666667163372040  # RN(1 / 6) in fp32 (0x3E2AAAAB)
+
+
+@dsl_user_op
+def _fast_range(amax: Float32, gs: Float32, *, loc=None, ip=None) -> Uint32:
+    return _ptx(_FAST_RANGE_PTX, Uint32, Float32(amax), Float32(gs), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _rcp_refined(b: Float32, *, loc=None, ip=None) -> Float32:
+    """1 / b as CUDA's div.rn computes it before its quotient: rcp.approx, one Newton step."""
+    ptx = (
+        "{ .reg .f32 r, e, n; rcp.approx.ftz.f32 r, $1; neg.f32 n, $1; "
+        "fma.rn.f32 e, n, r, 0f3F800000; fma.rn.f32 $0, r, e, r; }"
+    )
+    return _ptx(ptx, Float32, Float32(b), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _div_corrected(a: Float32, r: Float32, neg_b: Float32, *, loc=None, ip=None) -> Float32:
+    """a / b as q0 = a * r, e = a - b * q0 (exact, fma), q = q0 + r * e, r from _rcp_refined
+    (or RN(1 / b)): CUDA's own div.rn fast path (the same five instructions in its SASS) minus
+    its range check (FCHK), which the caller does per block (_fast_range); in that range the
+    result is RN(a / b), bit for bit."""
+    ptx = (
+        "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; "
+        "fma.rn.f32 $0, $2, e, q; }"
+    )
+    return _ptx(ptx, Float32, Float32(a), Float32(r), Float32(neg_b), loc=loc, ip=ip)
+
+
+# E2M1 of one clamped value c = max(min(q, 6), -6) in register c, result nibble in k; see
+# bitmodel.py for why each step is exact.
+_E2M1_SW_STEPS = (
+    "abs.f32 d, c; max.f32 e, d, 0f3F800000; and.b32 k, e, 0x7F800000; "
+    "add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; sub.rn.f32 f, f, k; "
+    "shr.u32 k, f, 22; shr.u32 s, c, 28; and.b32 s, s, 8; or.b32 k, k, s; "
+)
+
+
+# The same for a finite value in register c (no NaN, any magnitude): min(|c|, 6) saturates;
+# the sign comes from register x (the block's input value, whose sign q has even where q's
+# own sign was lost: -0 through the corrected divisions)
+_E2M1_FINITE_STEPS = (
+    "abs.f32 d, c; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; and.b32 k, e, 0x7F800000; "
+    "add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; sub.rn.f32 f, f, k; "
+    "shr.u32 k, f, 22; shr.u32 s, x, 28; and.b32 s, s, 8; or.b32 k, k, s; "
+)
+
+
+@dsl_user_op
+def _e2m1x2_finite(
+    lo: Float32,
+    hi: Float32,
+    sign_lo: Float32,
+    sign_hi: Float32,
+    hardware: bool,
+    *,
+    loc=None,
+    ip=None,
+) -> Uint32:
+    """_e2m1x2 for a block on the fast path (no NaN): no NaN clamp (the hardware cvt
+    saturates, the software steps take min(|c|, 6)); signs from sign_lo / sign_hi."""
+    if hardware:  # copysign (lop3 0xD8: (a & ~m) | (b & m)), then the cvt
+        ptx = (
+            "{ .reg .b32 c, g; .reg .b8 b; lop3.b32 c, $1, $3, 0x80000000, 0xD8; "
+            "lop3.b32 g, $2, $4, 0x80000000, 0xD8; "
+            "cvt.rn.satfinite.e2m1x2.f32 b, g, c; cvt.u32.u8 $0, b; }"
+        )
+    else:
+        ptx = (
+            "{ .reg .b32 c, x, d, e, f, k, s, t; mov.b32 c, $1; mov.b32 x, $3; "
+            + _E2M1_FINITE_STEPS
+            + "mov.b32 t, k; mov.b32 c, $2; mov.b32 x, $4; "
+            + _E2M1_FINITE_STEPS
+            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+        )
+    args = (Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi))
+    return _ptx(ptx, Uint32, *args, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> Uint32:
+    """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32."""
+    clamp = (
+        "min.f32 c, $1, 0f40C00000; max.f32 c, c, 0fC0C00000; "
+        "min.f32 g, $2, 0f40C00000; max.f32 g, g, 0fC0C00000; "
+    )
+    if hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
+        ptx = (
+            "{ .reg .f32 c, g; .reg .b8 b; "
+            + clamp
+            + "cvt.rn.satfinite.e2m1x2.f32 b, g, c; cvt.u32.u8 $0, b; }"
+        )
+    else:
+        ptx = (
+            "{ .reg .b32 c, g, d, e, f, k, s, t; "
+            + clamp
+            + _E2M1_SW_STEPS
+            + "mov.b32 t, k; mov.b32 c, g; "
+            + _E2M1_SW_STEPS
+            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+        )
+    return _ptx(ptx, Uint32, Float32(lo), Float32(hi), loc=loc, ip=ip)
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel
+
+
+class Nvfp4QuantKernel:
+    """Quantize (optionally SwiGLU first) [T, G, K_in] -> codes [G, T, K/2], scales, one launch."""
+
+    def __init__(self, cfg: QuantConfig, arch: str) -> None:
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch=}")
+        self.cfg = cfg
+        self.arch = arch
+        self.hardware_e2m1 = int(arch.removeprefix("sm_").rstrip("af")) >= 100
+        self.in_type = _DTYPES[cfg.in_dtype]
+
+    @cute.jit
+    def __call__(
+        self,
+        x_ptr: cute.Pointer,
+        gs_ptr: cute.Pointer,
+        codes_ptr: cute.Pointer,
+        sf_ptr: cute.Pointer,
+        w_ptr: cute.Pointer,
+        idx_ptr: cute.Pointer,
+        rows: Int32,
+        x_row_stride16: Int32,
+        x_group_stride16: Int32,
+        stream,
+    ):
+        cfg = self.cfg
+        g_n = cfg.groups
+        # strides in units of 16 elements: every block starts 32-byte (bf16) aligned
+        x = cute.make_tensor(
+            x_ptr,
+            cute.make_layout(
+                (rows, g_n, cfg.in_width),
+                stride=(
+                    cute.assume(x_row_stride16 * BLOCK, divby=BLOCK),
+                    cute.assume(x_group_stride16 * BLOCK, divby=BLOCK),
+                    1,
+                ),
+            ),
+        )
+        codes = cute.make_tensor(
+            codes_ptr,
+            cute.make_layout((g_n, rows, cfg.k // 8), stride=(rows * (cfg.k // 8), cfg.k // 8, 1)),
+        )
+        gs = cute.make_tensor(gs_ptr, cute.make_layout(g_n))
+        w = cute.make_tensor(w_ptr, cute.make_layout(rows))
+        idx = cute.make_tensor(idx_ptr, cute.make_layout(rows))
+        if cutlass.const_expr(cfg.scale_layout is ScaleLayout.SWIZZLED):
+            srows = (rows + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
+        else:
+            srows = rows
+        sf = cute.make_tensor(sf_ptr, cute.make_layout(g_n * srows * cfg.padded_cols))
+        n_threads = srows * cfg.padded_cols
+        self.kernel(x, gs, codes, sf, w, idx, rows, srows).launch(
+            grid=[(n_threads + (THREADS - 1)) // THREADS, g_n, 1],
+            block=[THREADS, 1, 1],
+            stream=stream,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        x: cute.Tensor,
+        gs: cute.Tensor,
+        codes: cute.Tensor,
+        sf: cute.Tensor,
+        w: cute.Tensor,
+        idx: cute.Tensor,
+        rows: Int32,
+        srows: Int32,
+    ):
+        cfg = self.cfg
+        cp = cfg.padded_cols
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, g, _ = cute.arch.block_idx()
+        i = Uint32(bidx * THREADS + tidx)  # unsigned: no sign fix-ups in the index math
+        c = Int32(i % cp)
+        r = Int32(i // cp)
+        if r < srows:
+            sf_off = self._scale_offset(g * srows + r, c)
+            byte = Uint32(0)
+            if (r < rows) & (c < cfg.cols):
+                v = self._load_block(x, r, g, c, w, idx)
+                gsv = gs[g]
+                dst = cute.zipped_divide(codes[g, r, None], (2,))[(None, c)]
+                if cutlass.const_expr(cfg.fast_division):
+                    amax_x = Float32(0.0)
+                    for j in cutlass.range_constexpr(BLOCK):
+                        amax_x = _max_abs_nan(amax_x, v[j])
+                    if _fast_range(amax_x, gsv) != Uint32(0):
+                        r_gs = _rcp_refined(gsv)
+                        xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
+                        # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
+                        amax_n = _div_corrected(amax_x, r_gs, -gsv)
+                        byte = self._finish(xn, amax_n, dst, v)
+                    else:
+                        byte = self._exact(v, gsv, dst)
+                else:
+                    byte = self._exact(v, gsv, dst)
+            sf[sf_off] = Uint8(byte)
+
+    @cute.jit
+    def _exact(self, v, gsv: Float32, dst: cute.Tensor) -> Uint32:
+        """Any block (NaN, Inf, zeros, subnormals): div.rn everywhere, NaN-propagating amax."""
+        xn = [v[j] / gsv for j in range(BLOCK)]  # x / gs: divide, as the reference
+        amax = Float32(0.0)
+        for j in cutlass.range_constexpr(BLOCK):
+            amax = _max_abs_nan(amax, xn[j])
+        return self._finish(xn, amax, dst, None)
+
+    @cute.jit
+    def _finish(self, xn, amax: Float32, dst: cute.Tensor, signs) -> Uint32:
+        """Scale byte from the block amax, codes of xn / s into dst; returns the byte.
+
+        signs=None: the div.rn path; else the block is on the fast path and signs[j] (the
+        input values) carry the code signs."""
+        fast = signs is not None
+        if cutlass.const_expr(fast):  # in range: finite xn, s normal or 0 (codes zeroed)
+            byte = _e4m3_byte(_div_corrected(amax, Float32(_RCP_6), Float32(-6.0)))
+            s = _e4m3_value(byte)
+            r_s = _rcp_refined(s)
+            q = [_div_corrected(xn[j], r_s, -s) for j in range(BLOCK)]
+        else:
+            byte = _e4m3_byte(amax / Float32(6.0))
+            s = _e4m3_value(byte)
+            q = [xn[j] / s for j in range(BLOCK)]
+        words = [Uint32(0), Uint32(0)]
+        for h in cutlass.range_constexpr(2):
+            acc = Uint32(0)
+            for j in cutlass.range_constexpr(4):
+                e = 8 * h + 2 * j
+                if cutlass.const_expr(fast):
+                    pair = _e2m1x2_finite(
+                        q[e], q[e + 1], signs[e], signs[e + 1], self.hardware_e2m1
+                    )
+                else:
+                    pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1)
+                acc = acc | (pair << (8 * j))
+            words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
+        frag = cute.make_rmem_tensor(cute.make_layout(2), Uint32)
+        frag[0] = words[0]
+        frag[1] = words[1]
+        cute.autovec_copy(frag, dst)
+        return byte
+
+    @cute.jit
+    def _scale_offset(self, row: Int32, c: Int32) -> Int32:
+        cfg = self.cfg
+        if cutlass.const_expr(cfg.scale_layout is ScaleLayout.LINEAR):
+            return row * cfg.cols + c
+        n_cb = cfg.padded_cols // ATOM_COLS
+        u, k = Uint32(row), Uint32(c)  # both >= 0: the atom arithmetic as shifts and masks
+        return Int32(
+            (((u >> 7) * n_cb + (k >> 2)) << 9) | ((u & 31) << 4) | (((u >> 5) & 3) << 2) | (k & 3)
+        )
+
+    @cute.jit
+    def _load_block(
+        self, x: cute.Tensor, r: Int32, g: Int32, c: Int32, w: cute.Tensor, idx: cute.Tensor
+    ):
+        """The 16 fp32 values the block quantizes (the input, or its SwiGLU)."""
+        cfg = self.cfg
+        src = idx[r] if cfg.gather else r  # a Python bool: decided at trace time
+        row = x[src, g, None]
+        if cutlass.const_expr(cfg.prologue is Prologue.NONE):
+            v = cute.zipped_divide(row, (BLOCK,))[(None, c)].load().to(Float32)
+            return [v[j] for j in range(BLOCK)]
+        first = cute.zipped_divide(row, (BLOCK,))[(None, c)].load().to(Float32)
+        second = cute.zipped_divide(row, (BLOCK,))[(None, c + cfg.cols)].load().to(Float32)
+        gate, up = (first, second) if cfg.gate_first else (second, first)
+        out = []
+        for j in cutlass.range_constexpr(BLOCK):
+            gj, uj = gate[j], up[j]
+            if cutlass.const_expr(cfg.swiglu_limit is not None):
+                lim = Float32(cfg.swiglu_limit)
+                gj = _min_nan(gj, lim)  # torch.clamp keeps NaN
+                uj = _min_nan(_max_nan(uj, -lim), lim)
+            # silu as torch's CUDA kernel: x / (1 + exp(-x)), then * up (then * weight)
+            h = gj / (Float32(1.0) + cute.math.exp(-gj)) * uj
+            if cutlass.const_expr(cfg.row_weight):
+                h = h * w[r]
+            out.append(h)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# compile (cached) and the fake-tensor compile used by CI
+
+
+def _ptr_types(cfg: QuantConfig):
+    return (
+        (_DTYPES[cfg.in_dtype], 32),
+        (Float32, 4),
+        (Uint32, 8),
+        (Uint8, 1),
+        (Float32, 4),
+        (Int32, 4),
+    )
+
+
+def _fake_args(cfg: QuantConfig):
+    from cutlass.cute.runtime import make_ptr
+    from cutlass.runtime import make_fake_stream
+
+    ptrs = [make_ptr(t, 0, cute.AddressSpace.gmem, assumed_align=a) for t, a in _ptr_types(cfg)]
+    return (*ptrs, Int32(1), Int32(1), Int32(1), make_fake_stream())
+
+
+@functools.cache
+def compile_quant(cfg: QuantConfig, arch: str, extra_options: str = ""):
+    """Compile the kernel for `arch` ("sm_90a" / "sm_100a"); cached by (cfg, arch, options).
+
+    Needs no GPU. A failed compile raises naming the configuration and the arch.
+    """
+    kernel = Nvfp4QuantKernel(cfg, arch)
+    try:
+        return cute.compile(
+            kernel, *_fake_args(cfg), options=f"--gpu-arch={arch} {extra_options}".strip()
+        )
+    except Exception as e:  # re-raised with the configuration named, original chained
+        raise RuntimeError(
+            f"CuTeDSL quantize kernel failed to compile for {arch} with {cfg}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# runner: validates metadata, writes caller-owned outputs, launches on the current stream
+
+
+def arch_of(device) -> str:
+    """The compile arch of a CUDA device: sm_100a for 10.x (and newer), sm_90a for 9.x."""
+    import torch
+
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise ValueError(f"the CuTeDSL quantize kernels need sm_90 or newer, got sm_{major}x")
+    return "sm_100a" if major >= 10 else "sm_90a"
+
+
+def _need(cond: bool, msg) -> None:
+    """ValueError(msg()) unless cond: the message is built only on failure (formatting a CUDA
+    tensor would read it on the host, which graph capture forbids, and costs time per call)."""
+    if not cond:
+        raise ValueError(msg())
+
+
+def _meta(t) -> str:
+    """dtype / shape / strides of a tensor (never its values)."""
+    if t is None:
+        return "None"
+    return f"dtype={t.dtype} shape={tuple(t.shape)} stride={t.stride()}"
+
+
+def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=None) -> None:
+    """Quantize x into codes / scales (all on one CUDA device, caller-owned).
+
+    x: [T_in, K_in] (groups == 1) or [T_in, G, K_in], last dim contiguous, row / group strides
+    multiples of 16 elements, 32-byte aligned. The output has T rows per group: T = T_in, or
+    with cfg.gather T = index.numel() and output row r reads x[index[r]] (int32 [T], values in
+    [0, T_in), not checked: that would read them). gs fp32 [G]; codes uint8 [G*T, K/2]
+    contiguous; scales uint8 or float8_e4m3fn, contiguous, cfg.scale_bytes(T) bytes (1-D,
+    swizzled) or [G*T, K/16] (linear); row_weight fp32 [T] when cfg.row_weight. Reads no value
+    on the host: CUDA-graph capturable.
+    """
+    import torch
+    from cutlass.cute.runtime import make_ptr
+
+    g_n, k = cfg.groups, cfg.k
+    x3 = x.unsqueeze(1) if x.dim() == 2 and g_n == 1 else x
+    _need(
+        x3.dim() == 3 and tuple(x3.shape[1:]) == (g_n, cfg.in_width),
+        lambda: (
+            f"x must be [T, {cfg.in_width}]"
+            + (f" or [T, {g_n}, {cfg.in_width}]" if g_n > 1 else "")
+            + f" for {cfg}, got x.shape={tuple(x.shape)}"
+        ),
+    )
+    _need(
+        x.dtype == getattr(torch, cfg.in_dtype),
+        lambda: f"x must be {cfg.in_dtype}, got x.dtype={x.dtype}",
+    )
+    if cfg.gather:
+        _need(
+            index is not None
+            and index.dtype == torch.int32
+            and index.dim() == 1
+            and index.is_contiguous(),
+            lambda: f"index must be a contiguous int32 [T] for {cfg}, got {_meta(index)}",
+        )
+        t = index.shape[0]
+    else:
+        _need(index is None, lambda: f"index is only taken with gather=True, got one for {cfg}")
+        t = x3.shape[0]
+    s_row, s_grp, s_k = x3.stride()
+    _need(
+        s_k == 1 and s_row % BLOCK == 0 and s_grp % BLOCK == 0 and x.data_ptr() % 32 == 0,
+        lambda: (
+            f"x needs a contiguous last dim, row/group strides multiple of {BLOCK} and a 32-byte "
+            f"aligned start, got x.stride()={x.stride()} x.data_ptr() % 32={x.data_ptr() % 32}"
+        ),
+    )
+    _need(
+        gs.dtype == torch.float32 and gs.numel() == g_n and gs.is_contiguous(),
+        lambda: f"gs must be contiguous fp32 with {g_n} value(s), got {_meta(gs)}",
+    )
+    _need(
+        codes.dtype == torch.uint8
+        and tuple(codes.shape) == (g_n * t, k // 2)
+        and codes.is_contiguous()
+        and codes.data_ptr() % 8 == 0,
+        lambda: (
+            f"codes must be contiguous uint8 [{g_n * t}, {k // 2}], 8-byte aligned, got "
+            f"codes.dtype={codes.dtype} codes.shape={tuple(codes.shape)}"
+        ),
+    )
+    _need(
+        scales.dtype in (torch.uint8, torch.float8_e4m3fn) and scales.is_contiguous(),
+        lambda: f"scales must be contiguous uint8 / float8_e4m3fn, got scales.dtype={scales.dtype}",
+    )
+    if cfg.scale_layout is ScaleLayout.LINEAR:
+        _need(
+            tuple(scales.shape) == (g_n * t, cfg.cols),
+            lambda: f"scales must be [{g_n * t}, {cfg.cols}] (linear), got {tuple(scales.shape)}",
+        )
+    else:
+        _need(
+            scales.numel() >= cfg.scale_bytes(t),
+            lambda: (
+                f"scales must hold {cfg.scale_bytes(t)} bytes (swizzled, rows padded to 128), got "
+                f"scales.numel()={scales.numel()}"
+            ),
+        )
+    if cfg.row_weight:
+        _need(
+            row_weight is not None
+            and row_weight.dtype == torch.float32
+            and tuple(row_weight.shape) == (t,)
+            and row_weight.is_contiguous(),
+            lambda: f"row_weight must be contiguous fp32 [{t}] for {cfg}, got {_meta(row_weight)}",
+        )
+    tensors = {
+        "x": x,
+        "gs": gs,
+        "codes": codes,
+        "scales": scales,
+        "row_weight": row_weight,
+        "index": index,
+    }
+    devs = {n: v.device for n, v in tensors.items() if v is not None}
+    _need(
+        len(set(devs.values())) == 1 and x.device.type == "cuda",
+        lambda: f"all tensors must be on one CUDA device, got {devs}",
+    )
+    if t == 0:
+        return
+    _need(
+        x3.shape[0] * s_row < 2**31 and codes.numel() < 2**31,
+        lambda: f"tensors must hold fewer than 2^31 elements, got x.shape={tuple(x.shape)}",
+    )
+    kernel = compile_quant(cfg, arch_of(x.device))
+    w = row_weight if row_weight is not None else gs  # unused pointers: any valid address
+    ix = index if index is not None else gs
+    ptrs = [
+        make_ptr(ty, v.data_ptr(), cute.AddressSpace.gmem, assumed_align=a)
+        for (ty, a), v in zip(_ptr_types(cfg), (x, gs, codes, scales, w, ix), strict=True)
+    ]
+    stream = _cu_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    kernel(*ptrs, Int32(t), Int32(s_row // BLOCK), Int32(s_grp // BLOCK), stream)
+
+
+def _cu_stream(handle: int):
+    from cuda.bindings import driver
+
+    return driver.CUstream(handle)
+
+
+# --------------------------------------------------------------------------------------------
+# thin public functions (allocate the outputs)
+
+
+def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, index=None):
+    """x [T, K] (or [T, G, K] with gs [G]) -> (codes uint8 [G*T, K/2], scales e4m3); with an
+    int32 `index` [R] the output rows are x[index] (gathered, R rows)."""
+    import torch
+
+    cfg = QuantConfig(
+        x.shape[-1],
+        str(x.dtype).removeprefix("torch."),
+        scale_layout,
+        x.shape[1] if x.dim() == 3 else 1,
+        gather=index is not None,
+    )
+    t = x.shape[0] if index is None else index.shape[0]
+    return _alloc_and_run(cfg, x, gs.reshape(-1), t, torch, index=index)
+
+
+def swiglu_quantize(
+    l1_out,
+    gs,
+    limit: float | None = 10.0,
+    row_weight=None,
+    scale_layout: ScaleLayout = ScaleLayout.SWIZZLED,
+    gate_first: bool = True,
+):
+    """SwiGLU (DeepSeek V4 clamp) of l1_out [T, 2I] (times row_weight [T]), requantized."""
+    import torch
+
+    cfg = QuantConfig(
+        l1_out.shape[-1] // 2,
+        str(l1_out.dtype).removeprefix("torch."),
+        scale_layout,
+        1,
+        Prologue.SWIGLU,
+        limit,
+        gate_first,
+        row_weight is not None,
+    )
+    return _alloc_and_run(cfg, l1_out, gs.reshape(-1), l1_out.shape[0], torch, row_weight)
+
+
+def _alloc_and_run(cfg: QuantConfig, x, gs, t: int, torch, row_weight=None, index=None):
+    codes = torch.empty((cfg.groups * t, cfg.k // 2), dtype=torch.uint8, device=x.device)
+    if cfg.scale_layout is ScaleLayout.LINEAR:
+        shape = (cfg.groups * t, cfg.cols)
+    else:
+        shape = (cfg.scale_bytes(t),)
+    scales = torch.empty(shape, dtype=torch.float8_e4m3fn, device=x.device)
+    run_quant(cfg, x, gs, codes, scales, row_weight, index)
+    return codes, scales

@@ -1,0 +1,333 @@
+"""CuTeDSL NVFP4 quantize / SwiGLU-requantize kernels.
+
+CPU (CI): the bit model of the kernel's software E2M1 rounding equals the reference on every
+bf16 input and on dense fp32 sweeps around each rounding midpoint; every kernel configuration
+compiles for sm_90a and sm_100a with fake arguments, and its PTX holds the instructions the
+semantics rest on (e2m1x2 cvt on sm_100a only, e4m3 satfinite cvt, max.NaN, div.rn) with no
+local memory and no spills. GPU: bit-exact against reference/ (codes and scale bytes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.kernels.cutedsl import available
+from dsv4.kernels.cutedsl.bitmodel import e2m1_codes_finite, e2m1_codes_sw, quantize_model
+from reference.layouts import swizzle_scales as ref_swizzle
+from reference.nvfp4 import encode_e2m1, quantize_nvfp4
+
+HAS_DSL, WHY_NO_DSL = available()
+needs_dsl = pytest.mark.skipif(not HAS_DSL, reason=WHY_NO_DSL)
+needs_gpu = pytest.mark.skipif(
+    not (HAS_DSL and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+    reason="needs a CUDA GPU of sm_90 or newer and nvidia-cutlass-dsl",
+)
+
+
+def all_bf16() -> torch.Tensor:
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# the bit model (CPU)
+
+
+def test_sw_e2m1_matches_reference_around_every_midpoint():
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0])
+    steps = torch.arange(-4096, 4097, dtype=torch.int32)
+    bits = mids.view(torch.int32).unsqueeze(1) + steps  # ulp neighbours of each midpoint
+    q = bits.flatten().view(torch.float32)
+    q = torch.cat([q, -q, torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])])
+    assert torch.equal(e2m1_codes_sw(q), encode_e2m1(q))
+
+
+def test_sw_e2m1_matches_reference_on_random_fp32_patterns():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64)
+    q = bits.to(torch.int32).view(torch.float32)
+    assert torch.equal(e2m1_codes_sw(q), encode_e2m1(q))
+
+
+def test_fast_path_e2m1_matches_reference_for_finite_values():
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64)
+    q = bits.to(torch.int32).view(torch.float32)
+    q = q[torch.isfinite(q)]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.9, 1e30, 0.0, -0.0])
+    q = torch.cat([q, mids, -mids, torch.nextafter(mids, mids + 1)])
+    assert torch.equal(e2m1_codes_finite(q, q), encode_e2m1(q))
+    # a -0 input whose quotient lost its sign (+0) still gets code 0x8 from the input's sign
+    assert e2m1_codes_finite(torch.tensor([0.0]), torch.tensor([-0.0])).tolist() == [8]
+
+
+def test_sw_e2m1_named_ties_and_signs():
+    q = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.01, -0.0, -0.1, float("nan")])
+    assert e2m1_codes_sw(q).tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 8, 8, 7]
+
+
+@pytest.mark.parametrize("gs", [1.0, 1 / 2688, 3.7e-5, 0.3, 123.456, 1e-30, 7e20])
+def test_quantize_model_matches_reference_on_every_bf16(gs):
+    x = all_bf16().reshape(-1, 16)
+    g = torch.tensor(gs, dtype=torch.float32)
+    for blocks in (
+        x,
+        x.flatten()[torch.randperm(65536, generator=torch.Generator().manual_seed(1))].reshape(
+            -1, 16
+        ),
+    ):
+        codes, scales = quantize_model(blocks, g)
+        ref_codes, ref_scales, _ = quantize_nvfp4(blocks, g)
+        assert torch.equal(codes, ref_codes)
+        assert torch.equal(scales, ref_scales.view(torch.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# compile for sm_90a / sm_100a with fake arguments (CPU), PTX checks
+
+
+def _configs():
+    from dsv4.kernels.cutedsl.nvfp4_quant import Prologue, QuantConfig, ScaleLayout
+
+    return {
+        "quant_h7168": QuantConfig(7168),
+        "quant_linear_fp32": QuantConfig(4096, "float32", ScaleLayout.LINEAR),
+        "quant_grouped_g8": QuantConfig(4096, groups=8),
+        "quant_k48_padded_cols": QuantConfig(48),
+        "quant_gather_linear": QuantConfig(7168, scale_layout=ScaleLayout.LINEAR, gather=True),
+        "quant_div_rn_only": QuantConfig(7168, fast_division=False),
+        "swiglu_i3072_weighted": QuantConfig(3072, prologue=Prologue.SWIGLU, row_weight=True),
+        "swiglu_up_first_nolimit": QuantConfig(
+            2048, prologue=Prologue.SWIGLU, swiglu_limit=None, gate_first=False
+        ),
+    }
+
+
+@needs_dsl
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
+@pytest.mark.parametrize("name", list(_configs()))
+def test_kernel_compiles_with_expected_ptx(name, arch):
+    from dsv4.kernels.cutedsl.nvfp4_quant import Prologue, compile_quant
+    from dsv4.kernels.cutedsl.ptx_check import compile_report
+
+    cfg = _configs()[name]
+    rep = compile_report(lambda opts: compile_quant(cfg, arch, opts), arch)
+    paths = 2 if cfg.fast_division else 1  # the fast path and the div.rn path
+    hw = rep.count("cvt.rn.satfinite.e2m1x2.f32")
+    want = 8 * paths if arch == "sm_100a" else 0
+    assert hw == want, f"{name} {arch}: {hw} e2m1x2 cvts, want {want}"
+    if arch == "sm_90a":  # the exact software rounding: one fma per element and path
+        assert rep.count("fma.rn.f32") >= 16 * paths
+    assert rep.count("cvt.rn.satfinite.e4m3x2.f32") == paths
+    assert rep.count("max.NaN.f32") >= 16
+    # the div.rn path: x / gs and q / s per element and amax / 6, correctly rounded as the
+    # reference (silu's division too); the fast path: CUDA's div.rn fast path inlined
+    per_elem = 2 if cfg.prologue is Prologue.NONE else 3
+    assert rep.count("div.rn.f32") >= 16 * per_elem + 1
+    if cfg.fast_division:  # 1 / gs and 1 / s seeded by rcp.approx, one Newton step each
+        assert rep.count("rcp.approx.ftz.f32") == 2
+        assert rep.count("fma.rn.f32") >= 2 * 2 * 16  # two corrections per division
+    assert rep.count("div.approx") == 0
+    # the only flush-to-zero: exp's ex2.approx.ftz (libdevice expf, as torch's CUDA silu) and
+    # the fast path's rcp.approx.ftz seeds, whose operands are normal (range-checked)
+    ftz = rep.ptx.count(".ftz")
+    assert ftz == rep.count("ex2.approx.ftz.f32") + rep.count("rcp.approx.ftz.f32"), ftz
+    if cfg.prologue is Prologue.NONE:
+        assert rep.count("ex2.approx.ftz.f32") == 0
+    assert not rep.uses_local_memory, f"{name} {arch} uses local memory"
+    assert (rep.stack_bytes, rep.spill_store_bytes, rep.spill_load_bytes) == (0, 0, 0), rep
+    assert rep.registers <= 128, f"{name} {arch}: {rep.registers} registers"
+
+
+@needs_dsl
+def test_kernel_loads_are_vectorized_and_codes_store_wide():
+    from dsv4.kernels.cutedsl.nvfp4_quant import QuantConfig, compile_quant
+    from dsv4.kernels.cutedsl.ptx_check import compile_report
+
+    rep = compile_report(lambda o: compile_quant(QuantConfig(7168), "sm_90a", o), "sm_90a")
+    assert rep.count("ld.global.v4.b32") == 2  # 16 bf16 = two 16-byte loads
+    assert rep.count("ld.global.b16") == 0
+
+
+def test_config_rejects_bad_values_naming_them():
+    if not HAS_DSL:
+        pytest.skip(WHY_NO_DSL)
+    from dsv4.kernels.cutedsl.nvfp4_quant import Nvfp4QuantKernel, QuantConfig
+
+    with pytest.raises(ValueError, match="k must be a positive multiple of 16"):
+        QuantConfig(24)
+    with pytest.raises(ValueError, match="in_dtype"):
+        QuantConfig(32, "int8")
+    with pytest.raises(ValueError, match="SWIGLU prologue only"):
+        QuantConfig(32, row_weight=True)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        Nvfp4QuantKernel(QuantConfig(32), "sm_80")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bit-exact against the reference
+
+
+def _ref(x, gs):
+    codes, scales, _ = quantize_nvfp4(x, gs)
+    return codes, scales.view(torch.uint8)
+
+
+def _assert_linear_exact(cfg, x, gs):
+    """Run cfg (linear scales) on x [T, K] and compare codes and scale bytes with reference/."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    codes = torch.empty(x.shape[0], cfg.k // 2, dtype=torch.uint8, device=x.device)
+    sf = torch.empty(x.shape[0], cfg.cols, dtype=torch.uint8, device=x.device)
+    nq.run_quant(cfg, x, gs, codes, sf)
+    rc, rs = _ref(x, gs)
+    assert torch.equal(sf, rs)
+    assert torch.equal(codes, rc)
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [1, 3, 31, 128, 129, 4097])
+def test_gpu_quantize_bit_exact_any_token_count(t):
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    g = torch.Generator(device="cuda").manual_seed(t)
+    x = (torch.randn(t, 7168, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    x[0, :16] = 0  # an all-zero block
+    x[-1, 16:32] *= 1e4  # a block past the calibrated amax: scale saturates at 448
+    gs = (x.float().abs().amax() / 2688 / 4).reshape(1)
+    codes, sf = nq.quantize(x, gs)
+    rc, rs = _ref(x, gs)
+    assert torch.equal(codes, rc)
+    assert torch.equal(sf.view(torch.uint8), ref_swizzle(rs).view(torch.uint8))
+    lc, ls = nq.quantize(x, gs, nq.ScaleLayout.LINEAR)
+    assert torch.equal(lc, rc) and torch.equal(ls.view(torch.uint8), rs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("gs", [1.0, 1 / 2688, 3.7e-5, 123.456, 1e-30, 2.0**-31, 2.0**29])
+def test_gpu_quantize_every_bf16_value(gs, fast):
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x = all_bf16().reshape(-1, 64).cuda()
+    finite = x[torch.isfinite(x) & (x.abs() < 2.0**80)]
+    blocks = [x, x.flatten()[torch.randperm(65536, device="cuda")].reshape(-1, 64)]
+    for _ in range(4):  # in-range blocks only: every one takes the fast path
+        perm = torch.randperm(finite.numel(), device="cuda", generator=None)
+        blocks.append(finite[perm][: finite.numel() // 64 * 64].reshape(-1, 64))
+    x = torch.cat(blocks)
+    g = torch.tensor([gs], dtype=torch.float32, device="cuda")
+    cfg = nq.QuantConfig(64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast)
+    _assert_linear_exact(cfg, x, g)
+
+
+@needs_gpu
+def test_gpu_fast_division_on_rounding_midpoints():
+    """Blocks whose quotients land on and next to every E2M1 midpoint, for every e4m3 scale:
+    where a division's last bit decides the code."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device="cuda")
+    scales = torch.arange(1, 127, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    s = scales.float()
+    steps = torch.arange(-3, 4, device="cuda", dtype=torch.int32)
+    q = (mids[None, :, None].view(torch.int32) + steps).view(torch.float32)  # ulp neighbours
+    vals = (q * s[:, None, None]).reshape(len(s), -1)  # x_n near m * s, exact or not
+    vals = vals[:, : vals.shape[1] // 15 * 15].reshape(-1, 15)
+    amax = (6 * s).repeat_interleave(vals.shape[0] // len(s))[:, None]  # block max: s exact
+    x = torch.cat([vals, amax], 1)
+    x = torch.where(torch.rand_like(x) < 0.5, -x, x)
+    gs = torch.tensor([1.0], device="cuda")
+    _assert_linear_exact(nq.QuantConfig(16, "float32", nq.ScaleLayout.LINEAR), x, gs)
+
+
+@needs_gpu
+def test_gpu_quantize_specials_and_fp32_input():
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x = torch.randn(64, 256, device="cuda")
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, 7] = -float("inf")
+    x[3, :16] = -0.0
+    x[4, :16] = 1e-42  # subnormal fp32: underflowed block
+    x[5] = x[5] * 1e30
+    g = torch.tensor([0.01], device="cuda")
+    codes, sf = nq.quantize(x, g, nq.ScaleLayout.LINEAR)
+    rc, rs = _ref(x, g)
+    assert torch.equal(codes, rc) and torch.equal(sf.view(torch.uint8), rs)
+    assert int(sf.view(torch.uint8)[0, 0]) == 0x7F
+
+
+@needs_gpu
+def test_gpu_grouped_one_launch_per_group_scale():
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    t, gn, d = 129, 4, 512
+    o = torch.randn(t, gn * d, device="cuda").to(torch.bfloat16)
+    gs = torch.rand(gn, device="cuda") * 0.01 + 1e-3
+    codes, sf = nq.quantize(o.view(t, gn, d), gs)
+    rows = (t + 127) // 128 * 128
+    per = rows * (d // 16)
+    for g in range(gn):
+        rc, rs = _ref(o.view(t, gn, d)[:, g], gs[g])
+        assert torch.equal(codes[g * t : (g + 1) * t], rc)
+        assert torch.equal(
+            sf.view(torch.uint8)[g * per : (g + 1) * per], ref_swizzle(rs).view(torch.uint8)
+        )
+
+
+@needs_gpu
+def test_gpu_gather_quantize_equals_quantize_of_gathered_rows():
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x = torch.randn(100, 512, device="cuda").to(torch.bfloat16)
+    index = torch.randint(0, 100, (600,), device="cuda", dtype=torch.int32)
+    gs = torch.tensor([0.001], device="cuda")
+    codes, sf = nq.quantize(x, gs, nq.ScaleLayout.LINEAR, index=index)
+    rc, rs = _ref(x[index.long()], gs)
+    assert torch.equal(codes, rc) and torch.equal(sf.view(torch.uint8), rs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gpu_swiglu_requant_bit_exact(weighted):
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+    from reference.activation import swiglu
+
+    t, i = 257, 3072
+    l1 = (torch.randn(t, 2 * i, device="cuda") * 6).to(torch.bfloat16)
+    w = torch.rand(t, device="cuda") if weighted else None
+    h = swiglu(l1, 10.0)
+    if weighted:
+        h = h * w[:, None]
+    gs = (h.abs().amax() / 2688).reshape(1)
+    codes, sf = nq.swiglu_quantize(l1, gs, 10.0, w, nq.ScaleLayout.LINEAR)
+    rc, rs = _ref(h, gs)
+    assert torch.equal(sf.view(torch.uint8), rs)
+    assert torch.equal(codes, rc)
+
+
+@needs_gpu
+def test_gpu_graph_capture_and_no_recompile_across_t():
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    cfg = nq.QuantConfig(1024)
+    x = torch.randn(300, 1024, device="cuda").to(torch.bfloat16)
+    gs = torch.tensor([0.002], device="cuda")
+    codes = torch.empty(300, 512, dtype=torch.uint8, device="cuda")
+    sf = torch.empty(cfg.scale_bytes(300), dtype=torch.uint8, device="cuda")
+    nq.run_quant(cfg, x, gs, codes, sf)  # compiles once
+    before = nq.compile_quant.cache_info().currsize
+    for t in (1, 77, 300):
+        nq.run_quant(cfg, x[:t], gs, codes[:t], sf)
+    assert nq.compile_quant.cache_info().currsize == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nq.run_quant(cfg, x, gs, codes, sf)
+    codes.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    rc, rs = _ref(x, gs)
+    assert torch.equal(codes, rc)
+    assert torch.equal(sf, ref_swizzle(rs).view(torch.uint8))
