@@ -9,8 +9,9 @@ on the adapter's `backend`.
 The quantize-family stages (quantize, swiglu_requant, and inside the layers) run on the
 adapter's `quant_impl` ("torch" or "cutedsl", dsv4.ops.select_quant_impl), refused by
 can_implement where it cannot run ("needs a CUDA device of sm_90 or newer").
-Registered names: `dsv4-torch` (the portable backend, torch quantize) and `dsv4-cutedsl` (the
-CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best backend).
+Registered names: `dsv4-torch` (the portable backend, torch quantize), `dsv4-cutedsl` (the
+CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best backend) and
+`dsv4-sm90` (the Triton grouped GEMM for sm_90: opt-in, unverified on a GPU).
 Conventions are ours (decode-convention global scales, DeepSeek V4 SwiGLU, gate first). Never
 imports `reference`.
 """
@@ -103,5 +104,6 @@ class Dsv4Adapter(LayerMethods, AdapterBase):
 
 register("dsv4-torch", functools.partial(Dsv4Adapter, "torch"))
 register("dsv4-cutedsl", functools.partial(Dsv4Adapter, None, "cutedsl", "dsv4-cutedsl"))
+register("dsv4-sm90", functools.partial(Dsv4Adapter, "sm90"))  # opt-in: unverified on a GPU
 
 __all__ = ["Dsv4Adapter"]

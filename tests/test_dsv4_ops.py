@@ -26,12 +26,14 @@ import yaml
 import dsv4.ops as ops
 import reference as ref
 from dsv4.ops import gemm as dgemm
+from dsv4.ops import gemm_torch
 from dsv4.ops import quantize as dq
 from harness.cases import Stage, load_cases
 from harness.runner import SweepOptions, run_one, run_sweep
 from reference import gemm as rgemm
 from reference import layouts as rlay
 from reference.activation import swiglu as ref_swiglu
+from tests.gemm_problems import gemm_problem, within_bound
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = [1, 5, 127, 128, 129, 300]
@@ -325,7 +327,7 @@ def test_graph_safe_paths_read_no_tensor_value_on_meta_device():
     sb = torch.empty(4, 128 * 16, dtype=torch.uint8, device=meta)
     g4 = torch.empty(4, device=meta)
     out = torch.empty(300, 64, dtype=torch.bfloat16, device=meta)
-    dgemm.torch_grouped_gemm(codes, b, out2d, sb, offsets, g4, g4, out, sync_free=True)
+    gemm_torch.torch_grouped_gemm(codes, b, out2d, sb, offsets, g4, g4, out, sync_free=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,71 +428,43 @@ def test_make_b_k_major_is_a_k_contiguous_view_of_the_same_values():
 # grouped GEMM
 
 
-def _gemm_problem(counts: list[int], k: int = 256, n: int = 192, seed: int = 0, extra: int = 0):
-    """Operands quantized by the reference; extra rows past offsets[-1] hold random codes."""
-    g = torch.Generator().manual_seed(seed)
-    e, t = len(counts), sum(counts)
-    x = torch.randn(t + extra, k, generator=g)
-    a_codes, a_scales, gsa = ref.quantize_nvfp4(x)
-    qs = [ref.quantize_weight_nvfp4(torch.randn(k, n, generator=g) * 0.05) for _ in range(e)]
-    b_codes = torch.stack([q[0] for q in qs])
-    b_scales = torch.stack([q[1] for q in qs])
-    gsb = torch.stack([q[2] for q in qs]).reshape(e)
-    gsa = gsa.reshape(1).expand(e).contiguous()
-    offsets = rlay.compute_expert_offsets(torch.tensor(counts))
-    a_sw, _ = rlay.assemble_scales_2d_side_from_offsets(a_scales[:t], offsets)
-    b_sw = rlay.assemble_scales_3d_side(list(b_scales))
-    plain = (a_codes, a_scales, b_codes, b_scales, offsets, gsa, gsb)
-    return plain, (a_codes, b_codes, a_sw, b_sw, offsets, gsa, gsb)
-
-
-def _within_bound(plain, out: torch.Tensor, t: int) -> None:
-    a_codes, a_scales, *rest = plain
-    args = (a_codes[:t], a_scales[:t], *rest)
-    oracle = rgemm.grouped_gemm_nvfp4(*args, oracle=True)
-    bound = rgemm.grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
-    err = (out[:t].double() - oracle).abs()
-    worst = (err / bound.clamp_min(1e-300)).max().item()
-    assert (err <= bound).all(), f"outside the derived bound (worst |err|/bound {worst:.3g})"
-
-
 @pytest.mark.parametrize("counts", [[1, 0, 0, 0], [5, 0, 3, 2], [127, 1, 128, 0], [129, 300, 0, 2]])
 @pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
 def test_grouped_gemm_within_derived_bound(counts, k_major):
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(counts, seed=sum(counts))
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, seed=sum(counts))
     if k_major:
         b = ops.make_b_k_major(b)
     out = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb)
     assert out.dtype == torch.bfloat16 and out.shape == (sum(counts), 192)
-    _within_bound(plain, out, sum(counts))
+    within_bound(plain, out, sum(counts))
 
 
 def test_grouped_gemm_leaves_rows_past_last_offset_untouched():
     counts = [5, 0, 130]
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(counts, extra=7, seed=1)
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=7, seed=1)
     out = torch.full((a.shape[0], 192), 12.5, dtype=torch.bfloat16)
     res = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out)
     assert res is out and out[135:].eq(12.5).all()
-    _within_bound(plain, out, 135)
+    within_bound(plain, out, 135)
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_grouped_gemm_with_no_routed_rows_writes_nothing(sync_free):
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([0, 0], extra=3, seed=12)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([0, 0], extra=3, seed=12)
     assert a.shape[0] == 3 and a_sw.numel() == 0
     out = torch.full((3, 192), 2.0, dtype=torch.bfloat16)
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=sync_free)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=sync_free)
     assert out.eq(2.0).all()
 
 
 def test_grouped_gemm_sync_free_form_matches_host_form():
     counts = [5, 0, 130, 1]
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(counts, extra=3, seed=2)
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=3, seed=2)
     host = torch.full((a.shape[0], 192), 7.0, dtype=torch.bfloat16)
     free = host.clone()
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, host, sync_free=False)
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, free, sync_free=True)
-    _within_bound(plain, free, 136)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, host, sync_free=False)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, free, sync_free=True)
+    within_bound(plain, free, 136)
     assert free[136:].eq(7.0).all()
 
 
@@ -500,16 +474,16 @@ def test_grouped_gemm_sync_free_form_matches_host_form():
 def test_grouped_gemm_workspace_form_is_bit_identical(counts, sync_free, k_major):
     """The workspace form (what the runners call) gives the allocating form's bits, NaN-free
     or not, and a workspace one byte too small is refused before anything is written."""
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem(counts, extra=3, seed=len(counts))
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=3, seed=len(counts))
     if k_major:
         b = ops.make_b_k_major(b)
     t, e, n = a.shape[0], b.shape[0], b.shape[2]
     need = ops.grouped_gemm_workspace_bytes("torch", t, 2 * a.shape[1], n, e)
     want = torch.full((t, n), 7.0, dtype=torch.bfloat16)
     got = want.clone()
-    dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, want, sync_free=sync_free)
+    gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, want, sync_free=sync_free)
     ws = torch.full((need,), 0xAB, dtype=torch.uint8)  # stale bytes must not leak in
-    dgemm.torch_grouped_gemm(
+    gemm_torch.torch_grouped_gemm(
         a, b, a_sw, b_sw, offs, gsa, gsb, got, sync_free=sync_free, workspace=ws
     )
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
@@ -588,7 +562,7 @@ def test_grouped_gemm_exact_on_exactly_summable_inputs():
 
 
 def test_grouped_gemm_global_scales_broadcast_from_one_entry():
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([5, 9], seed=3)
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([5, 9], seed=3)
     full = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb)
     one = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa[:1].clone(), gsb)
     assert torch.equal(full, one)
@@ -625,7 +599,7 @@ def test_selection_prefers_capable_backends_by_priority(registry):
     assert ops.select_backend("cpu") == "torch"  # neither capability on a CPU
     ops.register_backend("fast-cpu", fake, lambda d: (d.type == "cpu", "cpu only"), priority=50)
     assert ops.select_backend("cpu") == "fast-cpu"
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([2, 3], seed=4)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([2, 3], seed=4)
     out = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb)
     assert calls == [8] and out.eq(1.0).all()  # the custom op dispatched to the fake
     out = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, backend="torch")
@@ -636,16 +610,16 @@ def test_override_missing_capability_names_it(registry):
     ops.register_backend("sm100", lambda *a: None, ops.requires_capability(10, 0), priority=100)
     with pytest.raises(ops.BackendUnavailableError, match=r"backend 'sm100' needs sm_100, got cpu"):
         ops.select_backend("cpu", "sm100")
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([2], seed=5)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([2], seed=5)
     with pytest.raises(ops.BackendUnavailableError, match="needs sm_100"):
         ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, backend="sm100")
 
 
 def test_override_unknown_or_planned_backend(registry):
     with pytest.raises(
-        ValueError, match=r"backend='sm90' is not implemented yet .*registered: torch"
+        ValueError, match=r"backend='sm100' is not implemented yet .*registered: torch, sm90"
     ):
-        ops.select_backend("cpu", "sm90")
+        ops.select_backend("cpu", "sm100")
     with pytest.raises(ValueError, match=r"backend='nope' is not registered"):
         ops.select_backend("cpu", "nope")
 
@@ -658,7 +632,9 @@ def test_adapter_reports_missing_capability_as_unsupported(registry, sweep_cases
     ok, why = Dsv4Adapter("sm100").can_implement(case)
     assert not ok and why == "backend 'sm100' needs sm_100, got cpu"
     ok, why = Dsv4Adapter("sm90").can_implement(case)
-    assert not ok and why.startswith("backend='sm90' is not implemented yet")
+    assert not ok and why == "backend 'sm90' needs sm_90, got cpu"
+    ok, why = Dsv4Adapter("sm7").can_implement(case)
+    assert not ok and why.startswith("backend='sm7' is not registered")
     assert Dsv4Adapter("torch").can_implement(case) == (True, "")
 
 
@@ -680,7 +656,7 @@ def _opcheck_args():
     # Scale bytes travel as uint8 here: opcheck's schema test compares tensors with arithmetic
     # that torch 2.13 lacks for float8_e4m3fn ("mul_cpu_reduced_float" not implemented). The
     # ops take either dtype (they move and read scales through byte views).
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([3, 0, 5], k=64, n=32, seed=7)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3, 0, 5], k=64, n=32, seed=7)
     a_sw, b_sw = a_sw.view(torch.uint8), b_sw.view(torch.uint8)
     out = torch.zeros(8, 32, dtype=torch.bfloat16)
     x = torch.randn(8, 64)
@@ -717,7 +693,7 @@ def test_custom_ops_pass_opcheck():
 
 
 def test_torch_compile_fullgraph_treats_ops_as_opaque():
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([3, 0, 130], seed=8)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3, 0, 130], seed=8)
     x = torch.randn(133, 256)
     gs = ref.global_scale_from_amax(x.abs().amax())
     codes = torch.empty(133, 128, dtype=torch.uint8)
@@ -742,7 +718,7 @@ def test_torch_compile_fullgraph_treats_ops_as_opaque():
 
 
 def _bad_gemm_calls():
-    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([2, 3], k=64, n=32, seed=9)
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([2, 3], k=64, n=32, seed=9)
     good = dict(
         mat_a=a, mat_b=b, scale_a=a_sw, scale_b=b_sw, expert_offsets=offs,
         global_scale_a=gsa, global_scale_b=gsb,
@@ -901,7 +877,7 @@ def test_static_paths_capture_in_a_cuda_graph_and_never_sync():
     scales = torch.empty(129, 16, dtype=torch.float8_e4m3fn, device=dev)
     codes2 = torch.empty(129, 128, dtype=torch.uint8, device=dev)
     scales2 = torch.empty(129, 16, dtype=torch.float8_e4m3fn, device=dev)
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _gemm_problem([5, 0, 130], extra=2, seed=11)
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([5, 0, 130], extra=2, seed=11)
     a, b, a_sw, b_sw, offs, gsa, gsb = (v.to(dev) for v in (a, b, a_sw, b_sw, offs, gsa, gsb))
     out = torch.full((137, 192), 3.0, dtype=torch.bfloat16, device=dev)
     s2d = torch.empty(ops.max_padded_rows(137, 3) * 16, dtype=torch.uint8, device=dev)
@@ -921,7 +897,7 @@ def test_static_paths_capture_in_a_cuda_graph_and_never_sync():
             ops.quantize_activation_nvfp4(x, gs, codes, scales)
             ops.swiglu_quantize(l1, gs, 10.0, codes2, scales2)
             ops.assemble_scales_2d_side_from_offsets(a_scales, offs, out=s2d)
-            dgemm.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=True)
+            gemm_torch.torch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, sync_free=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.current_stream().wait_stream(stream)
@@ -940,5 +916,5 @@ def test_static_paths_capture_in_a_cuda_graph_and_never_sync():
     assert torch.equal(codes2, rc2) and torch.equal(_bytes(scales2), _bytes(rs2))
     r2d, _ = rlay.assemble_scales_2d_side_from_offsets(a_scales[:135], offs)
     assert torch.equal(s2d[: r2d.numel()], _bytes(r2d)) and not s2d[r2d.numel() :].any()
-    _within_bound(plain, out.cpu(), 135)
+    within_bound(plain, out.cpu(), 135)
     assert out[135:].eq(3.0).all()

@@ -6,10 +6,10 @@ activation op takes `impl=` ("torch" or "cutedsl", `select_quant_impl`). layouts
 `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`, `assemble_scales_3d_side`,
 `make_b_k_major`, `compute_expert_offsets`. gemm:
 `run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
-Importing registers the `dsv4::*` torch.library custom ops and the `torch` GEMM backend; it
-touches no GPU. No function here reads an environment variable. Every op a runner calls takes an
-optional `workspace=` (uint8 scratch sized by its `*_workspace_bytes` helper): with it and the
-outputs given, the op allocates nothing.
+Importing registers the `dsv4::*` torch.library custom ops and the `torch` and `sm90` GEMM
+backends (Triton loads on sm90's first call); it touches no GPU. No function here reads an
+environment variable. Every op a runner calls takes an optional `workspace=` (uint8 scratch
+sized by its `*_workspace_bytes` helper): with it and the outputs given, the op allocates nothing.
 """
 
 from dsv4.ops.activation import (
@@ -32,6 +32,8 @@ from dsv4.ops.gemm import (
     run_nvfp4_grouped_gemm,
     select_backend,
 )
+from dsv4.ops.gemm_sm90 import sm90_supports  # registers the sm90 backend (no Triton import)
+from dsv4.ops.gemm_torch import torch_grouped_gemm  # registers the torch backend
 from dsv4.ops.layouts import (
     assemble_2d_workspace_bytes,
     assemble_scales_2d_side,
@@ -100,6 +102,8 @@ __all__ = [
     "requires_capability",
     "run_nvfp4_grouped_gemm",
     "select_backend",
+    "torch_grouped_gemm",
+    "sm90_supports",
     "swiglu",
     "swiglu_quantize",
     "swizzled_numel",

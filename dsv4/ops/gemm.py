@@ -1,19 +1,13 @@
-"""NVFP4 grouped GEMM (2D x 3D) entry point, its backend registry and the portable torch backend.
+"""NVFP4 grouped GEMM (2D x 3D) entry point and its backend registry.
 
 `run_nvfp4_grouped_gemm` validates the operands (metadata only), picks a backend and calls the
 `dsv4::nvfp4_grouped_gemm` custom op, which writes into `out` (opaque to torch.compile).
 Backends register a function and a `supports(device) -> (ok, why)` probe; selection takes the
 highest-priority backend that supports the device (sm100 > sm90 > torch), and an override that
 names a backend whose capability is missing fails naming what it needs and what it got.
-
-The torch backend (any device, CPU in CI) unswizzles both scale layouts itself, dequantizes both
-operands to bf16 (code * scale is exact there, docs/design.md §3), multiplies per expert in fp32,
-applies alpha = gsa[e] * gsb[e] in fp32 and casts once to bf16. Trade-off: to slice each expert's
-rows it reads the offsets on the host (free on CPU, one device-to-host copy on CUDA). Under CUDA
-graph capture, where that copy is illegal, it switches to a sync-free form that multiplies every
-row by every expert and keeps each row's own result: E times the FLOPs, graph-capturable.
-With a `workspace` (bytes from `grouped_gemm_workspace_bytes`) it allocates nothing in either
-form; other backends declare their own workspace size at registration (or take none).
+The backends are siblings, one module each, registered when dsv4.ops is imported:
+`gemm_torch` (portable, any device) and `gemm_sm90` (Triton, sm_90; opt-in for now). A backend
+declares its scratch size (`workspace_bytes`) and whether it reads B only K-major.
 """
 
 from __future__ import annotations
@@ -25,9 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.ops import _checks
-from dsv4.ops._workspace import Sizer, Workspace, cumsum_small, scalar
-from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up, tokens_from_offsets, unswizzle
-from dsv4.ops.quantize import BLOCK, decode_e2m1
+from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up
+from dsv4.ops.quantize import BLOCK
 
 GemmFn = Callable[..., None]  # (mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out) -> None
 Supports = Callable[[torch.device], tuple[bool, str]]
@@ -47,6 +40,8 @@ class Backend:
     priority: int  # higher wins when several support the device
     # (T, K, N, E) -> bytes of scratch the backend takes as `workspace=`; None: takes none
     workspace_bytes: Callable[[int, int, int, int], int] | None = None
+    # reads mat_b only K-major (make_b_k_major's layout, made once at finalize), else any strides
+    b_k_major: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -57,7 +52,6 @@ DEFAULT_PRIORITY = {"sm100": 100, "sm90": 90, "torch": 0}
 # Backends the design names but that are not written yet: an override naming one says so.
 PLANNED_BACKENDS = {
     "sm100": "CuTeDSL tcgen05 block-scaled MMA for sm_100a (dsv4/kernels/cutedsl)",
-    "sm90": "Triton kernel decoding FP4 to bf16 in-kernel for sm_90a (dsv4/kernels/triton)",
 }
 
 
@@ -112,16 +106,18 @@ def register_backend(
     *,
     priority: int | None = None,
     workspace_bytes: Callable[[int, int, int, int], int] | None = None,
+    b_k_major: bool = False,
 ) -> None:
     """Add (or replace) a backend. `fn(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out)`
     gets validated operands and writes `out`; `supports(device) -> (ok, why)` says where it runs
-    (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name]."""
+    (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name].
+    `b_k_major`: the backend reads mat_b only in make_b_k_major's layout (checked at the call)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name=}")
     if not callable(fn) or not callable(supports):
         raise ValueError(f"fn and supports must be callable, got {fn=} {supports=}")
     prio = DEFAULT_PRIORITY.get(name, 0) if priority is None else priority
-    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes)
+    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes, b_k_major)
 
 
 def grouped_gemm_workspace_bytes(backend: str, t: int, k: int, n: int, e: int) -> int:
@@ -231,289 +227,6 @@ def _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, gsa, gsb, out) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# torch backend
-
-
-def _a_scale_index(expert_offsets: torch.Tensor, t: int, c: int) -> torch.Tensor:
-    """int64 [T, C] byte offsets of A's scales in the per-group swizzled 2-D side.
-
-    Data row r of group g sits at scale row R = scale_start_g + (r - data_start_g); the offset is
-    the 128x4 closed form. Rows past offsets[-1] get an index into the last group (never used).
-    """
-    dev = expert_offsets.device
-    tokens = tokens_from_offsets(expert_offsets).long()
-    ends = expert_offsets.long()
-    padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
-    scale_starts = torch.cumsum(padded, 0) - padded
-    rows = torch.arange(t, device=dev)
-    g = torch.searchsorted(ends, rows, right=True).clamp_(max=ends.numel() - 1)
-    big_r = (scale_starts[g] + rows - (ends[g] - tokens[g])).unsqueeze(1)
-    col = torch.arange(c, device=dev).unsqueeze(0)
-    n_cb = round_up(c, ATOM_COLS) // ATOM_COLS
-    return (
-        ((big_r // 128) * n_cb + col // 4) * 512
-        + (big_r % 32) * 16
-        + ((big_r // 32) % 4) * 4
-        + col % 4
-    )
-
-
-def _dequant_a(mat_a: torch.Tensor, scale_a: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """A [T, K/2] codes + swizzled per-group scales -> bf16 [T, K] (exact)."""
-    t, kh = mat_a.shape
-    c = 2 * kh // BLOCK
-    idx = _a_scale_index(offsets, t, c).clamp_(max=scale_a.numel() - 1)
-    s = scale_a.view(torch.uint8)[idx].view(torch.float8_e4m3fn).to(torch.bfloat16)
-    return decode_e2m1(mat_a, torch.bfloat16) * s.repeat_interleave(BLOCK, dim=1)
-
-
-def _dequant_b(codes: torch.Tensor, scales_nc: torch.Tensor) -> torch.Tensor:
-    """One expert: codes [K/2, N] (any strides) + scales [N, K/16] -> bf16 [K, N] (exact)."""
-    vals = decode_e2m1(codes.t(), torch.bfloat16).t()  # blocks run along K
-    s = scales_nc.view(torch.float8_e4m3fn).to(torch.bfloat16).t()
-    return vals * s.repeat_interleave(BLOCK, dim=0)
-
-
-def _host_ends(offsets: torch.Tensor, t: int, scale_a: torch.Tensor, c: int) -> list[int]:
-    """Offsets as host ints, checked (the host path has them anyway, so it checks them)."""
-    ends = offsets.tolist()
-    prev, need = 0, 0
-    for i, end in enumerate(ends):
-        if end < prev:
-            raise ValueError(
-                f"expert_offsets must be non-decreasing and >= 0, got expert_offsets[{i}]={end} "
-                f"after {prev}"
-            )
-        need += round_up(end - prev, ATOM_ROWS)
-        prev = end
-    if ends[-1] > t:
-        raise ValueError(f"expert_offsets[-1]={ends[-1]} exceeds T={t} (mat_a.shape[0])")
-    need *= round_up(c, ATOM_COLS)
-    if scale_a.numel() < need:
-        raise ValueError(
-            f"scale_a holds {scale_a.numel()} bytes but expert_offsets={ends} need {need}"
-        )
-    return ends
-
-
-def _gemm_buffers(ws: Workspace | Sizer, t: int, k: int, n: int, e: int, n_gs: int) -> tuple:
-    c, i64, f32 = k // BLOCK, torch.int64, torch.float32
-    return (
-        ws.empty((n_gs,), f32),  # alpha
-        ws.empty((16,), f32),  # E2M1 table
-        *(ws.empty((e,), i64) for _ in range(4)),  # ends, tokens, padded, scale starts
-        ws.empty((2, e, 2), i64),  # cumsum scratch
-        *(ws.empty((t,), i64) for _ in range(4)),  # rows, group, scale row, scratch
-        *(ws.empty((c,), i64) for _ in range(2)),  # column part of A's scale offsets
-        ws.empty((t, c), i64),  # A's scale offsets
-        ws.empty((t, c), torch.uint8),  # A's scale bytes
-        ws.empty((t, c), f32),  # A's scales
-        ws.empty((max(t, n), k // 2, 2), torch.uint8),  # nibbles (A, then each B)
-        ws.empty((max(t, n), k // 2, 2), i64),  # nibble codes as indices
-        ws.empty((t, k), f32),  # A dequantized
-        ws.empty((round_up(n, ATOM_ROWS), round_up(c, ATOM_COLS)), torch.uint8),  # B's scales
-        ws.empty((n, c), f32),
-        ws.empty((n, k), f32),  # B dequantized, [N, K] storage: read as [K, N] (1, K) strides
-        ws.empty((t, n), f32),  # accumulator
-        ws.empty((t, n), torch.bfloat16),  # sync-free form: one expert's rows
-        ws.empty((t, 1), torch.bool),
-        ws.empty((t,), torch.int32),
-    )
-
-
-def torch_gemm_workspace_bytes(t: int, k: int, n: int, e: int, n_gs: int | None = None) -> int:
-    """Workspace bytes of the torch backend for A [T, K/2] x B [E, K/2, N] (n_gs: entries of
-    the larger global-scale vector, E by default)."""
-    sizer = Sizer()
-    _gemm_buffers(sizer, t, k, n, e, e if n_gs is None else n_gs)
-    return sizer.off
-
-
-def _e2m1_table_into(tab: torch.Tensor) -> torch.Tensor:
-    """The 16 E2M1 values by code (8 is -0.0) written by scalar fills: no host copy."""
-    for code, v in enumerate((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)):
-        tab[code].fill_(v)
-    return torch.neg(tab[:8], out=tab[8:])
-
-
-def _decode_into(packed, tab, nib, idx, out) -> None:
-    """Packed codes [R, K/2] -> values out [R, K] (fp32) via the table; nib / idx [R, K/2, 2]."""
-    torch.bitwise_and(packed, scalar(0xF, torch.uint8), out=nib[..., 0])
-    torch.bitwise_right_shift(packed, scalar(4, torch.uint8), out=nib[..., 1])
-    idx.copy_(nib)
-    torch.index_select(tab, 0, idx.view(-1), out=out.view(-1))
-
-
-def _torch_gemm_ws(
-    mat_a, mat_b, scale_a, scale_b, expert_offsets, gsa, gsb, out, ws, sync_free, ends
-) -> None:
-    """The torch backend with every temporary from `ws`: the same values as the allocating
-    form (dequantized products are exact in fp32 as in bf16; B is read with the same strides,
-    so each per-expert matmul is the same call), nothing allocated."""
-    t, kh = mat_a.shape
-    e, _, n = mat_b.shape
-    k, c = 2 * kh, 2 * kh // BLOCK
-    i64 = torch.int64
-    n_gs = max(gsa.numel(), gsb.numel())
-    (
-        alpha_buf,
-        tab,
-        ends_d,
-        tokens,
-        padded,
-        sstart,
-        pair,
-        rows,
-        group,
-        big_r,
-        x,
-        colp,
-        colx,
-        sidx,
-        sbytes,
-        sa,
-        nib,
-        idx,
-        a,
-        bsc,
-        sb,
-        bnk,
-        acc,
-        one,
-        mask,
-        rows32,
-    ) = _gemm_buffers(ws, t, k, n, e, n_gs)
-    torch.mul(gsa.reshape(-1), gsb.reshape(-1), out=alpha_buf)
-    alpha = alpha_buf.expand(e)  # fp32
-    _e2m1_table_into(tab)
-    # A's scale byte offsets: data row r of group g at scale row R = start_g + r - data_start_g
-    ends_d.copy_(expert_offsets)
-    tokens[:1].copy_(ends_d[:1])
-    torch.sub(ends_d[1:], ends_d[:-1], out=tokens[1:])
-    torch.add(tokens, scalar(ATOM_ROWS - 1, i64), out=padded)
-    padded.div_(scalar(ATOM_ROWS, i64), rounding_mode="floor").mul_(scalar(ATOM_ROWS, i64))
-    cumsum_small(padded, sstart, pair).sub_(padded)  # scale row starts
-    torch.arange(t, out=rows)
-    torch.searchsorted(ends_d, rows, right=True, out=group).clamp_(max=e - 1)
-    torch.index_select(sstart, 0, group, out=big_r).add_(rows)
-    torch.index_select(ends_d, 0, group, out=x)
-    big_r.sub_(x)
-    torch.index_select(tokens, 0, group, out=x)
-    big_r.add_(x)  # R = start_g + r - (end_g - tokens_g), >= 0
-    # 128x4 offset of (R, col): ((R // 128) * n_cb + col // 4) * 512 + (R % 32) * 16
-    # + ((R // 32) % 4) * 4 + col % 4, split into a row part and a column part (R, col >= 0)
-    n_cb = round_up(c, ATOM_COLS) // ATOM_COLS
-    torch.arange(c, out=colp)
-    torch.bitwise_right_shift(colp, scalar(2, i64), out=colx).mul_(scalar(512, i64))
-    colp.bitwise_and_(scalar(3, i64)).add_(colx)
-    torch.bitwise_right_shift(big_r, scalar(7, i64), out=rows).mul_(scalar(n_cb * 512, i64))
-    torch.bitwise_and(big_r, scalar(31, i64), out=x).mul_(scalar(16, i64))
-    rows.add_(x)
-    torch.bitwise_right_shift(big_r, scalar(5, i64), out=x).bitwise_and_(scalar(3, i64))
-    rows.add_(x.mul_(scalar(4, i64)))
-    torch.add(rows.unsqueeze(1), colp.unsqueeze(0), out=sidx).clamp_(max=scale_a.numel() - 1)
-    torch.take(scale_a.view(torch.uint8), sidx, out=sbytes)
-    sa.copy_(sbytes.view(torch.float8_e4m3fn))
-    _decode_into(mat_a, tab, nib[:t], idx[:t], a)
-    a.view(t, c, BLOCK).mul_(sa.unsqueeze(-1))
-    # B per expert: unswizzle its scales, decode, scale (all exact), then the same matmul
-    n_pad, c_pad = bsc.shape
-    b = bnk.t()  # [K, N], strides (1, K)
-    if sync_free:
-        torch.arange(t, out=rows32)
-        torch.searchsorted(expert_offsets, rows32, right=True, out=group)
-    for ei in range(e):
-        if not sync_free and (ends[ei] == (ends[ei - 1] if ei else 0)):
-            continue
-        atoms = scale_b[ei].view(torch.uint8).view(n_pad // 128, c_pad // 4, 32, 4, 4)
-        bsc.view(n_pad // 128, 4, 32, c_pad // 4, 4).copy_(atoms.permute(0, 3, 2, 1, 4))
-        sb.copy_(bsc[:n, :c].view(torch.float8_e4m3fn))
-        _decode_into(mat_b[ei].t(), tab, nib[:n], idx[:n], bnk)
-        bnk.view(n, c, BLOCK).mul_(sb.unsqueeze(-1))
-        if sync_free:
-            torch.mm(a, b, out=acc)
-            acc.mul_(alpha[ei])
-            one.copy_(acc)
-            torch.eq(group, scalar(ei, i64), out=mask.view(-1))
-            torch.where(mask, one, out, out=out)
-        else:
-            start, end = (ends[ei - 1] if ei else 0), ends[ei]
-            rows_acc = acc[: end - start]
-            torch.mm(a[start:end], b, out=rows_acc)
-            rows_acc.mul_(alpha[ei])  # alpha on the fp32 accumulator
-            out[start:end].copy_(rows_acc)
-
-
-def torch_grouped_gemm(
-    mat_a: torch.Tensor,
-    mat_b: torch.Tensor,
-    scale_a: torch.Tensor,
-    scale_b: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    global_scale_a: torch.Tensor,
-    global_scale_b: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    sync_free: bool | None = None,
-    workspace: torch.Tensor | None = None,
-) -> None:
-    """The torch backend; `sync_free=None` means sync-free on CUDA, host-sliced on CPU.
-
-    With `workspace` (uint8 1-D, `torch_gemm_workspace_bytes(T, K, N, E)` bytes) every
-    temporary lives there: nothing is allocated. The host-sliced form reads the offsets on the
-    host (`tolist`) and runs each expert on its own rows: free on CPU, but a device-to-host copy
-    and a stream sync on CUDA. So on CUDA the default is the sync-free form (every row times
-    every expert, each row keeping its own expert's result: E times the FLOPs), which keeps the
-    runners' promise that run() never syncs; a caller who prefers speed to that promise passes
-    sync_free=False. The sm90 / sm100 backends read the offsets on the device instead."""
-    t, kh = mat_a.shape
-    e, _, n = mat_b.shape
-    c = 2 * kh // BLOCK
-    if sync_free is None:
-        sync_free = out.device.type == "cuda"
-    ends = None if sync_free else _host_ends(expert_offsets, t, scale_a, c)
-    if t == 0 or scale_a.numel() == 0:  # no tokens, or no group holds a row (offsets[-1] == 0)
-        return
-    if workspace is not None:
-        ws = Workspace(workspace)
-        _torch_gemm_ws(
-            mat_a,
-            mat_b,
-            scale_a,
-            scale_b,
-            expert_offsets,
-            global_scale_a,
-            global_scale_b,
-            out,
-            ws,
-            sync_free,
-            ends,
-        )
-        return
-    alpha = (global_scale_a.reshape(-1) * global_scale_b.reshape(-1)).expand(e)  # fp32
-    b_scales = unswizzle(scale_b.view(torch.uint8), n, c)  # [E, N, C] view
-    a = _dequant_a(mat_a, scale_a, expert_offsets).float()
-    if sync_free:
-        rows = torch.arange(t, device=out.device)
-        group = torch.searchsorted(expert_offsets, rows.to(torch.int32), right=True).unsqueeze(1)
-        for ei in range(e):
-            acc = a @ _dequant_b(mat_b[ei], b_scales[ei]).float()
-            torch.where(group == ei, (acc * alpha[ei]).to(out.dtype), out, out=out)
-        return
-    start = 0
-    for ei, end in enumerate(ends):
-        if end > start:
-            acc = a[start:end] @ _dequant_b(mat_b[ei], b_scales[ei]).float()
-            out[start:end] = (acc * alpha[ei]).to(out.dtype)  # alpha on the fp32 accumulator
-        start = end
-
-
-register_backend(
-    "torch", torch_grouped_gemm, any_device, workspace_bytes=torch_gemm_workspace_bytes
-)
-
-
-# --------------------------------------------------------------------------------------------
 # custom op and public entry
 
 
@@ -568,6 +281,11 @@ def run_nvfp4_grouped_gemm(
     """
     _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out)
     name = select_backend(mat_a.device, backend)
+    if _BACKENDS[name].b_k_major and mat_b.stride(1) != 1:
+        raise ValueError(
+            f"backend {name!r} reads mat_b K-major (make_b_k_major, once at finalize), got "
+            f"mat_b.stride()={mat_b.stride()}"
+        )
     if workspace is not None:
         t, n, e = mat_a.shape[0], mat_b.shape[2], mat_b.shape[0]
         need = grouped_gemm_workspace_bytes(name, t, 2 * mat_a.shape[1], n, e)

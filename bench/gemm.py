@@ -1,0 +1,201 @@
+"""NVFP4 grouped GEMM speed on a CUDA GPU against BF16 cuBLAS, ratios from one run (issue 10).
+
+    python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR]
+
+For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024
+rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE) each dsv4 backend and the
+baselines on the same (dequantized) weights are timed by `harness.timing.measure` (CUDA-graph
+replays, input sets rotated so a pass reads > 2x L2, median with p10..p90, every sample kept in
+DIR/gemm.json). Baselines: `bf16-mm` (one torch.mm per expert's rows; at E=1 the BF16 cuBLAS
+number) and `bf16-grouped` (`torch._grouped_mm`, where torch has it). Each backend's output on
+set 0 is first judged against reference.gemm's derived bound: a speed is printed only beside
+`pass`. TFLOP/s counts 2*M*N*K over routed rows; GB/s counts the bytes a kernel must read (FP4
+codes + scales, or bf16 weights) and write. The goal column is the issue's target, against the
+baseline named there; the last column says whether this run met it.
+Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (it is opt-in: docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import dsv4.ops as ops  # noqa: E402
+from harness import timing  # noqa: E402
+from reference import gemm as rgemm  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    counts: tuple[int, ...]  # routed rows per expert
+    k: int = 7168
+    n: int = 6144
+    goal: tuple[str, float] | None = None  # (baseline, min speed-up), the issue's target
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+
+SHAPES = [
+    Shape("e1_m1", (1,), goal=("bf16-mm", 3.5)),
+    Shape("e1_m16", (16,), goal=("bf16-mm", 3.5)),
+    Shape("e1_m64", (64,), goal=("bf16-mm", 3.5)),
+    Shape("e1_m8192", (8192,), goal=("bf16-mm", 0.75)),
+    Shape("e8_m1024", (1024,) * 8, goal=("bf16-grouped", 0.75)),
+    Shape("e48_m4", (4,) * 48),
+]
+
+
+def operands(s: Shape, dev: torch.device, seed: int) -> dict:
+    """Quantized operands (dsv4.ops, production layouts), their plain forms for the bound, and
+    the bf16 dequantized weights the baselines multiply."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    e = len(s.counts)
+    x = torch.randn(s.rows, s.k, device=dev, generator=g)
+    a_codes, a_scales, gsa = ops.quantize_to_nvfp4(x)
+    qs = [
+        ops.quantize_weight_to_nvfp4(torch.randn(s.k, s.n, device=dev, generator=g) * 0.05)
+        for _ in range(e)
+    ]
+    b_codes = torch.stack([q[0] for q in qs])
+    counts = torch.tensor(s.counts, dtype=torch.int32, device=dev)
+    offsets = ops.compute_expert_offsets(counts)
+    a_sw, _ = ops.assemble_scales_2d_side_from_offsets(a_scales, offsets)
+    gsa_e = gsa.reshape(1).float().expand(e).contiguous()
+    gsb = torch.stack([q[2] for q in qs]).reshape(e).float()
+    deq_a = ops.dequantize_nvfp4(a_codes, a_scales, gsa, torch.bfloat16)
+    deq_b = torch.stack(
+        [ops.dequantize_nvfp4(q[0].t(), q[1].t(), q[2], torch.bfloat16).t() for q in qs]
+    )  # [E, K, N]
+    return {
+        "gemm": (
+            a_codes,
+            ops.make_b_k_major(b_codes),
+            a_sw,
+            ops.assemble_scales_3d_side([q[1] for q in qs]),
+            offsets,
+            gsa_e,
+            gsb,
+        ),
+        "plain": (a_codes, a_scales, b_codes, torch.stack([q[1] for q in qs]), offsets, gsa_e, gsb),
+        "a": deq_a,
+        "b": deq_b,
+        "offsets": offsets,
+        "out": torch.empty(s.rows, s.n, dtype=torch.bfloat16, device=dev),
+    }
+
+
+def verdict(s: Shape, op: dict, out: torch.Tensor) -> str:
+    oracle = rgemm.grouped_gemm_nvfp4(*op["plain"], oracle=True)
+    bound = rgemm.grouped_gemm_error_bound(*op["plain"])
+    bad = int(((out.double() - oracle).abs() > bound).sum())
+    return "pass" if bad == 0 else f"FAIL ({bad} elements outside the bound)"
+
+
+def runner(name: str, s: Shape, op: dict):
+    """fn() for one timed call of `name` on one input set, or None where it cannot run."""
+    if name == "bf16-mm":
+        starts = [0]
+        for c in s.counts:
+            starts.append(starts[-1] + c)
+
+        def mm() -> None:
+            for ei in range(len(s.counts)):
+                lo, hi = starts[ei], starts[ei + 1]
+                torch.mm(op["a"][lo:hi], op["b"][ei], out=op["out"][lo:hi])
+
+        return mm
+    if name == "bf16-grouped":
+        if not hasattr(torch, "_grouped_mm") or len(s.counts) == 1:
+            return None
+        b_nk = op["b"].transpose(1, 2).contiguous().transpose(1, 2)  # [E, K, N], K-major
+
+        def grouped() -> None:
+            torch._grouped_mm(op["a"], b_nk, offs=op["offsets"], out_dtype=torch.bfloat16)
+
+        return grouped
+    ws_bytes = ops.grouped_gemm_workspace_bytes(name, s.rows, s.k, s.n, len(s.counts))
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=op["out"].device) if ws_bytes else None
+
+    def dsv4() -> None:
+        ops.run_nvfp4_grouped_gemm(*op["gemm"], out=op["out"], backend=name, workspace=ws)
+
+    return dsv4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="sm90", help="dsv4 backends, comma-separated")
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds of samples per row")
+    ap.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
+    ap.add_argument("--out", default="reports/bench_gemm")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemm.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(dev)}; nvml: {timing.device_state(dev)}")
+    names = [*a.backends.split(","), "bf16-mm", "bf16-grouped"]
+    table, records = [], []
+    for s in (s for s in SHAPES if s.name in a.shapes.split(",")):
+        e = len(s.counts)
+        fp4_bytes = (s.rows + e * s.n) * s.k * (0.5 + 1 / 16) + s.rows * s.n * 2
+        bf16_bytes = (s.rows + e * s.n) * s.k * 2 + s.rows * s.n * 2
+        n_sets = timing.cold_l2_sets(bf16_bytes, dev, max_sets=8)
+        sets = [operands(s, dev, seed) for seed in range(n_sets)]
+        flops = 2.0 * s.rows * s.n * s.k
+        medians: dict[str, float] = {}
+        for name in names:
+            fns = [runner(name, s, op) for op in sets]
+            if fns[0] is None:
+                continue
+            fns[0]()
+            ok = verdict(s, sets[0], sets[0]["out"]) if not name.startswith("bf16") else "base"
+            if ok not in ("pass", "base"):
+                table.append((s.name, name, ok, "", "", "", ""))
+                continue
+            t = timing.measure(lambda i, fns=fns: fns[i](), n_sets, budget_s=a.budget)
+            medians[name] = t.median_us
+            nbytes = bf16_bytes if name.startswith("bf16") else fp4_bytes
+            records.append({"shape": s.name, "backend": name, **t.summary()})
+            table.append(
+                (
+                    s.name,
+                    name,
+                    ok,
+                    f"{t.median_us:.2f} ({t.p10_us:.2f}..{t.p90_us:.2f})",
+                    f"{flops / t.median_us / 1e6:.1f}",
+                    f"{nbytes / t.median_us / 1e3:.0f}",
+                    "",
+                )
+            )
+        if s.goal and s.goal[0] in medians:
+            base, want = s.goal
+            for i, row in enumerate(table):
+                if row[0] == s.name and row[1] in a.backends.split(",") and row[1] in medians:
+                    got = medians[base] / medians[row[1]]
+                    met = "met" if got >= want else f"MISSED by {want / got:.2f}x"
+                    table[i] = (*row[:6], f"x{got:.2f} vs {base} (goal x{want}): {met}")
+        del sets
+        torch.cuda.empty_cache()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gemm.json").write_text(json.dumps(records))
+    head = ("shape", "backend", "verdict", "median us (p10..p90)", "TFLOP/s", "GB/s", "goal")
+    print("\n" + " | ".join(head))
+    for row in table:
+        print(" | ".join(map(str, row)))
+    print(f"\nevery sample: {out / 'gemm.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""NVFP4 grouped GEMM (2D x 3D) for sm_90 in Triton: FP4 decoded in registers, fp16 MMA, fp32 acc.
+
+Same operands as every backend (docs/backends.md); B must be K-major (`make_b_k_major`, the
+production layout), so each expert's codes are read as int32 words of 8 consecutive K elements.
+Three launches, all reading the expert offsets on the device (no host sync, graph-capturable):
+
+1. `_dequant_a_kernel`: A codes + per-group swizzled scales -> fp16 A (exact) in a K order
+   permuted by word lane, Ap[r, t, j] = A[t, 8j + r] (fp4_bits: one decode for both operands).
+2. `_grouped_gemm_kernel`: a persistent grid (one program per SM) walks a virtual tile space
+   (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a cumsum of
+   cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never visited. Per
+   K step it loads B as words, decodes each word into 4 fp16 pairs (fp4_bits) with the e4m3
+   scale folded in exactly, and accumulates acc += Ap[r] @ B_r for the 8 lanes r (K permuted
+   identically on both sides: no interleave, as the H100 prototype found, docs/design.md §4).
+   SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store (RNE).
+   SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a zeroed workspace, then
+3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
+Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
+
+Status: compiled for sm_90 on CPU (PTX checked) and run by the Triton interpreter on CPU; its
+numerics and speed on a GPU are UNMEASURED (docs/backends.md). The plan's tile sizes are
+educated guesses until bench/gemm.py runs on an H200.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.triton import fp4_bits
+from dsv4.ops._workspace import Sizer, Workspace
+
+WORD = fp4_bits.WORD_ELEMS  # K elements per int32 word
+# fp4_bits' constants as constexpr globals (a @triton.jit body may read only those)
+_LANE_MAG = tl.constexpr(fp4_bits.LANE_MAG)
+_LANE_SIGN = tl.constexpr(fp4_bits.LANE_SIGN)
+_MAG_SHIFT = tl.constexpr(fp4_bits.MAG_SHIFT)
+_SIGN_SHIFT = tl.constexpr(fp4_bits.SIGN_SHIFT)
+_SCALE_FOLD = tl.constexpr(fp4_bits.SCALE_FOLD)
+_ATOM_ROWS = tl.constexpr(128)  # rows of a 128x4 scale atom
+SPLIT_K_MAX_ROWS = 512  # split-K (and its fp32 workspace) only for T up to this: decode shapes
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers (inlined)
+
+
+@triton.jit
+def _decode_pair(words, p: tl.constexpr, scale):
+    """int32 words + fp32 folded scales (same shape) -> fp16 (lane p, lane p + 4) values."""
+    # fp4_bits: fp16 patterns of value * 2^-14; fp16 -> fp32 is exact, subnormals included
+    x = words >> (4 * p)  # arithmetic shift: only bits 0..3 and 16..19 are kept below
+    y = ((x & _LANE_MAG) << _MAG_SHIFT) | ((x & _LANE_SIGN) << _SIGN_SHIFT)
+    lo = (y & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = ((y >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    return (lo.to(tl.float32) * scale).to(tl.float16), (hi.to(tl.float32) * scale).to(tl.float16)
+
+
+@triton.jit
+def _folded_scale(bytes_u8):
+    return bytes_u8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _SCALE_FOLD
+
+
+@triton.jit
+def _to_bf16(x):
+    """fp32 -> bf16, round to nearest even, by integer ops on the bits (NaN kept quiet): the
+    rounding the reference uses, on every target (the Triton 3.9 interpreter truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # carries into the exponent: Inf
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _expert_table(offsets_ptr, E: tl.constexpr, E_PAD: tl.constexpr):
+    """Per expert (padded to E_PAD): END offset, first row, padded scale-row start."""
+    idx = tl.arange(0, E_PAD)
+    live = idx < E
+    last = tl.load(offsets_ptr + E - 1)
+    ends = tl.load(offsets_ptr + idx, mask=live, other=0)
+    ends = tl.where(live, ends, last)  # padding experts: empty, after the last
+    starts = tl.load(offsets_ptr + idx - 1, mask=live & (idx > 0), other=0)
+    starts = tl.where(live, starts, last)
+    padded = (ends - starts + _ATOM_ROWS - 1) // _ATOM_ROWS * _ATOM_ROWS
+    sstarts = tl.cumsum(padded, 0) - padded
+    return idx, ends, starts, sstarts
+
+
+@triton.jit
+def _row_groups(rows, idx, ends, starts, sstarts):
+    """Group of each row (rows >= offsets[-1] clamp to the last real one) and its scale row."""
+    g = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), 1)
+    sel = idx[None, :] == g[:, None]
+    start = tl.sum(tl.where(sel, starts[None, :], 0), 1)
+    sstart = tl.sum(tl.where(sel, sstarts[None, :], 0), 1)
+    return g, sstart + rows - start
+
+
+@triton.jit
+def _swizzle_offset(r, c, n_cb):
+    """The 128x4 closed form (docs/design.md §3) for scale row r, scale column c."""
+    return ((r // 128) * n_cb + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
+
+
+@triton.jit
+def _alpha(gsa_ptr, gsb_ptr, g, GSA_PER_EXPERT: tl.constexpr, GSB_PER_EXPERT: tl.constexpr):
+    """alpha = gsa[g] * gsb[g] in fp32 (reference.gemm's rounding)."""
+    ga = tl.load(gsa_ptr + g) if GSA_PER_EXPERT else tl.load(gsa_ptr + g * 0)
+    gb = tl.load(gsb_ptr + g) if GSB_PER_EXPERT else tl.load(gsb_ptr + g * 0)
+    return ga * gb
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _dequant_a_kernel(
+    a_ptr,  # uint8 A codes, rows of stride_a words
+    scale_a_ptr,  # uint8 swizzled 2-D side
+    offsets_ptr,  # int32 [E]
+    ap_ptr,  # fp16 [8, T, K/8]
+    T,
+    KW,  # K / 8
+    stride_a,  # words between rows of A
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BT: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    a_words_ptr = a_ptr.to(tl.pointer_type(tl.int32))
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    idx, ends, starts, sstarts = _expert_table(offsets_ptr, E, E_PAD)
+    total = tl.load(offsets_ptr + E - 1)
+    _, srow = _row_groups(rows, idx, ends, starts, sstarts)
+    mask = (rows[:, None] < total) & (j[None, :] < KW)
+    w = tl.load(a_words_ptr + rows[:, None] * stride_a + j[None, :], mask=mask, other=0)
+    n_cb = (KW // 2 + 3) // 4  # scale columns K/16 = KW/2, in atoms of 4
+    soff = _swizzle_offset(srow[:, None], j[None, :] // 2, n_cb)
+    s = _folded_scale(tl.load(scale_a_ptr + soff, mask=mask, other=0))
+    plane = T * KW
+    dst = ap_ptr + rows[:, None] * KW + j[None, :]
+    for p in tl.static_range(4):
+        lo, hi = _decode_pair(w, p, s)
+        tl.store(dst + p * plane, lo, mask=mask)
+        tl.store(dst + (p + 4) * plane, hi, mask=mask)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    ap_ptr,  # fp16 [8, T, K/8] (Ap, see module docstring)
+    b_ptr,  # uint8 [E, K/2, N] K-major codes (read as int32 words of 8 K elements)
+    scale_b_ptr,  # uint8 [E, round_up(N,128) * round_up(K/16,4)]
+    offsets_ptr,  # int32 [E]
+    gsa_ptr,
+    gsb_ptr,
+    out_ptr,  # bf16 [T, N] (SPLIT_K == 1) or fp32 [T, N] zeroed (SPLIT_K > 1)
+    T,
+    N,
+    KW,  # K / 8
+    stride_be,  # words between experts of B
+    stride_bn,  # words between columns n of B
+    stride_se,  # bytes between experts of scale_b
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    GSA_PER_EXPERT: tl.constexpr,
+    GSB_PER_EXPERT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,  # words per K step (BK = 8 * BJ elements)
+    SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    b_words_ptr = b_ptr.to(tl.pointer_type(tl.int32))
+    idx, ends, starts, _ = _expert_table(offsets_ptr, E, E_PAD)
+    mtiles = (ends - starts + BM - 1) // BM  # 0 for an empty expert: it owns no tile
+    cum_mt = tl.cumsum(mtiles, 0)
+    n_tiles = tl.cdiv(N, BN)
+    total = tl.sum(mtiles, 0) * n_tiles * SPLIT_K
+    steps = tl.cdiv(KW, BJ)
+    steps_per_split = tl.cdiv(steps, SPLIT_K)
+    n_cb = (KW // 2 + 3) // 4
+    plane = T * KW
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        ks = tile % SPLIT_K
+        nt = (tile // SPLIT_K) % n_tiles
+        mt = tile // (SPLIT_K * n_tiles)
+        e = tl.sum((cum_mt <= mt).to(tl.int32), 0)
+        sel = idx == e
+        row0 = (
+            tl.sum(tl.where(sel, starts, 0), 0)
+            + (mt - tl.sum(tl.where(sel, cum_mt - mtiles, 0), 0)) * BM
+        )
+        row_end = tl.sum(tl.where(sel, ends, 0), 0)
+        rows = row0 + tl.arange(0, BM)
+        cols = nt * BN + tl.arange(0, BN)
+        rmask = rows < row_end
+        cmask = cols < N
+        e64 = e.to(tl.int64)
+        b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
+        s_base = scale_b_ptr + e64 * stride_se
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for step in tl.range(
+            ks * steps_per_split,
+            tl.minimum((ks + 1) * steps_per_split, steps),
+            num_stages=NUM_STAGES,
+        ):
+            j = step * BJ + tl.arange(0, BJ)
+            jmask = j < KW
+            bmask = jmask[:, None] & cmask[None, :]
+            w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
+            soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
+            s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
+            amask = rmask[:, None] & jmask[None, :]
+            a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
+            for p in tl.static_range(4):
+                b_lo, b_hi = _decode_pair(w, p, s)
+                a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
+                a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
+                acc = tl.dot(a_lo, b_lo, acc)
+                acc = tl.dot(a_hi, b_hi, acc)
+        omask = rmask[:, None] & cmask[None, :]
+        optrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+        if SPLIT_K == 1:
+            alpha = _alpha(gsa_ptr, gsb_ptr, e, GSA_PER_EXPERT, GSB_PER_EXPERT)
+            tl.store(optrs, _to_bf16(acc * alpha), mask=omask)
+        else:
+            tl.atomic_add(optrs, acc, mask=omask, sem="relaxed")
+
+
+@triton.jit
+def _finish_kernel(
+    acc_ptr,  # fp32 [T, N]
+    offsets_ptr,
+    gsa_ptr,
+    gsb_ptr,
+    out_ptr,  # bf16 [T, N]
+    N,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    GSA_PER_EXPERT: tl.constexpr,
+    GSB_PER_EXPERT: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    idx, ends, starts, sstarts = _expert_table(offsets_ptr, E, E_PAD)
+    g, _ = _row_groups(rows, idx, ends, starts, sstarts)
+    g = tl.minimum(g, E - 1)
+    alpha = _alpha(gsa_ptr, gsb_ptr, g, GSA_PER_EXPERT, GSB_PER_EXPERT)
+    mask = (rows[:, None] < tl.load(offsets_ptr + E - 1)) & (cols[None, :] < N)
+    ptrs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    acc = tl.load(acc_ptr + ptrs, mask=mask, other=0.0)
+    tl.store(out_ptr + ptrs, _to_bf16(acc * alpha[:, None]), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# plan (tile sizes and split by shape; all host arithmetic on shapes, never on values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One launch configuration; hashable (a compile key and a bench row)."""
+
+    bm: int
+    bn: int
+    bj: int  # words per K step: BK = 8 * bj
+    split_k: int
+    num_warps: int
+    num_stages: int
+    programs: int  # persistent grid size
+
+
+def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
+    """Tile shape by rows: small T (decode) -> BM 16 (mma.sync) and split-K to fill the SMs;
+    large T -> BM 128 tiles (wgmma). Guesses until bench/gemm.py measures them on an H200."""
+    kw = k // WORD
+    bj = 32 if kw >= 32 else 16  # BK 256 or 128; a dot's K (= bj) must be >= 16
+    small = t <= SPLIT_K_MAX_ROWS
+    bm, bn = (16, 128) if small else (128, 128)
+    tiles = (triton.cdiv(t, bm) if small else triton.cdiv(t, bm) + e) * triton.cdiv(n, bn)
+    split = 1
+    if small:
+        steps = triton.cdiv(kw, bj)
+        split = max(1, min(steps, num_sms // max(1, tiles)))
+    return Plan(bm, bn, bj, split, 4 if small else 8, 3, num_sms)
+
+
+def workspace_bytes(t: int, k: int, n: int, e: int) -> int:
+    """Scratch of the sm90 backend: fp16 Ap [8, T, K/8], plus fp32 [T, N] when split-K may run."""
+    sizer = Sizer()
+    _buffers(sizer, t, k, n)
+    return sizer.off
+
+
+def _buffers(ws: Workspace | Sizer, t: int, k: int, n: int) -> tuple:
+    ap = ws.empty((WORD, t, k // WORD), torch.float16)
+    acc = ws.empty((t, n), torch.float32) if t <= SPLIT_K_MAX_ROWS else None
+    return ap, acc
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _check_layout(mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
+    """Word loads need 4-byte aligned rows: A row-major, B K-major (make_b_k_major)."""
+    if mat_a.stride(1) != 1 or mat_a.stride(0) % 4 or mat_a.storage_offset() % 4:
+        raise ValueError(
+            f"backend 'sm90' reads mat_a as int32 words: needs row-major rows on 4-byte "
+            f"boundaries, got mat_a.stride()={mat_a.stride()} "
+            f"storage_offset={mat_a.storage_offset()}"
+        )
+    if (
+        mat_b.stride(1) != 1
+        or mat_b.stride(2) % 4
+        or mat_b.stride(0) % 4
+        or (mat_b.storage_offset() % 4)
+    ):
+        raise ValueError(
+            f"backend 'sm90' reads mat_b K-major as int32 words (make_b_k_major): needs "
+            f"mat_b.stride(1) == 1 and the other strides multiples of 4, got "
+            f"mat_b.stride()={mat_b.stride()} storage_offset={mat_b.storage_offset()}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# launcher and backend entry
+
+
+def launch_grouped_gemm(
+    mat_a: torch.Tensor,
+    mat_b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    global_scale_a: torch.Tensor,
+    global_scale_b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    workspace: torch.Tensor | None = None,
+    num_sms: int | None = None,
+    the_plan: Plan | None = None,
+) -> None:
+    """Run the three kernels on validated operands (dsv4.ops.gemm validates); writes `out`.
+
+    `workspace`: uint8 1-D of `workspace_bytes(T, K, N, E)` bytes, else scratch is allocated.
+    `num_sms` / `the_plan` override the device's SM count / the shape plan (tests, bench)."""
+    _check_layout(mat_a, mat_b)
+    t, kh = mat_a.shape
+    e, _, n = mat_b.shape
+    k = 2 * kh
+    kw = k // WORD
+    if t == 0 or n == 0:
+        return
+    if num_sms is None:
+        dev = out.device
+        num_sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+    p = the_plan or plan(t, k, n, e, num_sms)
+    ap, acc = _buffers(Workspace(workspace, out.device), t, k, n)
+    if p.split_k > 1 and acc is None:
+        raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
+    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
+    scale_a8 = scale_a.view(torch.uint8)
+    scale_b8 = scale_b.view(torch.uint8)
+    consts, warps = cfg["dequant_a"]
+    grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+    _dequant_a_kernel[grid](
+        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, **consts, num_warps=warps
+    )
+    dst = out if p.split_k == 1 else acc[:t]
+    if p.split_k > 1:
+        dst.zero_()
+    consts, warps = cfg["grouped_gemm"]
+    _grouped_gemm_kernel[(p.programs,)](
+        ap,
+        mat_b,
+        scale_b8,
+        expert_offsets,
+        global_scale_a,
+        global_scale_b,
+        dst,
+        t,
+        n,
+        kw,
+        mat_b.stride(0) // 4,
+        mat_b.stride(2) // 4,
+        scale_b8.stride(0),
+        **consts,
+        num_warps=warps,
+    )
+    if p.split_k > 1:
+        consts, warps = cfg["finish"]
+        grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(n, consts["BN"]))
+        _finish_kernel[grid](
+            dst, expert_offsets, global_scale_a, global_scale_b, out, n, **consts, num_warps=warps
+        )
+
+
+def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dict, int]]:
+    """{kernel: (constexprs, num_warps)} of plan `p`: what the launcher passes and compile_for
+    compiles (one place, so the compiled configuration is the launched one)."""
+    ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
+    gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
+    cfg = {
+        "dequant_a": (dict(**ex, BT=32, BJ=32), 4),
+        "grouped_gemm": (
+            dict(
+                **ex,
+                **gs,
+                BM=p.bm,
+                BN=p.bn,
+                BJ=p.bj,
+                SPLIT_K=p.split_k,
+                NUM_STAGES=p.num_stages,
+            ),
+            p.num_warps,
+        ),
+    }
+    if p.split_k > 1:
+        cfg["finish"] = (dict(**ex, **gs, BT=32, BN=128), 4)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile (CPU-only machines: catch compile errors before spending device time)
+
+
+def compile_for(
+    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90
+) -> dict[str, triton.compiler.CompiledKernel]:
+    """Compile the three kernels of plan `p` for sm_`arch` without a GPU; {name: kernel} with
+    `.asm["ptx"]`. A failure raises RuntimeError naming the kernel and the configuration."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = dict(offsets_ptr="*i32", gsa_ptr="*fp32", gsb_ptr="*fp32")
+    names = ("T", "N", "KW", "stride_be", "stride_bn", "stride_se")
+    types = {  # pointer and scalar argument types of each kernel
+        "dequant_a": dict(
+            a_ptr="*u8", scale_a_ptr="*u8", offsets_ptr="*i32", ap_ptr="*fp16", T="i32", KW="i32",
+            stride_a="i32",
+        ),
+        "grouped_gemm": dict(
+            ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
+            out_ptr="*bf16" if p.split_k == 1 else "*fp32", **{n: "i32" for n in names},
+        ),
+        "finish": dict(acc_ptr="*fp32", **ptrs, out_ptr="*bf16", N="i32"),
+    }  # fmt: skip
+    kernels = {"dequant_a": _dequant_a_kernel, "grouped_gemm": _grouped_gemm_kernel}
+    kernels["finish"] = _finish_kernel
+    out = {}
+    for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert).items():
+        fn = kernels[name]
+        signature = {**types[name], **{k: "constexpr" for k in constexprs}}
+        signature = {a: signature[a] for a in fn.arg_names}  # the kernel's argument order
+        try:
+            out[name] = triton.compile(
+                ASTSource(fn, signature, constexprs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": warps},
+            )
+        except Exception as err:  # re-raised with the configuration that failed
+            raise RuntimeError(
+                f"sm90 kernel {name!r} failed to compile for sm_{arch} with {p} {e=}: {err}"
+            ) from err
+    return out

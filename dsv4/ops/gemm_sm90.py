@@ -1,0 +1,54 @@
+"""The `sm90` grouped-GEMM backend's wiring: capability probe, workspace size, lazy launch.
+
+The kernels live in dsv4/kernels/triton/grouped_gemm_sm90.py; this module only registers them
+(importing it imports no Triton and touches no GPU: Triton loads on the first call). The probe
+wants an sm_90 CUDA device and an installed Triton, and says which one is missing. The backend
+reads B only in the K-major layout `make_b_k_major` makes once at finalize (declared with
+`b_k_major=True`). Its numerics and speed on a GPU are UNVERIFIED (compiled for sm_90 and run by
+the Triton interpreter on CPU only), so it registers below `torch`: it runs only when asked for
+(`backend="sm90"`, adapter `dsv4-sm90`), never by default (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from dsv4.ops.gemm import register_backend, requires_capability
+
+# Below torch (0) until an H200 has run the harness cases and bench/gemm.py (docs/backends.md);
+# then drop it and the default (90: sm100 > sm90 > torch) applies.
+UNVERIFIED_PRIORITY = -10
+
+_needs_sm90 = requires_capability(9, 0)
+
+
+def sm90_supports(device: torch.device) -> tuple[bool, str]:
+    ok, why = _needs_sm90(device)
+    if ok and importlib.util.find_spec("triton") is None:
+        return False, "needs triton (pip install 'dsv4-nvfp4[sm90]'), not installed"
+    return ok, why
+
+
+def sm90_workspace_bytes(t: int, k: int, n: int, e: int) -> int:
+    from dsv4.kernels.triton import grouped_gemm_sm90
+
+    return grouped_gemm_sm90.workspace_bytes(t, k, n, e)
+
+
+def sm90_grouped_gemm(*args: torch.Tensor, workspace: torch.Tensor | None = None) -> None:
+    """(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out): the Triton kernels."""
+    from dsv4.kernels.triton import grouped_gemm_sm90
+
+    grouped_gemm_sm90.launch_grouped_gemm(*args, workspace=workspace)
+
+
+register_backend(
+    "sm90",
+    sm90_grouped_gemm,
+    sm90_supports,
+    priority=UNVERIFIED_PRIORITY,
+    workspace_bytes=sm90_workspace_bytes,
+    b_k_major=True,
+)

@@ -1,0 +1,225 @@
+"""The sm90 grouped GEMM, proven on CPU: its FP4 decode and the kernels run by Triton's interpreter.
+
+1. The bit tricks (dsv4/kernels/triton/fp4_bits.py, the constants the kernel uses) modelled in
+   torch and checked against reference/ for every packed byte at every position of a word, times
+   every finite e4m3 scale byte (NaN scales must give NaN): bit for bit, signed zeros included.
+2. The three kernels run by TRITON_INTERPRET=1 (in a child process: the variable is read when
+   Triton decorates the kernels) on tiny CPU problems, judged by reference.gemm's derived bound:
+   empty experts (first, middle, last), M not a multiple of the tile, N not a multiple of BN,
+   split-K with a dirty workspace, a persistent grid smaller than the tile count, one global
+   scale for all experts, rows past offsets[-1] untouched, no routed row at all.
+The registry side (sm90 opt-in, its capability message on CPU, the K-major requirement) follows.
+On an sm_90 GPU (skipped elsewhere, with the reason): the derived bound on CUDA, CUDA-graph
+capture, no allocation with the registry's workspace, no host sync. They have NOT run yet (no GPU
+this session): docs/backends.md. Speed is bench/gemm.py's, never a test's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv4.ops as ops
+import reference as ref
+
+pytest.importorskip("triton", reason="the sm90 kernels need triton (pip install '.[sm90]')")
+
+from dsv4.kernels.triton import fp4_bits  # noqa: E402  (no Triton import inside)
+from tests.gemm_problems import gemm_problem, within_bound  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_decode_bit_tricks_match_reference_for_every_byte_and_scale():
+    # word i holds bytes i, i+1, i+2, i+3 (mod 256): every byte value at every word position
+    idx = (torch.arange(256)[:, None] + torch.arange(4)[None, :]) % 256
+    packed = idx.to(torch.uint8)  # [256 words, 4 bytes]
+    words = fp4_bits.pack_words(packed)[:, 0]  # [256]
+    scale_bytes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    got = fp4_bits.decode_words(
+        words[:, None].expand(256, 256), scale_bytes[None, :].expand(256, 256)
+    )
+    values = ref.decode_e2m1(ref.unpack_e2m1(packed))  # [256, 8] fp32, element order
+    scales = scale_bytes.view(torch.float8_e4m3fn).float()  # every e4m3 byte, NaNs too
+    want = values[:, None, :] * scales[None, :, None]  # exact in fp32
+    finite = scales.isfinite()
+    assert int(finite.sum()) == 254  # 0x7F and 0xFF are e4m3fn's NaNs
+    g, w = got[:, finite].float(), want[:, finite]
+    assert torch.equal(g, w), f"first mismatch at {(g != w).nonzero()[0].tolist()}"
+    assert torch.equal(g.signbit(), w.signbit())  # -0 stays -0 (code 8)
+    assert got[:, ~finite].isnan().all()  # a NaN scale stays visible in every element
+
+
+def test_decode_lanes_pair_element_p_with_element_p_plus_4():
+    # one nibble set at a time: pair p's low lane is element p, its high lane element p + 4
+    for q in range(8):
+        word = torch.tensor([0x2 << (4 * q)], dtype=torch.int32)  # code 2 (1.0) at element q
+        for p in range(fp4_bits.PAIRS):
+            lo, hi = fp4_bits.fp16_lanes(fp4_bits.word_pairs(word, p))
+            assert lo.float().item() * 2**14 == (1.0 if q == p else 0.0)
+            assert hi.float().item() * 2**14 == (1.0 if q == p + 4 else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels under the interpreter (child process)
+
+
+def _interpret_main() -> None:
+    """Run in the child: every check raises AssertionError naming its case."""
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    cases = [  # (name, counts, k, n, extra rows, plan or None (plan()), num_sms, dirty ws)
+        ("mid_empty_split1", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 1, 4, 1, 3), 3, False),
+        ("mid_empty_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3), 3, True),
+        ("ends_empty_plan", [0, 33, 0], 128, 80, 0, None, 8, True),
+        ("bm32_one_gs", [40, 1], 384, 64, 2, g.Plan(32, 32, 16, 2, 4, 1, 2), 2, False),
+    ]
+    for name, counts, k, n, extra, the_plan, sms, dirty in cases:
+        plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(
+            counts, k=k, n=n, seed=len(name), extra=extra
+        )
+        if name.endswith("one_gs"):  # one global scale pair broadcast to every expert
+            gsa, gsb = gsa[:1].contiguous(), gsb[:1].contiguous()
+            plain = (*plain[:5], gsa.expand(len(counts)), gsb.expand(len(counts)))
+        b = ops.make_b_k_major(b)
+        t = a.shape[0]
+        out = torch.full((t, n), 7.0, dtype=torch.bfloat16)
+        ws = None
+        if dirty:
+            ws = torch.full((g.workspace_bytes(t, k, n, len(counts)),), 0xFF, dtype=torch.uint8)
+        g.launch_grouped_gemm(
+            a, b, a_sw, b_sw, offs, gsa, gsb, out, workspace=ws, num_sms=sms, the_plan=the_plan
+        )
+        try:
+            within_bound(plain, out, sum(counts))
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from err
+        assert (out[sum(counts) :] == 7.0).all(), f"{name}: rows past offsets[-1] written"
+    # no routed row: nothing written
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3], k=128, n=32, seed=9)
+    offs = torch.zeros_like(offs)
+    out = torch.full((3, 32), 7.0, dtype=torch.bfloat16)
+    g.launch_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb, out, num_sms=2)
+    assert (out == 7.0).all(), "offsets all 0: rows written"
+    print("interpreter cases passed")
+
+
+def test_kernels_under_the_triton_interpreter_within_the_derived_bound():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    code = "import tests.test_sm90_gemm as t; t._interpret_main()"
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "interpreter cases passed" in res.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+def test_sm90_is_registered_opt_in_and_names_what_cpu_lacks():
+    assert "sm90" in ops.available_backends()
+    assert ops.available_backends("cpu") == ["torch"]
+    assert ops.select_backend("cpu") == "torch"
+    with pytest.raises(ops.BackendUnavailableError, match=r"backend 'sm90' needs sm_90, got cpu"):
+        ops.select_backend("cpu", "sm90")
+    # below torch: on an sm_90 device the default stays torch until a GPU has verified it
+    from dsv4.ops import gemm as dgemm
+
+    assert dgemm._BACKENDS["sm90"].priority < dgemm._BACKENDS["torch"].priority
+    assert dgemm._BACKENDS["sm90"].b_k_major
+
+
+def test_k_major_backend_refuses_an_n_major_weight(monkeypatch):
+    from dsv4.ops import gemm as dgemm
+
+    monkeypatch.setattr(dgemm, "_BACKENDS", dict(dgemm._BACKENDS))
+    calls = []
+    ops.register_backend(
+        "kmajor", lambda *a: calls.append(a), lambda d: (True, ""), priority=1, b_k_major=True
+    )
+    _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([2, 3], seed=4)
+    with pytest.raises(ValueError, match=r"backend 'kmajor' reads mat_b K-major .*stride"):
+        ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, backend="kmajor")
+    ops.run_nvfp4_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
+    assert len(calls) == 1  # selected by priority, K-major accepted
+
+
+# --------------------------------------------------------------------------------------------
+# on an sm_90 GPU (skipped elsewhere): numerics, graph capture, no allocation, no host sync
+
+
+def _on_sm90() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs an sm_90 CUDA GPU (CPU-only machine)"
+    return ops.sm90_supports(torch.device("cuda"))
+
+
+needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "needs sm_90")
+
+
+def _cuda_problem(counts, k, n, seed):
+    plain, gemm = gemm_problem(counts, k=k, n=n, seed=seed, extra=3)
+    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
+    return plain, (a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize(
+    "counts,k,n",
+    [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 300, 1, 0], 1024, 384), ([600, 7], 512, 256)],
+)
+def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, k, n, seed=sum(counts))
+    out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
+    ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90")
+    within_bound(plain, out.cpu(), sum(counts))
+    assert (out[sum(counts) :] == 7.0).all()
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("t", [5, 700])  # split-K path and the 128-row path
+def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t):
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([t - 2, 0, 2], 512, 256, seed=t)
+    n_rows = a.shape[0]
+    ws = torch.empty(
+        ops.grouped_gemm_workspace_bytes("sm90", n_rows, 512, 256, 3),
+        dtype=torch.uint8,
+        device="cuda",
+    )
+    out = torch.zeros(n_rows, 256, dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        ops.run_nvfp4_grouped_gemm(
+            a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90", workspace=ws
+        )
+
+    call()  # compiles
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    want = out.clone()
+    out.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()
+    torch.cuda.synchronize()
+    if t > 512:  # one program owns each output tile: replay gives the same bits
+        assert torch.equal(out, want)
+    within_bound(plain, out.cpu(), t)
