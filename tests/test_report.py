@@ -220,11 +220,13 @@ def test_a_failing_output_shows_the_reference_output_and_bound_of_its_first_bad_
 
 def test_plots_draw_the_pass_line_and_mark_failing_points(smoke):
     rows = results.latest(results.read_rows(smoke))
-    assert all(r["budget_calc_diff"] == 1e-4 for r in rows if r.get("final"))  # in every row
+    assert all("budget_calc_diff" in r for r in rows if r.get("final"))  # in every row
     by_axis = {p["title"].split(",")[0]: p for p in _plots(rows)}
     tokens = by_axis["worst error vs tokens"]
     assert tokens["pass_lines"]["grouped_gemm"] == [1.0]  # the derived bound
-    assert tokens["pass_lines"]["shared_expert"] == [1e-4]  # the case budget
+    used = sorted({r["metrics"]["budget_calc_diff"] for r in rows
+                   if r.get("stage") == "shared_expert" and r.get("compare") == "out"})
+    assert used and tokens["pass_lines"]["shared_expert"] == used  # the budget each verdict used
     n_bad = sum(r.get("compare") == "grouped_gemm.out" and r["outcome"] == "fail" for r in rows)
     assert tokens["n_failing"]["grouped_gemm"] == n_bad > 0
     assert tokens["n_failing"]["shared_expert"] == 0
