@@ -11,6 +11,7 @@ every section they cite exists; the README lists only harness names that resolve
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,8 +47,15 @@ def test_the_documented_adapter_passes_its_stages(tmp_path, monkeypatch, capsys)
 
 
 def tracked_text_files() -> list[Path]:
-    return [p for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml", ".j2")
-            and ".git" not in p.parts and "reports" not in p.parts and p.is_file()]
+    """The repo's own text files: what git tracks or would add (never a venv, an unpacked bundle
+    or anything else .gitignore / .git/info/exclude leave out)."""
+    ls = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
+                        capture_output=True, text=True)
+    if ls.returncode:  # not a git checkout (an sdist): every file below the repo
+        files = [p for p in REPO.rglob("*") if ".git" not in p.parts and "reports" not in p.parts]
+    else:
+        files = [REPO / line for line in ls.stdout.splitlines()]
+    return [p for p in files if p.suffix in (".py", ".md", ".yaml", ".toml", ".j2") and p.is_file()]
 
 
 def test_code_and_docs_cite_the_design_in_the_repo():
