@@ -170,7 +170,8 @@ def compare_quantized(
 # stage cases (teacher forced)
 
 
-def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+def quantize_inputs(case: Case, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A quantize case's x [T, K] and its decode-convention global scale (None: dynamic)."""
     g = inputs.generator(case, "x")
     x = inputs.activation((case.tokens, case.shape.hidden), case.distribution, g).to(dev)
     if case.distribution.exact:
@@ -180,6 +181,11 @@ def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     else:
         # calibrated on the clean warm-up sample (the planted NaN / Inf only in the live x)
         gs = global_scale_from_amax(tensor_amax(inputs.finite(x)) / case.scale_ratio).to(dev)
+    return x, gs
+
+
+def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    x, gs = quantize_inputs(case, dev)
     r_codes, r_scales, r_gs = ref.quantize_nvfp4(x, gs)
     conv = _conventions(adapter).global_scale
     codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
@@ -269,7 +275,11 @@ def _routed_counts(case: Case) -> torch.Tensor:
     return inputs.tokens_per_expert(ids, inputs.first_expert(case), case.shape.n_experts)
 
 
-def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+def scale_assembly_inputs(
+    case: Case, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A scale-assembly case's (activation scales [T, K/16], END offsets [E], weight scales
+    [E, K/16, N])."""
     s = case.shape
     counts = _routed_counts(case)
     offsets = compute_expert_offsets(counts).to(dev)
@@ -278,7 +288,11 @@ def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Compari
     # Random finite bytes 0x01..0x7E: a zero padding byte can never be mistaken for data.
     a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
     b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
-    a, b = a.view(torch.float8_e4m3fn).to(dev), b.view(torch.float8_e4m3fn).to(dev)
+    return a.view(torch.float8_e4m3fn).to(dev), offsets, b.view(torch.float8_e4m3fn).to(dev)
+
+
+def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    a, offsets, b = scale_assembly_inputs(case, dev)
     return compare_assembly(adapter, ("scales_2d", "scales_3d"), a, offsets, b)
 
 
@@ -443,11 +457,19 @@ def _swiglu_input(case: Case, dev: torch.device) -> torch.Tensor:
     return (l1.float() * 6.0).to(torch.bfloat16).to(dev)
 
 
-def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
-    conv = _conventions(adapter)
+def swiglu_inputs(
+    case: Case, dev: torch.device, conv: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A SwiGLU-requant case's (L1 output, reference activation in the convention `conv`
+    declares, decode-convention global scale calibrated on that very activation)."""
     l1 = _swiglu_input(case, dev)
     act = swiglu(l1, case.limit, conv.swiglu_variant, conv.gate_first)  # as the adapter declares
-    gs = global_scale_from_amax(tensor_amax(act)).to(dev)  # calibrated on this very sample
+    return l1, act, global_scale_from_amax(tensor_amax(act)).to(dev)
+
+
+def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
+    conv = _conventions(adapter)
+    l1, act, gs = swiglu_inputs(case, dev, conv)
     r_codes, r_scales, _ = ref.quantize_nvfp4(act, gs)
     codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
     scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)

@@ -551,45 +551,28 @@ def _prepare_stage(adapter: Any, method: str, *args: Any) -> Callable[[], Any]:
 
 def prepare(case: Any, adapter: Any, dev: torch.device) -> Callable[[], Any]:
     """One input set of `case` (its own seed) with outputs allocated: a call runs the hot path."""
-    from harness import inputs, stages
+    from harness import stages
     from harness.adapters import STAGE_METHODS, to_adapter_scale
     from harness.cases import Stage
-    from reference.activation import swiglu
-    from reference.nvfp4 import global_scale_from_amax, tensor_amax
+    from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
 
     conv = adapter.conventions.global_scale
     method = STAGE_METHODS[case.stage]
     s, t = case.shape, case.tokens
-    if case.stage is Stage.QUANTIZE:
-        x = inputs.activation((t, s.hidden), case.distribution, inputs.generator(case, "x")).to(dev)
-        gs = None
-        if case.scale_ratio is not None:
-            gs = global_scale_from_amax(tensor_amax(x) / case.scale_ratio).to(dev)
+    if case.stage is Stage.QUANTIZE:  # the very inputs and scale the verdict used
+        x, gs = stages.quantize_inputs(case, dev)
         codes = torch.empty((t, s.hidden // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, s.hidden // 16), dtype=torch.float8_e4m3fn, device=dev)
         return _prepare_stage(adapter, method, x, to_adapter_scale(gs, conv), codes, scales)
     if case.stage is Stage.SWIGLU_REQUANT:
-        l1 = stages._swiglu_input(case, dev)
-        gs = global_scale_from_amax(tensor_amax(swiglu(l1, case.limit))).to(dev)
+        l1, _, gs = stages.swiglu_inputs(case, dev, adapter.conventions)
         i = s.intermediate
         codes = torch.empty((t, i // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, i // 16), dtype=torch.float8_e4m3fn, device=dev)
         args = (l1, case.limit, to_adapter_scale(gs, conv), codes, scales)
         return _prepare_stage(adapter, method, *args)
     if case.stage is Stage.SCALE_ASSEMBLY:
-        from reference.layouts import (
-            assemble_scales_2d_side_from_offsets,
-            assemble_scales_3d_side,
-            compute_expert_offsets,
-        )
-
-        counts = stages._routed_counts(case)
-        offsets = compute_expert_offsets(counts).to(dev)
-        c, n = s.hidden // 16, 2 * s.intermediate
-        g = inputs.generator(case, "scales")
-        a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
-        b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
-        a, b = a.view(torch.float8_e4m3fn).to(dev), b.view(torch.float8_e4m3fn).to(dev)
+        a, offsets, b = stages.scale_assembly_inputs(case, dev)
         o2d = torch.empty_like(assemble_scales_2d_side_from_offsets(a, offsets)[0])
         o3d = torch.empty_like(assemble_scales_3d_side(list(b)))
         return _prepare_stage(adapter, method, a, offsets, b, o2d, o3d)

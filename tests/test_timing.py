@@ -306,3 +306,22 @@ def test_compiled_reference_is_bit_exact_on_quantize():
         comps = run_case(_case(stage, tokens=4, scale_ratio=1.0), adapter)
         assert comps and all(c.outcome.value == "pass" for c in comps), comps
         assert all(c.metrics.get("equal", True) for c in comps)
+
+
+def test_prepare_times_the_inputs_and_scale_the_verdict_used():
+    from harness import inputs, stages
+    from harness.cases import Distribution
+
+    class Recorder(adapters.ReferenceAdapter):
+        def quantize(self, x, global_scale, codes_out, scales_out):
+            self.seen = (x, global_scale)
+            return super().quantize(x, global_scale, codes_out, scales_out)
+
+    rec = Recorder()
+    for dist, ratio in ((Distribution.FP4_GRID, None), (Distribution.INF_ONE, 1.0)):
+        case = _case(Stage.QUANTIZE, tokens=8, distribution=dist, scale_ratio=ratio)
+        timing.prepare(case, rec, torch.device("cpu"))()
+        x, gs = stages.quantize_inputs(case, torch.device("cpu"))
+        assert torch.equal(rec.seen[0], x) and torch.equal(rec.seen[1], gs)
+        assert torch.isfinite(gs)  # exact: the power-of-two scale; inf_one: calibrated clean
+    assert float(rec.seen[1]) != inputs.EXACT_GLOBAL_SCALE
