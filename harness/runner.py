@@ -138,10 +138,15 @@ def plan(cases: list[Case], opts: SweepOptions) -> list[tuple[Case, str]]:
     return [p for j, p in enumerate(pairs) if j % n == i]
 
 
+def _row_base(case: Case, adapter_info: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The fields every row of a pair shares: which run, which case, which adapter."""
+    return {"run_id": run_id, **case.row(), "case_digest": case.digest, **adapter_info}
+
+
 def _rows(
     case: Case, adapter_info: dict[str, Any], comps: list[Comparison], run_id: str, duration: float
 ) -> list[dict[str, Any]]:
-    base = {"run_id": run_id, **case.row(), "case_digest": case.digest, **adapter_info}
+    base = _row_base(case, adapter_info, run_id)
     rows = [
         {
             **base,
@@ -208,6 +213,7 @@ def timing_row(
     outcome is `timed`, `skipped` (no CUDA, nothing to time) or `error`; metrics always carry
     the correctness `verdict` of the same pair, so no speed figure travels without it.
     """
+    proto = proto or timing.Protocol()
     if verdict in ("error", "unsupported", "skipped"):
         return "skipped", f"not timed: the case is {verdict}", {"verdict": verdict}
     import torch
@@ -215,14 +221,14 @@ def timing_row(
     try:
         dev = torch.device(case.device)
         roof = timing.measured_roofline(dev) if dev.type == "cuda" else None
-        m = timing.time_case(case, adapter, proto or timing.Protocol(), roof)
+        m = timing.time_case(case, adapter, proto, roof)
     except timing.TimingUnavailable as e:
         return "skipped", str(e), {"verdict": verdict}
     except Exception as e:  # noqa: BLE001 - a kernel that fails under timing is a row too
         tb = traceback.format_exc(limit=6)
         return "error", f"{type(e).__name__}: {e}"[:2000], {"verdict": verdict, "traceback": tb}
     m["verdict"] = verdict
-    m["baselines"] = {b: _baseline(case, b, proto or timing.Protocol()) for b in baselines}
+    m["baselines"] = {b: _baseline(case, b, proto) for b in baselines}
     for b, bm in m["baselines"].items():
         if "latency_us" in bm:
             bm["speedup"] = bm["latency_us"] / m["latency_us"]
@@ -275,11 +281,10 @@ def run_one(
         bl = case.baselines if baselines is None else baselines
         proto = timing.Protocol(budget_s=time_budget_s)
         outcome, message, m = timing_row(case, adapter, verdict, bl, proto)
-        base = {k: v for k, v in rows[-1].items() if k not in _OWN_FIELDS}
         rows.insert(
             -1,
             {
-                **base,
+                **_row_base(case, info, run_id),
                 "compare": results.TIMING,
                 "outcome": outcome,
                 "message": message,
@@ -288,9 +293,6 @@ def run_one(
             },
         )
     return rows
-
-
-_OWN_FIELDS = ("compare", "outcome", "message", "metrics", "final", "duration_s", "threads")
 
 
 def _worker_cmd(*args: str) -> list[str]:
