@@ -14,6 +14,7 @@ commit under test on `PYTHONPATH`; `--judge commit` uses each commit's own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -38,8 +39,6 @@ def check(
     say=print,
 ) -> int:
     """GOOD, BAD or UNTESTABLE for `git bisect run`; says why in one line."""
-    import dataclasses
-
     from harness.cases import CaseError, load_many
     from harness.runner import SweepOptions, run_sweep
 

@@ -10,6 +10,7 @@ holds anything but tensors is refused with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -62,11 +63,10 @@ def save(out: str | Path, case: Case, backend: str, inputs: dict[str, Any] | Non
     adapter = adapters.load(backend)
     meta = {
         "case_id": case.id,
-        "backend": backend,
         **adapters.describe(adapter),
+        "backend": backend,  # the name the user gave (import paths included)
         "env": json.loads(json.dumps(results._jsonable(results.fingerprint()), default=str)),
     }
-    meta["backend"] = backend
     (out / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=True))
     if inputs:
         tensors = {k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -104,8 +104,6 @@ def load(path: str | Path) -> tuple[Case, dict[str, Any], dict[str, torch.Tensor
 
 def replay(path: str | Path, backend: str | None = None) -> list[dict[str, Any]]:
     """Run the bundle's case on its backend (or `backend`) with the bundle's inputs: its rows."""
-    import dataclasses
-
     from harness.runner import run_one
 
     case, meta, tensors = load(path)
