@@ -6,31 +6,31 @@ into caller-owned outputs that the runner has poisoned (NaN, 0xFF bytes) so unwr
 show; layer methods build, calibrate and run a layer and return its named intermediates.
 `can_implement(case) -> (ok, why)` says what it cannot do; a missing method is "unsupported".
 
-Adapters are found by registered name (`reference`, `dsv4-torch`, ...) or by an import path
-`package.module:attr` naming a class, a factory or an instance, so users test their own runners
-without touching this repo. The reference adapter is built in: it runs the oracle against itself,
-which checks the harness end to end on any machine.
+Adapters are found by name or by an import path `package.module:attr` naming a class, a factory
+or an instance, so users test their own runners without touching this repo. Names come from the
+static table of built-ins (`harness.backends.BUILTIN`: the reference, dsv4's backends, the timing
+baselines, each imported only when asked for), from installed packages' entry points (group
+`dsv4_nvfp4.adapters`) and from `register` at run time. This module holds the protocol and the
+lookup only; it imports no adapter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 import reference as ref
+from harness.backends import BUILTIN, ENTRY_POINT_GROUP
 from harness.cases import Case, Stage
-from reference import layers as ref_layers
-from reference.activation import SwigluVariant, swiglu, variant_label
-from reference.gemm import grouped_gemm_nvfp4
-from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
+from reference.activation import SwigluVariant, variant_label
 
 
 class QuantPolicy(enum.Enum):
@@ -182,105 +182,31 @@ def check(adapter: Any, case: Case) -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# the reference as an adapter
-
-
-class ReferenceAdapter(AdapterBase):
-    """The oracle itself: every stage, any device. Passing proves the harness, not a kernel.
-
-    With other `conventions` it is an honest kernel of that convention (SwiGLU variant, gate/up
-    order, routing-weight position): the harness judges every adapter against the reference run
-    with the adapter's declared conventions.
-    """
-
-    name = "reference"
-
-    def __init__(
-        self, quantized: bool = True, conventions: Conventions | None = None, oracle: bool = False
-    ):
-        self.quantized = quantized  # False: the unquantized fp32 twin of each layer
-        self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
-        if conventions is not None:
-            self.conventions = conventions
-
-    def _swiglu_args(self) -> dict[str, Any]:
-        c = self.conventions
-        return {"variant": c.swiglu_variant, "gate_first": c.gate_first}
-
-    def quantize(self, x, global_scale, codes_out, scales_out):
-        codes, scales, gs = ref.quantize_nvfp4(x, global_scale)
-        codes_out.copy_(codes)
-        scales_out.copy_(scales)
-        return gs
-
-    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
-        out_2d.copy_(assemble_scales_2d_side_from_offsets(a_scales, expert_offsets)[0])
-        out_3d.copy_(assemble_scales_3d_side(list(b_scales)))
-
-    def grouped_gemm(self, ops: GemmOperands, out):
-        out.copy_(grouped_gemm_nvfp4(*ops.plain(), out_dtype=out.dtype))
-
-    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
-        act = swiglu(l1_out, limit, **self._swiglu_args())
-        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
-        codes_out.copy_(codes)
-        scales_out.copy_(scales)
-
-    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
-        kw = {"limit": limit, "oracle": self.oracle, **self._swiglu_args()}
-        if not self.quantized:
-            return ref_layers.shared_expert(x, w13, w2, quantized=False, **kw)
-        gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
-        return ref_layers.shared_expert(x, w13, w2, gs1=gs1, gs2=gs2, **kw)
-
-    def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
-        args = (x, topk_ids, topk_weights, w13, w2)
-        kw = {
-            "first_expert": first_expert,
-            "limit": limit,
-            "weight_after_w2": self.conventions.weight_after_w2,
-            "oracle": self.oracle,
-            **self._swiglu_args(),
-        }
-        if not self.quantized:
-            return ref_layers.routed_moe(*args, quantized=False, **kw)
-        gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
-        return ref_layers.routed_moe(*args, gs1=gs1, gs2=gs2, **kw)
-
-    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
-        if not self.quantized:
-            return ref_layers.grouped_linear(
-                o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, quantized=False
-            )
-        gs = ref_layers.calibrate_grouped_linear(calib_sample, n_groups=n_groups)
-        return ref_layers.grouped_linear(
-            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs, oracle=self.oracle
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # registry and lookup
 
-_REGISTRY: dict[str, Callable[[], Any]] = {"reference": ReferenceAdapter}
+_REGISTRY: dict[str, Callable[[], Any]] = {}  # names registered at run time
 
 
 def register(name: str, factory: Callable[[], Any]) -> None:
-    """Make an adapter available by name (dsv4 registers its backends this way)."""
+    """Make an adapter available by name in this process (a test, a notebook). Built-in adapters
+    are the table `harness.backends.BUILTIN`; an installed package declares its own in the
+    entry-point group `harness.backends.ENTRY_POINT_GROUP`. A registered name wins over both."""
     _REGISTRY[name] = factory
 
 
-def _builtin_names() -> list[str]:
-    importlib.import_module("harness.baselines")  # registers the timing baselines (bf16)
-    try:  # dsv4 is optional for the harness; when present it registers its adapters
-        importlib.import_module("dsv4.adapters")
-    except ModuleNotFoundError as e:
-        if e.name not in ("dsv4", "dsv4.adapters"):
-            raise
-    return sorted(_REGISTRY)
+def _entry_points() -> dict[str, str]:
+    """name -> `module:attr` of the adapters installed packages declare (nothing imported)."""
+    found = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep.value for ep in found}
+
+
+def _named() -> dict[str, str | Callable[[], Any]]:
+    """Every adapter name: a `module:attr` path (imported on load) or a registered factory."""
+    return {**_entry_points(), **BUILTIN, **_REGISTRY}
 
 
 def available() -> list[str]:
-    return _builtin_names()
+    return sorted(_named())
 
 
 class AdapterError(ValueError):
@@ -288,30 +214,43 @@ class AdapterError(ValueError):
 
 
 def load(spec: str) -> Any:
-    """An adapter from a registered name or a `module:attr` import path."""
-    if ":" not in spec:
-        names = _builtin_names()
-        if spec not in _REGISTRY:
-            raise AdapterError(
-                f"unknown adapter {spec!r} (registered: {', '.join(names)}; "
-                f"or give an import path module:attr)"
-            )
-        return _instantiate(spec, _REGISTRY[spec])
-    module_name, _, attr = spec.partition(":")
+    """An adapter from a name (built in, installed or registered) or a `module:attr` path."""
+    if ":" in spec:
+        return _instantiate(spec, _import(spec, spec))
+    named = _named()
+    if spec not in named:
+        raise AdapterError(
+            f"unknown adapter {spec!r} (registered: {', '.join(sorted(named))}; "
+            f"or give an import path module:attr)"
+        )
+    target = named[spec]
+    if not isinstance(target, str):
+        return _instantiate(spec, target)
+    try:
+        return _instantiate(spec, _import(f"{spec!r} ({target})", target))
+    except ModuleNotFoundError as e:  # an optional package the named adapter needs
+        raise AdapterError(
+            f"adapter {spec!r} ({target}) does not load: no module named {e.name!r}"
+        ) from None
+
+
+def _import(what: str, path: str) -> Any:
+    """The object `module:attr` names; `what` names it in errors."""
+    module_name, _, attr = path.partition(":")
     if str(Path.cwd()) not in sys.path:  # like pytest and uvicorn: user modules from the cwd
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise AdapterError(f"adapter {spec!r}: no module named {e.name!r}") from None
+            raise AdapterError(f"adapter {what}: no module named {e.name!r}") from None
         raise
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise AdapterError(f"adapter {spec!r}: module {module_name} has no attribute {part!r}")
+            raise AdapterError(f"adapter {what}: module {module_name} has no attribute {part!r}")
         obj = getattr(obj, part)
-    return _instantiate(spec, obj)
+    return obj
 
 
 def _instantiate(spec: str, obj: Any) -> Any:
@@ -341,7 +280,6 @@ __all__ = [
     "GemmOperands",
     "POISON_BYTE",
     "QuantPolicy",
-    "ReferenceAdapter",
     "available",
     "check",
     "describe",
@@ -350,5 +288,4 @@ __all__ = [
     "poisoned",
     "register",
     "to_adapter_scale",
-    "dataclasses",
 ]

@@ -28,13 +28,8 @@ import torch
 
 import reference as ref
 from harness import diagnose, inputs, metrics
-from harness.adapters import (
-    GemmOperands,
-    ReferenceAdapter,
-    from_adapter_scale,
-    poisoned,
-    to_adapter_scale,
-)
+from harness.adapters import GemmOperands, from_adapter_scale, poisoned, to_adapter_scale
+from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
 from reference.activation import swiglu
 from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.adapters import ReferenceAdapter
+from harness.backends.reference import ReferenceAdapter
 
 PID_DIR_ENV = "DSV4_TEST_PID_DIR"
 

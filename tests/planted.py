@@ -18,7 +18,8 @@ import time
 import torch
 
 import reference as ref
-from harness.adapters import Conventions, GemmOperands, QuantPolicy, ReferenceAdapter
+from harness.adapters import Conventions, GemmOperands, QuantPolicy
+from harness.backends.reference import ReferenceAdapter
 from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu
 from reference.gemm import grouped_gemm_nvfp4

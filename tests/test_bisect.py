@@ -53,7 +53,7 @@ def test_check_says_good_bad_and_untestable(tmp_path):
 
 
 KERNEL = """\
-from harness.adapters import ReferenceAdapter
+from harness.backends.reference import ReferenceAdapter
 from tests.planted import RoundHalfAway
 
 BUG = {bug}

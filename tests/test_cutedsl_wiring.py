@@ -53,7 +53,6 @@ def test_runner_records_its_quant_impl_and_refuses_at_finalize():
 
 
 def test_adapter_dsv4_cutedsl_is_unsupported_on_cpu_with_the_reason():
-    import dsv4.adapters  # noqa: F401  (registers dsv4-torch, dsv4-cutedsl)
     from harness import adapters
     from harness.cases import PRESETS, Case, Stage
 

@@ -20,12 +20,12 @@ import torch
 import yaml
 
 from dsv4.layers import GroupedLinear, RoutedMoERunner, SharedExpertRunner
-from dsv4.layers.adapter import LayerAdapterMixin
 from harness.adapters import AdapterBase
+from harness.backends.dsv4 import LayerAdapterMixin
 from harness.cases import load_cases
 from harness.runner import run_one
 
-ADAPTER = "dsv4-torch"  # dsv4.adapters mixes LayerAdapterMixin (as LayerMethods) in
+ADAPTER = "dsv4-torch"  # harness.backends.dsv4.Dsv4Adapter mixes LayerAdapterMixin in
 TOKENS = [1, 5, 127, 128, 129, 300]
 
 

@@ -15,6 +15,7 @@ import torch
 
 from harness import adapters, metrics
 from harness.adapters import QuantPolicy
+from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Distribution, Shape, Stage
 from harness.stages import Outcome, run_case
 from reference.nvfp4 import unpack_e2m1
@@ -39,7 +40,7 @@ LAYERS = (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR)
     "dist", [Distribution.NAN_ONE, Distribution.INF_ONE], ids=lambda d: d.value
 )
 def test_reference_against_itself_is_equal_at_every_stage_with_nan_and_inf(stage, dist):
-    rows = run(adapters.ReferenceAdapter(), stage, tokens=5, distribution=dist, scale_ratio=2.0)
+    rows = run(ReferenceAdapter(), stage, tokens=5, distribution=dist, scale_ratio=2.0)
     out = rows.pop("out")
     assert out.outcome is Outcome.PASS, out.message
     assert out.metrics["first_divergent_stage"] is None
@@ -97,7 +98,7 @@ def test_grouped_linear_gemm_defect_is_named_at_its_gemm():
 
 @pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
 def test_every_layer_exposes_quantized_input_and_gemm_output(stage):
-    rows = run(adapters.ReferenceAdapter(), stage, tokens=5)
+    rows = run(ReferenceAdapter(), stage, tokens=5)
     assert "x_q" in rows and ({"l1_out", "l2_out"} <= set(rows) or "gemm_out" in rows)
     assert rows["out"].metrics["not_exposed"] == []
 
@@ -119,7 +120,7 @@ def test_wrong_gs2_calibration_is_named_calibration():
 
 
 def test_calibrated_scales_are_compared_per_group():
-    rows = run(adapters.ReferenceAdapter(), Stage.ROUTED_MOE, tokens=5, scale_ratio=2.0)
+    rows = run(ReferenceAdapter(), Stage.ROUTED_MOE, tokens=5, scale_ratio=2.0)
     for gs in ("gs1", "gs2"):
         c = rows[f"calibration.{gs}"]
         assert c.outcome is Outcome.PASS and c.metrics["equal"]
@@ -251,7 +252,7 @@ def test_unpadded_group_assembly_is_named_in_the_layer_and_the_stage():
 
 
 def test_layer_assembly_rows_pass_for_the_reference():
-    rows = run(adapters.ReferenceAdapter(), Stage.ROUTED_MOE, tokens=33)
+    rows = run(ReferenceAdapter(), Stage.ROUTED_MOE, tokens=33)
     for name in ("x_q.assembly", "w13_q.assembly", "act_q.assembly", "w2_q.assembly"):
         assert rows[name].outcome is Outcome.PASS, rows[name].message
 
@@ -356,7 +357,7 @@ def test_a_scale_error_under_the_calc_diff_budget_fails_by_gain_alone():
 def test_budget_is_derived_from_the_measured_noise_floor(stage):
     from harness.stages import CALC_DIFF_MIN, NOISE_MULT
 
-    out = run(adapters.ReferenceAdapter(), stage, tokens=33, scale_ratio=1.0)["out"]
+    out = run(ReferenceAdapter(), stage, tokens=33, scale_ratio=1.0)["out"]
     m = out.metrics
     assert out.outcome is Outcome.PASS and m["budget_derived"]
     assert m["budget_calc_diff"] == max(NOISE_MULT * m["noise_floor_calc_diff"], CALC_DIFF_MIN)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness import adapters, cli, results
+from harness.backends.reference import ReferenceAdapter
 from harness.cases import Budget, load_cases
 from tests import planted
 
@@ -42,7 +43,7 @@ def finals(out: Path) -> dict[tuple[str, str], dict]:
 TWO = "sweeps:\n  - stage: quantize\n    tokens: [1, 2]\n"
 
 
-class Versioned(adapters.ReferenceAdapter):
+class Versioned(ReferenceAdapter):
     """The reference with a build version read from $T16_VERSION (a rebuilt kernel)."""
 
     name = "versioned"
@@ -52,7 +53,7 @@ class Versioned(adapters.ReferenceAdapter):
         return os.environ.get("T16_VERSION", "1")
 
 
-class Unquantized(adapters.ReferenceAdapter):
+class Unquantized(ReferenceAdapter):
     """The reference's fp32 twin: layer outputs off by calc_diff ~7e-3 (a budget to tighten)."""
 
     name = "unquantized"
@@ -61,7 +62,7 @@ class Unquantized(adapters.ReferenceAdapter):
         super().__init__(quantized=False)
 
 
-class InterruptsSecond(adapters.ReferenceAdapter):
+class InterruptsSecond(ReferenceAdapter):
     """Ctrl-C arrives during the second quantize call of the process."""
 
     name = "interrupts-second"
@@ -74,7 +75,7 @@ class InterruptsSecond(adapters.ReferenceAdapter):
         return super().quantize(*args)
 
 
-class Announces(adapters.ReferenceAdapter):
+class Announces(ReferenceAdapter):
     name = "announces"
 
     def quantize(self, *args):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness import adapters, results, timing
+from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Routing, Shape, Stage
 from harness.runner import SweepOptions, run_one, run_sweep, timing_row
 from harness.timing import Protocol, StopReason, Work
@@ -237,7 +238,7 @@ def test_bf16_baseline_computes_the_same_layers_roughly():
     for stage in (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR):
         case = _case(stage, tokens=16, limit=None)
         d = stages.layer_inputs(case, torch.device("cpu"))
-        want = stages.run_layer(case, adapters.ReferenceAdapter(quantized=False), d)["out"]
+        want = stages.run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
         got = stages.run_layer(case, timing._Prepared(base), d)()
         cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
         assert cos > 0.99, (stage, float(cos))
@@ -251,7 +252,7 @@ def test_bf16_baseline_is_not_a_correctness_backend():
 def test_reference_layers_cannot_be_timed_and_say_why():
     case = _case(Stage.SHARED_EXPERT, tokens=4)
     with pytest.raises(timing.TimingUnavailable, match="prepare_shared_expert"):
-        timing.prepare(case, adapters.ReferenceAdapter(), torch.device("cpu"))
+        timing.prepare(case, ReferenceAdapter(), torch.device("cpu"))
 
 
 def test_time_on_cpu_records_a_skip_without_numbers(tmp_path):
@@ -312,7 +313,7 @@ def test_prepare_times_the_inputs_and_scale_the_verdict_used():
     from harness import inputs, stages
     from harness.cases import Distribution
 
-    class Recorder(adapters.ReferenceAdapter):
+    class Recorder(ReferenceAdapter):
         def quantize(self, x, global_scale, codes_out, scales_out):
             self.seen = (x, global_scale)
             return super().quantize(x, global_scale, codes_out, scales_out)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 import reference as ref
-from harness.adapters import AdapterBase, GemmOperands, ReferenceAdapter, register
+from harness.adapters import AdapterBase, GemmOperands
+from harness.backends.reference import ReferenceAdapter
 from reference.activation import swiglu
 from reference.gemm import _expert_rows, dequantize_codes_scales
 from reference.nvfp4 import dequantize_weight_nvfp4
@@ -116,8 +117,5 @@ class CompiledReference(ReferenceAdapter):
         codes_out.copy_(codes)
         scales_out.copy_(scales)
 
-
-register("bf16", Bf16Baseline)
-register("reference-compiled", CompiledReference)
 
 __all__ = ["Bf16Baseline", "CompiledReference"]

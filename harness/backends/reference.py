@@ -1,0 +1,97 @@
+"""The reference as an adapter: the oracle (`reference/`) through the harness's protocol.
+
+`ReferenceAdapter` implements every stage and layer method with reference/ on any device; run
+against itself it passes, which proves the harness end to end on any machine (registered name
+`reference`). With other `conventions` it is an honest kernel of that convention, which is how
+the harness judges every adapter: against the reference run with the adapter's declared
+conventions (harness.stages.run). `quantized=False` is the unquantized fp32 twin of each layer
+(the quantization-error panel), `oracle=True` runs the layer GEMMs in float64 (another summation
+order: the measured noise floor of a layer's budget).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import reference as ref
+from harness.adapters import AdapterBase, Conventions, GemmOperands
+from reference import layers as ref_layers
+from reference.activation import swiglu
+from reference.gemm import grouped_gemm_nvfp4
+from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
+
+
+class ReferenceAdapter(AdapterBase):
+    """The oracle itself: every stage, any device. Passing proves the harness, not a kernel.
+
+    With other `conventions` it is an honest kernel of that convention (SwiGLU variant, gate/up
+    order, routing-weight position): the harness judges every adapter against the reference run
+    with the adapter's declared conventions.
+    """
+
+    name = "reference"
+
+    def __init__(
+        self, quantized: bool = True, conventions: Conventions | None = None, oracle: bool = False
+    ):
+        self.quantized = quantized  # False: the unquantized fp32 twin of each layer
+        self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
+        if conventions is not None:
+            self.conventions = conventions
+
+    def _swiglu_args(self) -> dict[str, Any]:
+        c = self.conventions
+        return {"variant": c.swiglu_variant, "gate_first": c.gate_first}
+
+    def quantize(self, x, global_scale, codes_out, scales_out):
+        codes, scales, gs = ref.quantize_nvfp4(x, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+        return gs
+
+    def assemble_scales(self, a_scales, expert_offsets, b_scales, out_2d, out_3d):
+        out_2d.copy_(assemble_scales_2d_side_from_offsets(a_scales, expert_offsets)[0])
+        out_3d.copy_(assemble_scales_3d_side(list(b_scales)))
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        out.copy_(grouped_gemm_nvfp4(*ops.plain(), out_dtype=out.dtype))
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        act = swiglu(l1_out, limit, **self._swiglu_args())
+        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+    def shared_expert(self, x, w13, w2, *, limit, calib_sample):
+        kw = {"limit": limit, "oracle": self.oracle, **self._swiglu_args()}
+        if not self.quantized:
+            return ref_layers.shared_expert(x, w13, w2, quantized=False, **kw)
+        gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
+        return ref_layers.shared_expert(x, w13, w2, gs1=gs1, gs2=gs2, **kw)
+
+    def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
+        args = (x, topk_ids, topk_weights, w13, w2)
+        kw = {
+            "first_expert": first_expert,
+            "limit": limit,
+            "weight_after_w2": self.conventions.weight_after_w2,
+            "oracle": self.oracle,
+            **self._swiglu_args(),
+        }
+        if not self.quantized:
+            return ref_layers.routed_moe(*args, quantized=False, **kw)
+        gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
+        return ref_layers.routed_moe(*args, gs1=gs1, gs2=gs2, **kw)
+
+    def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
+        if not self.quantized:
+            return ref_layers.grouped_linear(
+                o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, quantized=False
+            )
+        gs = ref_layers.calibrate_grouped_linear(calib_sample, n_groups=n_groups)
+        return ref_layers.grouped_linear(
+            o, w, n_groups=n_groups, o_lora_rank=o_lora_rank, gs=gs, oracle=self.oracle
+        )
+
+
+__all__ = ["ReferenceAdapter"]
