@@ -397,7 +397,8 @@ def cmd_bisect(a: argparse.Namespace) -> int:
 
 
 def cmd_bundle(a: argparse.Namespace) -> int:
-    from harness import repro, stages
+    from harness import repro
+    from harness.stages.inputs import layer_inputs
 
     cases = [c for c in _with_device(load_cases(a.cases)[1], a.device) if c.id == a.case_id]
     if not cases:
@@ -408,7 +409,7 @@ def cmd_bundle(a: argparse.Namespace) -> int:
     if case.stage.is_layer:  # the layer's own tensors: replays do not depend on the generator
         import torch
 
-        inputs = stages.layer_inputs(case, torch.device("cpu"))
+        inputs = layer_inputs(case, torch.device("cpu"))
     print(f"bundle: {repro.save(a.out, case, a.backend, inputs)}")
     return EXIT_OK
 

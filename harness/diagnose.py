@@ -7,7 +7,7 @@ each alternative: which epilogue alpha (`identify_alpha`), which SwiGLU variant 
 on the kernel's own L1 output: variant, gate/up order, routing-weight position, clamp before
 alpha), which groups of a 2D-side scale assembly are misplaced (`misplaced_groups`), and whether
 a NaN global scale is a quantizer's NaN-propagating amax (`nan_amax`). Pure of I/O; called by
-harness.stages, which owns the verdicts.
+harness.stages.run, whose verdicts (harness.stages.verdicts) they explain.
 """
 
 from __future__ import annotations

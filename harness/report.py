@@ -566,7 +566,7 @@ def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _diagnosis(r: dict[str, Any]) -> str:
-    """What the harness named about one comparison row (harness/stages.py), as one line."""
+    """What the harness named about one comparison row (harness/stages/), as one line."""
     m = r.get("metrics") or {}
     parts = []
     if r.get("outcome") != "pass" and m.get("first_divergent_stage"):

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from harness import adapters, results, timing
 from harness.cases import Case
-from harness.stages import Comparison, Outcome, run_case
+from harness.stages.run import run_case
+from harness.stages.verdicts import Comparison, Outcome
 
 _SEVERITY = [
     Outcome.PASS,

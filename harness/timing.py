@@ -492,8 +492,8 @@ def _bytes_fp4(n: float) -> float:
 def work(case: Any) -> Work:
     """The compulsory FLOPs and bytes of a case: its inputs, the weights of experts that received
     tokens, and its outputs (intermediates and padding are not counted)."""
-    from harness import stages
     from harness.cases import Stage
+    from harness.stages.inputs import routed_counts
 
     s, t = case.shape, case.tokens
     h, i2 = s.hidden, 2 * s.intermediate
@@ -507,7 +507,7 @@ def work(case: Any) -> Work:
     if case.stage is Stage.GROUPED_LINEAR:
         d, r = s.n_groups * s.group_dim, s.o_lora_rank
         return Work(2.0 * t * d * r, t * d * 2 + _bytes_fp4(d * r) + t * s.n_groups * r * 2, "fp4")
-    counts = stages._routed_counts(case)
+    counts = routed_counts(case)
     rows, touched = int(counts.sum()), int((counts > 0).sum())
     if case.stage is Stage.SCALE_ASSEMBLY:
         c = h // 16
@@ -523,7 +523,7 @@ def work(case: Any) -> Work:
 
 
 class _Prepared:
-    """Routes `stages.run_layer`'s calls to the adapter's `prepare_<layer>` methods."""
+    """Routes `stage_inputs.run_layer`'s calls to the adapter's `prepare_<layer>` methods."""
 
     def __init__(self, adapter: Any) -> None:
         self._adapter = adapter
@@ -551,38 +551,38 @@ def _prepare_stage(adapter: Any, method: str, *args: Any) -> Callable[[], Any]:
 
 def prepare(case: Any, adapter: Any, dev: torch.device) -> Callable[[], Any]:
     """One input set of `case` (its own seed) with outputs allocated: a call runs the hot path."""
-    from harness import stages
     from harness.adapters import STAGE_METHODS, to_adapter_scale
     from harness.cases import Stage
+    from harness.stages import inputs as stage_inputs
     from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
 
     conv = adapter.conventions.global_scale
     method = STAGE_METHODS[case.stage]
     s, t = case.shape, case.tokens
     if case.stage is Stage.QUANTIZE:  # the very inputs and scale the verdict used
-        x, gs = stages.quantize_inputs(case, dev)
+        x, gs = stage_inputs.quantize_inputs(case, dev)
         codes = torch.empty((t, s.hidden // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, s.hidden // 16), dtype=torch.float8_e4m3fn, device=dev)
         return _prepare_stage(adapter, method, x, to_adapter_scale(gs, conv), codes, scales)
     if case.stage is Stage.SWIGLU_REQUANT:
-        l1, _, gs = stages.swiglu_inputs(case, dev, adapter.conventions)
+        l1, _, gs = stage_inputs.swiglu_inputs(case, dev, adapter.conventions)
         i = s.intermediate
         codes = torch.empty((t, i // 2), dtype=torch.uint8, device=dev)
         scales = torch.empty((t, i // 16), dtype=torch.float8_e4m3fn, device=dev)
         args = (l1, case.limit, to_adapter_scale(gs, conv), codes, scales)
         return _prepare_stage(adapter, method, *args)
     if case.stage is Stage.SCALE_ASSEMBLY:
-        a, offsets, b = stages.scale_assembly_inputs(case, dev)
+        a, offsets, b = stage_inputs.scale_assembly_inputs(case, dev)
         o2d = torch.empty_like(assemble_scales_2d_side_from_offsets(a, offsets)[0])
         o3d = torch.empty_like(assemble_scales_3d_side(list(b)))
         return _prepare_stage(adapter, method, a, offsets, b, o2d, o3d)
     if case.stage is Stage.GROUPED_GEMM:
-        _, ops = stages.gemm_operands(case, dev, conv)
+        _, ops = stage_inputs.gemm_operands(case, dev, conv)
         out = torch.empty(
             (ops.a_codes.shape[0], ops.b_codes.shape[-1]), dtype=torch.bfloat16, device=dev
         )
         return _prepare_stage(adapter, method, ops, out)
-    return stages.run_layer(case, _Prepared(adapter), stages.layer_inputs(case, dev))
+    return stage_inputs.run_layer(case, _Prepared(adapter), stage_inputs.layer_inputs(case, dev))
 
 
 def _input_sets(case: Any, n: int) -> list[Any]:

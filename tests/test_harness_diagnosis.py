@@ -1,6 +1,6 @@
 """Diagnosis fidelity (issue 15): every planted defect is named at the stage where it is born.
 
-Each test runs one small case straight through `harness.stages.run_case` (no sweep, no files) on
+Each test runs one small case straight through `harness.stages.run.run_case` (no sweep, no files) on
 the reference or on a defect adapter of tests/planted.py, and checks the verdict, the stage the
 harness names and the diagnosis in its message. Shapes are the tiny preset: the whole file runs
 in seconds on one core.
@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import adapters, metrics
+from harness import metrics
 from harness.adapters import QuantPolicy
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Distribution, Shape, Stage
-from harness.stages import Outcome, run_case
+from harness.stages.run import run_case
+from harness.stages.verdicts import Outcome
 from reference.nvfp4 import unpack_e2m1
 from tests import planted
 
@@ -355,7 +356,7 @@ def test_a_scale_error_under_the_calc_diff_budget_fails_by_gain_alone():
 
 @pytest.mark.parametrize("stage", LAYERS, ids=lambda s: s.value)
 def test_budget_is_derived_from_the_measured_noise_floor(stage):
-    from harness.stages import CALC_DIFF_MIN, NOISE_MULT
+    from harness.stages.verdicts import CALC_DIFF_MIN, NOISE_MULT
 
     out = run(ReferenceAdapter(), stage, tokens=33, scale_ratio=1.0)["out"]
     m = out.metrics

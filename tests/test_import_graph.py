@@ -104,7 +104,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_repo_has_no_import_circle():
     graph = import_graph()
-    assert len(graph) > 40 and "harness.adapters" in graph["harness.backends.dsv4"]  # it saw
+    assert "harness.stages.verdicts" in graph["harness.stages.run"]  # it saw the repo
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 

@@ -232,14 +232,14 @@ def test_prepare_runs_each_stage_hot_path_on_cpu(stage):
 
 
 def test_bf16_baseline_computes_the_same_layers_roughly():
-    from harness import stages
+    from harness.stages import inputs as stage_inputs
 
     base = adapters.load("bf16")
     for stage in (Stage.SHARED_EXPERT, Stage.ROUTED_MOE, Stage.GROUPED_LINEAR):
         case = _case(stage, tokens=16, limit=None)
-        d = stages.layer_inputs(case, torch.device("cpu"))
-        want = stages.run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
-        got = stages.run_layer(case, timing._Prepared(base), d)()
+        d = stage_inputs.layer_inputs(case, torch.device("cpu"))
+        want = stage_inputs.run_layer(case, ReferenceAdapter(quantized=False), d)["out"]
+        got = stage_inputs.run_layer(case, timing._Prepared(base), d)()
         cos = torch.nn.functional.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
         assert cos > 0.99, (stage, float(cos))
 
@@ -300,7 +300,7 @@ def test_cli_compare_prints_the_timing_verdicts(tmp_path, capsys):
 
 
 def test_compiled_reference_is_bit_exact_on_quantize():
-    from harness.stages import run_case
+    from harness.stages.run import run_case
 
     adapter = adapters.load("reference-compiled")  # SwiGLU-requant: checked on the GPU host
     for stage in (Stage.QUANTIZE,):
@@ -310,8 +310,9 @@ def test_compiled_reference_is_bit_exact_on_quantize():
 
 
 def test_prepare_times_the_inputs_and_scale_the_verdict_used():
-    from harness import inputs, stages
+    from harness import inputs
     from harness.cases import Distribution
+    from harness.stages import inputs as stage_inputs
 
     class Recorder(ReferenceAdapter):
         def quantize(self, x, global_scale, codes_out, scales_out):
@@ -322,7 +323,7 @@ def test_prepare_times_the_inputs_and_scale_the_verdict_used():
     for dist, ratio in ((Distribution.FP4_GRID, None), (Distribution.INF_ONE, 1.0)):
         case = _case(Stage.QUANTIZE, tokens=8, distribution=dist, scale_ratio=ratio)
         timing.prepare(case, rec, torch.device("cpu"))()
-        x, gs = stages.quantize_inputs(case, torch.device("cpu"))
+        x, gs = stage_inputs.quantize_inputs(case, torch.device("cpu"))
         assert torch.equal(rec.seen[0], x) and torch.equal(rec.seen[1], gs)
         assert torch.isfinite(gs)  # exact: the power-of-two scale; inf_one: calibrated clean
     assert float(rec.seen[1]) != inputs.EXACT_GLOBAL_SCALE
