@@ -16,6 +16,7 @@ lookup only; it imports no adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib
 import sys
@@ -77,30 +78,61 @@ class Conventions:
 
 
 @dataclass(frozen=True)
-class GemmOperands:
-    """Teacher-forced GEMM inputs, plain and in the reference's assembled layouts."""
+class QuantizedOperand:
+    """One NVFP4 operand in plain layouts: packed codes, block scales along K, global scale(s)."""
 
-    a_codes: torch.Tensor  # uint8 [T, K/2]
-    a_scales: torch.Tensor  # e4m3 [T, K/16]
-    b_codes: torch.Tensor  # uint8 [E, K/2, N]
-    b_scales: torch.Tensor  # e4m3 [E, K/16, N]
+    codes: torch.Tensor  # uint8 [..., K/2], element 2i in the low nibble
+    scales: torch.Tensor  # e4m3 [..., K/16], one per 16 elements along K
+    global_scale: torch.Tensor  # fp32: one, or one per expert / group
+
+    @classmethod
+    def stack(cls, parts: list[QuantizedOperand]) -> QuantizedOperand:
+        """Per-expert operands as one [E, ...] operand (global scales [E])."""
+        return cls(
+            torch.stack([q.codes for q in parts]),
+            torch.stack([q.scales for q in parts]),
+            torch.stack([q.global_scale.reshape(()) for q in parts]),
+        )
+
+    def with_global_scale(self, gs: torch.Tensor) -> QuantizedOperand:
+        return dataclasses.replace(self, global_scale=gs)
+
+
+@dataclass(frozen=True)
+class GemmOperands:
+    """Teacher-forced GEMM inputs: the A and B sides plain, and in the reference's assembled
+    layouts. The flat names (`a_codes`, `global_scale_b`, ...) read the sides' fields."""
+
+    a: QuantizedOperand  # codes [T, K/2], scales [T, K/16], global_scale [E]
+    b: QuantizedOperand  # codes [E, K/2, N], scales [E, K/16, N], global_scale [E]
     expert_offsets: torch.Tensor  # int32 [E] cumulative END offsets
-    global_scale_a: torch.Tensor  # fp32 [E], the adapter's convention
-    global_scale_b: torch.Tensor  # fp32 [E], the adapter's convention
     a_scales_swizzled: torch.Tensor  # reference 2D-side assembly (1-D bytes)
     a_scale_row_offsets: torch.Tensor  # int32 [E] START rows of each group's swizzled scales
     b_scales_swizzled: torch.Tensor  # reference 3D-side assembly [E, ...]
 
+    a_codes = property(lambda self: self.a.codes)
+    a_scales = property(lambda self: self.a.scales)
+    global_scale_a = property(lambda self: self.a.global_scale)
+    b_codes = property(lambda self: self.b.codes)
+    b_scales = property(lambda self: self.b.scales)
+    global_scale_b = property(lambda self: self.b.global_scale)
+
+    def with_global_scales(self, gsa: torch.Tensor, gsb: torch.Tensor) -> GemmOperands:
+        """The same operands with other global scales (another convention, a diagnosis)."""
+        a, b = self.a.with_global_scale(gsa), self.b.with_global_scale(gsb)
+        return dataclasses.replace(self, a=a, b=b)
+
     def plain(self) -> tuple[torch.Tensor, ...]:
         """The positional arguments of `reference.gemm.grouped_gemm_nvfp4` (plain layouts)."""
+        a, b = self.a, self.b
         return (
-            self.a_codes,
-            self.a_scales,
-            self.b_codes,
-            self.b_scales,
+            a.codes,
+            a.scales,
+            b.codes,
+            b.scales,
             self.expert_offsets,
-            self.global_scale_a,
-            self.global_scale_b,
+            a.global_scale,
+            b.global_scale,
         )
 
 
@@ -278,6 +310,7 @@ __all__ = [
     "AdapterError",
     "Conventions",
     "GemmOperands",
+    "QuantizedOperand",
     "POISON_BYTE",
     "QuantPolicy",
     "available",

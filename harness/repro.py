@@ -2,10 +2,12 @@
 
 A bundle holds `case.yaml` (a case file of exactly that one case: `python -m harness run
 BUNDLE/case.yaml` runs it too), `bundle.yaml` (backend, conventions, the environment fingerprint of
-where it was made, the case id) and, for layer cases, `tensors.pt`: the layer's inputs as
-tensors, so a replay does not depend on the input generator of the version that replays it.
+where it was made, the case id) and, for layer cases, `tensors.pt`: the layer's input tensors by
+name (the tensor fields of the case's `harness.stages.inputs.LayerInputs`: x, w13, w2,
+calib_sample, and topk_ids, topk_weights for a routed MoE; o, w, calib_sample for a grouped
+linear), so a replay does not depend on the input generator of the version that replays it.
 Loading never runs code: `yaml.safe_load` and `torch.load(weights_only=True)`; a tensor file that
-holds anything but tensors is refused with the reason.
+holds anything but tensors, or names that do not fit the case's layer, is refused with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import yaml
 
 from harness import adapters, results
 from harness.cases import AXES, Case, load_cases
+from harness.stages.inputs import LayerInputs, LayerInputsError, layer_inputs_from_tensors
 
 CASE_FILE, META_FILE, TENSORS_FILE = "case.yaml", "bundle.yaml", "tensors.pt"
 
@@ -55,8 +59,14 @@ def case_document(case: Case) -> dict[str, Any]:
     }
 
 
-def save(out: str | Path, case: Case, backend: str, inputs: dict[str, Any] | None = None) -> Path:
-    """Write a bundle for (case, backend) into `out`; `inputs` (tensors) override the seed's."""
+def save(
+    out: str | Path,
+    case: Case,
+    backend: str,
+    inputs: LayerInputs | Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a bundle for (case, backend) into `out`; `inputs` (a layer case's, or its tensors by
+    name) override the seed's."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASE_FILE).write_text(yaml.safe_dump(case_document(case), sort_keys=False))
@@ -68,6 +78,8 @@ def save(out: str | Path, case: Case, backend: str, inputs: dict[str, Any] | Non
         "env": json.loads(json.dumps(results._jsonable(results.fingerprint()), default=str)),
     }
     (out / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=True))
+    if isinstance(inputs, LayerInputs):
+        inputs = inputs.tensors()
     if inputs:
         tensors = {k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         torch.save(tensors, out / TENSORS_FILE)
@@ -99,6 +111,10 @@ def load(path: str | Path) -> tuple[Case, dict[str, Any], dict[str, torch.Tensor
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
         ):
             raise BundleError(f"{path / TENSORS_FILE}: expected a dict of name -> tensor")
+        try:  # the names the case's layer takes (harness.stages.inputs.LayerInputs)
+            layer_inputs_from_tensors(cases[0], tensors, str(path / TENSORS_FILE))
+        except LayerInputsError as e:
+            raise BundleError(str(e)) from None
     return cases[0], meta, tensors
 
 

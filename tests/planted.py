@@ -125,7 +125,8 @@ class SkipLastKBlock(StageDefect):
     def grouped_gemm(self, ops: GemmOperands, out):
         a_codes = ops.a_codes.clone()
         a_codes[:, -BLOCK // 2 :] = 0  # two codes per byte: the last 8 bytes are the last block
-        super().grouped_gemm(dataclasses.replace(ops, a_codes=a_codes), out)
+        a = dataclasses.replace(ops.a, codes=a_codes)
+        super().grouped_gemm(dataclasses.replace(ops, a=a), out)
 
 
 class InvertedAlpha(StageDefect):
@@ -139,7 +140,7 @@ class InvertedAlpha(StageDefect):
 
     def grouped_gemm(self, ops: GemmOperands, out):
         gsa, gsb = self.scales(ops.global_scale_a, ops.global_scale_b)
-        super().grouped_gemm(dataclasses.replace(ops, global_scale_a=gsa, global_scale_b=gsb), out)
+        super().grouped_gemm(ops.with_global_scales(gsa, gsb), out)
 
 
 class MissingAlpha(InvertedAlpha):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import adapters, cli, results
+from harness import cli, results
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Budget, load_cases
 from tests import planted

@@ -10,13 +10,16 @@ build their inputs here, so what is timed is what was judged. Draws come from ha
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 import reference as ref
 from harness import inputs
-from harness.adapters import GemmOperands, to_adapter_scale
+from harness.adapters import GemmOperands, QuantizedOperand, to_adapter_scale
 from harness.cases import Case, Stage
 from reference.activation import swiglu
 from reference.layouts import (
@@ -72,26 +75,16 @@ def gemm_operands(
     k, n, e = s.hidden, 2 * s.intermediate, s.n_experts
     x = inputs.activation((int(counts.sum()), k), case.distribution, inputs.generator(case, "a"))
     w = inputs.weight((e, k, n), inputs.generator(case, "b"))
-    a_codes, a_scales, gsa = ref.quantize_nvfp4(x.to(dev))
-    qs = [ref.quantize_weight_nvfp4(w[i].to(dev)) for i in range(e)]
-    b_codes = torch.stack([q[0] for q in qs])
-    b_scales = torch.stack([q[1] for q in qs])
-    gsb = torch.stack([q[2] for q in qs]).reshape(e)
-    gsa = gsa.reshape(1).expand(e).contiguous()
-    a_sw, a_rows = assemble_scales_2d_side_from_offsets(a_scales, offsets)
-    b_sw = assemble_scales_3d_side(list(b_scales))
-    ops = GemmOperands(a_codes, a_scales, b_codes, b_scales, offsets, gsa, gsb, a_sw, a_rows, b_sw)
-    conv_ops = GemmOperands(
-        a_codes,
-        a_scales,
-        b_codes,
-        b_scales,
-        offsets,
-        to_adapter_scale(gsa, conv),
-        to_adapter_scale(gsb, conv),
-        a_sw,
-        a_rows,
-        b_sw,
+    a = QuantizedOperand(*ref.quantize_nvfp4(x.to(dev)))
+    a = a.with_global_scale(a.global_scale.reshape(1).expand(e).contiguous())  # one per expert
+    b = QuantizedOperand.stack(
+        [QuantizedOperand(*ref.quantize_weight_nvfp4(w[i].to(dev))) for i in range(e)]
+    )
+    a_sw, a_rows = assemble_scales_2d_side_from_offsets(a.scales, offsets)
+    b_sw = assemble_scales_3d_side(list(b.scales))
+    ops = GemmOperands(a, b, offsets, a_sw, a_rows, b_sw)
+    conv_ops = ops.with_global_scales(
+        to_adapter_scale(a.global_scale, conv), to_adapter_scale(b.global_scale, conv)
     )
     return ops, conv_ops
 
@@ -113,8 +106,119 @@ def swiglu_inputs(
     return l1, act, global_scale_from_amax(tensor_amax(act)).to(dev)
 
 
-def layer_inputs(case: Case, dev: torch.device) -> dict[str, Any]:
-    """Inputs of a layer case, shared by reference and kernel."""
+class LayerInputsError(ValueError):
+    """Layer input tensors (e.g. a repro bundle's) that do not fit the case's layer."""
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """A layer case's inputs, shared by reference and kernel: its tensors (saved by name in a
+    repro bundle, harness/repro.py) and the case's scalars. `call(adapter)` runs the adapter's
+    layer method on them (docs/cases.md "Adapters"): the one place its arguments are spelled."""
+
+    TENSORS: ClassVar[tuple[str, ...]]  # the tensor fields, by the names a bundle stores
+    METHOD: ClassVar[str]  # the adapter's layer method
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    def to(self, dev: torch.device) -> LayerInputs:
+        return dataclasses.replace(self, **{k: v.to(dev) for k, v in self.tensors().items()})
+
+    def call(self, adapter: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def scalars(case: Case) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SharedExpertInputs(LayerInputs):
+    x: torch.Tensor  # bf16 [T, H]
+    w13: torch.Tensor  # bf16 [H, 2I], gate | up
+    w2: torch.Tensor  # bf16 [I, H]
+    calib_sample: torch.Tensor  # bf16 [T, H], the warm-up sample of the static scales
+    limit: float | None  # SwiGLU clamp
+
+    TENSORS = ("x", "w13", "w2", "calib_sample")
+    METHOD = "shared_expert"
+
+    @staticmethod
+    def scalars(case: Case) -> dict[str, Any]:
+        return {"limit": case.limit}
+
+    def call(self, adapter: Any) -> Any:
+        return adapter.shared_expert(
+            self.x, self.w13, self.w2, limit=self.limit, calib_sample=self.calib_sample
+        )
+
+
+@dataclass(frozen=True)
+class RoutedMoeInputs(LayerInputs):
+    x: torch.Tensor  # bf16 [T, H]
+    topk_ids: torch.Tensor  # int64 [T, k], GLOBAL expert ids
+    topk_weights: torch.Tensor  # fp32 [T, k]
+    w13: torch.Tensor  # bf16 [E, H, 2I]
+    w2: torch.Tensor  # bf16 [E, I, H]
+    calib_sample: torch.Tensor  # bf16 [T, H]
+    first_expert: int  # global id of the rank's first local expert
+    limit: float | None
+
+    TENSORS = ("x", "topk_ids", "topk_weights", "w13", "w2", "calib_sample")
+    METHOD = "routed_moe"
+
+    @staticmethod
+    def scalars(case: Case) -> dict[str, Any]:
+        return {"first_expert": inputs.first_expert(case), "limit": case.limit}
+
+    def call(self, adapter: Any) -> Any:
+        return adapter.routed_moe(
+            self.x,
+            self.topk_ids,
+            self.topk_weights,
+            self.w13,
+            self.w2,
+            first_expert=self.first_expert,
+            limit=self.limit,
+            calib_sample=self.calib_sample,
+        )
+
+
+@dataclass(frozen=True)
+class GroupedLinearInputs(LayerInputs):
+    o: torch.Tensor  # bf16 [T, n_heads, head_dim]
+    w: torch.Tensor  # bf16 [G, D, R]
+    calib_sample: torch.Tensor  # bf16 [T, n_heads, head_dim]
+    n_groups: int
+    o_lora_rank: int
+
+    TENSORS = ("o", "w", "calib_sample")
+    METHOD = "grouped_linear"
+
+    @staticmethod
+    def scalars(case: Case) -> dict[str, Any]:
+        return {"n_groups": case.shape.n_groups, "o_lora_rank": case.shape.o_lora_rank}
+
+    def call(self, adapter: Any) -> Any:
+        return adapter.grouped_linear(
+            self.o,
+            self.w,
+            n_groups=self.n_groups,
+            o_lora_rank=self.o_lora_rank,
+            calib_sample=self.calib_sample,
+        )
+
+
+LAYER_INPUTS: dict[Stage, type[LayerInputs]] = {
+    Stage.SHARED_EXPERT: SharedExpertInputs,
+    Stage.ROUTED_MOE: RoutedMoeInputs,
+    Stage.GROUPED_LINEAR: GroupedLinearInputs,
+}
+
+
+def layer_inputs(case: Case, dev: torch.device) -> LayerInputs:
+    """Inputs of a layer case drawn from its seed, shared by reference and kernel."""
     s, t = case.shape, case.tokens
     gx = inputs.generator(case, "x")
     ratio = 1.0 if case.scale_ratio is None else case.scale_ratio
@@ -122,58 +226,72 @@ def layer_inputs(case: Case, dev: torch.device) -> dict[str, Any]:
         heads = s.n_groups * s.group_dim // s.head_dim
         o = inputs.activation((t, heads, s.head_dim), case.distribution, gx)
         w = inputs.weight((s.n_groups, s.group_dim, s.o_lora_rank), inputs.generator(case, "w"))
-        return {
-            "o": o.to(dev),
-            "w": w.to(dev),
-            "calib_sample": inputs.calibration_sample(o, ratio).to(dev),
+        d = {"o": o, "w": w, "calib_sample": inputs.calibration_sample(o, ratio)}
+    elif case.stage is Stage.SHARED_EXPERT:
+        x = inputs.activation((t, s.hidden), case.distribution, gx)
+        d = {
+            "x": x,
+            "w13": inputs.weight((s.hidden, 2 * s.intermediate), inputs.generator(case, "w13")),
+            "w2": inputs.weight((s.intermediate, s.hidden), inputs.generator(case, "w2")),
+            "calib_sample": inputs.calibration_sample(x, ratio),
         }
-    x = inputs.activation((t, s.hidden), case.distribution, gx)
-    d = {"x": x.to(dev), "calib_sample": inputs.calibration_sample(x, ratio).to(dev)}
-    if case.stage is Stage.SHARED_EXPERT:
-        d["w13"] = inputs.weight((s.hidden, 2 * s.intermediate), inputs.generator(case, "w13")).to(
-            dev
-        )
-        d["w2"] = inputs.weight((s.intermediate, s.hidden), inputs.generator(case, "w2")).to(dev)
     else:
+        x = inputs.activation((t, s.hidden), case.distribution, gx)
         ids, wts = inputs.routing(case, inputs.generator(case, "routing"))
         e = s.n_experts
-        d["topk_ids"], d["topk_weights"] = ids.to(dev), wts.to(dev)
-        d["w13"] = inputs.weight(
-            (e, s.hidden, 2 * s.intermediate), inputs.generator(case, "w13")
-        ).to(dev)
-        d["w2"] = inputs.weight((e, s.intermediate, s.hidden), inputs.generator(case, "w2")).to(dev)
-    return d
+        w13 = inputs.weight((e, s.hidden, 2 * s.intermediate), inputs.generator(case, "w13"))
+        d = {
+            "x": x,
+            "topk_ids": ids,
+            "topk_weights": wts,
+            "w13": w13,
+            "w2": inputs.weight((e, s.intermediate, s.hidden), inputs.generator(case, "w2")),
+            "calib_sample": inputs.calibration_sample(x, ratio),
+        }
+    return layer_inputs_from_tensors(case, d).to(dev)
 
 
-def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
-    s = case.shape
-    if case.stage is Stage.SHARED_EXPERT:
-        return adapter.shared_expert(
-            d["x"], d["w13"], d["w2"], limit=case.limit, calib_sample=d["calib_sample"]
+def layer_inputs_from_tensors(
+    case: Case, tensors: Mapping[str, torch.Tensor], source: str = "inputs"
+) -> LayerInputs:
+    """A layer case's inputs from named tensors (a repro bundle's), the scalars from the case;
+    `source` names where the tensors came from in errors."""
+    kind = LAYER_INPUTS.get(case.stage)
+    if kind is None:
+        raise LayerInputsError(
+            f"{source}: input tensors replay layer cases only, not {case.stage.value}"
         )
-    if case.stage is Stage.ROUTED_MOE:
-        return adapter.routed_moe(
-            d["x"],
-            d["topk_ids"],
-            d["topk_weights"],
-            d["w13"],
-            d["w2"],
-            first_expert=inputs.first_expert(case),
-            limit=case.limit,
-            calib_sample=d["calib_sample"],
+    missing = [n for n in kind.TENSORS if n not in tensors]
+    extra = sorted(set(tensors) - set(kind.TENSORS))
+    if missing or extra:
+        raise LayerInputsError(
+            f"{source}: a {case.stage.value} case takes the tensors {', '.join(kind.TENSORS)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; unexpected {', '.join(extra)}" if extra else "")
         )
-    return adapter.grouped_linear(
-        d["o"],
-        d["w"],
-        n_groups=s.n_groups,
-        o_lora_rank=s.o_lora_rank,
-        calib_sample=d["calib_sample"],
-    )
+    bad = [n for n in kind.TENSORS if not isinstance(tensors[n], torch.Tensor)]
+    if bad:
+        raise LayerInputsError(f"{source}: {', '.join(bad)} must be tensors")
+    return kind(**{n: tensors[n] for n in kind.TENSORS}, **kind.scalars(case))
+
+
+def run_layer(case: Case, adapter: Any, d: LayerInputs) -> Any:
+    """The adapter's layer method on `d` (the case names the layer; `d` must be its inputs)."""
+    if not isinstance(d, LAYER_INPUTS[case.stage]):
+        raise TypeError(f"{case.stage.value} case given {type(d).__name__}")
+    return d.call(adapter)
 
 
 __all__ = [
+    "LAYER_INPUTS",
+    "GroupedLinearInputs",
+    "LayerInputs",
+    "LayerInputsError",
+    "RoutedMoeInputs",
+    "SharedExpertInputs",
     "gemm_operands",
     "layer_inputs",
+    "layer_inputs_from_tensors",
     "quantize_inputs",
     "routed_counts",
     "run_layer",

@@ -12,18 +12,21 @@ function returns `Comparison`s; nothing here writes files or catches exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 import reference as ref
 from harness import diagnose, metrics
-from harness.adapters import from_adapter_scale, poisoned, to_adapter_scale
+from harness.adapters import QuantizedOperand, from_adapter_scale, poisoned, to_adapter_scale
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
 from harness.stages.inputs import (
+    LayerInputs,
     gemm_operands,
     layer_inputs,
+    layer_inputs_from_tensors,
     quantize_inputs,
     run_layer,
     scale_assembly_inputs,
@@ -48,20 +51,18 @@ from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
 
 def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     x, gs = quantize_inputs(case, dev)
-    r_codes, r_scales, r_gs = ref.quantize_nvfp4(x, gs)
+    r = QuantizedOperand(*ref.quantize_nvfp4(x, gs))
     conv = adapter.conventions.global_scale
-    codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
-    scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
+    codes, scales = _poisoned_like(r)
     out_gs = from_adapter_scale(
         adapter.quantize(x, to_adapter_scale(gs, conv), codes, scales), conv
     )
     exact = case.tolerance is Tolerance.EXACT or case.distribution.exact
     policies = adapter.conventions.policies
-    whole = gs is None and diagnose.nan_amax(x, r_gs, out_gs)
-    rows = compare_quantized(
-        "quantize", x, r_gs, (r_codes, r_scales), (codes, scales), exact, policies, whole
-    )
-    g_row = compare_global_scale(r_gs, out_gs, conv)
+    whole = gs is None and diagnose.nan_amax(x, r.global_scale, out_gs)
+    out = QuantizedOperand(codes, scales, out_gs)
+    rows = compare_quantized("quantize", x, r, out, exact, policies, whole)
+    g_row = compare_global_scale(r.global_scale, out_gs, conv)
     if whole:  # a policy, named as one: declared it passes
         ok = any(getattr(p, "value", p) == "nan_amax" for p in policies)
         g_row.outcome = Outcome.PASS if ok else Outcome.FAIL
@@ -75,6 +76,15 @@ def _quantize(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
         )
     rows.append(g_row)
     return rows
+
+
+def _poisoned_like(q: QuantizedOperand) -> tuple[torch.Tensor, torch.Tensor]:
+    """Poisoned code and scale outputs shaped as `q`'s: unwritten bytes show."""
+    dev = q.codes.device
+    return (
+        poisoned(tuple(q.codes.shape), torch.uint8, dev),
+        poisoned(tuple(q.scales.shape), torch.float8_e4m3fn, dev),
+    )
 
 
 def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
@@ -101,14 +111,12 @@ def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Compariso
 def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     conv = adapter.conventions
     l1, act, gs = swiglu_inputs(case, dev, conv)
-    r_codes, r_scales, _ = ref.quantize_nvfp4(act, gs)
-    codes = poisoned(tuple(r_codes.shape), torch.uint8, dev)
-    scales = poisoned(tuple(r_scales.shape), torch.float8_e4m3fn, dev)
+    r = QuantizedOperand(*ref.quantize_nvfp4(act, gs))
+    codes, scales = _poisoned_like(r)
     adapter.swiglu_requant(l1, case.limit, to_adapter_scale(gs, conv.global_scale), codes, scales)
     exact = case.tolerance is Tolerance.EXACT
-    rows = compare_quantized(
-        "swiglu_requant", act, gs, (r_codes, r_scales), (codes, scales), exact, conv.policies
-    )
+    out = QuantizedOperand(codes, scales, gs)  # the static scale it was given
+    rows = compare_quantized("swiglu_requant", act, r, out, exact, conv.policies)
     found = None
     if any(r.outcome is Outcome.FAIL for r in rows) and case.limit is not None:
         found = diagnose.identify_swiglu_variant(adapter, case.limit, case.shape.intermediate, dev)
@@ -136,7 +144,7 @@ CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
 
 def _layer(
-    case: Case, adapter: Any, dev: torch.device, d: dict[str, Any] | None = None
+    case: Case, adapter: Any, dev: torch.device, d: LayerInputs | None = None
 ) -> list[Comparison]:
     d = layer_inputs(case, dev) if d is None else d
     declared = adapter.conventions
@@ -233,19 +241,23 @@ _STAGES = {
 
 
 def run_case(
-    case: Case, adapter: Any, inputs: dict[str, torch.Tensor] | None = None
+    case: Case,
+    adapter: Any,
+    inputs: LayerInputs | Mapping[str, torch.Tensor] | None = None,
 ) -> list[Comparison]:
     """All comparisons of one case on one adapter (exceptions propagate to the runner).
 
-    `inputs` (layer cases only: the tensors of `layer_inputs`, e.g. from a repro bundle) replace
-    the ones drawn from the case's seed."""
+    `inputs` (layer cases only: a `LayerInputs`, or its tensors by name, e.g. from a repro
+    bundle) replace the ones drawn from the case's seed."""
     dev = torch.device(case.device)
     with torch.no_grad():
         if inputs is None:
             return _STAGES[case.stage](case, adapter, dev)
         if not case.stage.is_layer:
             raise ValueError(f"given inputs replay layer cases only, not {case.stage.value}")
-        return _layer(case, adapter, dev, {k: v.to(dev) for k, v in inputs.items()})
+        if not isinstance(inputs, LayerInputs):
+            inputs = layer_inputs_from_tensors(case, inputs)
+        return _layer(case, adapter, dev, inputs.to(dev))
 
 
 __all__ = ["ASSEMBLED", "CALIBRATED", "DIAGNOSTIC_STAGES", "run_case"]

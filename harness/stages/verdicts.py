@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from harness import diagnose, metrics
-from harness.adapters import poisoned
+from harness.adapters import QuantizedOperand, poisoned
 from harness.cases import Case
 from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
 from reference.nvfp4 import ScaleConvention
@@ -51,22 +51,23 @@ class Comparison:
 def compare_quantized(
     name: str,
     x: torch.Tensor,
-    gs: torch.Tensor,
-    ref_q: tuple[torch.Tensor, torch.Tensor],
-    out_q: tuple[torch.Tensor, torch.Tensor],
+    ref_q: QuantizedOperand,
+    out_q: QuantizedOperand,
     exact: bool,
     policies: frozenset = frozenset(),
     whole_nan_amax: bool = False,
 ) -> list[Comparison]:
-    """Codes and scale bytes: bit-exact, or every mismatch classified (docs/design.md §5).
+    """Codes and scale bytes of `out_q` against `ref_q`, both quantizations of `x`: bit-exact, or
+    every mismatch classified at the reference's global scale (docs/design.md §5).
 
     Policy classes (metrics.POLICY_CLASSES) pass where the adapter declares them (`policies`,
     QuantPolicy values) and fail under their own name where it does not; never counted as real.
     `whole_nan_amax`: the adapter's global scale is NaN (see `nan_amax`), so every mismatch is
     that policy's consequence.
     """
+    gs = ref_q.global_scale
     rows = []
-    for part, r, o in (("codes", ref_q[0], out_q[0]), ("scales", ref_q[1], out_q[1])):
+    for part, r, o in (("codes", ref_q.codes, out_q.codes), ("scales", ref_q.scales, out_q.scales)):
         if r.shape != o.shape:
             rows.append(
                 Comparison(
@@ -84,9 +85,10 @@ def compare_quantized(
         return rows
     if any(not c.metrics for c in rows):
         return rows
-    cls = metrics.classify_quantize_mismatches(x, gs, ref_q[0], ref_q[1], out_q[0], out_q[1])
+    sides = (ref_q.codes, ref_q.scales, out_q.codes, out_q.scales)
+    cls = metrics.classify_quantize_mismatches(x, gs, *sides)
     declared = {p.value if hasattr(p, "value") else str(p) for p in policies}
-    rounding = metrics.rounding_direction(x, gs, ref_q[0], ref_q[1], out_q[0], out_q[1])
+    rounding = metrics.rounding_direction(x, gs, *sides)
     rows[0].metrics["rounding"] = rounding
     for c, part in zip(rows, ("codes", "scales"), strict=True):
         if whole_nan_amax:
