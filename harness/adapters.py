@@ -248,7 +248,7 @@ class AdapterError(ValueError):
 def load(spec: str) -> Any:
     """An adapter from a name (built in, installed or registered) or a `module:attr` path."""
     if ":" in spec:
-        return _instantiate(spec, _import(spec, spec))
+        return _instantiate(spec, _import(repr(spec), spec))
     named = _named()
     if spec not in named:
         raise AdapterError(

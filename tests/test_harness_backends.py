@@ -88,3 +88,14 @@ def test_a_name_registered_at_run_time_wins(monkeypatch):
     monkeypatch.setattr(adapters, "_REGISTRY", {})
     adapters.register("reference", Raises)
     assert isinstance(adapters.load("reference"), Raises)
+
+
+def test_an_import_path_that_does_not_resolve_is_named_as_given():
+    with pytest.raises(adapters.AdapterError) as e:
+        adapters.load("no_such_mod_xyz:X")
+    assert str(e.value) == "adapter 'no_such_mod_xyz:X': no module named 'no_such_mod_xyz'"
+    with pytest.raises(adapters.AdapterError) as e:
+        adapters.load("harness.cases:Nope")
+    assert str(e.value) == (
+        "adapter 'harness.cases:Nope': module harness.cases has no attribute 'Nope'"
+    )
