@@ -286,8 +286,9 @@ def scale_assembly_inputs(
     g = inputs.generator(case, "scales")
     c, n = s.hidden // 16, 2 * s.intermediate
     # Random finite bytes 0x01..0x7E: a zero padding byte can never be mistaken for data.
-    a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
-    b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
+    u8 = {"generator": g, "dtype": torch.uint8, "device": g.device}
+    a = torch.randint(1, 0x7F, (int(counts.sum()), c), **u8)
+    b = torch.randint(1, 0x7F, (s.n_experts, c, n), **u8)
     return a.view(torch.float8_e4m3fn).to(dev), offsets, b.view(torch.float8_e4m3fn).to(dev)
 
 
