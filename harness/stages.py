@@ -20,6 +20,7 @@ Every function returns `Comparison`s; nothing here writes files or catches excep
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 import reference as ref
-from harness import diagnose, inputs, metrics
+from harness import diagnose, inputs, metrics, refcache
 from harness.adapters import (
     GemmOperands,
     ReferenceAdapter,
@@ -392,8 +393,14 @@ def gemm_operands(
 def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     ops, conv_ops = gemm_operands(case, dev, _conventions(adapter).global_scale)
     args = ops.plain()
-    oracle = grouped_gemm_nvfp4(*args, oracle=True)
-    bound = grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
+    oracle, bound = refcache.cached(  # the same for every backend of the case
+        "grouped_gemm",
+        case,
+        lambda: (
+            grouped_gemm_nvfp4(*args, oracle=True),
+            grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16),
+        ),
+    )
     out = poisoned((ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, dev)
     adapter.grouped_gemm(conv_ops, out)
     c = compare_bounded("grouped_gemm.out", oracle, out, bound, ops.expert_offsets)
@@ -581,12 +588,25 @@ ASSEMBLED = {"x_q": "w13_q", "act_q": "w2_q"}
 CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
 
+def reference_layer(case: Case, declared: Any, d: dict[str, Any]) -> tuple[dict, float, float]:
+    """The reference side of a layer case, judged as `declared`: (its stages, the noise floor:
+    calc_diff of the float64-GEMM rerun, the quantization SQNR against the unquantized twin)."""
+    r = run_layer(case, ReferenceAdapter(conventions=declared), d)
+    second = run_layer(case, ReferenceAdapter(conventions=declared, oracle=True), d)["out"]
+    floor = metrics.error_panel(r["out"].float(), second.float(), 0.0, 0.0)["calc_diff"]
+    twin = run_layer(case, ReferenceAdapter(quantized=False, conventions=declared), d)["out"]
+    sqnr = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)["sqnr_db"]
+    return r, floor, sqnr
+
+
 def _layer(
     case: Case, adapter: Any, dev: torch.device, d: dict[str, Any] | None = None
 ) -> list[Comparison]:
+    seeded = d is None  # inputs drawn from the seed: the reference side is shared by backends
     d = layer_inputs(case, dev) if d is None else d
     declared = _conventions(adapter)
-    r = run_layer(case, ReferenceAdapter(conventions=declared), d)  # judged as declared
+    ref_side = functools.partial(reference_layer, case, declared, d)
+    r, floor, sqnr = refcache.cached("layer", case, ref_side, declared) if seeded else ref_side()
     k = run_layer(case, adapter, d)
     rows: list[Comparison] = []
     first_divergent = nan_culprit = None
@@ -620,12 +640,11 @@ def _layer(
                 offs = torch.tensor([k[name][0].shape[0]], dtype=torch.int32, device=dev)
             wname = ASSEMBLED[name] if ASSEMBLED[name] in r else "w_q"  # grouped_linear: w_q
             names = (f"{name}.assembly", f"{wname}.assembly")
-            for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), r[wname][1]):
+            w_scales = r[wname][1].clone()  # a copy: r may be shared (harness.refcache)
+            for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), w_scales):
                 rows.append(a)
                 if first_divergent is None and a.outcome is Outcome.FAIL:
                     first_divergent, why = a.name, a.message
-    second = run_layer(case, ReferenceAdapter(conventions=declared, oracle=True), d)["out"]
-    floor = metrics.error_panel(r["out"].float(), second.float(), 0.0, 0.0)["calc_diff"]
     out = _compare_out(case, r["out"], k.get("out"), floor)
     swiglu_found = None
     if (
@@ -660,10 +679,7 @@ def _layer(
     offs = r.get("expert_offsets")
     if case.stage is Stage.ROUTED_MOE and isinstance(l2k, torch.Tensor) and l2k.shape == l2r.shape:
         out.metrics["per_group"] = metrics.per_group_error(l2r.float(), l2k.float(), offs.cpu())
-    twin = run_layer(case, ReferenceAdapter(quantized=False, conventions=declared), d)["out"]
-    out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
-        "sqnr_db"
-    ]
+    out.metrics["quant_sqnr_db"] = sqnr
     return [out, *rows]  # the verdict first: a case's message is its first failing row's
 
 

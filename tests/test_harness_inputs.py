@@ -40,7 +40,9 @@ def test_cpu_cases_draw_on_the_cpu():
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device: CUDA cases draw on the GPU")
 @pytest.mark.parametrize("stage", [Stage.ROUTED_MOE, Stage.SHARED_EXPERT, Stage.GROUPED_LINEAR])
-@pytest.mark.parametrize("dist", [Distribution.NORMAL, Distribution.OUTLIERS, Distribution.FP4_GRID])
+@pytest.mark.parametrize(
+    "dist", [Distribution.NORMAL, Distribution.OUTLIERS, Distribution.FP4_GRID]
+)
 def test_cuda_cases_draw_on_the_device_and_repeat(stage, dist):
     case = Case(stage, PRESETS["tiny"], 33, device="cuda", distribution=dist, scale_ratio=2.0)
     assert inputs.generator(case, "x").device.type == "cuda"
@@ -51,4 +53,3 @@ def test_cuda_cases_draw_on_the_device_and_repeat(stage, dist):
         assert torch.equal(a[k], b[k]), k
     cpu = stages.layer_inputs(dataclasses.replace(case, device="cpu"), torch.device("cpu"))
     assert {k: v.shape for k, v in cpu.items()} == {k: v.shape for k, v in a.items()}
-
