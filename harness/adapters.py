@@ -51,6 +51,10 @@ class Conventions:
     swiglu_variant: SwigluVariant = SwigluVariant.DSV4
     gate_first: bool = True
     weight_after_w2: bool = False  # routed MoE: routing weight on the L2 rows, not before L2
+    # Routed MoE: True, its topk_weights arrive with the case's routed_scaling_factor already
+    # applied (the gate's output; dsv4's RoutedMoERunner multiplies them as given); False, they
+    # arrive normalized and it applies the factor itself, given as `routed_scaling_factor=`.
+    routing_weights_scaled: bool = True
     policies: frozenset[QuantPolicy] = frozenset()  # quantizer policies it follows
 
     @property
@@ -72,6 +76,7 @@ class Conventions:
             "conv_swiglu": self.swiglu_variant.value,
             "conv_gate_first": self.gate_first,
             "conv_weight_after_w2": self.weight_after_w2,
+            "conv_routing_weights_scaled": self.routing_weights_scaled,
             "conv_policies": sorted(p.value for p in self.policies),
         }
 
@@ -233,12 +238,25 @@ class ReferenceAdapter(AdapterBase):
         gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
         return ref_layers.shared_expert(x, w13, w2, gs1=gs1, gs2=gs2, **kw)
 
-    def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
+    def routed_moe(
+        self,
+        x,
+        topk_ids,
+        topk_weights,
+        w13,
+        w2,
+        *,
+        first_expert,
+        limit,
+        calib_sample,
+        routed_scaling_factor=1.0,  # given only where routing_weights_scaled is False
+    ):
         args = (x, topk_ids, topk_weights, w13, w2)
         kw = {
             "first_expert": first_expert,
             "limit": limit,
             "weight_after_w2": self.conventions.weight_after_w2,
+            "routed_scaling_factor": routed_scaling_factor,
             "oracle": self.oracle,
             **self._swiglu_args(),
         }

@@ -123,6 +123,12 @@ def routing(case: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     return ids, w
 
 
+def gate_weights(topk_weights: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+    """The routing weights DeepSeek V4's gate outputs: the normalized top-k weights (`routing`)
+    times routed_scaling_factor, in fp32 (exact for the factor 1.0)."""
+    return topk_weights.float() * routed_scaling_factor
+
+
 def first_expert(case: Case) -> int:
     """Global id of the rank's first local expert: rank 1 of EP, so local != global ids."""
     return case.shape.n_experts

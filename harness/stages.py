@@ -558,15 +558,22 @@ def run_layer(case: Case, adapter: Any, d: dict[str, Any]) -> dict[str, Any]:
             d["x"], d["w13"], d["w2"], limit=case.limit, calib_sample=d["calib_sample"]
         )
     if case.stage is Stage.ROUTED_MOE:
+        # d holds the normalized top-k weights; the factor goes where the adapter declares
+        rsf = s.routed_scaling_factor
+        if getattr(getattr(adapter, "conventions", None), "routing_weights_scaled", True):
+            wts, kw = inputs.gate_weights(d["topk_weights"], rsf), {}
+        else:
+            wts, kw = d["topk_weights"], {"routed_scaling_factor": rsf}
         return adapter.routed_moe(
             d["x"],
             d["topk_ids"],
-            d["topk_weights"],
+            wts,
             d["w13"],
             d["w2"],
             first_expert=inputs.first_expert(case),
             limit=case.limit,
             calib_sample=d["calib_sample"],
+            **kw,
         )
     return adapter.grouped_linear(
         d["o"],
@@ -646,6 +653,8 @@ def _layer(
                 if first_divergent is None and a.outcome is Outcome.FAIL:
                     first_divergent, why = a.name, a.message
     out = _compare_out(case, r["out"], k.get("out"), floor)
+    if out.outcome is Outcome.FAIL and case.stage is Stage.ROUTED_MOE:
+        _name_routing_scale(case, declared, r["out"], k.get("out"), floor, out)
     swiglu_found = None
     if (
         first_divergent in ("calibration", "act", "act_q")
@@ -681,6 +690,24 @@ def _layer(
         out.metrics["per_group"] = metrics.per_group_error(l2r.float(), l2k.float(), offs.cpu())
     out.metrics["quant_sqnr_db"] = sqnr
     return [out, *rows]  # the verdict first: a case's message is its first failing row's
+
+
+def _name_routing_scale(
+    case: Case, declared: Any, r_out: torch.Tensor, k_out: Any, floor: float, out: Comparison
+) -> None:
+    """Name a failing routed MoE output that is a routing-weight scale mistake times the
+    reference's (routed_scaling_factor missing, applied twice, another model's)."""
+    if not (isinstance(k_out, torch.Tensor) and k_out.shape == r_out.shape):
+        return
+    rsf = case.shape.routed_scaling_factor
+    found = diagnose.identify_routing_scale(
+        rsf, k_out, lambda y: _compare_out(case, r_out, y, floor).outcome is Outcome.PASS
+    )
+    out.metrics["matches_routing_scale"] = found[0] if found else None
+    if found:
+        scaled = getattr(declared, "routing_weights_scaled", True)
+        given = f"weights given with {rsf:g} applied" if scaled else "normalized weights given"
+        _append(out, f"output is {found[1]:.4g} x the reference: {found[0]} ({given})")
 
 
 def _compare_intermediate(name: str, rv: Any, kv: Any) -> Comparison:

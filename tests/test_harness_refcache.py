@@ -41,7 +41,9 @@ def _count(monkeypatch, module, name: str) -> list[int]:
 
 def _as_json(comps) -> str:
     return json.dumps(
-        [(c.name, c.outcome.value, c.message, c.metrics) for c in comps], sort_keys=True, default=str
+        [(c.name, c.outcome.value, c.message, c.metrics) for c in comps],
+        sort_keys=True,
+        default=str,
     )
 
 
