@@ -20,13 +20,6 @@ from harness.stages import run_case
 from tests import planted
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    refcache.CACHE.clear()
-    yield
-    refcache.CACHE.clear()
-
-
 def _count(monkeypatch, module, name: str) -> list[int]:
     calls = [0]
     real = getattr(module, name)
