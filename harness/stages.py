@@ -13,7 +13,9 @@ layouts are exact; GEMM outputs lie within the derived bound of
 measured noise floor, with its gain and bias. Everything is judged against the reference in the
 adapter's declared conventions. A layer also compares its calibrated global scales and the
 adapter's own scale assembly, so a defect is named at the stage where it is born; what a failing
-output matches (alpha, SwiGLU variant, misplaced groups) comes from harness.diagnose.
+output matches (alpha, SwiGLU variant, routing scale, misplaced groups) comes from
+harness.diagnose. The reference side of a case (a layer's reference run, noise floor and SQNR; a
+GEMM's oracle and bound) is computed once per inputs and conventions (harness.refcache).
 Every function returns `Comparison`s; nothing here writes files or catches exceptions.
 """
 
