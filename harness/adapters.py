@@ -52,6 +52,10 @@ class Conventions:
     swiglu_variant: SwigluVariant = SwigluVariant.DSV4
     gate_first: bool = True
     weight_after_w2: bool = False  # routed MoE: routing weight on the L2 rows, not before L2
+    # Routed MoE: True, its topk_weights arrive with the case's routed_scaling_factor already
+    # applied (the gate's output; dsv4's RoutedMoERunner multiplies them as given); False, they
+    # arrive normalized and it applies the factor itself, given as `routed_scaling_factor=`.
+    routing_weights_scaled: bool = True
     policies: frozenset[QuantPolicy] = frozenset()  # quantizer policies it follows
 
     @property
@@ -73,6 +77,7 @@ class Conventions:
             "conv_swiglu": self.swiglu_variant.value,
             "conv_gate_first": self.gate_first,
             "conv_weight_after_w2": self.weight_after_w2,
+            "conv_routing_weights_scaled": self.routing_weights_scaled,
             "conv_policies": sorted(p.value for p in self.policies),
         }
 

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import hashlib
 import itertools
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -85,10 +86,18 @@ class Shape:
     group_dim: int = 256  # heads_per_group * head_dim
     head_dim: int = 128
     o_lora_rank: int = 128
+    # Routed MoE: DeepSeek V4's gate multiplies the normalized top-k weights by this factor
+    # (V4-Pro 2.5, V4-Flash 1.5); where it is applied is a convention (docs/cases.md "Routing").
+    routed_scaling_factor: float = 1.0
 
     def validate(self, where: str) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "routed_scaling_factor":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if not ok or not math.isfinite(v) or v <= 0:
+                    raise CaseError(f"{where}.{f.name}: must be a finite number > 0, got {v!r}")
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise CaseError(f"{where}.{f.name}: must be a positive integer, got {v!r}")
         for name in ("hidden", "intermediate", "group_dim"):
@@ -107,8 +116,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class PublishedConfig:
-    """A released model's numbers, as its config.json spells them; the presets derive from it.
-    routed_scaling_factor is kept here for the layers' conventions (not yet a case field)."""
+    """A released model's numbers, as its config.json spells them; the presets derive from it."""
 
     source: str
     hidden_size: int
@@ -135,6 +143,7 @@ class PublishedConfig:
             group_dim=self.num_attention_heads * self.head_dim // self.o_groups,
             head_dim=self.head_dim,
             o_lora_rank=self.o_lora_rank,
+            routed_scaling_factor=self.routed_scaling_factor,
         )
 
 
@@ -168,6 +177,8 @@ PUBLISHED: dict[str, PublishedConfig] = {
     ),
 }
 
+_PRO_RSF = PUBLISHED["v4_pro"].routed_scaling_factor
+_FLASH_RSF = PUBLISHED["v4_flash"].routed_scaling_factor
 # docs/design.md §3; n_experts is the local count of one rank at EP=8. Reduced presets keep
 # the published proportions divided by 8 (hidden, intermediate, head_dim, group dim, rank) with
 # 8 local experts: CPU sized.
@@ -176,9 +187,9 @@ PRESETS: dict[str, Shape] = {
     "v4_pro": PUBLISHED["v4_pro"].shape(ep=8),
     "v4_flash": PUBLISHED["v4_flash"].shape(ep=8),
     # the seed's wo_a runner: 8 local groups of 8192 -> 1536 (not a published V4 shape)
-    "v4_pro_seed_wo_a": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536),
-    "v4_pro_reduced": Shape(896, 384, 8, 6, 16, 512, 64, 128),
-    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 64, 128),
+    "v4_pro_seed_wo_a": Shape(7168, 3072, 48, 6, 8, 8192, 128, 1536, _PRO_RSF),
+    "v4_pro_reduced": Shape(896, 384, 8, 6, 16, 512, 64, 128, _PRO_RSF),
+    "v4_flash_reduced": Shape(512, 256, 8, 6, 8, 512, 64, 128, _FLASH_RSF),
 }
 
 
@@ -246,6 +257,8 @@ class Case:
             parts.append(f"i{s.intermediate}")
         if self.stage in (Stage.SCALE_ASSEMBLY, Stage.GROUPED_GEMM, Stage.ROUTED_MOE):
             parts += [f"e{s.n_experts}", f"k{s.top_k}", f"h{s.hidden}"]
+        if self.stage is Stage.ROUTED_MOE and s.routed_scaling_factor != 1:
+            parts.append(f"rsf{s.routed_scaling_factor:g}")
         if self.stage is Stage.GROUPED_LINEAR:
             parts += [f"g{s.n_groups}", f"d{s.group_dim}", f"r{s.o_lora_rank}"]
         axes = AXES[self.stage]
@@ -403,7 +416,7 @@ def _shape(where: str, spec: Any) -> Shape:
     _fields_of(where, spec, Shape, "shape")
     shape = dataclasses.replace(PRESETS[preset], **spec)
     shape.validate(where)
-    return shape
+    return dataclasses.replace(shape, routed_scaling_factor=float(shape.routed_scaling_factor))
 
 
 def _budget(where: str, spec: Any) -> Budget:

@@ -5,13 +5,16 @@ quantizer's inputs), by re-running the reference -- or the adapter itself on a p
 each alternative: which epilogue alpha (`identify_alpha`), which SwiGLU variant at the stage
 (`identify_swiglu_variant`, on a probe at two limits) or in a layer (`identify_layer_swiglu`,
 on the kernel's own L1 output: variant, gate/up order, routing-weight position, clamp before
-alpha), which groups of a 2D-side scale assembly are misplaced (`misplaced_groups`), and whether
-a NaN global scale is a quantizer's NaN-propagating amax (`nan_amax`). Pure of I/O; called by
-harness.stages.run, whose verdicts (harness.stages.verdicts) they explain.
+alpha), which routing-weight scale a routed MoE applied (`identify_routing_scale`:
+routed_scaling_factor missing, twice, or another model's), which groups of a 2D-side scale
+assembly are misplaced (`misplaced_groups`), and whether a NaN global scale is a quantizer's
+NaN-propagating amax (`nan_amax`). Pure of I/O; called by harness.stages.run, whose verdicts
+(harness.stages.verdicts) they explain.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ import torch
 import reference as ref
 from harness import metrics
 from harness.adapters import GemmOperands, from_adapter_scale, poisoned, to_adapter_scale
-from harness.cases import Case
+from harness.cases import PUBLISHED, Case
 from reference import layers as ref_layers
 from reference.activation import SwigluVariant, swiglu, variant_label
 from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
@@ -194,6 +197,36 @@ def identify_layer_swiglu(case: Case, r: dict, k: dict, declared: Any) -> list[s
         return []
     best = min((t[0] > 0, t[1], t[2]) for t in close)  # exact first, then least saturated
     return [t[3] for t in close if (t[0] > 0, t[1], t[2]) == best]
+
+
+def routing_scale_hypotheses(rsf: float) -> dict[str, float]:
+    """Routing-weight scale mistakes of a routed MoE, for a case whose model's factor is `rsf`:
+    name -> c, the factor by which the kernel's routing weights (and so its output, which is
+    linear in them) differ from the reference's. Other factors tried: the published models'."""
+    hyp = {
+        "routed_scaling_factor not applied (normalized weights used as they are)": 1.0 / rsf,
+        f"routed_scaling_factor applied twice ({rsf:g} x {rsf:g})": rsf,
+    }
+    for f in sorted({p.routed_scaling_factor for p in PUBLISHED.values()}):
+        if f != rsf:
+            hyp[f"routed_scaling_factor {f:g} instead of {rsf:g}"] = f / rsf
+            hyp[f"routed_scaling_factor {f:g} applied to weights that include {rsf:g}"] = f
+    out: dict[str, float] = {}
+    for name, c in hyp.items():  # c == 1 is no mistake; two names of one c: the first
+        if c != 1.0 and c not in out.values():
+            out[name] = c
+    return out
+
+
+def identify_routing_scale(
+    rsf: float, out: torch.Tensor, passes: Callable[[torch.Tensor], bool]
+) -> tuple[str, float] | None:
+    """(name, c) of the routing-scale mistake whose undoing, out / c, passes the case's own
+    verdict (`passes`: budget, gain and bias against the reference), or None."""
+    for name, c in routing_scale_hypotheses(rsf).items():
+        if passes(out.float() / c):
+            return name, c
+    return None
 
 
 def misplaced_groups(a: torch.Tensor, counts: list[int], o: torch.Tensor) -> tuple[list[int], str]:

@@ -1,7 +1,12 @@
 """Seeded inputs for a case: activations by distribution, weights, routing, calibration samples.
 
-Everything is drawn on the CPU from one `torch.Generator` seeded by (case seed, a tag), then moved
-to the case's device, so a case's inputs are the same on every machine and every backend. The
+Everything is drawn from one `torch.Generator` per (case seed, a tag) on the case's device type:
+a CPU case draws on the CPU (the same numbers on every machine, as ever); a CUDA case draws on
+its GPU (a V4-Pro routed MoE draws 3.2e9 weights: minutes on the CPU, milliseconds there). CUDA
+draws are another stream than the CPU's, identical across runs and backends on one GPU model:
+torch's CUDA generator spreads a draw over a grid sized by the device's SM count, so another
+model may draw other numbers. Weights are drawn one expert / group at a time (on the CPU that is
+the one-shot stream, bit for bit; on a GPU it bounds the fp32 temporaries to one expert). The
 exact distributions (fp4_grid, midpoints) come with a power-of-two global scale: with them every
 intermediate of the quantizer is exact and equality is demanded (docs/design.md §3).
 """
@@ -20,38 +25,44 @@ EXACT_GLOBAL_SCALE = 2.0**-3  # power of two: x / gs is exact
 
 
 def generator(case: Case, tag: str) -> torch.Generator:
-    """An independent, reproducible stream per (case seed, purpose)."""
-    return torch.Generator().manual_seed(case.seed * 1_000_003 + zlib.crc32(tag.encode()))
+    """An independent, reproducible stream per (case seed, purpose, device type): on the case's
+    CUDA device for a CUDA case, on the CPU otherwise. Draw with `device=g.device`."""
+    dev = torch.device(case.device) if case.device.startswith("cuda") else torch.device("cpu")
+    seed = case.seed * 1_000_003 + zlib.crc32(tag.encode())
+    return torch.Generator(device=dev).manual_seed(seed)
 
 
 def activation(shape: tuple[int, ...], dist: Distribution, g: torch.Generator) -> torch.Tensor:
     """bf16 activations [..., K] (K a multiple of 16) drawn from `dist`."""
-    k = shape[-1]
+    k, dev = shape[-1], g.device
     if dist is Distribution.NORMAL:
-        x = torch.randn(shape, generator=g)
+        x = torch.randn(shape, generator=g, device=dev)
     elif dist is Distribution.OUTLIERS:
         x = _student_t(shape, g)
         flat = x.view(-1)
-        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 500),), generator=g)
+        n_out = (max(1, flat.numel() // 500),)
+        idx = torch.randint(0, flat.numel(), n_out, generator=g, device=dev)
         flat[idx] *= 100.0
     elif dist in (Distribution.FP4_GRID, Distribution.MIDPOINTS):
         # Each 16-block: amax exactly 6 * 2^j so its scale 2^j (times gs) is a power of two.
-        table = _GRID if dist is Distribution.FP4_GRID else _MIDS
-        vals = table[torch.randint(0, len(table), shape, generator=g)]
-        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+        table = (_GRID if dist is Distribution.FP4_GRID else _MIDS).to(dev)
+        vals = table[torch.randint(0, len(table), shape, generator=g, device=dev)]
+        sign = torch.where(torch.rand(shape, generator=g, device=dev) < 0.5, -1.0, 1.0)
         blocks = (vals * sign).view(*shape[:-1], k // 16, 16)
-        blocks[..., 0] = 6.0 * torch.where(torch.rand(blocks.shape[:-1], generator=g) < 0.5, -1, 1)
-        exp = torch.randint(-3, 4, (*blocks.shape[:-1], 1), generator=g).float()
+        first = torch.rand(blocks.shape[:-1], generator=g, device=dev)
+        blocks[..., 0] = 6.0 * torch.where(first < 0.5, -1, 1)
+        exp = torch.randint(-3, 4, (*blocks.shape[:-1], 1), generator=g, device=dev).float()
         x = (blocks * torch.exp2(exp) * EXACT_GLOBAL_SCALE).view(shape)
     elif dist is Distribution.SPARSE:
-        x = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.1)
+        x = torch.randn(shape, generator=g, device=dev)
+        x = x * (torch.rand(shape, generator=g, device=dev) < 0.1)
     elif dist is Distribution.ZERO_BLOCKS:
-        x = torch.randn(shape, generator=g)
-        keep = torch.rand((*shape[:-1], k // 16, 1), generator=g) >= 0.25
+        x = torch.randn(shape, generator=g, device=dev)
+        keep = torch.rand((*shape[:-1], k // 16, 1), generator=g, device=dev) >= 0.25
         x = (x.view(*shape[:-1], k // 16, 16) * keep).view(shape)
     elif dist in (Distribution.NAN_ONE, Distribution.INF_ONE):
-        x = torch.randn(shape, generator=g)
-        i = int(torch.randint(0, x.numel(), (1,), generator=g))
+        x = torch.randn(shape, generator=g, device=dev)
+        i = int(torch.randint(0, x.numel(), (1,), generator=g, device=dev))
         x.view(-1)[i] = float("nan") if dist is Distribution.NAN_ONE else float("inf")
     else:  # pragma: no cover - exhaustive over the enum
         raise ValueError(f"unknown distribution {dist}")
@@ -59,15 +70,26 @@ def activation(shape: tuple[int, ...], dist: Distribution, g: torch.Generator) -
 
 
 def _student_t(shape: tuple[int, ...], g: torch.Generator, df: int = 3) -> torch.Tensor:
-    z = torch.randn(shape, generator=g)
-    chi2 = torch.randn((*shape, df), generator=g).pow(2).sum(-1)
+    z = torch.randn(shape, generator=g, device=g.device)
+    chi2 = torch.randn((*shape, df), generator=g, device=g.device).pow(2).sum(-1)
     return z / torch.sqrt(chi2 / df)
 
 
 def weight(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """bf16 weights [..., K, N], scaled like a trained layer (std 1/sqrt(K))."""
-    k = shape[-2]
-    return (torch.randn(shape, generator=g) / k**0.5).to(torch.bfloat16)
+    """bf16 weights [..., K, N], scaled like a trained layer (std 1/sqrt(K)).
+
+    Drawn one [K, N] matrix at a time into the bf16 result, so the fp32 temporaries are one
+    expert's. On the CPU that is the one-shot stream bit for bit: torch's CPU normal sampler
+    fills a tensor of n >= 16 elements (n a multiple of 16) with n consecutive uniforms and
+    transforms them 16 at a time, so consecutive draws continue where one large draw would.
+    Otherwise (tiny or ragged matrices) the whole tensor is drawn at once, as before."""
+    k, n = shape[-2], shape[-1]
+    if k * n < 16 or (k * n) % 16:
+        return (torch.randn(shape, generator=g, device=g.device) / k**0.5).to(torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16, device=g.device)
+    for m in out.view(-1, k, n):
+        m.copy_(torch.randn((k, n), generator=g, device=g.device) / k**0.5)
+    return out
 
 
 def routing(case: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,27 +99,34 @@ def routing(case: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     and ids of other ranks in a quarter of the slots.
     """
     t, e, k = case.tokens, case.shape.n_experts, case.shape.top_k
+    dev = g.device
     first = first_expert(case)
     pool = e
     if case.routing is Routing.EMPTY_EXPERTS:
         pool = max(k, (e + 1) // 2)
     ids = (
-        torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(t)])
+        torch.stack([torch.randperm(pool, generator=g, device=dev)[:k] for _ in range(t)])
         if t
-        else (torch.zeros((0, k), dtype=torch.int64))
+        else (torch.zeros((0, k), dtype=torch.int64, device=dev))
     )
     if case.routing is Routing.EMPTY_EXPERTS:
         ids = ids * 2 % e if pool * 2 <= e else ids
     if case.routing is Routing.ONE_EXPERT:
         ids[:, 0] = 0
-        ids[:, 1:] = torch.arange(1, k).expand(t, k - 1) if k > 1 else ids[:, 1:]
+        ids[:, 1:] = torch.arange(1, k, device=dev).expand(t, k - 1) if k > 1 else ids[:, 1:]
     ids = ids + first
     if case.routing is Routing.INVALID_IDS:
-        bad = torch.rand((t, k), generator=g) < 0.25
-        other = torch.where(torch.rand((t, k), generator=g) < 0.5, -1, first + e + 3)
+        bad = torch.rand((t, k), generator=g, device=dev) < 0.25
+        other = torch.where(torch.rand((t, k), generator=g, device=dev) < 0.5, -1, first + e + 3)
         ids = torch.where(bad, other, ids)
-    w = torch.softmax(torch.randn((t, k), generator=g), dim=-1)
+    w = torch.softmax(torch.randn((t, k), generator=g, device=dev), dim=-1)
     return ids, w
+
+
+def gate_weights(topk_weights: torch.Tensor, routed_scaling_factor: float) -> torch.Tensor:
+    """The routing weights DeepSeek V4's gate outputs: the normalized top-k weights (`routing`)
+    times routed_scaling_factor, in fp32 (exact for the factor 1.0)."""
+    return topk_weights.float() * routed_scaling_factor
 
 
 def first_expert(case: Case) -> int:

@@ -527,6 +527,7 @@ class _Prepared:
 
     def __init__(self, adapter: Any) -> None:
         self._adapter = adapter
+        self.conventions = getattr(adapter, "conventions", None)  # run_layer reads them
 
     def __getattr__(self, name: str) -> Any:
         fn = getattr(self._adapter, f"prepare_{name}", None)

@@ -308,6 +308,11 @@ def _check_routing(
         raise ValueError(f"first_expert must be an int >= 0, got {first_expert=}")
 
 
+def _check_scaling_factor(f: object) -> None:
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not (0 < f < float("inf")):
+        raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {f!r}")
+
+
 def routed_moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -320,6 +325,7 @@ def routed_moe(
     variant: SwigluVariant = SwigluVariant.DSV4,
     gate_first: bool = True,
     weight_after_w2: bool = False,
+    routed_scaling_factor: float = 1.0,
     gs1: torch.Tensor | float | None = None,
     gs2: torch.Tensor | float | None = None,
     quantized: bool = True,
@@ -334,6 +340,10 @@ def routed_moe(
     reference, DeepGEMM); `weight_after_w2=True` multiplies the fp32 L2 rows instead
     (transformers), so "act" is unweighted. out[t] is the fp32 sum over t's slots, in slot order,
     of its (weighted) L2 rows, cast to bf16.
+    The routing weight of a row is fp32(topk_weights) * routed_scaling_factor (fp32): DeepSeek V4's
+    gate multiplies the normalized top-k weights by the factor; weights that already include it
+    (the gate's output, as the harness passes them by default) come with the factor 1.0, which
+    is exact, so both ways give the same bits.
     gs1 / gs2: scalar or fp32 [E_local]; None = dynamic, one scale from the amax of the whole
     staged tensor, expanded to [E_local].
     Stages: "w13_q", "w2_q", "expert_offsets" int32 [E_local] (cumulative END), "gather_index"
@@ -348,10 +358,11 @@ def routed_moe(
     _check_float("w2", w2, 3)
     _check_expert_weights(x, w13, w2)
     _check_routing(x, topk_ids, topk_weights, first_expert)
+    _check_scaling_factor(routed_scaling_factor)
     t, k = topk_ids.shape
     n_experts = w13.shape[0]
     token, slot, offsets = _route(topk_ids, first_expert, n_experts)
-    weight = topk_weights.float()[token, slot].unsqueeze(1)
+    weight = (topk_weights.float()[token, slot] * routed_scaling_factor).unsqueeze(1)
     staged = x[token]
 
     st = Stages()
@@ -395,6 +406,7 @@ def calibrate_routed_moe(
     variant: SwigluVariant = SwigluVariant.DSV4,
     gate_first: bool = True,
     weight_after_w2: bool = False,
+    routed_scaling_factor: float = 1.0,
     oracle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Static activation scales (gs1, gs2), fp32 [E_local] each, as the shared expert calibrates.
@@ -414,6 +426,7 @@ def calibrate_routed_moe(
         variant=variant,
         gate_first=gate_first,
         weight_after_w2=weight_after_w2,
+        routed_scaling_factor=routed_scaling_factor,
         oracle=oracle,
     )
     return st["x_q"][2], st["act_q"][2]

@@ -359,6 +359,38 @@ class RoutingWeightAfterW2(DishonestLayers):
     actual = Conventions(weight_after_w2=True)
 
 
+class RoutingScaleTwice(ReferenceAdapter):
+    """Routed MoE with V4-Pro's routed_scaling_factor (2.5) baked in, multiplied into weights
+    that (as it declares by default) already include the case's factor: applied twice on a
+    V4-Pro case, the wrong one on any other."""
+
+    name = "planted-routing-scale-twice"
+    factor = 2.5
+
+    def routed_moe(self, x, topk_ids, topk_weights, w13, w2, **kw):
+        return super().routed_moe(x, topk_ids, topk_weights * self.factor, w13, w2, **kw)
+
+
+class RoutingScaleHardcoded(ReferenceAdapter):
+    """Declares that it applies routed_scaling_factor itself (normalized weights in), then
+    applies a hard-coded 2.5 whatever the case's model gives (V4-Flash: 1.5)."""
+
+    name = "planted-routing-scale-hardcoded"
+    conventions = Conventions(routing_weights_scaled=False)
+
+    def routed_moe(self, *args, routed_scaling_factor, **kw):
+        return super().routed_moe(*args, routed_scaling_factor=2.5, **kw)
+
+
+class RoutingScaleIgnored(RoutingScaleHardcoded):
+    """Declares that it applies routed_scaling_factor itself, and never does."""
+
+    name = "planted-routing-scale-ignored"
+
+    def routed_moe(self, *args, routed_scaling_factor, **kw):
+        return ReferenceAdapter.routed_moe(self, *args, routed_scaling_factor=1.0, **kw)
+
+
 class ClampBeforeAlpha(LayerDefect):
     """Shared expert fusing the SwiGLU into the L1 epilogue and clamping the raw fp32
     accumulator (before alpha = gsa * gsb), so its limit is L / alpha in true units."""

@@ -88,6 +88,9 @@ MALFORMED = {
                           "sweeps[0].tolerance: unknown value 'loose' (one of: derived, exact)"),
     "shape_not_a_mapping": (QUANTIZE + "    shape: [1, 2]\n",
                             "sweeps[0].shape: expected a preset name or a mapping"),
+    "bad_routed_scaling_factor": (QUANTIZE + "    shape: {routed_scaling_factor: 0}\n",
+                                  "sweeps[0].shape.routed_scaling_factor: must be a finite "
+                                  "number > 0, got 0"),
 }
 
 
@@ -333,6 +336,29 @@ def test_v4_presets_follow_the_published_configs():
     assert (seed.n_groups, seed.group_dim, seed.o_lora_rank) == (8, 8192, 1536)
     for name in ("v4_pro", "v4_flash", "v4_pro_seed_wo_a", "v4_pro_reduced", "v4_flash_reduced"):
         PRESETS[name].validate(name)  # every preset satisfies the case checks
+    # routed_scaling_factor: each preset carries its model's (published: Pro 2.5, Flash 1.5)
+    assert PUBLISHED["v4_pro"].routed_scaling_factor == 2.5
+    assert PUBLISHED["v4_flash"].routed_scaling_factor == 1.5
+    for name in ("v4_pro", "v4_pro_seed_wo_a", "v4_pro_reduced"):
+        assert PRESETS[name].routed_scaling_factor == 2.5, name
+    for name in ("v4_flash", "v4_flash_reduced"):
+        assert PRESETS[name].routed_scaling_factor == 1.5, name
+    assert PRESETS["tiny"].routed_scaling_factor == 1.0
+
+
+def test_routed_scaling_factor_is_a_shape_field_named_in_routed_moe_ids(tmp_path):
+    path = tmp_path / "rsf.yaml"
+    path.write_text(
+        "sweeps:\n  - stage: routed_moe\n    shape: {preset: tiny, routed_scaling_factor: 2}\n"
+        "  - stage: routed_moe\n    shape: v4_flash_reduced\n"
+        "  - stage: grouped_gemm\n    shape: v4_flash_reduced\n"
+    )
+    a, b, gemm = load_cases(path)[1]
+    assert a.shape.routed_scaling_factor == 2.0 and isinstance(a.shape.routed_scaling_factor, float)
+    assert "_h256_rsf2_L10_" in a.id and "_rsf1.5_" in b.id
+    assert "rsf" not in gemm.id  # only the routed MoE applies it
+    assert "rsf" not in Case(Stage.ROUTED_MOE).id  # factor 1: ids as before
+    assert a.digest != Case(Stage.ROUTED_MOE, Shape(), a.tokens, scale_ratio=a.scale_ratio).digest
 
 
 def test_v4_case_files_name_their_source_and_sweep_the_seed_wo_a_shape():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import metrics
+from harness import adapters, metrics
 from harness.adapters import QuantPolicy
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Distribution, Shape, Stage
@@ -234,6 +234,81 @@ def test_layer_swiglu_convention_is_named_at_act(defect, stage, kw, found):
     assert out.metrics["first_divergent_stage"] == "act"  # not calibration, not act_q
     assert out.metrics["matches_variant"] == found
     assert f"matches SwiGLU variant {found}, not the declared dsv4" in out.message
+
+
+# --------------------------------------------------------------------------------------------
+# routed_scaling_factor: a convention the adapter declares, a mismatch named
+
+
+PRO_RSF, FLASH_RSF = Shape(routed_scaling_factor=2.5), Shape(routed_scaling_factor=1.5)
+
+
+def _routed(adapter, shape: Shape, **kw) -> dict:
+    case = Case(Stage.ROUTED_MOE, shape, 33, scale_ratio=1.0, **kw)
+    return {c.name: c for c in run_case(case, adapter)}
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["weights-scaled", "adapter-scales"])
+def test_honest_routing_scale_conventions_pass_with_the_same_bits(scaled):
+    conv = adapters.Conventions(routing_weights_scaled=scaled)
+    rows = _routed(ReferenceAdapter(conventions=conv), PRO_RSF)
+    assert rows["out"].outcome is Outcome.PASS, rows["out"].message
+    assert all(c.metrics.get("equal", True) for c in rows.values())
+    assert "not DeepSeek V4" not in rows["out"].message  # an API convention, like encode scales
+
+
+def test_dsv4_runner_takes_weights_with_the_factor_applied():
+    rows = _routed(adapters.load("dsv4-torch"), PRO_RSF)
+    assert rows["out"].outcome is Outcome.PASS, rows["out"].message
+    # gs2 is calibrated on the weighted SwiGLU output: equal only with the same 2.5x weights
+    assert rows["calibration.gs2"].metrics["equal"] and rows["act_q"].metrics["equal"]
+
+
+@pytest.mark.parametrize(
+    "defect, shape, found, c",
+    [
+        (
+            planted.RoutingScaleTwice,
+            PRO_RSF,
+            "routed_scaling_factor applied twice (2.5 x 2.5)",
+            2.5,
+        ),
+        (
+            planted.RoutingScaleTwice,
+            FLASH_RSF,
+            "routed_scaling_factor 2.5 applied to weights that include 1.5",
+            2.5,
+        ),
+        (
+            planted.RoutingScaleHardcoded,
+            FLASH_RSF,
+            "routed_scaling_factor 2.5 instead of 1.5",
+            2.5 / 1.5,
+        ),
+        (
+            planted.RoutingScaleIgnored,
+            PRO_RSF,
+            "routed_scaling_factor not applied (normalized weights used as they are)",
+            0.4,
+        ),
+    ],
+    ids=["twice", "on-top-of-flash", "hardcoded-on-flash", "ignored"],
+)
+def test_routing_scale_mistakes_are_named(defect, shape, found, c):
+    rows = _routed(defect(), shape)
+    out = rows["out"]
+    assert out.outcome is Outcome.FAIL
+    assert out.metrics["matches_routing_scale"] == found
+    assert f"output is {c:.4g} x the reference: {found}" in out.message
+    assert out.metrics["first_divergent_stage"] == "row_weight"  # the weights themselves
+
+
+def test_a_correct_factor_is_not_named_and_no_factor_explains_another_defect():
+    ok = _routed(planted.RoutingScaleHardcoded(), PRO_RSF)["out"]  # 2.5 is V4-Pro's own
+    assert ok.outcome is Outcome.PASS, ok.message
+    other = _routed(planted.LayerClampAfterProduct(), PRO_RSF, limit=1.0)["out"]
+    assert other.outcome is Outcome.FAIL and other.metrics["matches_routing_scale"] is None
+    assert other.metrics["matches_variant"] == "clamp_after_product"
 
 
 # --------------------------------------------------------------------------------------------

@@ -275,3 +275,64 @@ def test_bad_inputs_name_the_argument(fn, name: str, mutate) -> None:
 def test_bad_out_dtype() -> None:
     with pytest.raises(ValueError, match="out_dtype"):
         grouped_gemm_nvfp4(*_valid_args(), out_dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# bounded memory: one expert's weight dequantized at a time, bits unchanged
+
+
+def _one_shot(args: tuple, oracle: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM and its bound as they were computed before the expert-by-expert loop: every
+    expert's B dequantized at once (reference.nvfp4 directly), then one matmul per expert."""
+    from reference import gemm as g
+    from reference.nvfp4 import dequantize_nvfp4, dequantize_weight_nvfp4
+
+    a_codes, a_scales, b_codes, b_scales, offsets, gsa, gsb = args
+    acc = torch.float64 if oracle else torch.float32
+    a = dequantize_nvfp4(a_codes, a_scales, 1.0).to(acc)
+    b = dequantize_weight_nvfp4(b_codes, b_scales, 1.0).to(acc)  # all experts at once
+    alpha = gsa.to(acc) * gsb.to(acc)
+    out = torch.zeros(a.shape[0], b.shape[2], dtype=acc)
+    ends = offsets.tolist()
+    k = a.shape[1]
+    g_acc, g64 = g.gamma(k, g.U32), g.gamma(k, g.U64)
+    a64, b64 = a.double(), b.double()
+    bound = torch.zeros_like(out, dtype=torch.float64)
+    for e, (s, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        if end == s:
+            continue
+        out[s:end] = (a[s:end] @ b[e]) * alpha[e]
+        al = (gsa.double() * gsb.double()).abs()[e]
+        p = (a64[s:end].abs() @ b64[e].abs()) * (1.0 + 2.0 * g64)
+        s_abs = (a64[s:end] @ b64[e]).abs() + g64 * p
+        e_a = g.U32 * al + 2.0**-150
+        m = s_abs + g_acc * p
+        e_c = m * e_a + al * g_acc * p + g.U32 * m * (al + e_a) + 2.0**-150
+        e_y = 2.0**-8 * (al * s_abs + e_c) + 2.0**-134
+        e_o = al * (g64 * p + g.U64 * (s_abs + g64 * p)) + 2.0**-1074
+        bound[s:end] = (e_c + e_y + e_o) * (1.0 + 2.0**-40)
+    return (out if oracle else out.to(torch.bfloat16)), bound
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_expert_by_expert_equals_one_shot(oracle: bool, monkeypatch) -> None:
+    """Several experts (one empty): the loop's output and bound equal the all-at-once formula
+    bit for bit, and the dequantizer is never handed more than one expert's weight."""
+    from reference import gemm as g
+
+    args = _random_case([5, 0, 33, 17], 256, 64, seed=11)
+    seen = []
+    real = g.dequantize_weight_nvfp4
+
+    def spy(codes, scales, gs, dtype=torch.float32):
+        seen.append(tuple(codes.shape))
+        return real(codes, scales, gs, dtype)
+
+    monkeypatch.setattr(g, "dequantize_weight_nvfp4", spy)
+    out = grouped_gemm_nvfp4(*args, oracle=oracle)
+    bound = grouped_gemm_error_bound(*args)
+    want_out, want_bound = _one_shot(args, oracle)
+    assert out.dtype == want_out.dtype and torch.equal(out, want_out)
+    assert torch.equal(bound, want_bound)
+    assert seen and all(len(s) == 2 for s in seen)  # [K/2, N]: one expert, never [E, K/2, N]
+    assert len(seen) == 2 * 3  # the three non-empty experts, once in the GEMM, once in the bound

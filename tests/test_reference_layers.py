@@ -419,6 +419,32 @@ def test_routed_moe_vs_twin_within_derived_bounds(gen):
     assert torch.equal(a["out"], want.to(torch.bfloat16))
 
 
+def test_routed_scaling_factor_multiplies_the_routing_weight(gen):
+    """The factor scales each row's weight in fp32; weights that already include it (factor 1)
+    give the same bits, also through calibration; a bad factor is refused by name."""
+    t = 9
+    x = torch.randn(t, H, generator=gen) * 2
+    w13 = torch.randn(E, H, 2 * INTER, generator=gen) / 6
+    w2 = torch.randn(E, INTER, H, generator=gen) / 8
+    ids, wts = routing(t, gen)
+    for after in (False, True):
+        kw = {"weight_after_w2": after}
+        gs = calibrate_routed_moe(x, ids, wts, w13, w2, routed_scaling_factor=2.5, **kw)
+        pre = calibrate_routed_moe(x, ids, wts.float() * 2.5, w13, w2, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(gs, pre, strict=True))
+        f = routed_moe(x, ids, wts, w13, w2, routed_scaling_factor=2.5, gs1=gs[0], gs2=gs[1], **kw)
+        p = routed_moe(x, ids, wts.float() * 2.5, w13, w2, gs1=gs[0], gs2=gs[1], **kw)
+        one = routed_moe(x, ids, wts, w13, w2, gs1=gs[0], gs2=gs[1], **kw)
+        assert torch.equal(f["row_weight"], one["row_weight"] * 2.5)
+        for name in f:
+            a, b = f[name], p[name]
+            parts = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+            assert all(torch.equal(u, v) for u, v in parts), name
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "2.5"):
+        with pytest.raises(ValueError, match="routed_scaling_factor must be a finite number"):
+            routed_moe(x, ids, wts, w13, w2, routed_scaling_factor=bad)
+
+
 def test_calibrate_routed_moe_scales(gen):
     t = 9
     x = torch.randn(t, H, generator=gen) * 2

@@ -16,7 +16,9 @@ run(), all on the device, nothing read on the host (T and k are shapes, host met
    equals quantizing the staged rows), then codes and scale bytes are gathered into staged order
    and the scales assembled per expert from the device offsets.
 3. L1 grouped GEMM; SwiGLU (DeepSeek V4 clamp) in fp32 times each row's routing weight, BEFORE
-   the L2 quantization with gs2; L2 grouped GEMM.
+   the L2 quantization with gs2; L2 grouped GEMM. The weights are the gate's final ones, with
+   routed_scaling_factor already applied (DeepSeek V4's gate multiplies the normalized top-k
+   weights by it): the runner multiplies them as given and applies no factor.
 4. Combine in fp32, in slot order: out[t] = ((0 + row(t,0)) + row(t,1)) + ... as the reference
    sums, each slot a gather through the inverse permutation (a slot with no local row reads a
    zero row), so the order is fixed and no atomics are involved; then cast to bf16. With a

@@ -69,12 +69,25 @@ class ReferenceAdapter(AdapterBase):
         gs1, gs2 = ref_layers.calibrate_shared_expert(calib_sample, w13, w2, **kw)
         return ref_layers.shared_expert(x, w13, w2, gs1=gs1, gs2=gs2, **kw)
 
-    def routed_moe(self, x, topk_ids, topk_weights, w13, w2, *, first_expert, limit, calib_sample):
+    def routed_moe(
+        self,
+        x,
+        topk_ids,
+        topk_weights,
+        w13,
+        w2,
+        *,
+        first_expert,
+        limit,
+        calib_sample,
+        routed_scaling_factor=1.0,  # given only where routing_weights_scaled is False
+    ):
         args = (x, topk_ids, topk_weights, w13, w2)
         kw = {
             "first_expert": first_expert,
             "limit": limit,
             "weight_after_w2": self.conventions.weight_after_w2,
+            "routed_scaling_factor": routed_scaling_factor,
             "oracle": self.oracle,
             **self._swiglu_args(),
         }

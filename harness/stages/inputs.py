@@ -60,8 +60,9 @@ def scale_assembly_inputs(
     g = inputs.generator(case, "scales")
     c, n = s.hidden // 16, 2 * s.intermediate
     # Random finite bytes 0x01..0x7E: a zero padding byte can never be mistaken for data.
-    a = torch.randint(1, 0x7F, (int(counts.sum()), c), generator=g, dtype=torch.uint8)
-    b = torch.randint(1, 0x7F, (s.n_experts, c, n), generator=g, dtype=torch.uint8)
+    u8 = {"generator": g, "dtype": torch.uint8, "device": g.device}
+    a = torch.randint(1, 0x7F, (int(counts.sum()), c), **u8)
+    b = torch.randint(1, 0x7F, (s.n_experts, c, n), **u8)
     return a.view(torch.float8_e4m3fn).to(dev), offsets, b.view(torch.float8_e4m3fn).to(dev)
 
 
@@ -158,30 +159,42 @@ class SharedExpertInputs(LayerInputs):
 class RoutedMoeInputs(LayerInputs):
     x: torch.Tensor  # bf16 [T, H]
     topk_ids: torch.Tensor  # int64 [T, k], GLOBAL expert ids
-    topk_weights: torch.Tensor  # fp32 [T, k]
+    topk_weights: torch.Tensor  # fp32 [T, k], normalized (routed_scaling_factor not applied)
     w13: torch.Tensor  # bf16 [E, H, 2I]
     w2: torch.Tensor  # bf16 [E, I, H]
     calib_sample: torch.Tensor  # bf16 [T, H]
     first_expert: int  # global id of the rank's first local expert
     limit: float | None
+    routed_scaling_factor: float  # the case's shape's
 
     TENSORS = ("x", "topk_ids", "topk_weights", "w13", "w2", "calib_sample")
     METHOD = "routed_moe"
 
     @staticmethod
     def scalars(case: Case) -> dict[str, Any]:
-        return {"first_expert": inputs.first_expert(case), "limit": case.limit}
+        return {
+            "first_expert": inputs.first_expert(case),
+            "limit": case.limit,
+            "routed_scaling_factor": case.shape.routed_scaling_factor,
+        }
 
     def call(self, adapter: Any) -> Any:
+        # the weights are normalized; the factor goes where the adapter declares
+        rsf = self.routed_scaling_factor
+        if getattr(getattr(adapter, "conventions", None), "routing_weights_scaled", True):
+            wts, kw = inputs.gate_weights(self.topk_weights, rsf), {}
+        else:
+            wts, kw = self.topk_weights, {"routed_scaling_factor": rsf}
         return adapter.routed_moe(
             self.x,
             self.topk_ids,
-            self.topk_weights,
+            wts,
             self.w13,
             self.w2,
             first_expert=self.first_expert,
             limit=self.limit,
             calib_sample=self.calib_sample,
+            **kw,
         )
 
 

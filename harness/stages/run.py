@@ -6,19 +6,23 @@ is compared, the first divergent stage is named, and the first stage whose outpu
 is the NaN culprit (later stages only propagate it). A layer also compares its calibrated global
 scales and the adapter's own scale assembly, so a defect is named at the stage where it is born.
 Everything is judged against the reference in the adapter's declared conventions
-(harness.stages.verdicts); what a failing output matches comes from harness.diagnose. Every
-function returns `Comparison`s; nothing here writes files or catches exceptions.
+(harness.stages.verdicts); what a failing output matches (alpha, SwiGLU variant, routing scale,
+misplaced groups) comes from harness.diagnose. The reference side of a case (a layer's reference
+run, noise floor and SQNR; a GEMM's oracle and bound) is computed once per inputs and
+conventions (harness.refcache). Every function returns `Comparison`s; nothing here writes files
+or catches exceptions.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 import reference as ref
-from harness import diagnose, metrics
+from harness import diagnose, metrics, refcache
 from harness.adapters import QuantizedOperand, from_adapter_scale, poisoned, to_adapter_scale
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
@@ -95,8 +99,14 @@ def _scale_assembly(case: Case, adapter: Any, dev: torch.device) -> list[Compari
 def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
     ops, conv_ops = gemm_operands(case, dev, adapter.conventions.global_scale)
     args = ops.plain()
-    oracle = grouped_gemm_nvfp4(*args, oracle=True)
-    bound = grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16)
+    oracle, bound = refcache.cached(  # the same for every backend of the case
+        "grouped_gemm",
+        case,
+        lambda: (
+            grouped_gemm_nvfp4(*args, oracle=True),
+            grouped_gemm_error_bound(*args, out_dtype=torch.bfloat16),
+        ),
+    )
     out = poisoned((ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, dev)
     adapter.grouped_gemm(conv_ops, out)
     c = compare_bounded("grouped_gemm.out", oracle, out, bound, ops.expert_offsets)
@@ -143,12 +153,25 @@ ASSEMBLED = {"x_q": "w13_q", "act_q": "w2_q"}
 CALIBRATED = {"x_q": ("gs1", GS_REL_TOL), "act_q": ("gs2", GS2_REL_TOL)}
 
 
+def reference_layer(case: Case, declared: Any, d: LayerInputs) -> tuple[dict, float, float]:
+    """The reference side of a layer case, judged as `declared`: (its stages, the noise floor:
+    calc_diff of the float64-GEMM rerun, the quantization SQNR against the unquantized twin)."""
+    r = run_layer(case, ReferenceAdapter(conventions=declared), d)
+    second = run_layer(case, ReferenceAdapter(conventions=declared, oracle=True), d)["out"]
+    floor = metrics.error_panel(r["out"].float(), second.float(), 0.0, 0.0)["calc_diff"]
+    twin = run_layer(case, ReferenceAdapter(quantized=False, conventions=declared), d)["out"]
+    sqnr = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)["sqnr_db"]
+    return r, floor, sqnr
+
+
 def _layer(
     case: Case, adapter: Any, dev: torch.device, d: LayerInputs | None = None
 ) -> list[Comparison]:
+    seeded = d is None  # inputs drawn from the seed: the reference side is shared by backends
     d = layer_inputs(case, dev) if d is None else d
     declared = adapter.conventions
-    r = run_layer(case, ReferenceAdapter(conventions=declared), d)  # judged as declared
+    ref_side = functools.partial(reference_layer, case, declared, d)
+    r, floor, sqnr = refcache.cached("layer", case, ref_side, declared) if seeded else ref_side()
     k = run_layer(case, adapter, d)
     rows: list[Comparison] = []
     first_divergent = nan_culprit = None
@@ -182,13 +205,14 @@ def _layer(
                 offs = torch.tensor([k[name][0].shape[0]], dtype=torch.int32, device=dev)
             wname = ASSEMBLED[name] if ASSEMBLED[name] in r else "w_q"  # grouped_linear: w_q
             names = (f"{name}.assembly", f"{wname}.assembly")
-            for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), r[wname][1]):
+            w_scales = r[wname][1].clone()  # a copy: r may be shared (harness.refcache)
+            for a in compare_assembly(adapter, names, k[name][1], offs.to(dev), w_scales):
                 rows.append(a)
                 if first_divergent is None and a.outcome is Outcome.FAIL:
                     first_divergent, why = a.name, a.message
-    second = run_layer(case, ReferenceAdapter(conventions=declared, oracle=True), d)["out"]
-    floor = metrics.error_panel(r["out"].float(), second.float(), 0.0, 0.0)["calc_diff"]
     out = compare_out(case, r["out"], k.get("out"), floor)
+    if out.outcome is Outcome.FAIL and case.stage is Stage.ROUTED_MOE:
+        _name_routing_scale(case, declared, r["out"], k.get("out"), floor, out)
     swiglu_found = None
     if (
         first_divergent in ("calibration", "act", "act_q")
@@ -222,11 +246,26 @@ def _layer(
     offs = r.get("expert_offsets")
     if case.stage is Stage.ROUTED_MOE and isinstance(l2k, torch.Tensor) and l2k.shape == l2r.shape:
         out.metrics["per_group"] = metrics.per_group_error(l2r.float(), l2k.float(), offs.cpu())
-    twin = run_layer(case, ReferenceAdapter(quantized=False, conventions=declared), d)["out"]
-    out.metrics["quant_sqnr_db"] = metrics.error_panel(twin.float(), r["out"].float(), 0.0, 0.0)[
-        "sqnr_db"
-    ]
+    out.metrics["quant_sqnr_db"] = sqnr
     return [out, *rows]  # the verdict first: a case's message is its first failing row's
+
+
+def _name_routing_scale(
+    case: Case, declared: Any, r_out: torch.Tensor, k_out: Any, floor: float, out: Comparison
+) -> None:
+    """Name a failing routed MoE output that is a routing-weight scale mistake times the
+    reference's (routed_scaling_factor missing, applied twice, another model's)."""
+    if not (isinstance(k_out, torch.Tensor) and k_out.shape == r_out.shape):
+        return
+    rsf = case.shape.routed_scaling_factor
+    found = diagnose.identify_routing_scale(
+        rsf, k_out, lambda y: compare_out(case, r_out, y, floor).outcome is Outcome.PASS
+    )
+    out.metrics["matches_routing_scale"] = found[0] if found else None
+    if found:
+        scaled = getattr(declared, "routing_weights_scaled", True)
+        given = f"weights given with {rsf:g} applied" if scaled else "normalized weights given"
+        append_note(out, f"output is {found[1]:.4g} x the reference: {found[0]} ({given})")
 
 
 _STAGES = {
@@ -260,4 +299,4 @@ def run_case(
         return _layer(case, adapter, dev, inputs.to(dev))
 
 
-__all__ = ["ASSEMBLED", "CALIBRATED", "DIAGNOSTIC_STAGES", "run_case"]
+__all__ = ["ASSEMBLED", "CALIBRATED", "DIAGNOSTIC_STAGES", "reference_layer", "run_case"]
