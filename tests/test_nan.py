@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 
 from harness import adapters, cli, minimize, probes, recorder, repro, stages, trace
 from harness.cases import Case, CaseError, Distribution, Probe, Shape, Stage, load_cases
@@ -160,6 +161,9 @@ def test_probes_are_a_case_axis_checked_at_load(tmp_path):
     cases = load_cases(f)[1]
     assert [c.probe for c in cases] == [None, Probe.PADDING_NAN, Probe.SCALE_PADDING_7F]
     assert cases[1].id.endswith("_ppadding_nan_s0") and cases[0].digest != cases[1].digest
+    doc = tmp_path / "one.yaml"  # a bundle's case file keeps the probe
+    doc.write_text(yaml.safe_dump(repro.case_document(cases[2])))
+    assert load_cases(doc)[1][0].id == cases[2].id
     bad = {
         "    tokens: [3]\n    probes: [scale_padding_7f]\n": "hidden/16 = 16 is a multiple of 4",
         "    shape: {n_experts: 1, top_k: 1}\n    probes: [expert_scale_byte]\n": "2 or more",
