@@ -6,7 +6,8 @@ failure vanish) the case's inputs while its failure persists: first the tokens (
 experts (routed MoE and grouped GEMM), then the K blocks (16 elements of the contraction dim set
 to zero: the blocks that must stay). "Persists" means the comparison that failed first on the
 whole input still fails. Layer cases shrink `stages.layer_inputs` tensors (the calibration sample
-is kept, so the static scales do not move) and are judged by `stages.run_case`; stage cases shrink
+is kept, so the static scales do not move; a routed MoE's shrinks with its tokens, as the
+adapters calibrate it with x's routing) and are judged by `stages.run_case`; stage cases shrink
 their teacher-forced step (harness.trace `Step`: the static global scale is kept) and are judged
 by the stage comparators and the case's probe. A minimal layer input can be saved as a bundle.
 
@@ -97,6 +98,8 @@ def _layer_shrink(case: Case, d: dict[str, Any], tokens, experts, blocks_kept) -
             keep |= local == e
         out["topk_ids"] = torch.where(keep, ids, torch.full_like(ids, -1))
         out["topk_weights"] = d["topk_weights"][idx]
+        # the adapters calibrate a routed MoE on a warm-up batch with x's own routing
+        out["calib_sample"] = d["calib_sample"][idx]
     return out
 
 

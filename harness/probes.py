@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from harness.adapters import GemmOperands, poisoned, to_adapter_scale
+from harness.adapters import GemmOperands, poisoned
 from harness.cases import Probe
 from harness.stages import Comparison, Outcome
+from harness.trace import adapter_ops
 from reference.layouts import assemble_scales_3d_side, round_up, swizzle_scales
 
 DATA, ROW_PAD, COL_PAD = 1, 2, 3  # marker values of a swizzled padding map
@@ -88,12 +89,7 @@ def perturb(probe: Probe, ops: GemmOperands, seed: int = 0) -> tuple[GemmOperand
 
 
 def _run(adapter: Any, ops: GemmOperands) -> torch.Tensor:
-    cv = adapter.conventions.global_scale
-    conv_ops = dataclasses.replace(
-        ops,
-        global_scale_a=to_adapter_scale(ops.global_scale_a, cv),
-        global_scale_b=to_adapter_scale(ops.global_scale_b, cv),
-    )
+    conv_ops = adapter_ops(ops, adapter.conventions.global_scale)
     out = poisoned(
         (ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, ops.a_codes.device
     )

@@ -183,6 +183,10 @@ class FlightRecorder:
 
     def _tensors(self, call: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         d = {**call, **self.weights, "calib_sample": self.calib_sample}
+        if self.stage is Stage.ROUTED_MOE and self.calib_sample.shape[0] != call["x"].shape[0]:
+            # the adapters calibrate a routed MoE with x's own routing: the sample must have
+            # x's tokens, so a sample of another size gives way to the call's own x
+            d["calib_sample"] = call["x"]
         if self.stage is Stage.ROUTED_MOE:
             # the harness's local rank starts at global id n_experts (harness.inputs.first_expert)
             e, first = self.runner.n_local_experts, self.runner.first_expert

@@ -168,9 +168,21 @@ def gemm_ops(a_q: tuple, b_q: tuple, offsets: torch.Tensor) -> GemmOperands:
     return GemmOperands(a_q[0], a_q[1], *b_q[:2], offsets, gsa, gsb, a_sw, a_rows, b_sw)
 
 
+def _one_group(t: int) -> Rows:
+    return Rows(torch.tensor([t], dtype=torch.int32))
+
+
+def adapter_ops(ops: GemmOperands, convention: ScaleConvention) -> GemmOperands:
+    """Decode-convention operands with their global scales in the adapter's `convention`."""
+    return dataclasses.replace(
+        ops,
+        global_scale_a=to_adapter_scale(ops.global_scale_a, convention),
+        global_scale_b=to_adapter_scale(ops.global_scale_b, convention),
+    )
+
+
 def case_steps(case: Case, adapter: Any, dev: torch.device) -> list[Step]:
     """The teacher-forced steps of a stage case: its one stage on the case's own inputs."""
-    one = lambda t: Rows(torch.tensor([t], dtype=torch.int32))  # noqa: E731
     exact = case.tolerance is Tolerance.EXACT or case.distribution.exact
     if case.stage is Stage.QUANTIZE:
         x, gs = stages.quantize_inputs(case, dev)
@@ -181,7 +193,7 @@ def case_steps(case: Case, adapter: Any, dev: torch.device) -> list[Step]:
                 "quantize",
                 "quantize",
                 {"x": x, "gs": gs, "offsets": offs},
-                one(x.shape[0]),
+                _one_group(x.shape[0]),
                 exact=exact,
             )
         ]
@@ -192,7 +204,8 @@ def case_steps(case: Case, adapter: Any, dev: torch.device) -> list[Step]:
         l1, _, gs = stages.swiglu_inputs(case, dev, adapter.conventions)
         offs = torch.tensor([l1.shape[0]], dtype=torch.int32, device=dev)
         d = {"l1": l1, "gs": gs.reshape(1), "offsets": offs}
-        return [Step("swiglu_requant", "swiglu_requant", d, one(l1.shape[0]), case.limit, exact)]
+        rows = _one_group(l1.shape[0])
+        return [Step("swiglu_requant", "swiglu_requant", d, rows, case.limit, exact)]
     raise ValueError(f"trace: stage {case.stage.value} has no numeric stage to trace")
 
 
@@ -253,17 +266,12 @@ def run_step(step: Step, adapter: Any) -> StepRun:
     d = step.inputs
     if step.method == "grouped_gemm":
         ops = d["ops"]
-        conv_ops = dataclasses.replace(
-            ops,
-            global_scale_a=to_adapter_scale(ops.global_scale_a, cv),
-            global_scale_b=to_adapter_scale(ops.global_scale_b, cv),
-        )
         oracle = grouped_gemm_nvfp4(*ops.plain(), oracle=True)
         bound = grouped_gemm_error_bound(*ops.plain(), out_dtype=torch.bfloat16)
         out = poisoned(
             (ops.a_codes.shape[0], ops.b_codes.shape[-1]), torch.bfloat16, ops.a_codes.device
         )
-        adapter.grouped_gemm(conv_ops, out)
+        adapter.grouped_gemm(adapter_ops(ops, cv), out)
         # a NaN / Inf the reference has at the same place came in with the inputs: not judged
         same = ~torch.isfinite(oracle) & (
             (out.double() == oracle) | (torch.isnan(out) & torch.isnan(oracle))
@@ -518,6 +526,7 @@ def format_table(tr: Trace) -> str:
 
 
 __all__ = [
+    "adapter_ops",
     "Rows",
     "Step",
     "StepRun",

@@ -245,6 +245,18 @@ def test_minimize_a_layer_names_the_skipped_k_block_and_bundles_it(tmp_path, cap
     assert "[" + spec + "] case: fail" in capsys.readouterr().out
 
 
+def test_minimize_a_routed_moe_drops_tokens_and_experts():
+    case = Case(Stage.ROUTED_MOE, tokens=4, scale_ratio=1.0)
+    adapter = adapters.load("tests.planted:RoutingWeightAfterW2")
+    m = minimize.minimize(case, adapter)
+    assert m.failing == "out" and len(m.tokens) == 1
+    ids = stages.layer_inputs(case, torch.device("cpu"))["topk_ids"][m.tokens[0]]
+    local = set((ids - case.shape.n_experts).tolist())
+    assert m.experts and set(m.experts) <= local  # only experts the kept token is routed to
+    shrunk = minimize._layer_shrink(case, m.inputs, [0], m.experts, m.k_blocks)
+    assert "out" in minimize._failures_of_layer(case, adapter, shrunk)
+
+
 def test_bisect_param_finds_the_ratio_where_the_unclamped_cast_turns_nan():
     adapter = _load(planted.UnclampedScaleCast)
     case = Case(Stage.QUANTIZE, tokens=16, scale_ratio=1.0)
@@ -365,11 +377,16 @@ def test_the_recorder_maps_a_ranks_expert_ids_and_refuses_bad_arguments(tmp_path
     rec = recorder.FlightRecorder(r, last=4, weights={"w13": w13, "w2": w2}, calib_sample=_x(3, 0))
     with rec:
         r.run(_x(3, 5), ids, wts)
-    (path,) = rec.dump(tmp_path / "fr")
-    case, _, tensors = repro.load(path)
+        r.run(_x(2, 6), ids[:2], wts[:2])
+    first, second = rec.dump(tmp_path / "fr")
+    case, _, tensors = repro.load(first)
     # the harness's local rank starts at global id n_experts: local ids kept, others dropped
     assert tensors["topk_ids"].tolist() == [[4, 7], [-1, 5], [-1, 6]]
     assert case.stage is Stage.ROUTED_MOE and case.shape.n_experts == e
+    assert torch.equal(tensors["calib_sample"], _x(3, 0))
+    _, _, t2 = repro.load(second)  # 2 tokens, a 3-token sample: calibrated on the call itself
+    assert torch.equal(t2["calib_sample"], t2["x"])
+    assert [r["outcome"] for r in repro.replay(second)][-1] == "pass"
     with pytest.raises(ValueError, match="weights needs w13, w2"):
         recorder.FlightRecorder(r, last=2, weights={}, calib_sample=_x(3, 0))
     with pytest.raises(ValueError, match="last must be a positive int"):
