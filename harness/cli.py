@@ -470,6 +470,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
     adapter, rc = adapters.load(a.backend), EXIT_OK
     for case in _selected(a):
         ok, why = adapters.check(adapter, case)
+        if case.stage.value == "scale_assembly":
+            ok, why = False, "a layout stage: no numbers to trace (its bytes are compared exactly)"
         if not ok:
             print(f"trace {case.id} [{a.backend}]: unsupported: {why}\n")
             continue
@@ -484,6 +486,8 @@ def cmd_minimize(a: argparse.Namespace) -> int:
     from harness import minimize, repro
 
     (case,) = _selected(a)[:1]
+    if case.stage.value == "scale_assembly":
+        raise UsageError(f"--case {case.id}: a layout stage has no inputs to minimise")
     if a.out and not case.stage.is_layer:
         raise UsageError(f"--out: {case.stage.value} cases replay from their seed, not tensors")
     try:
