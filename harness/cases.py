@@ -65,6 +65,16 @@ class Distribution(enum.Enum):
         return self in (Distribution.FP4_GRID, Distribution.MIDPOINTS)
 
 
+class Probe(enum.Enum):
+    """An isolation probe of a grouped GEMM case (harness.probes): the kernel runs on clean and on
+    perturbed input buffers, and every row the perturbation must not reach is bitwise unchanged."""
+
+    PADDING_NAN = "padding_nan"  # NaN (0x7F) in the padding rows of the swizzled scale buffers
+    PADDING_GARBAGE = "padding_garbage"  # random bytes in every padding byte of those buffers
+    SCALE_PADDING_7F = "scale_padding_7f"  # 0x7F in the padding columns past K/16
+    EXPERT_SCALE_BYTE = "expert_scale_byte"  # expert 0's largest weight scale byte, one binade down
+
+
 class Routing(enum.Enum):
     """How tokens are routed to the local experts."""
 
@@ -217,7 +227,7 @@ class Budget:
 AXES: dict[Stage, tuple[str, ...]] = {
     Stage.QUANTIZE: ("tokens", "distributions", "scale_ratios"),
     Stage.SCALE_ASSEMBLY: ("tokens", "routing"),
-    Stage.GROUPED_GEMM: ("tokens", "distributions", "routing"),
+    Stage.GROUPED_GEMM: ("tokens", "distributions", "routing", "probes"),
     Stage.SWIGLU_REQUANT: ("tokens", "distributions", "limits"),
     Stage.SHARED_EXPERT: ("tokens", "distributions", "limits", "scale_ratios"),
     Stage.ROUTED_MOE: ("tokens", "distributions", "limits", "scale_ratios", "routing"),
@@ -247,6 +257,7 @@ class Case:
     device: str = "cpu"
     source: str = ""  # file the case came from
     baselines: tuple[str, ...] = ()  # adapters timed beside each backend (`run --time`)
+    probe: Probe | None = None  # grouped GEMM isolation probe (harness.probes); None: none
 
     @property
     def id(self) -> str:
@@ -270,6 +281,8 @@ class Case:
             parts.append(self.routing.value)
         if "scale_ratios" in axes:
             parts.append("rdyn" if self.scale_ratio is None else f"r{self.scale_ratio:g}")
+        if self.probe is not None:
+            parts.append(f"p{self.probe.value}")
         parts.append(f"s{self.seed}")
         return "_".join(parts)
 
@@ -291,7 +304,7 @@ class Case:
             self.tolerance.value,
             tuple(vars(self.budget).values()),
             self.device,
-        )
+        ) + (() if self.probe is None else (self.probe.value,))  # older digests stay valid
         return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
     def row(self) -> dict[str, Any]:
@@ -306,6 +319,7 @@ class Case:
             "routing": self.routing.value,
             "limit": self.limit,
             "tolerance": self.tolerance.value,
+            "probe": None if self.probe is None else self.probe.value,
             "source": self.source,
             **{f"shape_{k}": v for k, v in dataclasses.asdict(self.shape).items()},
             **{f"budget_{k}": v for k, v in dataclasses.asdict(self.budget).items()},
@@ -377,6 +391,10 @@ def _seed(where: str, value: Any) -> int:
 def _float_or_none(where: str, value: Any) -> float | None:
     v = _number(where, value, allow_none=True)
     return None if v is None else float(v)
+
+
+def _probe(where: str, value: Any) -> Probe | None:
+    return None if value is None else _enum(Probe)(where, value)
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:
@@ -463,6 +481,7 @@ SWEEP_FIELDS: dict[str, SweepField] = {
     "scale_ratios": SweepField("scale_ratio", _float_or_none, axis=True),
     "routing": SweepField("routing", _enum(Routing), axis=True),
     "limits": SweepField("limit", _float_or_none, axis=True),
+    "probes": SweepField("probe", _probe, axis=True),
     "seeds": SweepField("seed", _seed, axis=True),
 }
 _STAGE_AXES = {name for axes in AXES.values() for name in axes}
@@ -481,9 +500,25 @@ def _exact_distribution_takes_no_ratio(where: str, values: dict[str, list[Any]])
             )
 
 
+def _probes_fit_the_shape(where: str, values: dict[str, list[Any]]) -> None:
+    shape = values["shape"][0]
+    for p in values["probes"]:
+        if p is Probe.SCALE_PADDING_7F and (shape.hidden // 16) % 4 == 0:
+            raise CaseError(
+                f"{where}.probes: scale_padding_7f needs scale padding columns, but hidden/16 = "
+                f"{shape.hidden // 16} is a multiple of 4 (e.g. shape: {{hidden: 288}})"
+            )
+        if p is Probe.EXPERT_SCALE_BYTE and shape.n_experts < 2:
+            raise CaseError(
+                f"{where}.probes: expert_scale_byte needs 2 or more experts, got "
+                f"n_experts={shape.n_experts}"
+            )
+
+
 # Checks across fields of one sweep, given every field's parsed values (a list per field).
 _CHECKS: tuple[Callable[[str, dict[str, list[Any]]], None], ...] = (
     _exact_distribution_takes_no_ratio,
+    _probes_fit_the_shape,
 )
 
 

@@ -35,7 +35,10 @@ from harness.runner import (
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 BAD = results.BAD_OUTCOMES
 # `worker` is the runner's, not a user's
-COMMANDS_SHOWN = "{run,list,show,compare,report,merge,bisect,bisect-check,bundle,repro}"
+COMMANDS_SHOWN = (
+    "{run,list,show,compare,report,merge,bisect,bisect-check,bundle,repro,trace,minimize,"
+    "bisect-param}"
+)
 
 
 class UsageError(ValueError):
@@ -154,6 +157,19 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("bundle")
     rr.add_argument("-b", "--backend", help="another adapter than the bundle's")
 
+    tr = sub.add_parser("trace", help="NaN birth trace: per-stage stats, culprit, divergence")
+    _nan_args(tr, one_case=False)
+    mi = sub.add_parser("minimize", help="delta-debug a failing case to a minimal input")
+    _nan_args(mi, one_case=True)
+    mi.add_argument("-o", "--out", help="write the minimal input as a repro bundle (layer cases)")
+    bp = sub.add_parser("bisect-param", help="the value of a case parameter where failing starts")
+    _nan_args(bp, one_case=True)
+    bp.add_argument("--param", required=True, help="scale_ratio, limit or tokens")
+    bp.add_argument("--lo", type=float, required=True, help="one end (passes or fails)")
+    bp.add_argument("--hi", type=float, required=True, help="the other end")
+    bp.add_argument("--precision", type=float, default=0.01, help="relative (default 0.01)")
+    bp.add_argument("--criterion", choices=("fail", "nan"), default="fail")
+
     w = sub.add_parser("worker")  # one isolated case (or --describe an adapter), for the runner
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--backend", required=True)
@@ -177,6 +193,28 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
     p.add_argument("--device", help="run every case on this device")
     p.add_argument("--isolate", action="store_true", help="one child process per case")
+
+
+def _nan_args(p: argparse.ArgumentParser, one_case: bool) -> None:
+    """The arguments of trace, minimize and bisect-param (harness/trace.py, minimize.py)."""
+    p.add_argument("cases", nargs="+", help="case files or directories of *.yaml")
+    p.add_argument("-b", "--backend", required=True, help="adapter name or module:attr")
+    p.add_argument("--case", dest="case_id", required=one_case, help="the case id")
+    if not one_case:
+        p.add_argument("-k", "--filter", help="only case ids containing this (comma = or)")
+    p.add_argument("--device", help="run on this device")
+
+
+def _selected(a: argparse.Namespace) -> list[Any]:
+    cases = _with_device(load_many(a.cases), a.device)
+    if a.case_id:
+        cases = [c for c in cases if c.id == a.case_id]
+    keys = [k for k in (getattr(a, "filter", None) or "").split(",") if k]
+    if keys:
+        cases = [c for c in cases if any(k in c.id for k in keys)]
+    if not cases:
+        raise UsageError(f"{' '.join(a.cases)}: no case {a.case_id or a.filter or ''!r}".strip())
+    return cases
 
 
 def _check_argv(a: argparse.Namespace) -> list[str]:
@@ -427,6 +465,59 @@ def cmd_repro(a: argparse.Namespace) -> int:
     return EXIT_FAIL if rows[-1]["outcome"] in BAD else EXIT_OK
 
 
+def cmd_trace(a: argparse.Namespace) -> int:
+    from harness import trace
+
+    adapter, rc = adapters.load(a.backend), EXIT_OK
+    for case in _selected(a):
+        ok, why = adapters.check(adapter, case)
+        if case.stage.value == "scale_assembly":
+            ok, why = False, "a layout stage: no numbers to trace (its bytes are compared exactly)"
+        if not ok:
+            print(f"trace {case.id} [{a.backend}]: unsupported: {why}\n")
+            continue
+        tr = trace.trace_case(case, adapter)
+        print(trace.format_table(tr) + "\n")
+        born_here = tr.culprit is not None and tr.culprit["stage"] != "input"
+        rc = EXIT_FAIL if born_here or tr.first_divergent else rc
+    return rc
+
+
+def cmd_minimize(a: argparse.Namespace) -> int:
+    from harness import minimize, repro
+
+    (case,) = _selected(a)[:1]
+    if case.stage.value == "scale_assembly":
+        raise UsageError(f"--case {case.id}: a layout stage has no inputs to minimise")
+    if a.out and not case.stage.is_layer:
+        raise UsageError(f"--out: {case.stage.value} cases replay from their seed, not tensors")
+    try:
+        m = minimize.minimize(case, adapters.load(a.backend), say=print)
+    except ValueError as e:
+        print(f"{e}", file=sys.stderr)
+        return EXIT_FAIL
+    print(m.summary())
+    if a.out:
+        small = dataclasses.replace(case, tokens=len(m.tokens))
+        print(f"bundle: {repro.save(a.out, small, a.backend, m.inputs)}")
+    return EXIT_OK
+
+
+def cmd_bisect_param(a: argparse.Namespace) -> int:
+    from harness import minimize
+
+    (case,) = _selected(a)[:1]
+    try:
+        r = minimize.bisect_param(
+            case, adapters.load(a.backend), a.param, a.lo, a.hi, a.precision, a.criterion, print
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(r.summary())
+    return EXIT_OK
+
+
 def cmd_worker(a: argparse.Namespace) -> int:
     prepare_worker(a.parent_pid, a.threads)
     if a.describe:
@@ -454,6 +545,9 @@ COMMANDS = {
     "bisect": cmd_bisect,
     "bundle": cmd_bundle,
     "repro": cmd_repro,
+    "trace": cmd_trace,
+    "minimize": cmd_minimize,
+    "bisect-param": cmd_bisect_param,
     "worker": cmd_worker,
 }
 

@@ -41,6 +41,7 @@ def case_document(case: Case) -> dict[str, Any]:
         "scale_ratios": [case.scale_ratio],
         "routing": [case.routing.value],
         "limits": [case.limit],
+        "probes": [None if case.probe is None else case.probe.value],
     }
     sweep: dict[str, Any] = {
         "stage": case.stage.value,

@@ -190,6 +190,101 @@ class PaddingUnwritten(StageDefect):
         out_2d.view(torch.uint8)[data] = full.view(torch.uint8)[data]
 
 
+class SwigluExpOverflow(StageDefect):
+    """SwiGLU whose silu(g) = g * e^g / (1 + e^g) stages e^g in fp16 for the numerator only: e^g
+    overflows to Inf above ln(65504) = 11.09, so with a limit above that (or none) a large gate
+    makes h = +-Inf, which the requantize saturates to scale 448 (byte 0x7E)."""
+
+    name = "planted-swiglu-exp-overflow"
+    FP16_MAX = 65504.0
+
+    def swiglu_requant(self, l1_out, limit, global_scale, codes_out, scales_out):
+        gate, up = l1_out.float().chunk(2, dim=-1)
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        e = torch.exp(gate)
+        e16 = torch.where(e > self.FP16_MAX, torch.full_like(e, float("inf")), e)  # the bug
+        # where e^g fits in fp16 the result is the reference's own silu, bit for bit
+        act = torch.where(
+            e16.isinf(), gate * up * e16 / (1 + e), torch.nn.functional.silu(gate) * up
+        )
+        codes, scales, _ = ref.quantize_nvfp4(act, global_scale)
+        codes_out.copy_(codes)
+        scales_out.copy_(scales)
+
+
+class GemmNanTailRow(StageDefect):
+    """Grouped GEMM whose tail tile of a single row (a group of T_g rows, T_g % 128 == 1) is
+    stored from an unwritten accumulator: NaN in that group's last row."""
+
+    name = "planted-gemm-nan-tail-row"
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        super().grouped_gemm(ops, out)
+        start = 0
+        for end in ops.expert_offsets.tolist():
+            if (end - start) % 128 == 1:
+                out[end - 1] = float("nan")
+            start = end
+
+
+def _padding_rows(sw_group: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The scale rows rows..round_up(rows, 128) of one group's swizzled block, [pad, cols]."""
+    full = (rows + 127) // 128 * 128
+    return unswizzle_scales(sw_group, full, cols)[rows:]
+
+
+class GemmPaddingLeak(StageDefect):
+    """Grouped GEMM whose row store wraps instead of masking: the padding rows of a group's last
+    128-row tile (scales read from the swizzled buffer's padding, codes of row p % T_g) are
+    accumulated into real row p % T_g. Zeroed padding adds exactly 0, so clean buffers pass."""
+
+    name = "planted-gemm-padding-leak"
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        super().grouped_gemm(ops, out)
+        k16 = ops.a_scales.shape[1]
+        ends = ops.expert_offsets.tolist()
+        flat = ops.a_scales_swizzled.view(torch.uint8).reshape(-1)
+        cp = (k16 + 3) // 4 * 4
+        for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            t = end - start
+            if t == 0 or t % 128 == 0:
+                continue
+            row0 = int(ops.a_scale_row_offsets[e])
+            block = flat[row0 * cp : (row0 + (t + 127) // 128 * 128) * cp]
+            pad = _padding_rows(block.view(torch.float8_e4m3fn), t, k16)
+            if not bool((pad.view(torch.uint8) != 0).any()):
+                continue  # zero scales: the wrapped rows add exactly nothing
+            rows = torch.arange(t, t + pad.shape[0], device=out.device) % t + start
+            leak = grouped_gemm_nvfp4(
+                ops.a_codes[rows],
+                pad,
+                ops.b_codes[e : e + 1],
+                ops.b_scales[e : e + 1],
+                torch.tensor([pad.shape[0]], dtype=torch.int32, device=out.device),
+                ops.global_scale_a[e : e + 1],
+                ops.global_scale_b[e : e + 1],
+                out_dtype=torch.float32,
+            )
+            acc = out.float().index_add_(0, rows, leak)
+            out.copy_(acc.to(out.dtype))
+
+
+class GemmExpertScaleCrosstalk(StageDefect):
+    """Grouped GEMM loading one saturation bound for every expert's weight block scales from
+    expert 0 (its largest scale, 448 for any weight quantized from its own amax): harmless while
+    expert 0 holds a 448 block, wrong for every other expert once expert 0's scales change."""
+
+    name = "planted-gemm-expert-scale-crosstalk"
+
+    def grouped_gemm(self, ops: GemmOperands, out):
+        bound = ops.b_scales[0].float().max()
+        clamped = torch.minimum(ops.b_scales.float(), bound).to(ops.b_scales.dtype)
+        b = dataclasses.replace(ops.b, scales=clamped)
+        super().grouped_gemm(dataclasses.replace(ops, b=b), out)
+
+
 DEFECTS = (RoundHalfAway, SwappedSwizzleBits, SkipLastKBlock, ClampAfterProduct, PaddingUnwritten)
 
 

@@ -115,7 +115,11 @@ def _grouped_gemm(case: Case, adapter: Any, dev: torch.device) -> list[Compariso
         c.metrics["matches_alpha"] = found
         if found:
             c.message += f"; output matches alpha = {found} ({diagnose.ALPHA_VARIANTS[found][1]})"
-    return [c]
+    if case.probe is None:
+        return [c]
+    from harness import probes  # local: probes builds on this package
+
+    return [c, probes.check(case.probe, ops, adapter, out)]
 
 
 def _swiglu_requant(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
