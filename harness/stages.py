@@ -19,7 +19,6 @@ Every function returns `Comparison`s; nothing here writes files or catches excep
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from harness.adapters import (
     to_adapter_scale,
 )
 from harness.cases import Case, Stage, Tolerance
+from harness.records import Outcome
 from reference.activation import swiglu
 from reference.gemm import grouped_gemm_error_bound, grouped_gemm_nvfp4
 from reference.layouts import (
@@ -45,18 +45,6 @@ from reference.layouts import (
     round_up,
 )
 from reference.nvfp4 import ScaleConvention, global_scale_from_amax, tensor_amax
-
-
-class Outcome(enum.Enum):
-    """Verdict of one comparison or one case; each distinct in results and reports."""
-
-    PASS = "pass"  # within the derived tolerance / budget
-    FAIL = "fail"  # outside it: a wrong result
-    ERROR = "error"  # the kernel (or the harness) raised
-    UNSUPPORTED = "unsupported"  # can_implement said no: not a failure, not a pass
-    SKIPPED = "skipped"  # not run (filtered, or needs hardware this machine lacks)
-    TIMEOUT = "timeout"  # an isolated case ran past its timeout and was killed
-    CRASHED = "crashed"  # an isolated case's process died (signal, illegal address, OOM kill)
 
 
 @dataclass

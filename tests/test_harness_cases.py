@@ -307,8 +307,8 @@ def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):
     assert "6 passed" in p.stdout
     from harness.results import read_rows
 
-    finals = [r for r in read_rows(out) if r.get("final")]
-    assert sorted(r["case_id"] for r in finals) == sorted(c.id for c in load_cases(path)[1])
+    finals = [r for r in read_rows(out) if r.final]
+    assert sorted(r.case_id for r in finals) == sorted(c.id for c in load_cases(path)[1])
 
 
 # --------------------------------------------------------------------------------------------

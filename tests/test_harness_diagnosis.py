@@ -16,7 +16,8 @@ import torch
 from harness import adapters, metrics
 from harness.adapters import QuantPolicy
 from harness.cases import Case, Distribution, Shape, Stage
-from harness.stages import Outcome, run_case
+from harness.records import Outcome
+from harness.stages import run_case
 from reference.nvfp4 import unpack_e2m1
 from tests import planted
 
