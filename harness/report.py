@@ -726,6 +726,7 @@ def render(
         source=str(results_path),
         n_rows=len(rows),
         n_cases=len(finals),
+        n_ran=sum(r.outcome.ran for r in finals),
         counts=[(o, counts[o]) for o in OUTCOMES if counts[o]],
         verdicts=_verdicts(finals, outputs),
         failures=_failures(finals, outputs),

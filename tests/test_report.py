@@ -322,3 +322,16 @@ def test_environment_names_the_command_git_state_and_gemm_backend(smoke):
     gemm = env[env.index('id="gemm-backends"'):]
     assert "<td>dsv4-torch</td><td>torch</td>" in gemm  # the registry backend dsv4 ran on
     assert "<td>tests.planted:SkipLastKBlock</td><td>-</td>" in gemm  # says none: "-"
+
+
+def test_a_sweep_where_nothing_ran_is_not_called_clean(smoke, tmp_path):
+    rows = results.read_rows(smoke)
+    not_run = {r.pair for r in rows if r.final and not r.outcome.ran}
+    with results.ResultWriter(tmp_path) as w:
+        w.write([r for r in rows if r.pair in not_run])
+    text = render(tmp_path, tmp_path / "index.html").read_text()
+    assert "No case that ran failed" not in text and "Nothing diagnosed" not in text
+    assert "No case ran: every pair was unsupported or skipped" in _section(text, "failures")
+    assert "No bit-exact stage" in text and "No layer case ran." in text
+    full = _section(render(smoke, smoke / "index.html").read_text(), "failures")
+    assert "No case ran" not in full  # the real sweep ran pairs (and some failed)
