@@ -109,13 +109,13 @@ def _run_stage(cases, stage: Stage) -> None:
     for case in todo:
         rows = run_one(case, "dsv4-torch")
         final = rows[-1]
-        if final["outcome"] != "pass":
-            tb = final["metrics"].get("traceback", "")
+        if final.outcome != "pass":
+            tb = final.metrics.get("traceback", "")
             failures.append(f"{case.id}: {final['outcome']}: {final['message']}\n{tb}")
             continue
         if stage in (Stage.QUANTIZE, Stage.SWIGLU_REQUANT):
             for r in rows[:-1]:  # same order of operations as the oracle: bit-exact, no classes
-                if r["compare"].endswith((".codes", ".scales")) and not r["metrics"]["equal"]:
+                if r.compare.endswith((".codes", ".scales")) and not r.metrics["equal"]:
                     failures.append(f"{case.id}: {r['compare']} not bit-exact: {r['metrics']}")
     assert not failures, "\n".join(failures[:10])
 

@@ -168,6 +168,10 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
             return False, str(e)
         return True, ""
 
+    def gemm_backend(self, device: torch.device) -> str:
+        """The grouped-GEMM backend this adapter runs on `device` (recorded in every row)."""
+        return select_backend(device, self.backend)
+
     # ---- stages (outputs are caller-owned; every method writes them in place)
 
     def quantize(self, x, global_scale, codes_out, scales_out):
