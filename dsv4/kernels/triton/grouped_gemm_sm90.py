@@ -17,9 +17,10 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
 Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
 
-Status: compiled for sm_90 on CPU (PTX checked) and run by the Triton interpreter on CPU; its
-numerics and speed on a GPU are UNMEASURED (docs/backends.md). The plan's tile sizes are
-educated guesses until bench/gemm.py runs on an H200.
+Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so far is within
+its bound, and CUDA-graph capture, no allocation and no host sync hold; the plan's tiles are the
+fastest of `candidate_plans` measured there by bench/gemm.py --plans. Speed: 0.40x (prefill) to
+0.66x (M=1) of BF16 cuBLAS, far from the weight-bytes roofline at decode (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -277,19 +278,68 @@ class Plan:
     programs: int  # persistent grid size
 
 
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on sm_90 (H100 / H200)
+
+
+def smem_bytes(p: Plan) -> int:
+    """Shared memory the pipelined K loop takes, per stage: 8 fp16 planes of A [BM, BJ], B words
+    [BJ, BN] (int32) and their scale bytes [BJ, BN] (the H200 compile of BM 128 BN 128 BJ 32 with
+    3 stages asked 245,760 bytes: this estimate gives 258,048)."""
+    return p.num_stages * (16 * p.bm * p.bj + 5 * p.bj * p.bn)
+
+
+def _split(tiles: int, kw: int, bj: int, programs: int) -> int:
+    """K splits so that tiles * split fills `programs` (at most one K step per split)."""
+    return max(1, min(triton.cdiv(kw, bj), triton.cdiv(programs, max(1, tiles))))
+
+
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
-    """Tile shape by rows: small T (decode) -> BM 16 (mma.sync) and split-K to fill the SMs;
-    large T -> BM 128 tiles (wgmma). Guesses until bench/gemm.py measures them on an H200."""
+    """Tile shape by rows (bench/gemm.py --plans measured the space on an H200, docs/backends.md).
+    Decode (T <= SPLIT_K_MAX_ROWS): BM the next power of two of an expert's rows (16..64, mma),
+    BN 128, BK 256, split-K and 4 programs per SM to keep enough loads in flight. Prefill: BM 128,
+    BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory allows no second)."""
     kw = k // WORD
-    bj = 32 if kw >= 32 else 16  # BK 256 or 128; a dot's K (= bj) must be >= 16
-    small = t <= SPLIT_K_MAX_ROWS
-    bm, bn = (16, 128) if small else (128, 128)
-    tiles = (triton.cdiv(t, bm) if small else triton.cdiv(t, bm) + e) * triton.cdiv(n, bn)
-    split = 1
-    if small:
-        steps = triton.cdiv(kw, bj)
-        split = max(1, min(steps, num_sms // max(1, tiles)))
-    return Plan(bm, bn, bj, split, 4 if small else 8, 3, num_sms)
+    if t <= SPLIT_K_MAX_ROWS:
+        rows = triton.cdiv(t, max(1, e))
+        bm = min(64, max(16, triton.next_power_of_2(rows)))
+        programs = 4 * num_sms
+        tiles = (triton.cdiv(t, bm) + e) * triton.cdiv(n, 128) if e > 1 else triton.cdiv(n, 128)
+        return Plan(bm, 128, 32, _split(tiles, kw, 32, programs), 4, 3, programs)
+    return Plan(128, 256, 16, 1, 8, 3, num_sms)
+
+
+def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
+    """The tuning space bench/gemm.py --plans measures for one shape: plan() first, then tile,
+    split-K, grid-size and pipeline variants that fit SMEM_LIMIT (split-K only where T allows)."""
+    kw = k // WORD
+    out = [plan(t, k, n, e, num_sms)]
+    if t <= SPLIT_K_MAX_ROWS:
+        bm = out[0].bm
+        for bn in (64, 128):
+            tiles = triton.cdiv(n, bn) * (1 if e == 1 else triton.cdiv(t, bm) + e)
+            for mult in (1, 2, 4, 8):
+                programs = mult * num_sms
+                split = _split(tiles, kw, 32, programs)
+                for sp in {1, split, min(2 * split, kw // 32)}:
+                    out.append(Plan(bm, bn, 32, sp, 4, 3, programs))
+            out.append(Plan(bm, bn, 32, _split(tiles, kw, 32, 4 * num_sms), 8, 3, 4 * num_sms))
+    else:
+        for bn, bj, warps, st, mult in (
+            (256, 16, 8, 3, 1),
+            (128, 16, 8, 3, 1),
+            (128, 16, 8, 2, 2),
+            (128, 16, 4, 2, 2),
+            (256, 16, 8, 2, 1),
+            (256, 16, 4, 2, 1),
+            (128, 32, 8, 2, 1),
+        ):
+            out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
+    seen, keep = set(), []
+    for q in out:
+        if q not in seen and smem_bytes(q) <= SMEM_LIMIT:
+            seen.add(q)
+            keep.append(q)
+    return keep
 
 
 def workspace_bytes(t: int, k: int, n: int, e: int) -> int:
