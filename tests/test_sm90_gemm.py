@@ -79,6 +79,8 @@ def _interpret_main() -> None:
         ("mid_empty_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3), 3, True),
         ("ends_empty_plan", [0, 33, 0], 128, 80, 0, None, 8, True),
         ("bm32_one_gs", [40, 1], 384, 64, 2, g.Plan(32, 32, 16, 2, 4, 1, 2), 2, False),
+        ("swap_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, True), 3, True),
+        ("swap_bm32", [40, 0, 1], 384, 80, 2, g.Plan(32, 64, 16, 1, 4, 1, 2, True), 2, False),
     ]
     for name, counts, k, n, extra, the_plan, sms, dirty in cases:
         plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(

@@ -153,6 +153,63 @@ def _dequant_a_kernel(
 
 
 @triton.jit
+def _k_loop(
+    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+    KW, plane, n_cb, stride_be, stride_bn, stride_se,
+    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """acc [BM, BN] over K steps k0..k1: acc += Ap[r] @ B_r for the 8 word lanes r."""
+    b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
+    s_base = scale_b_ptr + e64 * stride_se
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for step in tl.range(k0, k1, num_stages=NUM_STAGES):
+        j = step * BJ + tl.arange(0, BJ)
+        jmask = j < KW
+        bmask = jmask[:, None] & cmask[None, :]
+        w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
+        soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
+        s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
+        amask = rmask[:, None] & jmask[None, :]
+        a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
+        for p in tl.static_range(4):
+            b_lo, b_hi = _decode_pair(w, p, s)
+            a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
+            a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
+            acc = tl.dot(a_lo, b_lo, acc)
+            acc = tl.dot(a_hi, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def _k_loop_swapped(
+    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+    KW, plane, n_cb, stride_be, stride_bn, stride_se,
+    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """_k_loop transposed: acc^T [BN, BM] += B_r^T @ Ap[r]^T. The decoded weight tile is the
+    dot's left operand (which wgmma may take from registers) and the few rows its N."""
+    b_base = b_words_ptr + e64 * stride_be + cols[:, None].to(tl.int64) * stride_bn
+    s_base = scale_b_ptr + e64 * stride_se
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for step in tl.range(k0, k1, num_stages=NUM_STAGES):
+        j = step * BJ + tl.arange(0, BJ)
+        jmask = j < KW
+        bmask = cmask[:, None] & jmask[None, :]
+        w = tl.load(b_base + j[None, :], mask=bmask, other=0)  # [BN, BJ]
+        soff = _swizzle_offset(cols[:, None], j[None, :] // 2, n_cb)
+        s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
+        amask = jmask[:, None] & rmask[None, :]
+        a_ptrs = ap_ptr + rows[None, :] * KW + j[:, None]  # [BJ, BM]
+        for p in tl.static_range(4):
+            b_lo, b_hi = _decode_pair(w, p, s)
+            a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
+            a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
+            acc = tl.dot(b_lo, a_lo, acc)
+            acc = tl.dot(b_hi, a_hi, acc)
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     ap_ptr,  # fp16 [8, T, K/8] (Ap, see module docstring)
     b_ptr,  # uint8 [E, K/2, N] K-major codes (read as int32 words of 8 K elements)
@@ -176,6 +233,7 @@ def _grouped_gemm_kernel(
     BJ: tl.constexpr,  # words per K step (BK = 8 * BJ elements)
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # decoded B as the dot's left operand, rows as its N (decode)
 ):
     b_words_ptr = b_ptr.to(tl.pointer_type(tl.int32))
     idx, ends, starts, _ = _expert_table(offsets_ptr, E, E_PAD)
@@ -203,28 +261,20 @@ def _grouped_gemm_kernel(
         rmask = rows < row_end
         cmask = cols < N
         e64 = e.to(tl.int64)
-        b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
-        s_base = scale_b_ptr + e64 * stride_se
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for step in tl.range(
-            ks * steps_per_split,
-            tl.minimum((ks + 1) * steps_per_split, steps),
-            num_stages=NUM_STAGES,
-        ):
-            j = step * BJ + tl.arange(0, BJ)
-            jmask = j < KW
-            bmask = jmask[:, None] & cmask[None, :]
-            w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
-            soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
-            s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
-            amask = rmask[:, None] & jmask[None, :]
-            a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
-            for p in tl.static_range(4):
-                b_lo, b_hi = _decode_pair(w, p, s)
-                a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
-                a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
-                acc = tl.dot(a_lo, b_lo, acc)
-                acc = tl.dot(a_hi, b_hi, acc)
+        k0 = ks * steps_per_split
+        k1 = tl.minimum((ks + 1) * steps_per_split, steps)
+        if SWAP_AB:
+            acc = tl.trans(
+                _k_loop_swapped(
+                    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+                    KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
+                )
+            )  # fmt: skip
+        else:
+            acc = _k_loop(
+                ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+                KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
+            )  # fmt: skip
         omask = rmask[:, None] & cmask[None, :]
         optrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         if SPLIT_K == 1:
@@ -276,6 +326,7 @@ class Plan:
     num_warps: int
     num_stages: int
     programs: int  # persistent grid size
+    swap_ab: bool = False  # decoded B as the dot's left operand (decode shapes)
 
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on sm_90 (H100 / H200)
@@ -323,6 +374,10 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                 for sp in {1, split, min(2 * split, kw // 32)}:
                     out.append(Plan(bm, bn, 32, sp, 4, 3, programs))
             out.append(Plan(bm, bn, 32, _split(tiles, kw, 32, 4 * num_sms), 8, 3, 4 * num_sms))
+            for mult in (2, 4):
+                split = _split(tiles, kw, 32, mult * num_sms)
+                for bj in (16, 32):
+                    out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
     else:
         for bn, bj, warps, st, mult in (
             (256, 16, 8, 3, 1),
@@ -470,6 +525,7 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
                 BJ=p.bj,
                 SPLIT_K=p.split_k,
                 NUM_STAGES=p.num_stages,
+                SWAP_AB=p.swap_ab,
             ),
             p.num_warps,
         ),
