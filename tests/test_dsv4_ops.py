@@ -316,7 +316,7 @@ def test_graph_safe_paths_read_no_tensor_value_on_meta_device():
     codes = torch.empty(300, 128, dtype=torch.uint8, device=meta)
     scales = torch.empty(300, 16, dtype=torch.float8_e4m3fn, device=meta)
     dq.quantize_into(x, gs, codes, scales)
-    ops.activation._swiglu(torch.empty(300, 512, device=meta), 10.0)
+    ops.swiglu(torch.empty(300, 512, device=meta), 10.0)
     counts = torch.empty(4, dtype=torch.int32, device=meta)
     offsets = ops.compute_expert_offsets(counts)
     ops.compute_blockscale_offsets(counts)
@@ -471,8 +471,9 @@ def test_grouped_gemm_sync_free_form_matches_host_form():
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
 def test_grouped_gemm_workspace_form_is_bit_identical(counts, sync_free, k_major):
-    """The workspace form (what the runners call) gives the allocating form's bits, NaN-free
-    or not, and a workspace one byte too small is refused before anything is written."""
+    """With a dirty workspace (what the runners pass) the bits are those of a call that
+    allocates its temporaries, NaN-free or not, and a workspace one byte too small is refused
+    before anything is written."""
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=3, seed=len(counts))
     if k_major:
         b = ops.make_b_k_major(b)
