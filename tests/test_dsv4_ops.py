@@ -617,7 +617,7 @@ def test_override_missing_capability_names_it(registry):
 
 def test_override_unknown_or_planned_backend(registry):
     with pytest.raises(
-        ValueError, match=r"backend='sm100' is not implemented yet .*registered: torch, sm90"
+        ValueError, match=r"backend='sm100' is not implemented yet .*registered: sm90, torch"
     ):
         ops.select_backend("cpu", "sm100")
     with pytest.raises(ValueError, match=r"backend='nope' is not registered"):
