@@ -1,6 +1,6 @@
 """NVFP4 grouped GEMM speed on a CUDA GPU against BF16 cuBLAS, ratios from one run (issue 10).
 
-    python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR]
+    python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR] [--plans]
 
 For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024
 rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE) each dsv4 backend and the
@@ -12,7 +12,10 @@ set 0 is first judged against reference.gemm's derived bound: a speed is printed
 `pass`. TFLOP/s counts 2*M*N*K over routed rows; GB/s counts the bytes a kernel must read (FP4
 codes + scales, or bf16 weights) and write. The goal column is the issue's target, against the
 baseline named there; the last column says whether this run met it.
-Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (it is opt-in: docs/backends.md).
+`--plans` measures the sm90 kernel's tuning space instead (`candidate_plans` of each shape: tile
+sizes, K step, split-K, pipeline depth), each plan judged first, the fastest passing one marked:
+what `plan()` is chosen from.
+Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -133,12 +136,51 @@ def runner(name: str, s: Shape, op: dict):
     return dsv4
 
 
+def sweep_plans(s: Shape, sets: list[dict], budget: float) -> tuple[list[tuple], list[dict]]:
+    """Every candidate plan of the sm90 kernel on one shape: verdict, then timing if it passes."""
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    dev = sets[0]["out"].device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    e = len(s.counts)
+    ws = torch.empty(g.workspace_bytes(s.rows, s.k, s.n, e), dtype=torch.uint8, device=dev)
+    rows, records, best = [], [], None
+    for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
+        label = (
+            f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
+            f"grid{p.programs}"
+        )
+
+        def call(i: int, p=p) -> None:
+            g.launch_grouped_gemm(*sets[i]["gemm"], sets[i]["out"], workspace=ws, the_plan=p)
+
+        try:
+            call(0)
+            torch.cuda.synchronize()
+        except Exception as err:  # a plan that does not compile or launch: reported, not fatal
+            rows.append((s.name, label, f"error: {type(err).__name__}: {str(err)[:80]}", "", ""))
+            continue
+        ok = verdict(s, sets[0], sets[0]["out"])
+        if ok != "pass":
+            rows.append((s.name, label, ok, "", ""))
+            continue
+        t = timing.measure(call, len(sets), budget_s=budget)
+        records.append({"shape": s.name, "plan": label, **t.summary()})
+        rows.append((s.name, label, ok, f"{t.median_us:.2f} ({t.p10_us:.2f}..{t.p90_us:.2f})", ""))
+        if best is None or t.median_us < best[1]:
+            best = (len(rows) - 1, t.median_us)
+    if best is not None:
+        rows[best[0]] = (*rows[best[0]][:4], "fastest")
+    return rows, records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="sm90", help="dsv4 backends, comma-separated")
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of samples per row")
     ap.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
     ap.add_argument("--out", default="reports/bench_gemm")
+    ap.add_argument("--plans", action="store_true", help="measure the sm90 plans of each shape")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
@@ -153,6 +195,13 @@ def main() -> None:
         n_sets = timing.cold_l2_sets(bf16_bytes, dev, max_sets=8)
         sets = [operands(s, dev, seed) for seed in range(n_sets)]
         flops = 2.0 * s.rows * s.n * s.k
+        if a.plans:
+            rows, recs = sweep_plans(s, sets, a.budget)
+            table += rows
+            records += recs
+            print("\n".join(" | ".join(r) for r in rows), flush=True)
+            del sets
+            continue
         medians: dict[str, float] = {}
         for name in names:
             fns = [runner(name, s, op) for op in sets]
@@ -191,6 +240,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gemm.json").write_text(json.dumps(records))
     head = ("shape", "backend", "verdict", "median us (p10..p90)", "TFLOP/s", "GB/s", "goal")
+    if a.plans:
+        head = ("shape", "sm90 plan", "verdict", "median us (p10..p90)", "")
     print("\n" + " | ".join(head))
     for row in table:
         print(" | ".join(map(str, row)))

@@ -10,7 +10,6 @@ table: rows, render seconds (median of 3), HTML size. Timing lives here, never i
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -40,9 +39,10 @@ def main() -> None:
     base = results.read_rows(tmp / "src")
     print(f"{'rows':>6} {'render s (median of 3)':>24} {'size MB':>8}")
     for n in a.rows:
-        rows = [copy.deepcopy(base[j % len(base)]) for j in range(n)]
-        for j, r in enumerate(rows):
-            r["case_id"] = f"{r['case_id']}_x{j // len(base)}"
+        rows = [
+            base[j % len(base)].replace(case_id=f"{base[j % len(base)].case_id}_x{j // len(base)}")
+            for j in range(n)
+        ]
         d = tmp / f"n{n}"
         with results.ResultWriter(d) as w:
             w.write(rows)

@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from harness import adapters, results, timing  # noqa: E402
+from harness import adapters, timing  # noqa: E402
 from harness.cases import PRESETS, Case, Stage  # noqa: E402
+from harness.records import jsonable  # noqa: E402
 from harness.runner import run_one  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def main() -> None:
             if backend == "bf16":
                 verdict = "baseline"
             else:  # the correctness verdict of this very case and backend
-                verdict = run_one(dataclasses.replace(case, source=""), backend)[-1]["outcome"]
+                verdict = run_one(dataclasses.replace(case, source=""), backend)[-1].outcome
             try:
                 runs = [timing.time_case(case, adapter, proto, roof) for _ in range(a.repeats)]
             except timing.TimingUnavailable as e:
@@ -93,7 +94,7 @@ def main() -> None:
             )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "timing_check.json").write_text(json.dumps(results._jsonable(records)))
+    (out / "timing_check.json").write_text(json.dumps(jsonable(records)))
     head = (
         "case",
         "backend",

@@ -303,6 +303,17 @@ def _instantiate(spec: str, obj: Any) -> Any:
     return adapter
 
 
+def gemm_backend(adapter: Any, case: Any) -> str:
+    """The grouped-GEMM backend `adapter` runs `case` on, where it says (optional method
+    `gemm_backend(device) -> str`, docs/cases.md); "" where it does not."""
+    fn = getattr(adapter, "gemm_backend", None)
+    if not callable(fn):
+        return ""
+    import torch
+
+    return str(fn(torch.device(case.device)))
+
+
 def describe(adapter: Any) -> dict[str, Any]:
     """Row fields that say which adapter and conventions produced a result."""
     conv = getattr(adapter, "conventions", Conventions())
@@ -322,6 +333,7 @@ __all__ = [
     "check",
     "describe",
     "from_adapter_scale",
+    "gemm_backend",
     "load",
     "poisoned",
     "register",

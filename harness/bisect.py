@@ -60,14 +60,14 @@ def check(
     )
     with tempfile.TemporaryDirectory() as tmp:
         run_sweep(cases, tmp, opts, say=lambda line: None)
-        finals = [r for r in results.latest(results.read_rows(tmp)) if r.get("final")]
-    bad = [r for r in finals if r["outcome"] in results.BAD_OUTCOMES]
-    ran = [r for r in finals if r["outcome"] not in ("unsupported", "skipped")]
+        finals = [r for r in results.latest(results.read_rows(tmp)) if r.final]
+    bad = [r for r in finals if r.outcome.bad]
+    ran = [r for r in finals if r.outcome.ran]
     if bad:
         r = bad[0]
         say(
-            f"bisect-check: bad: {len(bad)} of {len(finals)} pairs, first {r['outcome']} "
-            f"{r['backend']} {r['case_id']}: {r.get('message', '')[:200]}"
+            f"bisect-check: bad: {len(bad)} of {len(finals)} pairs, first {r.outcome} "
+            f"{r.backend} {r.case_id}: {r.message[:200]}"
         )
         return BAD
     if not ran:

@@ -21,6 +21,7 @@ from typing import Any
 
 from harness import adapters, results
 from harness.cases import CaseError, load_cases, load_many
+from harness.records import Outcome, RecordError, Row
 from harness.runner import (
     SweepInterrupted,
     SweepOptions,
@@ -33,7 +34,6 @@ from harness.runner import (
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-BAD = results.BAD_OUTCOMES
 # `worker` is the runner's, not a user's
 COMMANDS_SHOWN = (
     "{run,list,show,compare,report,merge,bisect,bisect-check,bundle,repro,trace,minimize,"
@@ -290,11 +290,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     # judge only this invocation's pairs: the directory may hold other (filtered-out) results
-    rows = [
-        r
-        for r in results.latest(results.read_rows(out))
-        if r.get("final") and (r["case_id"], r["backend"]) in planned
-    ]
+    rows = [r for r in results.latest(results.read_rows(out)) if r.final and r.pair in planned]
     print(summary_table(rows))
     resumed = counts.pop("resumed", 0)
     ran = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing"
@@ -304,31 +300,23 @@ def cmd_run(a: argparse.Namespace) -> int:
         from harness.report import render
 
         print(f"report: {render(out, out / 'index.html')}")
-    return EXIT_FAIL if any(r["outcome"] in BAD for r in rows) else EXIT_OK
+    return EXIT_FAIL if any(r.outcome.bad for r in rows) else EXIT_OK
 
 
-_FAILED_ORDER = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3}
-
-
-def summary_table(rows: list[dict[str, Any]], limit: int = 40) -> str:
+def summary_table(rows: list[Row], limit: int = 40) -> str:
     """Counts by outcome; the failures worst first, one line each; then unsupported and skipped
     cases grouped by reason (they never crowd real failures out of the list)."""
-    counts = Counter(r["outcome"] for r in rows)
+    counts = Counter(r.outcome for r in rows)
     lines = ["outcome counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))]
-    bad = sorted(
-        (r for r in rows if r["outcome"] in _FAILED_ORDER),
-        key=lambda r: _FAILED_ORDER[r["outcome"]],
-    )
+    bad = sorted((r for r in rows if r.outcome.bad), key=lambda r: -r.outcome.severity)
     for r in bad[:limit]:
-        lines.append(
-            f"  {r['outcome']:<11} {r['backend']:<24} {r['case_id']}: {r['message'][:160]}"
-        )
+        lines.append(f"  {r.outcome:<11} {r.backend:<24} {r.case_id}: {r.message[:160]}")
     if len(bad) > limit:
         lines.append(f"  ... {len(bad) - limit} more failures (python -m harness report DIR)")
     groups = Counter(
-        (r["outcome"], r["backend"], r["message"][:160])
+        (r.outcome, r.backend, r.message[:160])
         for r in rows
-        if r["outcome"] not in _FAILED_ORDER and r["outcome"] != "pass"
+        if not r.outcome.bad and r.outcome is not Outcome.PASS
     )
     for (outcome, backend, msg), n in sorted(groups.items(), key=lambda g: -g[1])[:10]:
         lines.append(f"  {outcome:<11} {backend:<24} {n} cases: {msg}")
@@ -349,15 +337,15 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    rows = [r for r in results.latest(results.read_rows(a.results)) if r["case_id"] == a.case_id]
+    rows = [r for r in results.latest(results.read_rows(a.results)) if r.case_id == a.case_id]
     if a.backend:
-        rows = [r for r in rows if r["backend"] == a.backend]
+        rows = [r for r in rows if r.backend == a.backend]
     if not rows:
         print(f"{a.results}: no rows for case {a.case_id!r}", file=sys.stderr)
         return EXIT_USAGE
     for r in rows:
-        print(f"[{r['backend']}] {r['compare']}: {r['outcome']}  {r.get('message', '')}")
-        for k, v in sorted((r.get("metrics") or {}).items()):
+        print(f"[{r.backend}] {r.compare}: {r.outcome}  {r.message}")
+        for k, v in sorted(r.metrics.items()):
             if isinstance(v, str) and "\n" in v.strip():  # tracebacks, stderr tails: in full
                 print(f"    {k}:")
                 print("\n".join("      " + line for line in v.rstrip().splitlines()))
@@ -374,9 +362,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
         items = d[section]
         print(f"{section}: {len(items)}")
         for (case_id, backend), old, new in items[:50]:
-            was = old["outcome"] if old else "-"
-            now = new["outcome"] if new else "-"
-            msg = (new or {}).get("message", "")[:120]
+            was = old.outcome if old else "-"
+            now = new.outcome if new else "-"
+            msg = new.message[:120] if new else ""
             print(f"  {backend:<20} {case_id}: {was} -> {now}  {msg}")
     print(f"unchanged: {len(d['unchanged'])}")
     t = results.compare_timings(base_rows, new_rows, a.same_within)
@@ -461,8 +449,8 @@ def cmd_repro(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     for r in rows:
-        print(f"[{r['backend']}] {r['compare']}: {r['outcome']}  {r.get('message', '')}")
-    return EXIT_FAIL if rows[-1]["outcome"] in BAD else EXIT_OK
+        print(f"[{r.backend}] {r.compare}: {r.outcome}  {r.message}")
+    return EXIT_FAIL if rows[-1].outcome.bad else EXIT_OK
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
@@ -530,7 +518,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     case = _with_device(cases, a.device)[0]
     bl = tuple(a.baselines) if a.baselines else None
     rows = run_one(case, a.backend, a.run_id, a.time, bl, a.time_budget)
-    Path(a.rows_out).write_text(json.dumps(results._jsonable(rows)))
+    Path(a.rows_out).write_text(json.dumps([r.to_json() for r in rows]))
     return EXIT_OK
 
 
@@ -561,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters.AdapterError,
         FileNotFoundError,
         UsageError,
+        RecordError,
         results.DirectoryBusy,
     ) as e:
         print(f"error: {e}", file=sys.stderr)

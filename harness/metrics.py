@@ -104,6 +104,56 @@ def _first_true(mask: torch.Tensor) -> list[int] | None:
     return _coord(int(torch.argmax(flat.to(torch.uint8))), mask.shape)  # argmax: first maximum
 
 
+def _value(t: torch.Tensor, coord: list[int] | None) -> float | int | None:
+    """The element of `t` at `coord` as a Python number (float8/bf16 decoded), or None."""
+    if coord is None:
+        return None
+    v = t[tuple(coord)] if coord else t.reshape(())
+    return float(v.double()) if v.is_floating_point() else int(v)
+
+
+def _first_values(
+    ref: torch.Tensor, out: torch.Tensor, coord: list[int] | None, bound: torch.Tensor | None
+) -> dict:
+    """first_ref / first_out (/ first_bound) at the first bad element (none where all is good):
+    the report shows them beside the coordinate, so a failure reads without rerunning."""
+    if coord is None:
+        return {}
+    vals = {"first_ref": _value(ref, coord), "first_out": _value(out, coord)}
+    if bound is not None:
+        vals["first_bound"] = _value(bound, coord)
+    return vals
+
+
+# bf16 keeps 8 significant bits: one ulp at |x| in [2^e, 2^(e+1)) is 2^(e-7); its smallest
+# (subnormal) ulp is 2^-133.
+BF16_MANTISSA_BITS = 7
+BF16_MIN_ULP_EXP = -133
+
+
+def ulps_bf16(err: torch.Tensor, ref: torch.Tensor, floor: float) -> torch.Tensor:
+    """|err| in bf16 ulps of the reference value, each |ref| raised to `floor` first (the same
+    floor as max_rel: an element near 0 is measured against the tensor's scale, not its own)."""
+    mag = ref.abs().clamp_min(floor) if floor > 0 else ref.abs()
+    _, exp = torch.frexp(mag)  # mag = m * 2^exp, m in [0.5, 1): floor(log2 mag) = exp - 1
+    ulp_exp = (exp - 1 - BF16_MANTISSA_BITS).clamp_min(BF16_MIN_ULP_EXP)
+    return err / torch.ldexp(torch.ones_like(err), ulp_exp.to(err.dtype))
+
+
+def _signed_stats(rz: torch.Tensor, oz: torch.Tensor, fin: torch.Tensor) -> dict:
+    """mean_err (signed: a bias shows, where mean |err| cannot tell it from noise) and
+    max_ulps_bf16 over the finite pairs (NaN where there are none)."""
+    n = int(fin.sum())
+    if not n:
+        return {"mean_err": math.nan, "max_ulps_bf16": math.nan}
+    d = torch.where(fin, oz - rz, torch.zeros_like(rz))
+    floor = REL_FLOOR_FRAC * _f(rz.abs().max())
+    return {
+        "mean_err": _f(d.sum() / n),
+        "max_ulps_bf16": _f(ulps_bf16(d.abs(), rz, floor).max()),
+    }
+
+
 def _f(t: torch.Tensor | float) -> float:
     return float(t)
 
@@ -163,7 +213,10 @@ def error_panel(
     10*log10(sum ref^2 / sum (out-ref)^2): inf when equal, -inf when ref is zero and out is not.
     An element is within when |out-ref| <= atol + rtol*|ref| (both finite), or when both hold the
     same non-finite value; a non-finite out next to a finite ref is outside. frac_within is 1.0
-    for an empty tensor; statistics over zero finite pairs are NaN.
+    for an empty tensor; statistics over zero finite pairs are NaN. mean_err is the signed mean
+    of out - ref, max_ulps_bf16 the largest error in bf16 ulps of ref (`ulps_bf16`, the max_rel
+    floor); first_ref / first_out / first_bound (atol + rtol*|ref|) are the values at
+    first_outside, absent when nothing is outside.
     """
     _check_same_shape("ref", ref, "out", out)
     r, o = ref.detach().double(), out.detach().to(ref.device).double()
@@ -218,10 +271,13 @@ def error_panel(
             worst_token=worst,
             sqnr_db=sqnr,
         )
+    first = _first_true(outside)
+    panel.update(_signed_stats(rz, oz, fin))
+    panel.update(_first_values(r, o, first, atol + rtol * r.abs()))
     panel.update(
         frac_within=1.0 if numel == 0 else (numel - n_outside) / numel,
         n_outside=n_outside,
-        first_outside=_first_true(outside),
+        first_outside=first,
         nan_ref=int(torch.isnan(r).sum()),
         nan_out=int(torch.isnan(o).sum()),
         inf_ref=int(torch.isinf(r).sum()),
@@ -252,7 +308,9 @@ def error_panel_bound(ref: torch.Tensor, out: torch.Tensor, bound: torch.Tensor 
 
     worst_ratio is max |out-ref| / bound: 1.0 means the bound is reached exactly; a zero bound
     gives ratio 0 where the error is 0 and inf otherwise; a non-finite mismatch gives inf.
-    frac_within is 1.0 for an empty tensor, worst_ratio 0.0.
+    frac_within is 1.0 for an empty tensor, worst_ratio 0.0. first_ref / first_out /
+    first_bound are the values at first_outside (absent when nothing is outside); mean_abs,
+    mean_err (signed) and max_ulps_bf16 are over the finite pairs, as in `error_panel`.
     """
     _check_same_shape("ref", ref, "out", out)
     err = _abs_err_inf(ref.detach(), out.detach().to(ref.device))
@@ -267,11 +325,20 @@ def error_panel_bound(ref: torch.Tensor, out: torch.Tensor, bound: torch.Tensor 
     ratio = torch.where(err == 0, torch.zeros_like(err), err / b)  # x/0 = inf for x > 0
     numel = err.numel()
     n_outside = int(outside.sum())
+    first = _first_true(outside)
+    r, o = ref.detach().double(), out.detach().to(ref.device).double()
+    fin = torch.isfinite(r) & torch.isfinite(o)
+    n_fin = int(fin.sum())
     return {
         "n_outside": n_outside,
         "frac_within": 1.0 if numel == 0 else (numel - n_outside) / numel,
         "worst_ratio": _f(ratio.max()) if numel else 0.0,
-        "first_outside": _first_true(outside),
+        "first_outside": first,
+        **_first_values(r, o, first, b),
+        "mean_abs": _f(torch.where(fin, err, torch.zeros_like(err)).sum() / n_fin)
+        if n_fin
+        else math.nan,
+        **_signed_stats(torch.where(fin, r, 0.0), torch.where(fin, o, 0.0), fin),
         "numel": numel,
     }
 
@@ -284,7 +351,8 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Compare raw bytes element by element, for any dtype (NaN == NaN bitwise, +0 != -0).
 
     Shapes and dtypes must match (ValueError naming them). first_mismatch is the coordinate of
-    the first element whose bytes differ.
+    the first element whose bytes differ, first_ref / first_out the values of `a` (the
+    reference) and `b` there (absent when equal).
     """
     _check_same_shape("a", a, "b", b)
     if a.dtype != b.dtype:
@@ -295,10 +363,12 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> dict:
     bb = b.detach().to(a.device).contiguous().reshape(-1).view(torch.uint8).reshape(numel, size)
     mismatch = (ab != bb).any(dim=1).reshape(a.shape)
     n = int(mismatch.sum())
+    first = _first_true(mismatch)
     return {
         "equal": n == 0,
         "n_mismatch": n,
-        "first_mismatch": _first_true(mismatch),
+        "first_mismatch": first,
+        **_first_values(a.detach(), b.detach().to(a.device), first, None),
         "numel": numel,
     }
 

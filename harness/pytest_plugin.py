@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from harness.cases import Case, CaseError, load_cases
+from harness.records import Outcome, Row, key_metrics
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -79,8 +80,8 @@ class CaseFile(pytest.File):
 class CaseFailed(Exception):
     """A case outcome other than pass/unsupported/skipped; carries its rows."""
 
-    def __init__(self, rows: list[dict[str, Any]]):
-        super().__init__(rows[-1]["message"])
+    def __init__(self, rows: list[Row]):
+        super().__init__(rows[-1].message)
         self.rows = rows
 
 
@@ -99,10 +100,10 @@ class CaseItem(pytest.Item):
 
             with ResultWriter(out) as w:
                 w.write(rows)
-        outcome = rows[-1]["outcome"]
-        if outcome in ("unsupported", "skipped"):
-            pytest.skip(f"{outcome}: {rows[-1]['message']}")
-        if outcome != "pass":
+        outcome = rows[-1].outcome
+        if not outcome.ran:
+            pytest.skip(f"{outcome}: {rows[-1].message}")
+        if outcome is not Outcome.PASS:
             raise CaseFailed(rows)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
@@ -114,38 +115,17 @@ class CaseItem(pytest.Item):
         return self.path, None, f"{self.case.id} [{self.backend}]"
 
 
-_SHOWN = (
-    "n_mismatch",
-    "first_mismatch",
-    "n_real",
-    "classes",
-    "n_outside",
-    "worst_ratio",
-    "first_outside",
-    "max_abs",
-    "max_rel",
-    "calc_diff",
-    "cosine",
-    "sqnr_db",
-    "nan_out",
-    "inf_out",
-    "matches_variant",
-    "first_divergent_stage",
-    "nan_first_stage",
-    "traceback",
-    "stderr_tail",
-)
-
-
-def metric_table(rows: list[dict[str, Any]]) -> str:
-    """The failing comparisons of a case with their key metrics, one block per comparison."""
-    lines = [f"case {rows[-1]['case_id']} on {rows[-1]['backend']}: {rows[-1]['outcome']}"]
+def metric_table(rows: list[Row]) -> str:
+    """The failing comparisons of a case with their key metrics (harness.records
+    `key_metrics`: by how the output is judged), one block per comparison."""
+    last = rows[-1]
+    lines = [f"case {last.case_id} on {last.backend}: {last.outcome}"]
     for r in rows:
-        if r["outcome"] == "pass" or (r["compare"] == "case" and len(rows) > 1):
+        if r.outcome is Outcome.PASS or (r.compare == "case" and len(rows) > 1):
             continue
-        lines.append(f"  {r['compare']}: {r['outcome']}  {r.get('message', '')}")
-        for k in _SHOWN:
-            v = (r.get("metrics") or {}).get(k)
+        lines.append(f"  {r.compare}: {r.outcome}  {r.message}")
+        for k in key_metrics(r):
+            v = r.metrics.get(k)
             if v is not None:
                 text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
                 lines.append(f"      {k:<22} {text[:300]}")

@@ -9,14 +9,15 @@ limit / scale ratio with the pass line drawn and failing points marked; per-expe
 a pass/fail scale; the Speed section; the bit-exact stages (mismatch classes per case);
 diagnoses (where a defect was born and what it matches: SwiGLU variant, alpha, rounding
 direction, quantizer policy, misplaced scale rows, non-DSV4 conventions); NaN traces and the
-environment. Every user-supplied string goes through Jinja2's autoescape.
+environment (GEMM backend per adapter, command line, git sha and dirty flag). Which outputs are
+plotted, with which measure, and which are discrete comes from harness.records STAGE_METRICS.
+Every user-supplied string goes through Jinja2's autoescape.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,15 @@ import pandas as pd
 
 from harness import results
 from harness.cases import Budget, Stage
+from harness.records import How, Outcome, Row, compared, measure_of
 
-OUTCOMES = ("pass", "fail", "error", "timeout", "crashed", "unsupported", "skipped")
-_ORDER = {"crashed": 0, "timeout": 1, "error": 2, "fail": 3, "unsupported": 4, "skipped": 5}
-_NOT_RUN = ("unsupported", "skipped")
+OUTCOMES = tuple(o for o in Outcome if o is not Outcome.TIMED)  # a final row's outcomes
 MAX_WORST = 50
-# The error measure per kind of output: how far outside the derived bound for summed stage
-# outputs, calc_diff for layer outputs (both 0 when identical). Its pass line: the bound is 1 in
-# worst_ratio units; calc_diff passes up to the case's budget (`_pass_line`).
-_ERROR_OF = {"grouped_gemm.out": "worst_ratio", "out": "calc_diff"}
+# The error measure of an output is the one harness.records.STAGE_METRICS names (`measure_of`):
+# how far outside the derived bound for summed stage outputs (worst_ratio), calc_diff for layer
+# outputs (both 0 when identical). Its pass line: the bound is 1 in worst_ratio units; calc_diff
+# passes up to the case's budget (`_pass_line`).
 _DEFAULT_BUDGET = Budget().calc_diff
-# The first bad element of an output, as the metrics name it (index), and the values beside it
-# that the report shows where a row carries them.
-_FIRST_BAD = ("first_outside", "first_mismatch")
-_FIRST_VALUES = ("ref", "out", "bound")
 # Diagnoses a failing output's metrics may carry (metric key -> what the report calls it).
 _DIAGNOSES = {
     "first_divergent_stage": "first divergent stage",
@@ -62,37 +58,36 @@ def _float(v: Any) -> float | None:
         return None
 
 
-def _pass_line(row: dict[str, Any]) -> float:
+def _pass_line(row: Row) -> float:
     """Where the row's error measure stops passing: the derived bound (1 in worst_ratio units),
     or the calc_diff budget the verdict used (derived per case and recorded in the metrics; else
     the case's own; rows written before budgets were recorded: the default)."""
-    if _ERROR_OF.get(row.get("compare")) == "worst_ratio":
+    if measure_of(row) == "worst_ratio":
         return 1.0
-    used = _float((row.get("metrics") or {}).get("budget_calc_diff"))
-    return used or _float(row.get("budget_calc_diff")) or _DEFAULT_BUDGET
+    used = row.metrics.number("budget_calc_diff")
+    return used or _float(row.value("budget_calc_diff")) or _DEFAULT_BUDGET
 
 
-def _error_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+_AXES = ("tokens", "limit", "scale_ratio")  # case fields the error is plotted against
+
+
+def _error_frame(rows: list[Row]) -> pd.DataFrame:
     recs = []
     for r in rows:
-        key = _ERROR_OF.get(r.get("compare"))
-        if key is None:
-            continue
-        v = _float((r.get("metrics") or {}).get(key))
+        key = measure_of(r)
+        v = r.metrics.number(key) if key else None
         if v is None:
             continue
         recs.append(
             {
-                "stage": r["stage"],
-                "backend": r["backend"],
-                "case_id": r["case_id"],
-                "tokens": r["tokens"],
-                "limit": r.get("limit"),
-                "scale_ratio": r.get("scale_ratio"),
+                "stage": r.stage,
+                "backend": r.backend,
+                "case_id": r.case_id,
+                **{axis: r.value(axis) for axis in _AXES},
                 "measure": key,
                 "error": v,
                 "pass_line": _pass_line(r),
-                "outcome": r["outcome"],
+                "outcome": r.outcome.value,
             }
         )
     return pd.DataFrame(recs)
@@ -111,7 +106,7 @@ FLOOR = 1e-12  # where an error of exactly 0 (bit-identical) is drawn on a log a
 MAX_HEATMAP_ROWS = 60  # keep the page readable and small; the worst cases come first
 
 
-def _plots(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _plots(rows: list[Row]) -> list[dict[str, Any]]:
     """Worst error per axis value, per stage and backend, with the pass line drawn (bound or
     budget) and the values of failing cases marked with a red cross. Each entry also carries
     `pass_lines` and `n_failing` per stage, the data behind what is drawn."""
@@ -120,7 +115,7 @@ def _plots(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if df.empty:
         return out
     plt = _plt()
-    for axis in ("tokens", "limit", "scale_ratio"):
+    for axis in _AXES:
         d = df.dropna(subset=[axis])
         stages = [st for st, g in d.groupby("stage") if g[axis].nunique() >= 2]
         if not stages:
@@ -144,7 +139,7 @@ def _plots(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     mfc="white",
                     color=line[0].get_color(),
                 )
-                bad = b[b["outcome"] != "pass"]
+                bad = b[b["outcome"] != Outcome.PASS.value]
                 ax.plot(
                     bad[axis],
                     bad["error"].clip(lower=FLOOR),
@@ -198,25 +193,29 @@ def _ratio_cmap():
     return ListedColormap(np.vstack([greens, reds]), name="pass_fail").with_extremes(bad=NO_TOKENS)
 
 
-def expert_grid(rows: list[dict[str, Any]]) -> tuple[Any, list[str]]:
+def _label(r: Row) -> str:
+    return f"{r.case_id} [{r.backend}]"
+
+
+def expert_grid(rows: list[Row]) -> tuple[Any, list[str]]:
     """Rows (case, backend) x experts of log10(error / pass line), NaN where the expert got no
     tokens; clipped to +-RATIO_DECADES (an exact 0 sits at the bottom). Labels: full case ids."""
     import numpy as np
 
-    width = max(len(r["metrics"]["per_group"]) for r in rows)
+    width = max(len(r.metrics["per_group"]) for r in rows)
     grid = np.full((len(rows), width), np.nan)
     for i, r in enumerate(rows):
         line = _pass_line(r)
-        for j, g in enumerate(r["metrics"]["per_group"]):
+        for j, g in enumerate(r.metrics["per_group"]):
             if g.get("rows", 1) == 0:
                 continue  # no tokens: NaN, drawn grey
-            v = _float(g.get(_ERROR_OF.get(r["compare"], "calc_diff"))) or 0.0
+            v = _float(g.get(measure_of(r) or "calc_diff")) or 0.0
             grid[i, j] = np.log10(max(v / line, 10**-RATIO_DECADES))
     grid = np.clip(grid, -RATIO_DECADES, RATIO_DECADES)
-    return grid, [f"{r['case_id']} [{r['backend']}]" for r in rows]
+    return grid, [_label(r) for r in rows]
 
 
-def _expert_heatmap(rows: list[dict[str, Any]], title: str) -> dict[str, str]:
+def _expert_heatmap(rows: list[Row], title: str) -> dict[str, str]:
     grid, labels = expert_grid(rows)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.2 * len(rows)))
@@ -238,14 +237,14 @@ def _expert_heatmap(rows: list[dict[str, Any]], title: str) -> dict[str, str]:
     return {"title": title, "png": png}
 
 
-def _heatmap(rows: list[dict[str, Any]], key: str, value, xlabel: str, title: str):
+def _heatmap(rows: list[Row], key: str, value, xlabel: str, title: str):
     """One image row per (case, backend) holding metric `key` (a list, or a dict with bins)."""
     import numpy as np
 
-    data = [[value(v) for v in _bins(r["metrics"][key])] for r in rows]
+    data = [[value(v) for v in _bins(r.metrics[key])] for r in rows]
     if not data:
         return None
-    labels = [f"{r['case_id']} [{r['backend']}]" for r in rows]
+    labels = [_label(r) for r in rows]
     grid = np.full((len(data), max(len(v) for v in data)), np.nan)
     for i, v in enumerate(data):
         grid[i, : len(v)] = v
@@ -264,18 +263,14 @@ def _heatmap(rows: list[dict[str, Any]], key: str, value, xlabel: str, title: st
     return {"title": title, "png": png}
 
 
-def _heatmaps(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _heatmaps(rows: list[Row]) -> list[dict[str, str]]:
     """Per-expert maps, one per stage, on the pass/fail scale; then per-token."""
     maps = []
-    grouped = [
-        r
-        for r in rows
-        if r.get("compare") in _ERROR_OF and (r.get("metrics") or {}).get("per_group")
-    ]
-    for stage in sorted({r["stage"] for r in grouped}):
-        have = [r for r in grouped if r["stage"] == stage]
+    grouped = [r for r in rows if measure_of(r) and r.metrics.get("per_group")]
+    for stage in sorted({r.stage for r in grouped}):
+        have = [r for r in grouped if r.stage == stage]
         have = sorted(have, key=lambda r: -_severity(r))[:MAX_HEATMAP_ROWS]
-        measure = _ERROR_OF[have[0]["compare"]]
+        measure = measure_of(have[0])
         line = "the derived bound" if measure == "worst_ratio" else "the case budget"
         maps.append(
             _expert_heatmap(
@@ -285,13 +280,13 @@ def _heatmaps(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             )
         )
 
-    def worst_first(have: list[dict[str, Any]], key: str, value) -> list[dict[str, Any]]:
+    def worst_first(have: list[Row], key: str, value) -> list[Row]:
         have = sorted(
-            have, reverse=True, key=lambda r: max(map(value, _bins(r["metrics"][key])), default=0)
+            have, reverse=True, key=lambda r: max(map(value, _bins(r.metrics[key])), default=0)
         )
         return have[:MAX_HEATMAP_ROWS]
 
-    tokens = [r for r in rows if (r.get("metrics") or {}).get("per_token")]
+    tokens = [r for r in rows if r.metrics.get("per_token")]
     maps.append(
         _heatmap(
             worst_first(tokens, "per_token", float),
@@ -304,9 +299,10 @@ def _heatmaps(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [h for h in maps if h]
 
 
-def _severity(row: dict[str, Any]) -> float:
+def _severity(row: Row) -> float:
     """Error over pass line of an output row (0 without a measure); > 1 fails."""
-    v = _float((row.get("metrics") or {}).get(_ERROR_OF.get(row.get("compare"), "")))
+    key = measure_of(row)
+    v = row.metrics.number(key) if key else None
     return 0.0 if v is None else v / _pass_line(row)
 
 
@@ -319,27 +315,27 @@ def _stage_order(stage: str) -> int:
     return names.index(stage) if stage in names else len(names)
 
 
-def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _by_pair(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    out: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        if not r.get("final") and r.get("compare") != results.TIMING:
-            out.setdefault((r["case_id"], r["backend"]), []).append(r)
+        if not r.final and r.compare != results.TIMING:
+            out.setdefault(r.pair, []).append(r)
     return out
 
 
-def _worst_key(final: dict[str, Any], outputs: list[dict[str, Any]]) -> tuple[int, float]:
+def _worst_key(final: Row, outputs: list[Row]) -> tuple[int, float]:
     """Sort key, worst first: outcome severity, then the largest error over pass line."""
-    return (_ORDER.get(final["outcome"], 9), -max(map(_severity, outputs), default=0.0))
+    return (-final.outcome.severity, -max(map(_severity, outputs), default=0.0))
 
 
-def _verdicts(finals: list[dict[str, Any]], outputs) -> dict[str, Any]:
+def _verdicts(finals: list[Row], outputs) -> dict[str, Any]:
     """Stage x backend: outcome counts, the cell's verdict (its worst outcome) and worst case."""
-    backends = sorted({r["backend"] for r in finals})
-    stages = sorted({r["stage"] for r in finals}, key=_stage_order)
+    backends = sorted({r.backend for r in finals})
+    stages = sorted({r.stage for r in finals}, key=_stage_order)
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for r in finals:
-        c = cells.setdefault((r["stage"], r["backend"]), {"counts": Counter(), "rows": []})
-        c["counts"][r["outcome"]] += 1
+        c = cells.setdefault((r.stage, r.backend), {"counts": Counter(), "rows": []})
+        c["counts"][r.outcome] += 1
         c["rows"].append(r)
     grid = []
     for st in stages:
@@ -349,67 +345,58 @@ def _verdicts(finals: list[dict[str, Any]], outputs) -> dict[str, Any]:
             if c is None:
                 line.append(None)
                 continue
-            ran = [r for r in c["rows"] if r["outcome"] not in _NOT_RUN]
-            worst = min(ran or c["rows"], key=lambda r: _worst_key(r, outputs.get(_pair(r), [])))
-            measured = [o for o in outputs.get(_pair(worst), []) if o.get("compare") in _ERROR_OF]
+            ran = [r for r in c["rows"] if r.outcome.ran]
+            worst = min(ran or c["rows"], key=lambda r: _worst_key(r, outputs.get(r.pair, [])))
+            measured = [o for o in outputs.get(worst.pair, []) if measure_of(o)]
             sev = max(map(_severity, measured), default=None)
-            shown = worst["outcome"] not in ("pass", *_NOT_RUN) or sev is not None
+            shown = (worst.outcome.ran and worst.outcome is not Outcome.PASS) or sev is not None
             line.append(
                 {
-                    "verdict": worst["outcome"],
+                    "verdict": worst.outcome,
                     "counts": [(o, c["counts"][o]) for o in OUTCOMES if c["counts"][o]],
-                    "worst": worst["case_id"] if shown else None,
+                    "worst": worst.case_id if shown else None,
                     "worst_of_line": sev,
-                    "worst_message": worst.get("message", ""),
+                    "worst_message": worst.message,
                 }
             )
         grid.append((st, line))
     return {"backends": backends, "rows": grid}
 
 
-def _pair(r: dict[str, Any]) -> tuple[str, str]:
-    return (r["case_id"], r["backend"])
+def _failed(r: Row) -> bool:
+    """Ran and did not pass."""
+    return r.outcome.ran and r.outcome is not Outcome.PASS
 
 
-def _first_bad(m: dict[str, Any]) -> dict[str, Any] | None:
-    for key in _FIRST_BAD:
-        if m.get(key) is not None:
-            values = {k: m.get(f"first_{k}") for k in _FIRST_VALUES}
-            return {"index": m[key], **{k: v for k, v in values.items() if v is not None}}
-    return None
-
-
-def _failures(finals: list[dict[str, Any]], outputs) -> dict[str, Any]:
+def _failures(finals: list[Row], outputs) -> dict[str, Any]:
     """Pairs that ran and did not pass, worst first, each with its failing outputs (measure
     against the pass line, first bad element, diagnoses); unsupported/skipped by reason."""
-    bad = [r for r in finals if r["outcome"] not in ("pass", *_NOT_RUN)]
-    bad.sort(key=lambda r: (*_worst_key(r, outputs.get(_pair(r), [])), r["case_id"]))
+    bad = [r for r in finals if _failed(r)]
+    bad.sort(key=lambda r: (*_worst_key(r, outputs.get(r.pair, [])), r.case_id))
     items = []
     for r in bad[:MAX_WORST]:
         outs = []
-        for o in outputs.get(_pair(r), []):
-            if o["outcome"] == "pass":
+        for o in outputs.get(r.pair, []):
+            if o.outcome is Outcome.PASS:
                 continue
-            m = o.get("metrics") or {}
-            measure = _ERROR_OF.get(o.get("compare"))
+            m = o.metrics
+            measure = measure_of(o)
             outs.append(
                 {
-                    "compare": o.get("compare"),
-                    "message": "" if o.get("message") == r.get("message") else o.get("message", ""),
+                    "compare": o.compare,
+                    "message": "" if o.message == r.message else o.message,
                     "measure": measure,
-                    "value": _fmt(_float(m.get(measure))) if measure else "-",
+                    "value": _fmt(m.number(measure)) if measure else "-",
                     "pass_line": _fmt(_pass_line(o)) if measure else "-",
-                    "first_bad": _first_bad(m),
+                    "first_bad": m.first_bad(),
                     "diagnoses": [
                         (name, m[k]) for k, name in _DIAGNOSES.items() if m.get(k) is not None
                     ],
                 }
             )
-        items.append({**r, "outputs": outs})
+        items.append({"row": r, "outputs": outs})
     reasons: Counter = Counter(
-        (r["outcome"], r["backend"], r.get("message", ""))
-        for r in finals
-        if r["outcome"] in _NOT_RUN
+        (r.outcome, r.backend, r.message) for r in finals if not r.outcome.ran
     )
     return {
         "pairs": items,
@@ -420,14 +407,14 @@ def _failures(finals: list[dict[str, Any]], outputs) -> dict[str, Any]:
     }
 
 
-def _headroom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _headroom(rows: list[Row]) -> list[dict[str, Any]]:
     """Per (stage, backend, summed output): how much of its pass line the worst and the median
     case use, and the error sizes the rows carry (signed mean error and bf16 ulps when the
     metrics record them)."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        if r.get("compare") in _ERROR_OF and not r.get("final"):
-            groups.setdefault((r["stage"], r["backend"], r["compare"]), []).append(r)
+        if measure_of(r) and not r.final:
+            groups.setdefault((r.stage, r.backend, r.compare), []).append(r)
     out = []
     for (stage, backend, compare), rs in sorted(
         groups.items(), key=lambda kv: (_stage_order(kv[0][0]), kv[0][1:])
@@ -435,7 +422,7 @@ def _headroom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         used = sorted(_severity(r) for r in rs)
 
         def worst(key: str, rs=rs) -> str:
-            vals = [v for r in rs if (v := _float((r.get("metrics") or {}).get(key))) is not None]
+            vals = [v for r in rs if (v := r.metrics.number(key)) is not None and v == v]
             return _fmt(max(vals, key=abs)) if vals else "-"
 
         out.append(
@@ -443,9 +430,9 @@ def _headroom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "stage": stage,
                 "backend": backend,
                 "compare": compare,
-                "measure": _ERROR_OF[compare],
+                "measure": measure_of(rs[0]),
                 "n": len(rs),
-                "n_fail": sum(r["outcome"] != "pass" for r in rs),
+                "n_fail": sum(r.outcome is not Outcome.PASS for r in rs),
                 "worst_used": _fmt(used[-1], ".3g"),
                 "median_used": _fmt(used[len(used) // 2], ".3g"),
                 "max_abs": worst("max_abs"),
@@ -457,30 +444,70 @@ def _headroom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _bit_exact(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (stage, backend) of the discrete outputs (codes, scale bytes, layouts): how many were
-    compared, bit-exact, different only in accepted classes, and failing."""
+def _discrete(r: Row) -> bool:
+    c = compared(r.stage, r.compare)
+    return c is not None and c.discrete and not r.final
+
+
+def _bit_exact(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per (stage, backend) of the discrete outputs (codes, scale bytes, layouts; harness.records
+    STAGE_METRICS): how many were compared, bit-exact, different only in accepted classes,
+    different as traced layer intermediates (the verdict is on the layer output), failing."""
     groups: dict[tuple[str, str], Counter] = {}
     for r in rows:
-        m = r.get("metrics") or {}
-        if r.get("final") or not ("n_mismatch" in m or "codes_mismatch" in m):
+        if not _discrete(r):
             continue
-        c = groups.setdefault((r["stage"], r["backend"]), Counter())
+        c = groups.setdefault((r.stage, r.backend), Counter())
+        equal = bool(r.metrics.get("equal"))
+        passed = r.outcome is Outcome.PASS
+        traced = compared(r.stage, r.compare).how is How.INFORMATIONAL
         c["outputs"] += 1
-        c["exact"] += bool(m.get("equal"))
-        c["classified"] += (not m.get("equal")) and r["outcome"] == "pass"
-        c["fail"] += r["outcome"] != "pass"
+        c["exact"] += equal
+        c["classified"] += not equal and passed and not traced
+        c["traced"] += not equal and passed and traced
+        c["fail"] += not passed
     return [
-        {"stage": st, "backend": b, **c}
+        {"stage": st, "backend": b, **{k: c[k] for k in _BIT_EXACT_COUNTS}}
         for (st, b), c in sorted(groups.items(), key=lambda kv: (_stage_order(kv[0][0]), kv[0][1]))
     ]
+
+
+_BIT_EXACT_COUNTS = ("outputs", "exact", "classified", "traced", "fail")
+
+
+def _mismatches(rows: list[Row]) -> list[dict[str, Any]]:
+    """Every discrete output that is not bit-exact, one line per (case, backend, output), failing
+    first: how many elements differ, their classes where classified, the first one."""
+    out = []
+    for r in rows:
+        m = r.metrics
+        if not _discrete(r) or m.get("equal"):
+            continue
+        n = m.get("n_mismatch")
+        if n is None:  # a layer intermediate's codes and scales, counted apart
+            n = (m.get("codes_mismatch") or 0) + (m.get("scales_mismatch") or 0)
+        cls = {k: v for k, v in (m.get("classes") or {}).items() if v and k != "exact"}
+        out.append(
+            {
+                "case_id": r.case_id,
+                "backend": r.backend,
+                "compare": r.compare,
+                "outcome": r.outcome,
+                "n": n,
+                "numel": m.get("numel", "-"),
+                "classes": ", ".join(f"{k} {v}" for k, v in cls.items()) or "-",
+                "first_bad": m.first_bad(),
+            }
+        )
+    out.sort(key=lambda d: (d["outcome"] is Outcome.PASS, d["case_id"], d["compare"]))
+    return out[: MAX_WORST * 4]
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def _speed(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _speed(rows: list[Row]) -> dict[str, Any]:
     """The Speed section: every timing row with the verdict of its own case and backend.
 
     The headline table and the plots hold only pairs whose case passed; the detail table holds
@@ -488,20 +515,20 @@ def _speed(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """
     timed, untimed = [], []
     for r in rows:
-        if r.get("compare") != results.TIMING:
+        if r.compare != results.TIMING:
             continue
-        m = r.get("metrics") or {}
-        if r.get("outcome", "timed") != "timed" or "latency_us" not in m:
-            untimed.append({**r, "verdict": m.get("verdict", "-")})
+        m = r.metrics
+        if r.outcome is not Outcome.TIMED or "latency_us" not in m:
+            untimed.append({"row": r, "verdict": m.get("verdict", "-")})
             continue
         timed.append(
             {
-                "case_id": r["case_id"],
-                "backend": r["backend"],
-                "stage": r.get("stage"),
-                "tokens": r.get("tokens"),
+                "case_id": r.case_id,
+                "backend": r.backend,
+                "stage": r.stage,
+                "tokens": r.value("tokens"),
                 "verdict": m.get("verdict", "-"),
-                "valid": m.get("verdict") == "pass",
+                "valid": m.get("verdict") == Outcome.PASS,
                 "median": m["latency_us"],
                 "latency": _latency(r),
                 "mode": m.get("mode", "-") + (" (graph failed)" if m.get("graph_error") else ""),
@@ -555,21 +582,11 @@ def _speed_plots(timed: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def _classes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        cls = (r.get("metrics") or {}).get("classes")
-        if cls and any(v for k, v in cls.items() if k != "exact"):
-            nonzero = {k: v for k, v in cls.items() if v and k != "exact"}
-            out.append({**r, "classes": json.dumps(nonzero)})
-    return out
-
-
-def _diagnosis(r: dict[str, Any]) -> str:
+def _diagnosis(r: Row) -> str:
     """What the harness named about one comparison row (harness/stages/), as one line."""
-    m = r.get("metrics") or {}
+    m = r.metrics
     parts = []
-    if r.get("outcome") != "pass" and m.get("first_divergent_stage"):
+    if r.outcome is not Outcome.PASS and m.get("first_divergent_stage"):
         parts.append(f"first divergent stage {m['first_divergent_stage']}")
     for key, what in (
         ("matches_variant", "SwiGLU matches"),
@@ -586,30 +603,30 @@ def _diagnosis(r: dict[str, Any]) -> str:
     pol = [f"{k} x{cls[k]}" for k in ("scale_floor", "nan_scale_byte", "nan_amax") if cls.get(k)]
     if pol:
         parts.append("policy " + ", ".join(pol))
-    if m.get("gain") is not None and r.get("outcome") != "pass" and "gain" in r.get("message", ""):
+    if m.get("gain") is not None and r.outcome is not Outcome.PASS and "gain" in r.message:
         parts.append(f"gain {m['gain']:.5g}")
     return "; ".join(parts)
 
 
-def _diagnoses(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _diagnoses(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        if r.get("final"):
+        if r.final:
             continue
         d = _diagnosis(r)
         if d:
-            out.append({**r, "diagnosis": d})
+            out.append({"row": r, "diagnosis": d})
     return out
 
 
-def _nan_traces(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _nan_traces(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        m = r.get("metrics") or {}
-        if r.get("compare") == "out" and m.get("nan_first_stage"):
+        m = r.metrics
+        if r.compare == "out" and m.get("nan_first_stage"):
             out.append(
                 {
-                    **r,
+                    "row": r,
                     "nan_first_stage": m["nan_first_stage"],
                     "first_divergent_stage": m.get("first_divergent_stage"),
                 }
@@ -617,7 +634,7 @@ def _nan_traces(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any]:
+def _baseline(rows: list[Row], baseline: str | Path) -> dict[str, Any]:
     base = results.read_rows(baseline)
     d = results.compare_sets(base, rows)
     sections = []
@@ -626,9 +643,9 @@ def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any
             {
                 "case_id": k[0],
                 "backend": k[1],
-                "was": o["outcome"] if o else "-",
-                "now": n["outcome"] if n else "-",
-                "message": (n or {}).get("message", ""),
+                "was": o.outcome if o else "-",
+                "now": n.outcome if n else "-",
+                "message": n.message if n else "",
             }
             for k, o, n in d[name]
         ]
@@ -655,10 +672,35 @@ def _baseline(rows: list[dict[str, Any]], baseline: str | Path) -> dict[str, Any
     return {"source": str(baseline), "sections": sections}
 
 
-def _latency(r: dict[str, Any]) -> str:
-    m = r["metrics"]
+def _latency(r: Row) -> str:
+    m = r.metrics
     lo, hi = m.get("latency_p10_us", m["latency_us"]), m.get("latency_p90_us", m["latency_us"])
     return f"{m['latency_us']:.1f} us ({lo:.1f}..{hi:.1f})"
+
+
+def _environment(meta_dir: Path) -> list[list[tuple[str, Any]]]:
+    """The last runs' environments (meta.json), each led by its command line and git state."""
+    out = []
+    for run in results.read_meta(meta_dir)["runs"][-3:]:
+        env = dict(run.get("env", {}))
+        head = {
+            "command": run.get("command", "- (not recorded by the harness that ran it)"),
+            "run_id": run.get("run_id"),
+            "git_sha": env.pop("git_sha", None),
+            "git_dirty": env.pop("git_dirty", "- (not recorded)"),
+            "shard": run.get("shard"),
+        }
+        out.append([*head.items(), *sorted(env.items())])
+    return out
+
+
+def _gemm_backends(finals: list[Row]) -> list[dict[str, Any]]:
+    """Which grouped-GEMM backend each adapter ran its pairs on (rows' `gemm_backend`, recorded
+    where the adapter says; "-" for adapters that do not, and for pairs that never ran)."""
+    c: Counter = Counter(
+        (r.backend, str(r.value("gemm_backend") or "-")) for r in finals if r.outcome.ran
+    )
+    return [{"backend": b, "gemm_backend": g, "pairs": n} for (b, g), n in sorted(c.items())]
 
 
 def render(
@@ -669,17 +711,11 @@ def render(
 ) -> Path:
     """Write the report for a results directory (or file) to `out`; returns its path."""
     rows = results.latest(results.read_rows(results_path))
-    finals = [r for r in rows if r.get("final")]
-    counts = Counter(r["outcome"] for r in finals)
+    finals = [r for r in rows if r.final]
+    counts = Counter(r.outcome for r in finals)
     outputs = _by_pair(rows)
-    ran = {r["stage"] for r in finals if r["outcome"] not in _NOT_RUN}
+    ran = {r.stage for r in finals if r.outcome.ran}
     meta_dir = Path(results_path) if Path(results_path).is_dir() else Path(results_path).parent
-    env = [
-        sorted(
-            {**run.get("env", {}), "run_id": run.get("run_id"), "shard": run.get("shard")}.items()
-        )
-        for run in results.read_meta(meta_dir)["runs"][-3:]
-    ]
     template = jinja2.Environment(
         loader=jinja2.PackageLoader("harness", "templates"),
         autoescape=True,  # case names and messages are user input: <script> renders as text
@@ -690,20 +726,22 @@ def render(
         source=str(results_path),
         n_rows=len(rows),
         n_cases=len(finals),
+        n_ran=sum(r.outcome.ran for r in finals),
         counts=[(o, counts[o]) for o in OUTCOMES if counts[o]],
         verdicts=_verdicts(finals, outputs),
         failures=_failures(finals, outputs),
         headroom=_headroom(rows),
         bit_exact=_bit_exact(rows),
+        mismatches=_mismatches(rows),
         layers_ran=any(Stage(st).is_layer for st in ran if st in {x.value for x in Stage}),
         baseline=_baseline(rows, baseline) if baseline else None,
         plots=_plots(rows),
         heatmaps=_heatmaps(rows),
         speed=_speed(rows),
-        classes=_classes(rows),
         nan_traces=_nan_traces(rows),
         diagnoses=_diagnoses(rows),
-        env=env,
+        env=_environment(meta_dir),
+        gemm_backends=_gemm_backends(finals),
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import yaml
 
 from harness import adapters, results
 from harness.cases import AXES, Case, load_cases
+from harness.records import Row, jsonable
 from harness.stages.inputs import LayerInputs, LayerInputsError, layer_inputs_from_tensors
 
 CASE_FILE, META_FILE, TENSORS_FILE = "case.yaml", "bundle.yaml", "tensors.pt"
@@ -76,7 +77,7 @@ def save(
         "case_id": case.id,
         **adapters.describe(adapter),
         "backend": backend,  # the name the user gave (import paths included)
-        "env": json.loads(json.dumps(results._jsonable(results.fingerprint()), default=str)),
+        "env": json.loads(json.dumps(jsonable(results.fingerprint()), default=str)),
     }
     (out / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=True))
     if isinstance(inputs, LayerInputs):
@@ -119,7 +120,7 @@ def load(path: str | Path) -> tuple[Case, dict[str, Any], dict[str, torch.Tensor
     return cases[0], meta, tensors
 
 
-def replay(path: str | Path, backend: str | None = None) -> list[dict[str, Any]]:
+def replay(path: str | Path, backend: str | None = None) -> list[Row]:
     """Run the bundle's case on its backend (or `backend`) with the bundle's inputs: its rows."""
     from harness.runner import run_one
 

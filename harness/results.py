@@ -9,7 +9,10 @@ the rows. A run holds `DIR/.lock` (an flock: released by the kernel when its pro
 runs never write one directory at once. Resuming reads the last final row of each (case, backend)
 pair (`finished`); `--fresh` drops only the rows of the pairs it reruns (`drop_pairs`).
 `merge` joins the results of shards (or machines) into one directory, last row wins per key.
-Nothing here runs a kernel: the report and `compare` read these files only.
+Rows are `harness.records.Row`s: written by `Row.to_json` (NaN / Infinity as JSON number tokens),
+read by `Row.from_json` (a malformed line: RecordError naming file, line and field; files of
+the schema before, with "nan" strings, still load). Nothing here runs a kernel: the report and
+`compare` read these files only.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import platform
 import shutil
@@ -32,24 +34,17 @@ from typing import Any
 
 import pandas as pd
 
+from harness.records import Outcome, Panel, Row, jsonable
+
 JSONL = "results.jsonl"
 PARQUET = "results.parquet"
 META = "meta.json"
 LOCK = ".lock"
-KEY = ("case_id", "backend", "compare")
-BAD_OUTCOMES = ("fail", "error", "timeout", "crashed")
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/Inf; "nan", "inf", "-inf" read back with float()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
-        return _jsonable(v.item())
-    return v
+def row_line(row: Row) -> str:
+    """One results line: the row's JSON (NaN / Infinity as JSON number tokens), sorted keys."""
+    return json.dumps(row.to_json(), sort_keys=True) + "\n"
 
 
 def atomic_write(path: str | Path, text: str) -> None:
@@ -128,10 +123,10 @@ class ResultWriter:
         if torn:
             self._f.write("\n")  # keep the torn line apart: it is skipped, the next row is not
 
-    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+    def write(self, rows: Iterable[Row]) -> None:
         # One write per case: with O_APPEND, processes sharing the file (pytest-xdist workers
         # with --harness-results) never interleave inside a case's rows.
-        self._f.write("".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows))
+        self._f.write("".join(row_line(r) for r in rows))
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -145,8 +140,10 @@ class ResultWriter:
         self.close()
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results directory or file (.jsonl or .parquet); a torn last line is ignored."""
+def read_rows(path: str | Path) -> list[Row]:
+    """Rows of a results directory or file (.jsonl or .parquet); a torn line is ignored, a
+    line that is JSON but not a row raises RecordError naming file, line and field. Rows of
+    earlier harness versions (schema 1: NaN written as "nan") load as they were meant."""
     p = Path(path)
     if p.is_dir():
         p = p / JSONL if (p / JSONL).exists() else p / PARQUET
@@ -154,32 +151,43 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path}: no {JSONL} or {PARQUET} here")
     if p.suffix == ".parquet":
         df = pd.read_parquet(p)
-        return [{k: _load_json_col(k, v) for k, v in r.items()} for r in df.to_dict("records")]
+        return [_from_frame(r, f"{p}:row {i + 1}") for i, r in enumerate(df.to_dict("records"))]
     rows = []
     with open(p, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                d = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill mid-write: that case reruns on resume
+            rows.append(Row.from_json(d, f"{p}:{n}"))
     return rows
 
 
-def _load_json_col(k: str, v: Any) -> Any:
-    if k == "metrics" and isinstance(v, str):
-        return json.loads(v)
-    return v
+def _from_frame(r: dict[str, Any], where: str) -> Row:
+    """A row of `to_frame`'s table: metrics from their JSON column; the flattened `m.*` columns
+    and the empty cells of columns other rows have are dropped."""
+    d = {
+        k: v
+        for k, v in r.items()
+        if not k.startswith("m.") and v is not None and not (isinstance(v, float) and v != v)
+    }
+    if isinstance(d.get("metrics"), str):
+        d["metrics"] = json.loads(d["metrics"])
+    for k in ("schema", "threads"):
+        if isinstance(d.get(k), float):
+            d[k] = int(d[k])
+    return Row.from_json(d, where)
 
 
-def finished(out_dir: str | Path) -> dict[tuple[str, str], dict[str, Any]]:
+def finished(out_dir: str | Path) -> dict[tuple[str, str], Row]:
     """The last final row of each (case_id, backend) pair in this directory (what resume sees)."""
     p = Path(out_dir) / JSONL
     if not p.exists():
         return {}
-    return {(r["case_id"], r["backend"]): r for r in read_rows(p) if r.get("final")}
+    return {r.pair: r for r in read_rows(p) if r.final}
 
 
 def timed_pairs(out_dir: str | Path) -> set[tuple[str, str]]:
@@ -187,7 +195,7 @@ def timed_pairs(out_dir: str | Path) -> set[tuple[str, str]]:
     p = Path(out_dir) / JSONL
     if not p.exists():
         return set()
-    return {(r["case_id"], r["backend"]) for r in read_rows(p) if r.get("compare") == TIMING}
+    return {r.pair for r in read_rows(p) if r.compare == TIMING}
 
 
 def drop_pairs(out_dir: str | Path, pairs: set[tuple[str, str]]) -> tuple[int, int]:
@@ -211,24 +219,24 @@ def drop_pairs(out_dir: str | Path, pairs: set[tuple[str, str]]) -> tuple[int, i
     return dropped, len(kept)
 
 
-def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def latest(rows: list[Row]) -> list[Row]:
     """Keep the last row per (case, backend, compared output): resumed and merged runs."""
-    seen: dict[tuple, dict[str, Any]] = {}
+    seen: dict[tuple[str, str, str], Row] = {}
     for r in rows:
-        seen[tuple(r.get(k) for k in KEY)] = r
+        seen[r.key] = r
     return list(seen.values())
 
 
-def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def to_frame(rows: list[Row]) -> pd.DataFrame:
     """Rows as a DataFrame: scalar metrics flattened to `m.<name>`, the rest kept as JSON."""
     flat = []
     for r in rows:
-        d = {k: v for k, v in r.items() if k != "metrics"}
-        m = r.get("metrics") or {}
+        d = r.to_json()
+        m = d["metrics"]
         d["metrics"] = json.dumps(m, sort_keys=True)
         for k, v in m.items():
             if isinstance(v, (int, float, str, bool)) or v is None:
-                d[f"m.{k}"] = float(v) if isinstance(v, str) and v in ("nan", "inf", "-inf") else v
+                d[f"m.{k}"] = v
         flat.append(d)
     df = pd.DataFrame(flat)
     for col in df.columns:  # mixed object columns break parquet; keep them as strings
@@ -258,8 +266,28 @@ def _git_sha() -> str | None:
     return _command(["git", "rev-parse", "HEAD"], Path(__file__).resolve().parent)
 
 
+def _git_dirty() -> bool | None:
+    """Whether the checkout the harness runs from has uncommitted changes to tracked files (a
+    result from a dirty tree is not reproducible from its sha); None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    if _git_sha() is None:
+        return None
+    try:
+        p = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(p.stdout.strip()) if p.returncode == 0 else None
+
+
 def fingerprint() -> dict[str, Any]:
-    """Where and with what a result was produced (GPU, driver, CUDA, packages, git sha)."""
+    """Where and with what a result was produced (GPU, driver, CUDA, packages, git sha and
+    whether the tree was dirty)."""
     import torch
 
     env: dict[str, Any] = {
@@ -270,6 +298,7 @@ def fingerprint() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "git_sha": _git_sha(),
+        "git_dirty": _git_dirty(),
         "gpu": None,
     }
     if torch.cuda.is_available():
@@ -294,7 +323,7 @@ def append_meta(out_dir: str | Path, info: dict[str, Any]) -> None:
     runs, damaged = _meta_runs(Path(out_dir))
     if damaged:
         shutil.copyfile(p, p.with_name(META + ".damaged"))
-    atomic_write(p, json.dumps({"runs": [*runs, _jsonable(info)]}, indent=1, sort_keys=True))
+    atomic_write(p, json.dumps({"runs": [*runs, jsonable(info)]}, indent=1, sort_keys=True))
 
 
 def read_meta(out_dir: str | Path) -> dict[str, Any]:
@@ -319,12 +348,12 @@ def _meta_runs(d: Path) -> tuple[list[dict[str, Any]], bool]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         problem = f"{type(e).__name__}: {e}"
     rows = read_rows(d / JSONL) if (d / JSONL).exists() else []
-    order = dict.fromkeys(r.get("run_id") for r in rows)
+    order = dict.fromkeys(r.run_id for r in rows)
     runs = [
         {
             "run_id": rid,
             "recovered": True,
-            "pairs": sum(r.get("run_id") == rid and bool(r.get("final")) for r in rows),
+            "pairs": sum(r.run_id == rid and r.final for r in rows),
         }
         for rid in order
     ]
@@ -342,26 +371,23 @@ def merge(sources: list[str | Path], out_dir: str | Path) -> int:
     """Join the results of several sweep directories (shards) into `out_dir`. Returns rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     runs: list[dict[str, Any]] = []
     for s in sources:
         rows.extend(read_rows(s))
         runs.extend(read_meta(s)["runs"] if Path(s).is_dir() else [])
     rows = latest(rows)
     with locked(out, "merge"):
-        atomic_write(
-            out / JSONL, "".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in rows)
-        )
+        atomic_write(out / JSONL, "".join(row_line(r) for r in rows))
         atomic_write(out / META, json.dumps({"runs": runs}, indent=1, sort_keys=True))
         write_parquet(out)
     return len(rows)
 
 
-def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, list]:
+def compare_sets(base: list[Row], new: list[Row]) -> dict[str, list]:
     """Per (case, backend) final outcome: regressions, improvements, new failures, gone."""
-    key = lambda r: (r["case_id"], r["backend"])  # noqa: E731
-    b = {key(r): r for r in latest(base) if r.get("final")}
-    n = {key(r): r for r in latest(new) if r.get("final")}
+    b = {r.pair: r for r in latest(base) if r.final}
+    n = {r.pair: r for r in latest(new) if r.final}
     out: dict[str, list] = {
         "regressions": [],
         "improvements": [],
@@ -372,14 +398,12 @@ def compare_sets(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[
     }
     for k, r in n.items():
         if k not in b:
-            out["new_failures" if r["outcome"] in BAD_OUTCOMES else "new_cases"].append(
-                (k, None, r)
-            )
+            out["new_failures" if r.outcome.bad else "new_cases"].append((k, None, r))
             continue
-        was, now = b[k]["outcome"], r["outcome"]
-        if was == "pass" and now in BAD_OUTCOMES:
+        was, now = b[k].outcome, r.outcome
+        if was is Outcome.PASS and now.bad:
             out["regressions"].append((k, b[k], r))
-        elif was in BAD_OUTCOMES and now == "pass":
+        elif was.bad and now is Outcome.PASS:
             out["improvements"].append((k, b[k], r))
         else:
             out["unchanged"].append((k, b[k], r))
@@ -391,7 +415,7 @@ TIMING = "timing"  # `compare` value of rows holding a speed measurement (docs/c
 
 
 def compare_timings(
-    base: list[dict[str, Any]], new: list[dict[str, Any]], same_within: float | None = None
+    base: list[Row], new: list[Row], same_within: float | None = None
 ) -> dict[str, list]:
     """Per (case, backend) timed in both sets: faster / slower / same / ambiguous.
 
@@ -403,21 +427,19 @@ def compare_timings(
 
     tol = timing.SAME_WITHIN if same_within is None else same_within
 
-    def timings(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    def timings(rows: list[Row]) -> dict[tuple[str, str], Row]:
         return {
-            (r["case_id"], r["backend"]): r
-            for r in latest(rows)
-            if r.get("compare") == TIMING and "latency_us" in (r.get("metrics") or {})
+            r.pair: r for r in latest(rows) if r.compare == TIMING and "latency_us" in r.metrics
         }
 
-    def interval(m: dict[str, Any]) -> tuple[float, float, float]:
+    def interval(m: Panel) -> tuple[float, float, float]:
         med = m["latency_us"]
         return med, m.get("latency_p10_us", med), m.get("latency_p90_us", med)
 
     b, n = timings(base), timings(new)
     out: dict[str, list] = {v.value: [] for v in timing.Verdict}
     for k in sorted(set(b) & set(n)):
-        mb, mn = b[k]["metrics"], n[k]["metrics"]
+        mb, mn = b[k].metrics, n[k].metrics
         if mb.get("samples_us") and mn.get("samples_us"):
             v = timing.compare_samples(mb["samples_us"], mn["samples_us"], tol)
         else:

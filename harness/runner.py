@@ -41,20 +41,8 @@ from tqdm import tqdm
 
 from harness import adapters, results, timing
 from harness.cases import Case
-from harness.stages.run import run_case
-from harness.stages.verdicts import Comparison, Outcome
-
-_SEVERITY = [
-    Outcome.PASS,
-    Outcome.SKIPPED,
-    Outcome.UNSUPPORTED,
-    Outcome.FAIL,
-    Outcome.ERROR,
-    Outcome.TIMEOUT,
-    Outcome.CRASHED,
-]
-# Outcomes that are no verdict on the kernel: resume runs these pairs again by default.
-RETRIED = ("error", "timeout", "crashed", "skipped")
+from harness.records import Outcome, Row
+from harness.stages import Comparison, run_case
 
 
 @dataclass(frozen=True)
@@ -125,10 +113,6 @@ def adapter_digest(adapter: Any) -> str:
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def worst(outcomes: list[Outcome]) -> Outcome:
-    return max(outcomes, key=_SEVERITY.index) if outcomes else Outcome.SKIPPED
-
-
 def plan(cases: list[Case], opts: SweepOptions) -> list[tuple[Case, str]]:
     """The (case, backend) pairs this process runs, in a stable order."""
     pairs = [(c, b) for c in cases for b in (opts.backends or c.backends)]
@@ -139,50 +123,66 @@ def plan(cases: list[Case], opts: SweepOptions) -> list[tuple[Case, str]]:
     return [p for j, p in enumerate(pairs) if j % n == i]
 
 
-def _row_base(case: Case, adapter_info: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """The fields every row of a pair shares: which run, which case, which adapter."""
-    return {"run_id": run_id, **case.row(), "case_digest": case.digest, **adapter_info}
+def _row(
+    case: Case,
+    adapter_info: dict[str, Any],
+    run_id: str,
+    compare: str,
+    outcome: Outcome,
+    message: str = "",
+    metrics: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Row:
+    """A row of a pair: which run, which case, which adapter (every row of the pair shares
+    these), then what this row compared."""
+    desc = case.row()
+    info = dict(adapter_info)
+    return Row(
+        case_id=desc.pop("case_id"),
+        stage=desc.pop("stage"),
+        backend=info.pop("backend"),
+        adapter_digest=info.pop("adapter_digest", ""),
+        case_digest=case.digest,
+        run_id=run_id,
+        compare=compare,
+        outcome=outcome,
+        message=message,
+        metrics=metrics or {},
+        fields={**desc, **info},
+        **kw,
+    )
 
 
 def _rows(
     case: Case, adapter_info: dict[str, Any], comps: list[Comparison], run_id: str, duration: float
-) -> list[dict[str, Any]]:
-    base = _row_base(case, adapter_info, run_id)
+) -> list[Row]:
     rows = [
-        {
-            **base,
-            "compare": c.name,
-            "outcome": c.outcome.value,
-            "message": c.message,
-            "metrics": c.metrics,
-            "final": False,
-        }
-        for c in comps
+        _row(case, adapter_info, run_id, c.name, c.outcome, c.message, c.metrics) for c in comps
     ]
-    overall = worst([c.outcome for c in comps])
+    overall = Outcome.worst(c.outcome for c in comps)
     failing = [c for c in comps if c.outcome is overall and c.message]
+    message = failing[0].message if failing and overall is not Outcome.PASS else ""
     rows.append(
-        {
-            **base,
-            "compare": "case",
-            "outcome": overall.value,
-            "message": failing[0].message if failing and overall is not Outcome.PASS else "",
-            "metrics": {"n_compared": len(comps)},
-            "duration_s": duration,
-            "final": True,
-        }
+        _row(
+            case,
+            adapter_info,
+            run_id,
+            "case",
+            overall,
+            message,
+            {"n_compared": len(comps)},
+            duration_s=duration,
+            final=True,
+        )
     )
     return rows
 
 
-def _ended(
-    case: Case, info: dict[str, Any], comp: Comparison, run_id: str, t0: float
-) -> list[dict[str, Any]]:
+def _ended(case: Case, info: dict[str, Any], comp: Comparison, run_id: str, t0: float) -> list[Row]:
     """The one final row of a pair that ended before any comparison (unsupported, raised,
     timed out, crashed), keeping the comparison's metrics (traceback, stderr tail)."""
-    rows = _rows(case, info, [comp], run_id, time.perf_counter() - t0)[-1:]
-    rows[0]["metrics"] = {**comp.metrics, "n_compared": 0}
-    return rows
+    row = _rows(case, info, [comp], run_id, time.perf_counter() - t0)[-1]
+    return [row.replace(metrics={**comp.metrics, "n_compared": 0})]
 
 
 _BASELINE_CACHE: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -205,18 +205,19 @@ def _baseline(case: Case, name: str, proto: timing.Protocol) -> dict[str, Any]:
 def timing_row(
     case: Case,
     adapter: Any,
-    verdict: str,
+    verdict: Outcome,
     baselines: tuple[str, ...],
     proto: timing.Protocol | None = None,
-) -> tuple[str, str, dict[str, Any]]:
+) -> tuple[Outcome, str, dict[str, Any]]:
     """(outcome, message, metrics) of a pair's `timing` row; never raises.
 
     outcome is `timed`, `skipped` (no CUDA, nothing to time) or `error`; metrics always carry
     the correctness `verdict` of the same pair, so no speed figure travels without it.
     """
     proto = proto or timing.Protocol()
-    if verdict in ("error", "unsupported", "skipped"):
-        return "skipped", f"not timed: the case is {verdict}", {"verdict": verdict}
+    verdict = Outcome.parse(verdict, "verdict")
+    if verdict in (Outcome.ERROR, Outcome.UNSUPPORTED, Outcome.SKIPPED):
+        return Outcome.SKIPPED, f"not timed: the case is {verdict}", {"verdict": verdict}
     import torch
 
     try:
@@ -224,10 +225,11 @@ def timing_row(
         roof = timing.measured_roofline(dev) if dev.type == "cuda" else None
         m = timing.time_case(case, adapter, proto, roof)
     except timing.TimingUnavailable as e:
-        return "skipped", str(e), {"verdict": verdict}
+        return Outcome.SKIPPED, str(e), {"verdict": verdict}
     except Exception as e:  # noqa: BLE001 - a kernel that fails under timing is a row too
         tb = traceback.format_exc(limit=6)
-        return "error", f"{type(e).__name__}: {e}"[:2000], {"verdict": verdict, "traceback": tb}
+        msg = f"{type(e).__name__}: {e}"[:2000]
+        return Outcome.ERROR, msg, {"verdict": verdict, "traceback": tb}
     m["verdict"] = verdict
     m["baselines"] = {b: _baseline(case, b, proto) for b in baselines}
     for b, bm in m["baselines"].items():
@@ -235,8 +237,10 @@ def timing_row(
             bm["speedup"] = bm["latency_us"] / m["latency_us"]
             if "baseline" not in m:  # the first baseline that ran is the headline ratio
                 m["baseline"], m["ratio_vs_baseline"] = b, bm["speedup"]
-    message = "" if verdict == "pass" else f"speed of a case that is {verdict}: not a valid figure"
-    return "timed", message, m
+    message = (
+        "" if verdict is Outcome.PASS else f"speed of a case that is {verdict}: not a valid figure"
+    )
+    return Outcome.TIMED, message, m
 
 
 def run_one(
@@ -247,7 +251,7 @@ def run_one(
     baselines: tuple[str, ...] | None = None,
     time_budget_s: float = 1.0,
     inputs: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """Run one pair in this process; never raises (errors become rows). With `time_it`, a
     `timing` row (harness.timing) comes before the pair's final row; `inputs` replay a layer
     case on given tensors (harness.repro)."""
@@ -263,6 +267,7 @@ def run_one(
         if not ok:
             comps = [Comparison("case", Outcome.UNSUPPORTED, why)]
         else:
+            info["gemm_backend"] = adapters.gemm_backend(adapter, case)  # report: environment
             comps = run_case(case, adapter, inputs)
     except Exception as e:  # noqa: BLE001 - every failure of a kernel is a recorded outcome
         kind = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
@@ -276,23 +281,12 @@ def run_one(
         rows = _rows(case, info, comps, run_id, time.perf_counter() - t0)
     import torch
 
-    rows[-1]["threads"] = torch.get_num_threads()  # oversubscribed threads: 10-20x slower
+    rows[-1] = rows[-1].replace(threads=torch.get_num_threads())  # oversubscribed: 10-20x slower
     if time_it:
-        verdict = rows[-1]["outcome"]
         bl = case.baselines if baselines is None else baselines
         proto = timing.Protocol(budget_s=time_budget_s)
-        outcome, message, m = timing_row(case, adapter, verdict, bl, proto)
-        rows.insert(
-            -1,
-            {
-                **_row_base(case, info, run_id),
-                "compare": results.TIMING,
-                "outcome": outcome,
-                "message": message,
-                "metrics": m,
-                "final": False,
-            },
-        )
+        outcome, message, m = timing_row(case, adapter, rows[-1].outcome, bl, proto)
+        rows.insert(-1, _row(case, info, run_id, results.TIMING, outcome, message, m))
     return rows
 
 
@@ -324,7 +318,7 @@ def run_isolated(
     timeout: float,
     threads: int | None = None,
     time_args: Sequence[str] = (),
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     """Run one pair in a child process group under `timeout`; a hang or a death is a row too."""
     threads = threads or thread_budget()
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,7 +362,8 @@ def run_isolated(
         finally:  # also on Ctrl-C: no case outlives the sweep, nor its grandchildren the case
             _kill_group(proc)
         if rows_path.exists():
-            return json.loads(rows_path.read_text())
+            where = f"rows of worker for {case.id} on {backend}"
+            return [Row.from_json(d, where) for d in json.loads(rows_path.read_text())]
         msg = f"process died with exit code {proc.returncode}"
         if proc.returncode < 0:
             msg = f"process killed by signal {-proc.returncode}"
@@ -445,7 +440,7 @@ class ResumePlan:
 
 def resume_plan(
     pairs: list[tuple[Case, str]],
-    previous: dict[tuple[str, str], dict[str, Any]],
+    previous: dict[tuple[str, str], Row],
     identity: Callable[[str], str | None],
     keep_errors: bool = False,
     timed: set[tuple[str, str]] | None = None,
@@ -460,23 +455,23 @@ def resume_plan(
         why = ""
         if prev is None:
             why = "new"
-        elif prev["outcome"] in RETRIED and not keep_errors:
-            why = f"earlier {prev['outcome']} (--keep-errors keeps them)"
-        elif prev.get("case_digest") != case.digest:
+        elif prev.outcome.retried and not keep_errors:
+            why = f"earlier {prev.outcome} (--keep-errors keeps them)"
+        elif prev.case_digest != case.digest:
             why = "case definition changed"
         elif timed is not None and (case.id, backend) not in timed:
             why = "no timing row (--time)"
-        elif prev["outcome"] not in RETRIED:
+        elif not prev.outcome.retried:
             if backend not in digests:
                 digests[backend] = identity(backend)
-            if digests[backend] is None or prev.get("adapter_digest") != digests[backend]:
+            if digests[backend] is None or prev.adapter_digest != digests[backend]:
                 why = "adapter changed"
         if why:
             rp.todo.append((case, backend))
             if why != "new":
                 rp.rerun[why] += 1
         else:
-            rp.reused[prev["outcome"]] += 1
+            rp.reused[prev.outcome] += 1
     return rp
 
 
@@ -530,6 +525,7 @@ def run_sweep(
                 "resumed": len(pairs) - len(todo),
                 "rerun": dict(rp.rerun),
                 "fresh": not opts.resume,
+                "command": _command_line(),
                 "env": results.fingerprint(),
             },
         )
@@ -575,7 +571,7 @@ def _run_pairs(
                         case, backend, run_id, opts.time, opts.baselines, opts.time_budget_s
                     )
                 writer.write(rows)
-                counts[rows[-1]["outcome"]] += 1
+                counts[rows[-1].outcome] += 1
         except KeyboardInterrupt:
             bar.close()
             results.write_parquet(out_dir)

@@ -117,8 +117,8 @@ def test_a_bundle_round_trips_and_replays_to_the_same_verdict(tmp_path, capsys):
     x = tensors["x"].clone()
     x[1, 7] = float("nan")
     torch.save({**tensors, "x": x}, out / repro.TENSORS_FILE)
-    out_row = next(r for r in repro.replay(out) if r["compare"] == "out")
-    assert out_row["metrics"]["nan_ref"] > 0
+    out_row = next(r for r in repro.replay(out) if r.compare == "out")
+    assert out_row.metrics["nan_ref"] > 0
 
 
 class _Evil:

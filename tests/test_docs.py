@@ -38,12 +38,12 @@ def test_the_documented_adapter_passes_its_stages(tmp_path, monkeypatch, capsys)
     rc = cli.main(["run", str(REPO / "cases" / "smoke.yaml"), "-b", "my_adapter:MyAdapter",
                    "-o", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().out
-    finals = [r for r in results.read_rows(out) if r["final"]]
-    mine = [r for r in finals if r["stage"] in ("quantize", "swiglu_requant")]
-    assert len(mine) == 46 and {r["outcome"] for r in mine} == {"pass"}
-    others = [r for r in finals if r["stage"] not in ("quantize", "swiglu_requant")]
-    assert others and {r["outcome"] for r in others} == {"unsupported"}
-    assert all("newcomer has no" in r["message"] for r in others)
+    finals = [r for r in results.read_rows(out) if r.final]
+    mine = [r for r in finals if r.stage in ("quantize", "swiglu_requant")]
+    assert len(mine) == 46 and {r.outcome for r in mine} == {"pass"}
+    others = [r for r in finals if r.stage not in ("quantize", "swiglu_requant")]
+    assert others and {r.outcome for r in others} == {"unsupported"}
+    assert all("newcomer has no" in r.message for r in others)
 
 
 def tracked_text_files() -> list[Path]:

@@ -59,14 +59,14 @@ def _run_yaml(tmp_path, sweeps: list[dict], backend: str = ADAPTER) -> dict[str,
 
 
 def _out_row(rows: list[dict]) -> dict:
-    return next(r for r in rows if r["compare"] == "out")
+    return next(r for r in rows if r.compare == "out")
 
 
 def _assert_all_pass(results: dict[str, list[dict]]) -> None:
     bad = {
         cid: f"{rows[-1]['outcome']}: {rows[-1]['message']}"
         for cid, rows in results.items()
-        if rows[-1]["outcome"] != "pass"
+        if rows[-1].outcome != "pass"
     }
     assert not bad, bad
 
@@ -89,8 +89,8 @@ def test_layer_end_to_end_within_budget(tmp_path, stage, shape, tokens):
         # integer stages (offsets, gather index) and the quantized operands match the oracle
         # exactly: they follow the same order of operations
         for r in rows:
-            if r["compare"] in ("expert_offsets", "gather_index", "x_q", "act_q"):
-                assert r["metrics"]["equal"], (r["case_id"], r["compare"], r["metrics"])
+            if r.compare in ("expert_offsets", "gather_index", "x_q", "act_q"):
+                assert r.metrics["equal"], (r.case_id, r.compare, r.metrics)
 
 
 @pytest.mark.parametrize("stage", ["shared_expert", "routed_moe"])
@@ -119,8 +119,8 @@ def test_static_scale_exceeded_saturates_and_is_recorded(tmp_path, stage):
     # saturate (never NaN); the harness records the outcome with its error metrics
     results = _run_yaml(tmp_path, [{"stage": stage, "tokens": [129], "scale_ratios": [2]}])
     (rows,) = results.values()
-    assert rows[-1]["outcome"] in ("pass", "fail"), rows[-1]["message"]
-    out = _out_row(rows)["metrics"]
+    assert rows[-1].outcome in ("pass", "fail"), rows[-1].message
+    out = _out_row(rows).metrics
     assert out["nan_out"] == 0 and out["inf_out"] == 0
     assert math.isfinite(out["calc_diff"]) and "sqnr_db" in out
     assert out["nan_first_stage"] is None
@@ -130,9 +130,9 @@ def test_static_scale_exceeded_saturates_and_is_recorded(tmp_path, stage):
 def test_nan_input_is_traced_to_its_stage(tmp_path, stage):
     sweep = {"stage": stage, "tokens": [33], "distributions": ["nan_one"], "scale_ratios": [1]}
     (rows,) = _run_yaml(tmp_path, [sweep]).values()
-    assert rows[-1]["outcome"] in ("pass", "fail"), rows[-1]["message"]
+    assert rows[-1].outcome in ("pass", "fail"), rows[-1].message
     # the NaN block's scale byte is 0x7F: the first stage that shows it is the quantized input
-    assert _out_row(rows)["metrics"]["nan_first_stage"] == "x_q"
+    assert _out_row(rows).metrics["nan_first_stage"] == "x_q"
 
 
 def test_mixin_on_a_user_adapter_by_import_path(tmp_path):

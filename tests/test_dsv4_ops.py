@@ -109,13 +109,13 @@ def _run_stage(cases, stage: Stage) -> None:
     for case in todo:
         rows = run_one(case, "dsv4-torch")
         final = rows[-1]
-        if final["outcome"] != "pass":
-            tb = final["metrics"].get("traceback", "")
+        if final.outcome != "pass":
+            tb = final.metrics.get("traceback", "")
             failures.append(f"{case.id}: {final['outcome']}: {final['message']}\n{tb}")
             continue
         if stage in (Stage.QUANTIZE, Stage.SWIGLU_REQUANT):
             for r in rows[:-1]:  # same order of operations as the oracle: bit-exact, no classes
-                if r["compare"].endswith((".codes", ".scales")) and not r["metrics"]["equal"]:
+                if r.compare.endswith((".codes", ".scales")) and not r.metrics["equal"]:
                     failures.append(f"{case.id}: {r['compare']} not bit-exact: {r['metrics']}")
     assert not failures, "\n".join(failures[:10])
 
@@ -316,7 +316,7 @@ def test_graph_safe_paths_read_no_tensor_value_on_meta_device():
     codes = torch.empty(300, 128, dtype=torch.uint8, device=meta)
     scales = torch.empty(300, 16, dtype=torch.float8_e4m3fn, device=meta)
     dq.quantize_into(x, gs, codes, scales)
-    ops.activation._swiglu(torch.empty(300, 512, device=meta), 10.0)
+    ops.swiglu(torch.empty(300, 512, device=meta), 10.0)
     counts = torch.empty(4, dtype=torch.int32, device=meta)
     offsets = ops.compute_expert_offsets(counts)
     ops.compute_blockscale_offsets(counts)
@@ -471,8 +471,9 @@ def test_grouped_gemm_sync_free_form_matches_host_form():
 @pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
 def test_grouped_gemm_workspace_form_is_bit_identical(counts, sync_free, k_major):
-    """The workspace form (what the runners call) gives the allocating form's bits, NaN-free
-    or not, and a workspace one byte too small is refused before anything is written."""
+    """With a dirty workspace (what the runners pass) the bits are those of a call that
+    allocates its temporaries, NaN-free or not, and a workspace one byte too small is refused
+    before anything is written."""
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(counts, extra=3, seed=len(counts))
     if k_major:
         b = ops.make_b_k_major(b)
@@ -616,7 +617,7 @@ def test_override_missing_capability_names_it(registry):
 
 def test_override_unknown_or_planned_backend(registry):
     with pytest.raises(
-        ValueError, match=r"backend='sm100' is not implemented yet .*registered: torch, sm90"
+        ValueError, match=r"backend='sm100' is not implemented yet .*registered: sm90, torch"
     ):
         ops.select_backend("cpu", "sm100")
     with pytest.raises(ValueError, match=r"backend='nope' is not registered"):

@@ -286,6 +286,7 @@ def test_plugin_runs_a_case_file_and_prints_the_metric_table(tmp_path):
     assert f"case {gemm} on tests.planted:SkipLastKBlock: fail" in p.stdout
     assert "grouped_gemm.out: fail" in p.stdout and "outside the derived bound" in p.stdout
     assert re.search(r"n_outside\s+\d+", p.stdout) and "worst_ratio" in p.stdout
+    assert re.search(r"first_ref\s+\S+\n\s+first_out\s+\S+\n\s+first_bound\s+\S+", p.stdout)
     assert "Traceback" not in p.stdout  # the table replaces the Python traceback
 
 
@@ -310,8 +311,8 @@ def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):
     assert "6 passed" in p.stdout
     from harness.results import read_rows
 
-    finals = [r for r in read_rows(out) if r.get("final")]
-    assert sorted(r["case_id"] for r in finals) == sorted(c.id for c in load_cases(path)[1])
+    finals = [r for r in read_rows(out) if r.final]
+    assert sorted(r.case_id for r in finals) == sorted(c.id for c in load_cases(path)[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from harness import adapters, metrics
 from harness.adapters import QuantPolicy
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Distribution, Shape, Stage
-from harness.stages.run import run_case
-from harness.stages.verdicts import Outcome
+from harness.records import Outcome
+from harness.stages import run_case
 from reference.nvfp4 import unpack_e2m1
 from tests import planted
 

@@ -37,16 +37,16 @@ def test_timeout_kills_the_grandchild_and_a_segfault_keeps_its_traceback(
     rc = cli.main(["run", str(f), "-o", str(out), "--timeout", "20", "--no-progress"])
     assert rc == 1
     assert "--timeout runs each case in its own process" in capsys.readouterr().err
-    finals = {r["backend"]: r for r in results.read_rows(out) if r["final"]}
+    finals = {r.backend: r for r in results.read_rows(out) if r.final}
     hung = finals["tests.misbehaving:SpawnsAndHangs"]
-    assert hung["outcome"] == "timeout"
-    assert "in quantize" in hung["metrics"]["stderr_tail"]  # faulthandler: where it hung
+    assert hung.outcome == "timeout"
+    assert "in quantize" in hung.metrics["stderr_tail"]  # faulthandler: where it hung
     grandchild = int((tmp_path / "grandchild").read_text())
     assert wait_for(lambda: not alive(grandchild), 10), "grandchild outlived its case"
     crashed = finals["tests.misbehaving:Segfaults"]
-    assert crashed["outcome"] == "crashed"
-    assert crashed["message"] == "process killed by signal 11"
-    tail = crashed["metrics"]["stderr_tail"]
+    assert crashed.outcome == "crashed"
+    assert crashed.message == "process killed by signal 11"
+    tail = crashed.metrics["stderr_tail"]
     assert "Segmentation fault" in tail and "misbehaving.py" in tail
     with results.locked(out):  # the sweep released its directory
         pass

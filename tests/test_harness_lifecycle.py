@@ -77,6 +77,6 @@ def test_sigterm_ends_a_sweep_like_ctrl_c_kills_its_case_and_keeps_its_rows(tmp_
     for name in ("worker", "grandchild"):  # the case in flight went down with its group
         pid = int((tmp_path / name).read_text())
         assert wait_for(lambda pid=pid: not alive(pid), 10), f"{name} outlived the sweep"
-    finals = [r for r in results.read_rows(out) if r["final"]]
-    assert [(r["outcome"], r["threads"]) for r in finals] == [("pass", 1)]  # --threads reached
+    finals = [r for r in results.read_rows(out) if r.final]
+    assert [(r.outcome, r.threads) for r in finals] == [("pass", 1)]  # --threads reached
     assert (out / results.PARQUET).exists()  # the isolated child

@@ -67,14 +67,14 @@ def test_isolated_sweep_records_error_timeout_and_crash(tmp_path):
     out = tmp_path / "out"
     counts = run_sweep(cases, out, SweepOptions(isolate=True, progress=False))
     assert counts["error"] == counts["timeout"] == counts["crashed"] == 1
-    finals = {r["backend"].split(":")[1]: r for r in results.read_rows(out) if r["final"]}
-    assert {k: r["outcome"] for k, r in finals.items()} == {
+    finals = {r.backend.split(":")[1]: r for r in results.read_rows(out) if r.final}
+    assert {k: r.outcome for k, r in finals.items()} == {
         "Raises": "error", "Hangs": "timeout", "Dies": "crashed"}
-    assert finals["Raises"]["message"].startswith("RuntimeError: planted failure in quantize")
-    assert "planted.py" in finals["Raises"]["metrics"]["traceback"]
-    assert finals["Hangs"]["message"] == "killed after 10 s"
-    assert finals["Dies"]["message"] == "process killed by signal 9"
-    assert {r["case_id"] for r in finals.values()} == {c.id for c in cases}
+    assert finals["Raises"].message.startswith("RuntimeError: planted failure in quantize")
+    assert "planted.py" in finals["Raises"].metrics["traceback"]
+    assert finals["Hangs"].message == "killed after 10 s"
+    assert finals["Dies"].message == "process killed by signal 9"
+    assert {r.case_id for r in finals.values()} == {c.id for c in cases}
     assert (out / results.PARQUET).exists()
 
 
@@ -85,8 +85,8 @@ def test_in_process_error_becomes_a_row(tmp_path):
         backends=("tests.planted:Raises", "no_such_module_xyz:Adapter"), progress=False))
     assert counts["error"] == 4
     rows = results.read_rows(tmp_path / "out")
-    assert len(rows) == 4 and all(r["final"] for r in rows)
-    unknown = [r["message"] for r in rows if r["backend"].startswith("no_such")]
+    assert len(rows) == 4 and all(r.final for r in rows)
+    unknown = [r.message for r in rows if r.backend.startswith("no_such")]
     assert all("no module named 'no_such_module_xyz'" in m for m in unknown)
 
 
@@ -110,18 +110,18 @@ def test_killed_sweep_resumes_without_redoing_finished_cases(tmp_path):
                         env={planted.EXIT_AT_ENV: "3"})
     assert first.returncode == 3, first.stderr  # os._exit inside the third case
     rows = results.read_rows(out)
-    assert [r["case_id"] for r in rows if r["final"]] == ids[:2]
-    run1 = {r["run_id"] for r in rows}
+    assert [r.case_id for r in rows if r.final] == ids[:2]
+    run1 = {r.run_id for r in rows}
     assert len(run1) == 1
 
     second = harness_cli("run", str(f), "-o", str(out), "--no-progress")
     assert second.returncode == 0, second.stdout + second.stderr
     rows = results.read_rows(out)
-    finals = [r for r in rows if r["final"]]
-    assert sorted(r["case_id"] for r in finals) == sorted(ids)  # each exactly once
-    assert all(r["outcome"] == "pass" for r in finals)
-    assert {r["run_id"] for r in finals if r["case_id"] in ids[:2]} == run1  # not redone
-    assert not {r["run_id"] for r in finals if r["case_id"] in ids[2:]} & run1
+    finals = [r for r in rows if r.final]
+    assert sorted(r.case_id for r in finals) == sorted(ids)  # each exactly once
+    assert all(r.outcome == "pass" for r in finals)
+    assert {r.run_id for r in finals if r.case_id in ids[:2]} == run1  # not redone
+    assert not {r.run_id for r in finals if r.case_id in ids[2:]} & run1
     runs = results.read_meta(out)["runs"]
     assert [(r["pairs"], r["resumed"]) for r in runs] == [(5, 0), (5, 2)]
 
@@ -134,8 +134,8 @@ def test_resume_after_a_torn_last_line_keeps_every_row(tmp_path):
     with open(out / results.JSONL, "a") as fh:  # killed in the middle of writing a row
         fh.write('{"case_id": "' + cases[1].id + '", "compare": "quantize.co')
     run_sweep(cases, out, SweepOptions(progress=False))
-    rows = [r for r in results.read_rows(out) if r["case_id"] == cases[1].id]
-    assert {r["compare"] for r in rows} == {"quantize.codes", "quantize.scales",
+    rows = [r for r in results.read_rows(out) if r.case_id == cases[1].id]
+    assert {r.compare for r in rows} == {"quantize.codes", "quantize.scales",
                                             "quantize.global_scale", "case"}
 
 
@@ -161,13 +161,13 @@ def test_shards_merge_to_the_unsharded_set(tmp_path):
     for i in range(2):
         d = tmp_path / f"shard{i}"
         assert cli.main(["run", str(f), "-o", str(d), "--shard", f"{i}/2", "--no-progress"]) == 0
-        parts.append({r["case_id"] for r in results.read_rows(d) if r["final"]})
+        parts.append({r.case_id for r in results.read_rows(d) if r.final})
     assert parts[0] and parts[1] and not parts[0] & parts[1]
     merged = tmp_path / "merged"
     assert cli.main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"),
                      "-o", str(merged)]) == 0
     rows = results.read_rows(merged)
-    assert {r["case_id"] for r in rows if r["final"]} == ids
+    assert {r.case_id for r in rows if r.final} == ids
     assert len(results.read_meta(merged)["runs"]) == 2
     assert len(results.read_rows(merged / results.PARQUET)) == len(rows)
 
@@ -177,7 +177,7 @@ def test_case_filter_runs_only_matching_cases(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["run", str(f), "-o", str(out), "-k", "fp4_grid,scale_assembly_t5",
                      "--no-progress"]) == 0
-    got = {r["case_id"] for r in results.read_rows(out) if r["final"]}
+    got = {r.case_id for r in results.read_rows(out) if r.final}
     want = {c.id for c in load_cases(f)[1] if "fp4_grid" in c.id or "scale_assembly_t5" in c.id}
     assert got == want and len(got) == 4
 
@@ -198,7 +198,7 @@ def test_cli_exit_codes_of_run(tmp_path):
     f = write(tmp_path / "ties.yaml", TIES)
     ok = harness_cli("run", str(f), "-o", str(tmp_path / "ok"), "--no-progress")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert [r["outcome"] for r in results.read_rows(tmp_path / "ok") if r["final"]] == ["pass"] * 2
+    assert [r.outcome for r in results.read_rows(tmp_path / "ok") if r.final] == ["pass"] * 2
     bad = harness_cli("run", str(f), "-o", str(tmp_path / "bad"), "--no-progress",
                       "-b", "tests.planted:RoundHalfAway")
     assert bad.returncode == 1, bad.stdout + bad.stderr

@@ -21,6 +21,7 @@ import pytest
 from harness import cli, results
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Budget, load_cases
+from harness.records import Row
 from tests import planted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def finals(out: Path) -> dict[tuple[str, str], dict]:
-    return {(r["case_id"], r["backend"]): r for r in results.read_rows(out) if r["final"]}
+    return {(r.case_id, r.backend): r for r in results.read_rows(out) if r.final}
 
 
 TWO = "sweeps:\n  - stage: quantize\n    tokens: [1, 2]\n"
@@ -104,10 +105,10 @@ def test_filtered_fresh_keeps_other_backends_and_cases(tmp_path, capsys):
     after = finals(out)
     assert set(after) == set(before)  # nothing lost
     rerun = (ids[0], "reference")
-    assert after[rerun]["run_id"] != before[rerun]["run_id"]
+    assert after[rerun].run_id != before[rerun].run_id
     for k in set(before) - {rerun}:
-        assert after[k]["run_id"] == before[k]["run_id"], k
-    assert sum(r["case_id"] == ids[0] and r["backend"] == "reference"
+        assert after[k].run_id == before[k].run_id, k
+    assert sum(r.case_id == ids[0] and r.backend == "reference"
                for r in results.read_rows(out)) == 4  # its old rows are gone, not duplicated
 
 
@@ -122,7 +123,7 @@ def test_resume_retries_an_error_after_the_fix(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(planted.BUILD_ENV, "Raises")  # an import error, say
     assert cli.main(args) == 1
     first = finals(out)
-    assert {r["outcome"] for r in first.values()} == {"error"}
+    assert {r.outcome for r in first.values()} == {"error"}
     monkeypatch.delenv(planted.BUILD_ENV)  # fixed
     assert cli.main([*args, "--keep-errors"]) == 1  # asked to keep them: kept
     assert finals(out) == first
@@ -130,7 +131,7 @@ def test_resume_retries_an_error_after_the_fix(tmp_path, monkeypatch, capsys):
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert "rerunning 2: 2 earlier error (--keep-errors keeps them)" in err
-    assert {r["outcome"] for r in finals(out).values()} == {"pass"}
+    assert {r.outcome for r in finals(out).values()} == {"pass"}
 
 
 def test_resume_reruns_a_case_whose_budget_changed(tmp_path, capsys):
@@ -147,7 +148,7 @@ def test_resume_reruns_a_case_whose_budget_changed(tmp_path, capsys):
     assert cli.main(args) == 1
     assert "rerunning 1: 1 case definition changed" in capsys.readouterr().err
     (row,) = finals(out).values()
-    assert row["outcome"] == "fail" and "budget 0.001" in row["message"]
+    assert row.outcome == "fail" and "budget 0.001" in row.message
 
 
 def test_resume_reruns_when_the_adapter_changed(tmp_path, monkeypatch, capsys):
@@ -161,7 +162,7 @@ def test_resume_reruns_when_the_adapter_changed(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main(args) == 0
     assert "rerunning 2: 2 adapter changed" in capsys.readouterr().err
-    assert not {r["run_id"] for r in finals(out).values()} & {r["run_id"] for r in first.values()}
+    assert not {r.run_id for r in finals(out).values()} & {r.run_id for r in first.values()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,8 +302,8 @@ def test_cuda_case_without_cuda_is_unsupported_with_the_reason(tmp_path, capsys)
     assert cli.main(["run", str(f), "-o", str(tmp_path / "o"), "--device", "cuda",
                      "--no-progress"]) == 0
     rows = finals(tmp_path / "o").values()
-    assert {r["outcome"] for r in rows} == {"unsupported"}
-    assert {r["message"] for r in rows} == {
+    assert {r.outcome for r in rows} == {"unsupported"}
+    assert {r.message for r in rows} == {
         "case needs cuda; torch.cuda.is_available() is False on this machine"}
     out = capsys.readouterr().out
     assert "unsupported reference                2 cases: case needs cuda" in out
@@ -316,7 +317,7 @@ def test_usage_hides_the_worker_and_show_prints_whole_tracebacks(tmp_path, capsy
     f = write(tmp_path / "c.yaml", TWO)
     out = tmp_path / "out"
     cli.main(["run", str(f), "-o", str(out), "-b", "tests.planted:Raises", "--no-progress"])
-    tb = finals(out)[(load_cases(f)[1][0].id, "tests.planted:Raises")]["metrics"]["traceback"]
+    tb = finals(out)[(load_cases(f)[1][0].id, "tests.planted:Raises")].metrics["traceback"]
     assert len(tb) > 400
     capsys.readouterr()
     assert cli.main(["show", str(out), load_cases(f)[1][0].id]) == 0
@@ -326,9 +327,10 @@ def test_usage_hides_the_worker_and_show_prints_whole_tracebacks(tmp_path, capsy
 
 
 def test_summary_lists_failures_before_grouped_unsupported():
-    rows = [{"outcome": "unsupported", "backend": "b", "case_id": f"c{i}",
-             "message": "needs sm_100"} for i in range(60)]
-    rows.append({"outcome": "fail", "backend": "b", "case_id": "bad", "message": "real mismatch"})
+    rows = [Row(outcome="unsupported", backend="b", case_id=f"c{i}", compare="case",
+                message="needs sm_100", final=True) for i in range(60)]
+    rows.append(Row(outcome="fail", backend="b", case_id="bad", compare="case",
+                    message="real mismatch", final=True))
     lines = cli.summary_table(rows).splitlines()
     assert lines[0] == "outcome counts: fail=1, unsupported=60"
     assert lines[1].startswith("  fail") and "bad: real mismatch" in lines[1]
@@ -346,7 +348,7 @@ def test_xdist_workers_share_the_cores(tmp_path):
                         str(f), "--harness-results", str(tmp_path / "res")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    threads = {r["threads"] for r in results.read_rows(tmp_path / "res") if r["final"]}
+    threads = {r.threads for r in results.read_rows(tmp_path / "res") if r.final}
     cores = len(os.sched_getaffinity(0))
     assert threads == {max(1, cores // 2)}
 

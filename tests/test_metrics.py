@@ -357,3 +357,43 @@ def test_nonfinite_stats_float_scales_codes():
     assert st["nibble_hist"] == {"0": 1, "7": 2, "8": 1}
     assert st["amax"] == 6.0 and st["zero_frac"] == 0.5
     json.dumps(st)
+
+
+# --------------------------------------------------------------------------------------------
+# the first bad element's values, signed mean error, bf16 ulps
+
+
+def test_first_bad_element_carries_its_reference_output_and_bound():
+    ref = torch.tensor([[1.0, 2.0], [4.0, -8.0]])
+    out = torch.tensor([[1.0, 2.0], [4.5, -8.0]])
+    p = error_panel(ref, out, atol=0.1, rtol=0.01)
+    assert p["first_outside"] == [1, 0]
+    assert (p["first_ref"], p["first_out"]) == (4.0, 4.5)
+    assert p["first_bound"] == pytest.approx(0.1 + 0.01 * 4.0)
+    b = error_panel_bound(ref, out, torch.tensor([[0.0, 0.0], [0.25, 0.0]]))
+    assert (b["first_ref"], b["first_out"], b["first_bound"]) == (4.0, 4.5, 0.25)
+    assert "first_ref" not in error_panel(ref, ref.clone(), 0.0, 0.0)
+    a8 = torch.tensor([1.0, 2.0, 448.0]).to(torch.float8_e4m3fn)
+    b8 = torch.tensor([1.0, 3.0, 448.0]).to(torch.float8_e4m3fn)
+    eq = bitwise_equal(a8, b8)
+    assert eq["first_mismatch"] == [1] and (eq["first_ref"], eq["first_out"]) == (2.0, 3.0)
+    json.dumps(eq)
+
+
+def test_signed_mean_error_and_bf16_ulps():
+    ref = torch.tensor([1.0, 1.0, 3.0, 0.0], dtype=torch.float64)
+    # one bf16 ulp at 1.0 is 2^-7; at 3.0 (in [2, 4)) it is 2^-6
+    out = ref + torch.tensor([2.0**-7, 2.0**-7, 2 * 2.0**-6, 0.0], dtype=torch.float64)
+    p = error_panel(ref, out, 0.0, 0.0)
+    assert p["mean_err"] == pytest.approx((2 * 2.0**-7 + 2.0**-5) / 4)
+    assert p["max_ulps_bf16"] == pytest.approx(2.0)
+    neg = error_panel(ref, 2 * ref - out, 0.0, 0.0)
+    assert neg["mean_err"] == pytest.approx(-p["mean_err"])  # the sign is kept
+    b = error_panel_bound(ref, out, 1.0)
+    assert b["max_ulps_bf16"] == pytest.approx(2.0) and b["mean_err"] == p["mean_err"]
+    x = torch.randn(64, generator=_gen()).bfloat16()
+    up = (x.view(torch.int16) + 1).view(torch.bfloat16)  # sign-magnitude: |x| one step up
+    q = error_panel(x.double(), up.double(), 0.0, 0.0)
+    assert q["max_ulps_bf16"] == pytest.approx(1.0)  # one bf16 step away is one ulp
+    nothing = error_panel(torch.full((2,), math.nan), torch.ones(2), 0.0, 0.0)
+    assert math.isnan(nothing["mean_err"]) and math.isnan(nothing["max_ulps_bf16"])

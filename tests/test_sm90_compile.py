@@ -7,7 +7,8 @@ and prefill (8 experts of 1024 rows: 128-row tiles on wgmma). Checked in the PTX
 there; no local memory (`ld.local` / `st.local`: spills or stack arrays in the K loop would
 cost more than the decode saves); no `.ftz` (the fp16 -> fp32 conversion of the decoded FP4
 must keep fp16 subnormals, codes 1 and 9: fp4_bits). A compile failure names the kernel and
-the configuration. Compiling is not running: numerics on a GPU stay unverified (docs/backends.md).
+the configuration. Compiling is not running: the numerics are checked on a GPU by
+tests/test_sm90_gemm.py (docs/backends.md).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from harness import adapters, results, timing
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Routing, Shape, Stage
+from harness.records import Outcome, Row
 from harness.runner import SweepOptions, run_one, run_sweep, timing_row
 from harness.timing import Protocol, StopReason, Work
 
@@ -136,21 +137,20 @@ def test_interval_fallback_for_rows_without_samples():
     assert timing.compare_intervals((10, 9.9, 10.1), (10.1, 10.0, 10.2))["verdict"] == "same"
 
 
-def _timed(case_id: str, samples) -> dict:
+def _timed(case_id: str, samples) -> Row:
     s = sorted(samples)
-    return {
-        "case_id": case_id,
-        "backend": "k",
-        "compare": results.TIMING,
-        "outcome": "timed",
-        "final": False,
-        "metrics": {
+    return Row(
+        case_id=case_id,
+        backend="k",
+        compare=results.TIMING,
+        outcome=Outcome.TIMED,
+        metrics={
             "latency_us": float(np.median(s)),
             "latency_p10_us": float(np.percentile(s, 10)),
             "latency_p90_us": float(np.percentile(s, 90)),
             "samples_us": list(map(float, s)),
         },
-    }
+    )
 
 
 def test_compare_timings_sorts_cases_into_the_four_verdicts():
@@ -166,7 +166,7 @@ def test_compare_timings_sorts_cases_into_the_four_verdicts():
     got = {v: [k[0] for k, *_ in items] for v, items in d.items()}
     assert got == {"same": ["a"], "slower": ["b"], "faster": ["c"], "ambiguous": ["d"]}
     # a skipped timing row (no numbers) is never compared
-    skipped = {**base[0], "outcome": "skipped", "metrics": {"verdict": "pass"}}
+    skipped = base[0].replace(outcome=Outcome.SKIPPED, metrics={"verdict": "pass"})
     assert not any(results.compare_timings([skipped], new[:1]).values())
 
 
@@ -258,11 +258,11 @@ def test_reference_layers_cannot_be_timed_and_say_why():
 def test_time_on_cpu_records_a_skip_without_numbers(tmp_path):
     case = _case(Stage.QUANTIZE, tokens=8, source="x.yaml")
     rows = run_one(case, "dsv4-torch", time_it=True, baselines=("bf16",))
-    assert [r["compare"] for r in rows][-2:] == [results.TIMING, "case"]
+    assert [r.compare for r in rows][-2:] == [results.TIMING, "case"]
     t = rows[-2]
-    assert t["outcome"] == "skipped" and "needs CUDA" in t["message"]
-    assert t["metrics"] == {"verdict": "pass"}  # nothing that looks like a number
-    assert not t["final"] and rows[-1]["final"]
+    assert t.outcome == "skipped" and "needs CUDA" in t.message
+    assert t.metrics == {"verdict": "pass"}  # nothing that looks like a number
+    assert not t.final and rows[-1].final
 
 
 def test_a_failed_case_is_timed_but_marked_invalid():

@@ -46,8 +46,6 @@ def swiglu(
     """
     _check_l1("l1_out", l1_out, multiple=1)
     lim = _checks.positive_limit("limit", limit)
-    if out is None and workspace is None:
-        return _swiglu(l1_out, lim)
     lead, i = tuple(l1_out.shape[:-1]), l1_out.shape[-1] // 2
     if out is None:
         out = torch.empty((*lead, i), dtype=torch.float32, device=l1_out.device)
@@ -90,19 +88,11 @@ def _check_l1(name: str, l1_out: object, multiple: int = BLOCK) -> torch.Tensor:
     return l1_out
 
 
-def _swiglu(l1_out: torch.Tensor, limit: float | None) -> torch.Tensor:
-    gate, up = l1_out.float().chunk(2, dim=-1)
-    if limit is not None:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(-limit, limit)
-    return F.silu(gate) * up
-
-
 def _swiglu_into(
     l1_out: torch.Tensor, limit: float | None, out: torch.Tensor, l1: torch.Tensor
 ) -> None:
-    """_swiglu(l1_out, limit) written into out (fp32) through l1, an fp32 buffer of l1_out's
-    shape: the same ops (clamps, then silu, then the product) done in place."""
+    """silu(min(gate, L)) * clamp(up, -L, L) of l1_out written into out (fp32) through l1, an
+    fp32 buffer of l1_out's shape: clamps, then silu, then the product, in place."""
     gate, up = l1.copy_(l1_out).chunk(2, dim=-1)
     if limit is not None:
         gate.clamp_(max=limit)
@@ -127,13 +117,7 @@ def _swiglu_quantize_op(
     if impl == "cutedsl":
         _cutedsl_quantize(l1_out, gs, codes_out, scales_out, row_weight, swiglu=True, limit=limit)
         return
-    if workspace is None:
-        h = _swiglu(l1_out, limit)
-        if row_weight is not None:
-            h = h * row_weight.unsqueeze(-1)
-        quantize_into(h, gs, codes_out, scales_out)
-        return
-    ws = Workspace(workspace)
+    ws = Workspace(workspace, l1_out.device)  # None: every temporary is a fresh tensor
     l1 = _swiglu_buffers(ws, tuple(l1_out.shape))  # reserved first, as the sizing counts it
     h = ws.empty((*l1_out.shape[:-1], l1_out.shape[-1] // 2), torch.float32)
     _swiglu_into(l1_out, limit, h, l1)

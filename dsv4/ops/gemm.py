@@ -6,7 +6,7 @@ Backends register a function and a `supports(device) -> (ok, why)` probe; select
 highest-priority backend that supports the device (sm100 > sm90 > torch), and an override that
 names a backend whose capability is missing fails naming what it needs and what it got.
 The backends are siblings, one module each, registered when dsv4.ops is imported:
-`gemm_torch` (portable, any device) and `gemm_sm90` (Triton, sm_90; opt-in for now). A backend
+`gemm_torch` (portable, any device) and `gemm_sm90` (Triton, sm_90). A backend
 declares its scratch size (`workspace_bytes`) and whether it reads B only K-major.
 """
 

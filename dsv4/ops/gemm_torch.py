@@ -1,12 +1,12 @@
 """The portable `torch` grouped-GEMM backend (any device, CPU in CI), registered at priority 0.
 
-It unswizzles both scale layouts itself, dequantizes both operands to bf16 (code * scale is exact
-there, docs/design.md §3), multiplies per expert in fp32, applies alpha = gsa[e] * gsb[e] in fp32
+It unswizzles both scale layouts itself, dequantizes both operands to fp32 (code * scale is
+exact, docs/design.md §3), multiplies per expert in fp32, applies alpha = gsa[e] * gsb[e] in fp32
 and casts once to bf16. Trade-off: to slice each expert's rows it reads the offsets on the host
 (free on CPU, one device-to-host copy on CUDA). On CUDA it takes by default a sync-free form that
 multiplies every row by every expert and keeps each row's own result: E times the FLOPs,
-graph-capturable. With a `workspace` (bytes from `torch_gemm_workspace_bytes`) it allocates
-nothing in either form.
+graph-capturable. One body serves both call forms: with a `workspace` (bytes from
+`torch_gemm_workspace_bytes`) it allocates nothing, without one its temporaries are fresh tensors.
 """
 
 from __future__ import annotations
@@ -15,48 +15,8 @@ import torch
 
 from dsv4.ops._workspace import Sizer, Workspace, cumsum_small, scalar
 from dsv4.ops.gemm import any_device, register_backend
-from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up, tokens_from_offsets, unswizzle
-from dsv4.ops.quantize import BLOCK, decode_e2m1
-
-
-def _a_scale_index(expert_offsets: torch.Tensor, t: int, c: int) -> torch.Tensor:
-    """int64 [T, C] byte offsets of A's scales in the per-group swizzled 2-D side.
-
-    Data row r of group g sits at scale row R = scale_start_g + (r - data_start_g); the offset is
-    the 128x4 closed form. Rows past offsets[-1] get an index into the last group (never used).
-    """
-    dev = expert_offsets.device
-    tokens = tokens_from_offsets(expert_offsets).long()
-    ends = expert_offsets.long()
-    padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
-    scale_starts = torch.cumsum(padded, 0) - padded
-    rows = torch.arange(t, device=dev)
-    g = torch.searchsorted(ends, rows, right=True).clamp_(max=ends.numel() - 1)
-    big_r = (scale_starts[g] + rows - (ends[g] - tokens[g])).unsqueeze(1)
-    col = torch.arange(c, device=dev).unsqueeze(0)
-    n_cb = round_up(c, ATOM_COLS) // ATOM_COLS
-    return (
-        ((big_r // 128) * n_cb + col // 4) * 512
-        + (big_r % 32) * 16
-        + ((big_r // 32) % 4) * 4
-        + col % 4
-    )
-
-
-def _dequant_a(mat_a: torch.Tensor, scale_a: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """A [T, K/2] codes + swizzled per-group scales -> bf16 [T, K] (exact)."""
-    t, kh = mat_a.shape
-    c = 2 * kh // BLOCK
-    idx = _a_scale_index(offsets, t, c).clamp_(max=scale_a.numel() - 1)
-    s = scale_a.view(torch.uint8)[idx].view(torch.float8_e4m3fn).to(torch.bfloat16)
-    return decode_e2m1(mat_a, torch.bfloat16) * s.repeat_interleave(BLOCK, dim=1)
-
-
-def _dequant_b(codes: torch.Tensor, scales_nc: torch.Tensor) -> torch.Tensor:
-    """One expert: codes [K/2, N] (any strides) + scales [N, K/16] -> bf16 [K, N] (exact)."""
-    vals = decode_e2m1(codes.t(), torch.bfloat16).t()  # blocks run along K
-    s = scales_nc.view(torch.float8_e4m3fn).to(torch.bfloat16).t()
-    return vals * s.repeat_interleave(BLOCK, dim=0)
+from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up
+from dsv4.ops.quantize import BLOCK
 
 
 def _host_ends(offsets: torch.Tensor, t: int, scale_a: torch.Tensor, c: int) -> list[int]:
@@ -132,9 +92,9 @@ def _decode_into(packed, tab, nib, idx, out) -> None:
 def _torch_gemm_ws(
     mat_a, mat_b, scale_a, scale_b, expert_offsets, gsa, gsb, out, ws, sync_free, ends
 ) -> None:
-    """The torch backend with every temporary from `ws`: the same values as the allocating
-    form (dequantized products are exact in fp32 as in bf16; B is read with the same strides,
-    so each per-expert matmul is the same call), nothing allocated."""
+    """The torch backend's one body: every temporary comes from `ws` (an arena: nothing is
+    allocated; `Workspace(None)`: fresh tensors). A and B are dequantized exactly in fp32 and
+    each expert's rows are one fp32 matmul, alpha on the fp32 accumulator."""
     t, kh = mat_a.shape
     e, _, n = mat_b.shape
     k, c = 2 * kh, 2 * kh // BLOCK
@@ -259,38 +219,20 @@ def torch_grouped_gemm(
     ends = None if sync_free else _host_ends(expert_offsets, t, scale_a, c)
     if t == 0 or scale_a.numel() == 0:  # no tokens, or no group holds a row (offsets[-1] == 0)
         return
-    if workspace is not None:
-        ws = Workspace(workspace)
-        _torch_gemm_ws(
-            mat_a,
-            mat_b,
-            scale_a,
-            scale_b,
-            expert_offsets,
-            global_scale_a,
-            global_scale_b,
-            out,
-            ws,
-            sync_free,
-            ends,
-        )
-        return
-    alpha = (global_scale_a.reshape(-1) * global_scale_b.reshape(-1)).expand(e)  # fp32
-    b_scales = unswizzle(scale_b.view(torch.uint8), n, c)  # [E, N, C] view
-    a = _dequant_a(mat_a, scale_a, expert_offsets).float()
-    if sync_free:
-        rows = torch.arange(t, device=out.device)
-        group = torch.searchsorted(expert_offsets, rows.to(torch.int32), right=True).unsqueeze(1)
-        for ei in range(e):
-            acc = a @ _dequant_b(mat_b[ei], b_scales[ei]).float()
-            torch.where(group == ei, (acc * alpha[ei]).to(out.dtype), out, out=out)
-        return
-    start = 0
-    for ei, end in enumerate(ends):
-        if end > start:
-            acc = a[start:end] @ _dequant_b(mat_b[ei], b_scales[ei]).float()
-            out[start:end] = (acc * alpha[ei]).to(out.dtype)  # alpha on the fp32 accumulator
-        start = end
+    ws = Workspace(workspace, out.device)  # None: every temporary is a fresh tensor
+    _torch_gemm_ws(
+        mat_a,
+        mat_b,
+        scale_a,
+        scale_b,
+        expert_offsets,
+        global_scale_a,
+        global_scale_b,
+        out,
+        ws,
+        sync_free,
+        ends,
+    )
 
 
 register_backend(

@@ -70,12 +70,9 @@ def _swizzle_padded_into(padded: torch.Tensor, out: torch.Tensor) -> None:
 def _padded(
     scales: torch.Tensor, rows: int, cols: int, ws: Workspace | None = None
 ) -> torch.Tensor:
-    """[..., R, C] bytes -> zero-padded [..., rows, cols] bytes (in `ws` when given)."""
+    """[..., R, C] bytes -> zero-padded [..., rows, cols] bytes (from `ws`, else allocated)."""
     *lead, r, c = scales.shape
-    if ws is None:
-        pad = torch.zeros((*lead, rows, cols), dtype=torch.uint8, device=scales.device)
-        pad[..., :r, :c] = _bytes(scales)
-        return pad
+    ws = ws or Workspace(None, scales.device)
     pad = ws.empty((*lead, rows, cols), torch.uint8).zero_()
     pad[..., :r, :c].copy_(_bytes(scales))
     return pad
@@ -120,7 +117,7 @@ def pad_and_swizzle(
     else:
         _check_out("out", out, rp * cp, scales_2d.device)
     _checks.workspace(workspace, scales_2d.device, pad_and_swizzle_workspace_bytes(r, c))
-    ws = None if workspace is None else Workspace(workspace)
+    ws = Workspace(workspace, scales_2d.device)  # None: the padded copy is a fresh tensor
     _swizzle_padded_into(_padded(scales_2d, rp, cp, ws), _bytes(out))
     return out
 
@@ -250,10 +247,8 @@ def assemble_scales_2d_side_from_offsets(
                 f"got out.numel()={out.numel()} contiguous={out.is_contiguous()}"
             )
     rows_out = out.numel() // cp
-    if workspace is None:
-        return _assemble_2d_alloc(scales, expert_offsets, out, rows_out, cp)
     _checks.workspace(workspace, scales.device, assemble_2d_workspace_bytes(t, c, e, out.numel()))
-    ws = Workspace(workspace)
+    ws = Workspace(workspace, scales.device)  # None: every temporary is a fresh tensor
     ends, tokens, ds, padded, se, ss, pair, starts32, r, g, tmp, local, m, m2, rows, gathered = (
         _assemble_2d_buffers(ws, c, e, rows_out)
     )
@@ -310,28 +305,6 @@ def assemble_2d_workspace_bytes(t: int, c: int, e: int, out_numel: int | None = 
     sizer = Sizer()
     _assemble_2d_buffers(sizer, c, e, rows_out)
     return sizer.off
-
-
-def _assemble_2d_alloc(
-    scales: torch.Tensor, expert_offsets: torch.Tensor, out: torch.Tensor, rows_out: int, cp: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The allocating form (no workspace): same bytes."""
-    t, c = scales.shape
-    e = expert_offsets.numel()
-    tokens = tokens_from_offsets(expert_offsets).long()
-    data_starts = expert_offsets.long() - tokens
-    padded = (tokens + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
-    scale_ends = torch.cumsum(padded, dim=0)
-    scale_starts = scale_ends - padded
-    r = torch.arange(rows_out, device=scales.device)
-    g = torch.searchsorted(scale_ends, r, right=True).clamp_(max=e - 1)
-    local = r - scale_starts[g]
-    src = torch.where((local < tokens[g]) & (local >= 0), data_starts[g] + local, t)
-    src_rows = torch.cat((_bytes(scales), scales.new_zeros((1, c), dtype=torch.uint8)))
-    gathered = torch.zeros((rows_out, cp), dtype=torch.uint8, device=scales.device)
-    gathered[:, :c] = src_rows.index_select(0, src)
-    _swizzle_padded_into(gathered, _bytes(out))
-    return out, scale_starts.to(torch.int32)
 
 
 def assemble_scales_3d_side(

@@ -17,7 +17,7 @@ BUILTIN: dict[str, str] = {
     "reference": "harness.backends.reference:ReferenceAdapter",
     "dsv4-torch": "harness.backends.dsv4:dsv4_torch",  # the portable backend, torch quantize
     "dsv4-cutedsl": "harness.backends.dsv4:dsv4_cutedsl",  # CuTeDSL quantize kernels
-    "dsv4-sm90": "harness.backends.dsv4:dsv4_sm90",  # opt-in: unverified on a GPU
+    "dsv4-sm90": "harness.backends.dsv4:dsv4_sm90",
     "bf16": "harness.backends.baselines:Bf16Baseline",  # timing baseline only
     "reference-compiled": "harness.backends.baselines:CompiledReference",
 }

@@ -2,7 +2,8 @@
 
 `bf16` is BF16 cuBLAS on dequantized weights (the speed an NVFP4 kernel has to beat to be worth
 it): every GEMM of the grouped GEMM and of the three layers as `torch.mm` / `torch.bmm` on bf16
-operands dequantized once at prepare time, SwiGLU and the routing weight as plain torch ops. It
+operands dequantized once at prepare time (the routed MoE on CUDA as two `torch._grouped_mm`
+calls, where torch has it), SwiGLU and the routing weight as plain torch ops. It
 has no NVFP4 stage methods, so it cannot be a correctness backend: name it under a case file's
 `baselines:` (or `run --time --baseline bf16`). Any registered adapter (`dsv4-torch`,
 `reference`) can be a baseline too.
@@ -72,6 +73,8 @@ class Bf16Baseline(AdapterBase):
             if c:
                 bounds.append((e, s, s + c))
             s += c
+        if x.is_cuda and hasattr(torch, "_grouped_mm") and bounds:
+            return _grouped_moe(x, rows, weight, counts, w13, w2, limit)
 
         def run() -> torch.Tensor:
             xs = x.index_select(0, rows)
@@ -90,6 +93,23 @@ class Bf16Baseline(AdapterBase):
         og = o.reshape(t, n_groups, -1).transpose(0, 1)  # [G, T, D]
         w = w.to(torch.bfloat16)
         return lambda: torch.bmm(og, w).transpose(0, 1)
+
+
+def _grouped_moe(x, rows, weight, counts, w13, w2, limit) -> Callable[[], Any]:
+    """The routed MoE as two `torch._grouped_mm` calls (BF16 cuBLAS grouped GEMM, offsets on the
+    device: no per-expert launch, graph-capturable), SwiGLU and the routing weight between them."""
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(x.device)
+    w13k = w13.transpose(1, 2).contiguous().transpose(1, 2)  # [E, K, N] read K-major
+    w2k = w2.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def run() -> torch.Tensor:
+        xs = x.index_select(0, rows)
+        h = torch._grouped_mm(xs, w13k, offs=offs, out_dtype=torch.bfloat16)
+        a = (swiglu(h, limit) * weight).to(torch.bfloat16)
+        y = torch._grouped_mm(a, w2k, offs=offs, out_dtype=torch.bfloat16)
+        return torch.zeros_like(x).index_add_(0, rows, y)
+
+    return run
 
 
 def _swiglu_quantize(l1: torch.Tensor, limit: float | None, gs: torch.Tensor):

@@ -16,7 +16,7 @@ the adapter's `backend` attribute when it has one, else chosen by device; the qu
 implementation likewise its `quant_impl` attribute.
 Names (harness.backends.BUILTIN): `dsv4-torch` (the portable backend, torch quantize),
 `dsv4-cutedsl` (the CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best
-backend) and `dsv4-sm90` (the Triton grouped GEMM for sm_90: opt-in, unverified on a GPU).
+backend) and `dsv4-sm90` (the Triton grouped GEMM for sm_90, verified on an H200).
 Conventions are ours (decode-convention global scales, DeepSeek V4 SwiGLU, gate first). Uses
 only dsv4's public modules (dsv4.ops, dsv4.layers); dsv4 imports nothing of the harness.
 """
@@ -168,6 +168,10 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
             return False, str(e)
         return True, ""
 
+    def gemm_backend(self, device: torch.device) -> str:
+        """The grouped-GEMM backend this adapter runs on `device` (recorded in every row)."""
+        return select_backend(device, self.backend)
+
     # ---- stages (outputs are caller-owned; every method writes them in place)
 
     def quantize(self, x, global_scale, codes_out, scales_out):
@@ -207,6 +211,6 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
 
 dsv4_torch = functools.partial(Dsv4Adapter, "torch")
 dsv4_cutedsl = functools.partial(Dsv4Adapter, None, "cutedsl", "dsv4-cutedsl")
-dsv4_sm90 = functools.partial(Dsv4Adapter, "sm90")  # opt-in: unverified on a GPU
+dsv4_sm90 = functools.partial(Dsv4Adapter, "sm90")
 
 __all__ = ["Dsv4Adapter", "LayerAdapterMixin", "dsv4_cutedsl", "dsv4_sm90", "dsv4_torch"]

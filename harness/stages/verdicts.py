@@ -12,7 +12,6 @@ is given. What a failing output matches comes from harness.diagnose.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,20 +21,9 @@ import torch
 from harness import diagnose, metrics
 from harness.adapters import QuantizedOperand, poisoned
 from harness.cases import Case
+from harness.records import Outcome
 from reference.layouts import assemble_scales_2d_side_from_offsets, assemble_scales_3d_side
 from reference.nvfp4 import ScaleConvention
-
-
-class Outcome(enum.Enum):
-    """Verdict of one comparison or one case; each distinct in results and reports."""
-
-    PASS = "pass"  # within the derived tolerance / budget
-    FAIL = "fail"  # outside it: a wrong result
-    ERROR = "error"  # the kernel (or the harness) raised
-    UNSUPPORTED = "unsupported"  # can_implement said no: not a failure, not a pass
-    SKIPPED = "skipped"  # not run (filtered, or needs hardware this machine lacks)
-    TIMEOUT = "timeout"  # an isolated case ran past its timeout and was killed
-    CRASHED = "crashed"  # an isolated case's process died (signal, illegal address, OOM kill)
 
 
 @dataclass

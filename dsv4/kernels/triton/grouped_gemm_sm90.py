@@ -17,9 +17,10 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
 Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
 
-Status: compiled for sm_90 on CPU (PTX checked) and run by the Triton interpreter on CPU; its
-numerics and speed on a GPU are UNMEASURED (docs/backends.md). The plan's tile sizes are
-educated guesses until bench/gemm.py runs on an H200.
+Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so far is within
+its bound, and CUDA-graph capture, no allocation and no host sync hold; the plan's tiles are the
+fastest of `candidate_plans` measured there by bench/gemm.py --plans. Speed: 0.40x (prefill) to
+0.66x (M=1) of BF16 cuBLAS, far from the weight-bytes roofline at decode (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -152,6 +153,63 @@ def _dequant_a_kernel(
 
 
 @triton.jit
+def _k_loop(
+    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+    KW, plane, n_cb, stride_be, stride_bn, stride_se,
+    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """acc [BM, BN] over K steps k0..k1: acc += Ap[r] @ B_r for the 8 word lanes r."""
+    b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
+    s_base = scale_b_ptr + e64 * stride_se
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for step in tl.range(k0, k1, num_stages=NUM_STAGES):
+        j = step * BJ + tl.arange(0, BJ)
+        jmask = j < KW
+        bmask = jmask[:, None] & cmask[None, :]
+        w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
+        soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
+        s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
+        amask = rmask[:, None] & jmask[None, :]
+        a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
+        for p in tl.static_range(4):
+            b_lo, b_hi = _decode_pair(w, p, s)
+            a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
+            a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
+            acc = tl.dot(a_lo, b_lo, acc)
+            acc = tl.dot(a_hi, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def _k_loop_swapped(
+    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+    KW, plane, n_cb, stride_be, stride_bn, stride_se,
+    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """_k_loop transposed: acc^T [BN, BM] += B_r^T @ Ap[r]^T. The decoded weight tile is the
+    dot's left operand (which wgmma may take from registers) and the few rows its N."""
+    b_base = b_words_ptr + e64 * stride_be + cols[:, None].to(tl.int64) * stride_bn
+    s_base = scale_b_ptr + e64 * stride_se
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for step in tl.range(k0, k1, num_stages=NUM_STAGES):
+        j = step * BJ + tl.arange(0, BJ)
+        jmask = j < KW
+        bmask = cmask[:, None] & jmask[None, :]
+        w = tl.load(b_base + j[None, :], mask=bmask, other=0)  # [BN, BJ]
+        soff = _swizzle_offset(cols[:, None], j[None, :] // 2, n_cb)
+        s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
+        amask = jmask[:, None] & rmask[None, :]
+        a_ptrs = ap_ptr + rows[None, :] * KW + j[:, None]  # [BJ, BM]
+        for p in tl.static_range(4):
+            b_lo, b_hi = _decode_pair(w, p, s)
+            a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
+            a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
+            acc = tl.dot(b_lo, a_lo, acc)
+            acc = tl.dot(b_hi, a_hi, acc)
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     ap_ptr,  # fp16 [8, T, K/8] (Ap, see module docstring)
     b_ptr,  # uint8 [E, K/2, N] K-major codes (read as int32 words of 8 K elements)
@@ -175,6 +233,7 @@ def _grouped_gemm_kernel(
     BJ: tl.constexpr,  # words per K step (BK = 8 * BJ elements)
     SPLIT_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # decoded B as the dot's left operand, rows as its N (decode)
 ):
     b_words_ptr = b_ptr.to(tl.pointer_type(tl.int32))
     idx, ends, starts, _ = _expert_table(offsets_ptr, E, E_PAD)
@@ -202,28 +261,20 @@ def _grouped_gemm_kernel(
         rmask = rows < row_end
         cmask = cols < N
         e64 = e.to(tl.int64)
-        b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
-        s_base = scale_b_ptr + e64 * stride_se
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for step in tl.range(
-            ks * steps_per_split,
-            tl.minimum((ks + 1) * steps_per_split, steps),
-            num_stages=NUM_STAGES,
-        ):
-            j = step * BJ + tl.arange(0, BJ)
-            jmask = j < KW
-            bmask = jmask[:, None] & cmask[None, :]
-            w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
-            soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
-            s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
-            amask = rmask[:, None] & jmask[None, :]
-            a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
-            for p in tl.static_range(4):
-                b_lo, b_hi = _decode_pair(w, p, s)
-                a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
-                a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
-                acc = tl.dot(a_lo, b_lo, acc)
-                acc = tl.dot(a_hi, b_hi, acc)
+        k0 = ks * steps_per_split
+        k1 = tl.minimum((ks + 1) * steps_per_split, steps)
+        if SWAP_AB:
+            acc = tl.trans(
+                _k_loop_swapped(
+                    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+                    KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
+                )
+            )  # fmt: skip
+        else:
+            acc = _k_loop(
+                ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+                KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
+            )  # fmt: skip
         omask = rmask[:, None] & cmask[None, :]
         optrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         if SPLIT_K == 1:
@@ -275,21 +326,75 @@ class Plan:
     num_warps: int
     num_stages: int
     programs: int  # persistent grid size
+    swap_ab: bool = False  # decoded B as the dot's left operand (decode shapes)
+
+
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on sm_90 (H100 / H200)
+
+
+def smem_bytes(p: Plan) -> int:
+    """Shared memory the pipelined K loop takes, per stage: 8 fp16 planes of A [BM, BJ], B words
+    [BJ, BN] (int32) and their scale bytes [BJ, BN] (the H200 compile of BM 128 BN 128 BJ 32 with
+    3 stages asked 245,760 bytes: this estimate gives 258,048)."""
+    return p.num_stages * (16 * p.bm * p.bj + 5 * p.bj * p.bn)
+
+
+def _split(tiles: int, kw: int, bj: int, programs: int) -> int:
+    """K splits so that tiles * split fills `programs` (at most one K step per split)."""
+    return max(1, min(triton.cdiv(kw, bj), triton.cdiv(programs, max(1, tiles))))
 
 
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
-    """Tile shape by rows: small T (decode) -> BM 16 (mma.sync) and split-K to fill the SMs;
-    large T -> BM 128 tiles (wgmma). Guesses until bench/gemm.py measures them on an H200."""
+    """Tile shape by rows (bench/gemm.py --plans measured the space on an H200, docs/backends.md).
+    Decode (T <= SPLIT_K_MAX_ROWS): BM the next power of two of an expert's rows (16..64, mma),
+    BN 128, BK 256, split-K and 4 programs per SM to keep enough loads in flight. Prefill: BM 128,
+    BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory allows no second)."""
     kw = k // WORD
-    bj = 32 if kw >= 32 else 16  # BK 256 or 128; a dot's K (= bj) must be >= 16
-    small = t <= SPLIT_K_MAX_ROWS
-    bm, bn = (16, 128) if small else (128, 128)
-    tiles = (triton.cdiv(t, bm) if small else triton.cdiv(t, bm) + e) * triton.cdiv(n, bn)
-    split = 1
-    if small:
-        steps = triton.cdiv(kw, bj)
-        split = max(1, min(steps, num_sms // max(1, tiles)))
-    return Plan(bm, bn, bj, split, 4 if small else 8, 3, num_sms)
+    if t <= SPLIT_K_MAX_ROWS:
+        rows = triton.cdiv(t, max(1, e))
+        bm = min(64, max(16, triton.next_power_of_2(rows)))
+        programs = 4 * num_sms
+        tiles = (triton.cdiv(t, bm) + e) * triton.cdiv(n, 128) if e > 1 else triton.cdiv(n, 128)
+        return Plan(bm, 128, 32, _split(tiles, kw, 32, programs), 4, 3, programs)
+    return Plan(128, 256, 16, 1, 8, 3, num_sms)
+
+
+def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
+    """The tuning space bench/gemm.py --plans measures for one shape: plan() first, then tile,
+    split-K, grid-size and pipeline variants that fit SMEM_LIMIT (split-K only where T allows)."""
+    kw = k // WORD
+    out = [plan(t, k, n, e, num_sms)]
+    if t <= SPLIT_K_MAX_ROWS:
+        bm = out[0].bm
+        for bn in (64, 128):
+            tiles = triton.cdiv(n, bn) * (1 if e == 1 else triton.cdiv(t, bm) + e)
+            for mult in (1, 2, 4, 8):
+                programs = mult * num_sms
+                split = _split(tiles, kw, 32, programs)
+                for sp in {1, split, min(2 * split, kw // 32)}:
+                    out.append(Plan(bm, bn, 32, sp, 4, 3, programs))
+            out.append(Plan(bm, bn, 32, _split(tiles, kw, 32, 4 * num_sms), 8, 3, 4 * num_sms))
+            for mult in (2, 4):
+                split = _split(tiles, kw, 32, mult * num_sms)
+                for bj in (16, 32):
+                    out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
+    else:
+        for bn, bj, warps, st, mult in (
+            (256, 16, 8, 3, 1),
+            (128, 16, 8, 3, 1),
+            (128, 16, 8, 2, 2),
+            (128, 16, 4, 2, 2),
+            (256, 16, 8, 2, 1),
+            (256, 16, 4, 2, 1),
+            (128, 32, 8, 2, 1),
+        ):
+            out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
+    seen, keep = set(), []
+    for q in out:
+        if q not in seen and smem_bytes(q) <= SMEM_LIMIT:
+            seen.add(q)
+            keep.append(q)
+    return keep
 
 
 def workspace_bytes(t: int, k: int, n: int, e: int) -> int:
@@ -420,6 +525,7 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
                 BJ=p.bj,
                 SPLIT_K=p.split_k,
                 NUM_STAGES=p.num_stages,
+                SWAP_AB=p.swap_ab,
             ),
             p.num_warps,
         ),
