@@ -148,7 +148,7 @@ def sweep_plans(s: Shape, sets: list[dict], budget: float) -> tuple[list[tuple],
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
         label = (
             f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
-            f"grid{p.programs}"
+            f"grid{p.programs}{' swap' if p.swap_ab else ''}"
         )
 
         def call(i: int, p=p) -> None:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         peak_all = max(peak_all, peak or 0)
-        outcome = rows[-1]["outcome"]
+        outcome = rows[-1].outcome.value
         outcomes[outcome] += 1
         st = by_stage[case.stage.value]
         st[0], st[1], st[2] = st[0] + 1, st[1] + wall, max(st[2], peak or 0)

@@ -12,6 +12,7 @@ import yaml
 
 from harness import adapters, cli, minimize, probes, recorder, repro, trace
 from harness.cases import Case, CaseError, Distribution, Probe, Shape, Stage, load_cases
+from harness.records import Outcome
 from harness.stages import inputs as stage_inputs
 from harness.stages.run import run_case
 from tests import planted
@@ -357,14 +358,14 @@ def test_a_recorded_serving_call_replays_to_the_same_verdict(tmp_path):
     )["out"]
     assert torch.equal(replayed.view(torch.int16), outs[-1].view(torch.int16))
     rows = repro.replay(rec.dumped[-1])
-    out_row = next(r for r in rows if r["compare"] == "out")
-    assert out_row["outcome"] == "pass" and out_row["metrics"]["nan_out"] == int(
+    out_row = next(r for r in rows if r.compare == "out")
+    assert out_row.outcome is Outcome.PASS and out_row.metrics["nan_out"] == int(
         outs[-1].isnan().sum()
     )
     tr = trace.trace_case(case, adapters.load("dsv4-torch"), tensors)
     assert tr.culprit["stage"] == "input" and tr.culprit["position"]["token"] == 2
     clean = repro.replay(rec.dumped[0])
-    assert clean[-1]["outcome"] == "pass"
+    assert clean[-1].outcome is Outcome.PASS
 
 
 def test_the_recorder_maps_a_ranks_expert_ids_and_refuses_bad_arguments(tmp_path):
@@ -392,7 +393,7 @@ def test_the_recorder_maps_a_ranks_expert_ids_and_refuses_bad_arguments(tmp_path
     assert torch.equal(tensors["calib_sample"], _x(3, 0))
     _, _, t2 = repro.load(second)  # 2 tokens, a 3-token sample: calibrated on the call itself
     assert torch.equal(t2["calib_sample"], t2["x"])
-    assert [r["outcome"] for r in repro.replay(second)][-1] == "pass"
+    assert repro.replay(second)[-1].outcome is Outcome.PASS
     with pytest.raises(ValueError, match="weights needs w13, w2"):
         recorder.FlightRecorder(r, last=2, weights={}, calib_sample=_x(3, 0))
     with pytest.raises(ValueError, match="last must be a positive int"):

@@ -1,9 +1,10 @@
 """The sm90 kernels compile for sm_90 on a CPU-only machine, and their PTX is what the design says.
 
 `grouped_gemm_sm90.compile_for` runs `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90,
-32))` for the plans `plan()` picks at the issue's two regimes (docs/design.md §4): decode (one
-expert, 16 rows of K=7168 N=6144: 16-row tiles on mma.sync, split-K with its finishing kernel)
-and prefill (8 experts of 1024 rows: 128-row tiles on wgmma). Checked in the PTX: the MMA is
+32))` for the plans `plan()` picks at the issue's regimes (docs/design.md §4): decode (one
+expert, 16 rows of K=7168 N=6144: 16-row tiles on mma.sync, split-K with its finishing kernel; and
+64 rows: the swapped loop, the decoded weight as wgmma's register operand) and prefill (8
+experts of 1024 rows: 128-row tiles on wgmma). Checked in the PTX: the MMA is
 there; no local memory (`ld.local` / `st.local`: spills or stack arrays in the K loop would
 cost more than the decode saves); no `.ftz` (the fp16 -> fp32 conversion of the decoded FP4
 must keep fp16 subnormals, codes 1 and 9: fp4_bits). A compile failure names the kernel and
@@ -12,6 +13,8 @@ tests/test_sm90_gemm.py (docs/backends.md).
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -22,6 +25,8 @@ from dsv4.kernels.triton import grouped_gemm_sm90 as g  # noqa: E402
 H200_SMS = 132
 REGIMES = {  # (T, K, N, E), the MMA the tile size must give
     "decode_m16": ((16, 7168, 6144, 1), "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+    # swapped operands: the decoded weight tile is wgmma's A, taken from registers ({%r...})
+    "decode_m64": ((64, 7168, 6144, 1), "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"),
     "prefill_8x1024": ((8192, 7168, 6144, 8), "wgmma.mma_async.sync.aligned"),
 }
 
@@ -30,7 +35,8 @@ REGIMES = {  # (T, K, N, E), the MMA the tile size must give
 def test_kernels_compile_for_sm90_with_the_mma_and_no_local_memory(regime):
     (t, k, n, e), mma = REGIMES[regime]
     p = g.plan(t, k, n, e, H200_SMS)
-    assert (p.split_k > 1) == (regime == "decode_m16"), p  # decode fills the SMs by split-K
+    assert (p.split_k > 1) == regime.startswith("decode"), p  # decode fills the SMs by split-K
+    assert p.swap_ab == (regime == "decode_m64"), p
     kernels = g.compile_for(p, e)
     assert set(kernels) == (
         {"dequant_a", "grouped_gemm"} | ({"finish"} if p.split_k > 1 else set())
@@ -43,6 +49,8 @@ def test_kernels_compile_for_sm90_with_the_mma_and_no_local_memory(regime):
     ptx = kernels["grouped_gemm"].asm["ptx"]
     assert mma in ptx, f"grouped_gemm ({p}): no {mma}"
     assert "red.global" in ptx or "atom.global" in ptx or p.split_k == 1  # split-K adds
+    if p.swap_ab:  # after the accumulator list, A is a register list, not a smem descriptor
+        assert re.search(r"wgmma\.mma_async\S+ \{[^}]*\}, \{%r", ptx), "A not from registers"
 
 
 def test_a_failed_compile_names_the_kernel_and_configuration():

@@ -345,17 +345,22 @@ def _split(tiles: int, kw: int, bj: int, programs: int) -> int:
 
 
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
-    """Tile shape by rows (bench/gemm.py --plans measured the space on an H200, docs/backends.md).
-    Decode (T <= SPLIT_K_MAX_ROWS): BM the next power of two of an expert's rows (16..64, mma),
-    BN 128, BK 256, split-K and 4 programs per SM to keep enough loads in flight. Prefill: BM 128,
-    BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory allows no second)."""
+    """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
+    (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS), BM the next power of two of an expert's
+    rows (16..64): up to 16 rows BN 64 and 8 programs per SM (M=1, 16 and 48 experts x 4 rows);
+    33..64 rows the swapped K loop (decoded weight as the wgmma's register operand), BK 128, 4
+    programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
+    (wgmma), one program per SM (its shared memory allows no second)."""
     kw = k // WORD
     if t <= SPLIT_K_MAX_ROWS:
         rows = triton.cdiv(t, max(1, e))
         bm = min(64, max(16, triton.next_power_of_2(rows)))
-        programs = 4 * num_sms
-        tiles = (triton.cdiv(t, bm) + e) * triton.cdiv(n, 128) if e > 1 else triton.cdiv(n, 128)
-        return Plan(bm, 128, 32, _split(tiles, kw, 32, programs), 4, 3, programs)
+        bn, bj, mult, swap = (64, 32, 8, False) if bm == 16 else (128, 32, 4, False)
+        if bm == 64:
+            bj, swap = 16, True
+        programs = mult * num_sms
+        tiles = (triton.cdiv(t, bm) + e) * triton.cdiv(n, bn) if e > 1 else triton.cdiv(n, bn)
+        return Plan(bm, bn, bj, _split(tiles, kw, bj, programs), 4, 3, programs, swap)
     return Plan(128, 256, 16, 1, 8, 3, num_sms)
 
 
