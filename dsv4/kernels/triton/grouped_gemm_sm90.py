@@ -6,9 +6,10 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
 
 1. `_dequant_a_kernel`: A codes + per-group swizzled scales -> fp16 A (exact) in a K order
    permuted by word lane, Ap[r, t, j] = A[t, 8j + r] (fp4_bits: one decode for both operands).
-2. `_grouped_gemm_kernel`: a persistent grid (one program per SM) walks a virtual tile space
-   (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a cumsum of
-   cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never visited. Per
+2. `_grouped_gemm_kernel`: a persistent grid (1-8 programs per SM, by plan) walks a virtual
+   tile space (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a
+   cumsum of cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never
+   visited. Per
    K step it loads B as words, decodes each word into 4 fp16 pairs (fp4_bits) with the e4m3
    scale folded in exactly, and accumulates acc += Ap[r] @ B_r for the 8 lanes r (K permuted
    identically on both sides: no interleave, as the H100 prototype found, docs/design.md §4).
@@ -157,55 +158,46 @@ def _k_loop(
     ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
     KW, plane, n_cb, stride_be, stride_bn, stride_se,
     BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):  # fmt: skip
-    """acc [BM, BN] over K steps k0..k1: acc += Ap[r] @ B_r for the 8 word lanes r."""
-    b_base = b_words_ptr + e64 * stride_be + cols[None, :].to(tl.int64) * stride_bn
+    """acc over K steps k0..k1: acc += Ap[r] @ B_r for the 8 word lanes r, [BM, BN]. SWAP_AB
+    computes its transpose, acc^T [BN, BM] += B_r^T @ Ap[r]^T: the decoded weight tile is then the
+    dot's left operand (which wgmma may take from registers) and the few rows its N. Only the
+    orientation of the tiles differs; the loads, the decode and the sums are the same."""
     s_base = scale_b_ptr + e64 * stride_se
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    col64 = cols.to(tl.int64) * stride_bn
+    if SWAP_AB:  # tiles [BN, BJ] of B, [BJ, BM] of A
+        b_base = b_words_ptr + e64 * stride_be + col64[:, None]
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:  # tiles [BJ, BN] of B, [BM, BJ] of A
+        b_base = b_words_ptr + e64 * stride_be + col64[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for step in tl.range(k0, k1, num_stages=NUM_STAGES):
         j = step * BJ + tl.arange(0, BJ)
         jmask = j < KW
-        bmask = jmask[:, None] & cmask[None, :]
-        w = tl.load(b_base + j[:, None], mask=bmask, other=0)  # [BJ, BN]
-        soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
+        if SWAP_AB:
+            bmask = cmask[:, None] & jmask[None, :]
+            w = tl.load(b_base + j[None, :], mask=bmask, other=0)
+            soff = _swizzle_offset(cols[:, None], j[None, :] // 2, n_cb)
+            amask = jmask[:, None] & rmask[None, :]
+            a_ptrs = ap_ptr + rows[None, :] * KW + j[:, None]
+        else:
+            bmask = jmask[:, None] & cmask[None, :]
+            w = tl.load(b_base + j[:, None], mask=bmask, other=0)
+            soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
+            amask = rmask[:, None] & jmask[None, :]
+            a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
         s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
-        amask = rmask[:, None] & jmask[None, :]
-        a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
         for p in tl.static_range(4):
             b_lo, b_hi = _decode_pair(w, p, s)
             a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
             a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
-            acc = tl.dot(a_lo, b_lo, acc)
-            acc = tl.dot(a_hi, b_hi, acc)
-    return acc
-
-
-@triton.jit
-def _k_loop_swapped(
-    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
-    KW, plane, n_cb, stride_be, stride_bn, stride_se,
-    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
-):  # fmt: skip
-    """_k_loop transposed: acc^T [BN, BM] += B_r^T @ Ap[r]^T. The decoded weight tile is the
-    dot's left operand (which wgmma may take from registers) and the few rows its N."""
-    b_base = b_words_ptr + e64 * stride_be + cols[:, None].to(tl.int64) * stride_bn
-    s_base = scale_b_ptr + e64 * stride_se
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    for step in tl.range(k0, k1, num_stages=NUM_STAGES):
-        j = step * BJ + tl.arange(0, BJ)
-        jmask = j < KW
-        bmask = cmask[:, None] & jmask[None, :]
-        w = tl.load(b_base + j[None, :], mask=bmask, other=0)  # [BN, BJ]
-        soff = _swizzle_offset(cols[:, None], j[None, :] // 2, n_cb)
-        s = _folded_scale(tl.load(s_base + soff, mask=bmask, other=0))
-        amask = jmask[:, None] & rmask[None, :]
-        a_ptrs = ap_ptr + rows[None, :] * KW + j[:, None]  # [BJ, BM]
-        for p in tl.static_range(4):
-            b_lo, b_hi = _decode_pair(w, p, s)
-            a_lo = tl.load(a_ptrs + p * plane, mask=amask, other=0.0)
-            a_hi = tl.load(a_ptrs + (p + 4) * plane, mask=amask, other=0.0)
-            acc = tl.dot(b_lo, a_lo, acc)
-            acc = tl.dot(b_hi, a_hi, acc)
+            if SWAP_AB:
+                acc = tl.dot(b_lo, a_lo, acc)
+                acc = tl.dot(b_hi, a_hi, acc)
+            else:
+                acc = tl.dot(a_lo, b_lo, acc)
+                acc = tl.dot(a_hi, b_hi, acc)
     return acc
 
 
@@ -263,18 +255,12 @@ def _grouped_gemm_kernel(
         e64 = e.to(tl.int64)
         k0 = ks * steps_per_split
         k1 = tl.minimum((ks + 1) * steps_per_split, steps)
+        acc = _k_loop(
+            ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
+            KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES, SWAP_AB,
+        )  # fmt: skip
         if SWAP_AB:
-            acc = tl.trans(
-                _k_loop_swapped(
-                    ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
-                    KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
-                )
-            )  # fmt: skip
-        else:
-            acc = _k_loop(
-                ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
-                KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES,
-            )  # fmt: skip
+            acc = tl.trans(acc)
         omask = rmask[:, None] & cmask[None, :]
         optrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         if SPLIT_K == 1:
@@ -339,6 +325,16 @@ def smem_bytes(p: Plan) -> int:
     return p.num_stages * (16 * p.bm * p.bj + 5 * p.bj * p.bn)
 
 
+# BM -> (BN, BJ, programs per SM, swapped K loop) of the decode plans, measured (plan())
+_DECODE_TILES = {16: (64, 32, 8, False), 32: (128, 32, 4, False), 64: (128, 16, 4, True)}
+
+
+def _tiles(t: int, n: int, e: int, bm: int, bn: int) -> int:
+    """Output tiles the split-K choice counts: one expert's column tiles, or with several
+    experts an m-tile bound of cdiv(T, BM) + E times the column tiles."""
+    return triton.cdiv(n, bn) * (1 if e == 1 else triton.cdiv(t, bm) + e)
+
+
 def _split(tiles: int, kw: int, bj: int, programs: int) -> int:
     """K splits so that tiles * split fills `programs` (at most one K step per split)."""
     return max(1, min(triton.cdiv(kw, bj), triton.cdiv(programs, max(1, tiles))))
@@ -355,12 +351,10 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     if t <= SPLIT_K_MAX_ROWS:
         rows = triton.cdiv(t, max(1, e))
         bm = min(64, max(16, triton.next_power_of_2(rows)))
-        bn, bj, mult, swap = (64, 32, 8, False) if bm == 16 else (128, 32, 4, False)
-        if bm == 64:
-            bj, swap = 16, True
+        bn, bj, mult, swap = _DECODE_TILES[bm]
         programs = mult * num_sms
-        tiles = (triton.cdiv(t, bm) + e) * triton.cdiv(n, bn) if e > 1 else triton.cdiv(n, bn)
-        return Plan(bm, bn, bj, _split(tiles, kw, bj, programs), 4, 3, programs, swap)
+        split = _split(_tiles(t, n, e, bm, bn), kw, bj, programs)
+        return Plan(bm, bn, bj, split, 4, 3, programs, swap)
     return Plan(128, 256, 16, 1, 8, 3, num_sms)
 
 
@@ -372,7 +366,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
     if t <= SPLIT_K_MAX_ROWS:
         bm = out[0].bm
         for bn in (64, 128):
-            tiles = triton.cdiv(n, bn) * (1 if e == 1 else triton.cdiv(t, bm) + e)
+            tiles = _tiles(t, n, e, bm, bn)
             for mult in (1, 2, 4, 8):
                 programs = mult * num_sms
                 split = _split(tiles, kw, 32, programs)
