@@ -155,7 +155,9 @@ def sweep_plans(
     rows, records, best = [], [], None
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
         label = (
-            f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
+            "dense: dequantize + cuBLAS fp32 out"
+            if p.dense
+            else f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
             f"grid{p.programs}{' swap' if p.swap_ab else ''}"
         )
 

@@ -28,6 +28,7 @@ REGIMES = {  # (T, K, N, E), the MMA the tile size must give
     # swapped operands: the decoded weight tile is wgmma's A, taken from registers ({%r...})
     "decode_m64": ((64, 7168, 6144, 1), "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"),
     "prefill_8x1024": ((8192, 7168, 6144, 8), "wgmma.mma_async.sync.aligned"),
+    "prefill_dense": ((8192, 7168, 6144, 1), None),  # one expert: dequantize + cuBLAS
 }
 
 
@@ -37,15 +38,17 @@ def test_kernels_compile_for_sm90_with_the_mma_and_no_local_memory(regime):
     p = g.plan(t, k, n, e, H200_SMS)
     assert (p.split_k > 1) == regime.startswith("decode"), p  # decode fills the SMs by split-K
     assert p.swap_ab == (regime == "decode_m64"), p
+    assert p.dense == (mma is None), p
     kernels = g.compile_for(p, e)
-    assert set(kernels) == (
-        {"dequant_a", "grouped_gemm"} | ({"finish"} if p.split_k > 1 else set())
-    )
+    want = {"dequant_a", "dequant_b", "finish"} if p.dense else {"dequant_a", "grouped_gemm"}
+    assert set(kernels) == want | ({"finish"} if p.split_k > 1 else set())
     for name, kern in kernels.items():
         ptx = kern.asm["ptx"]
         assert ".target sm_90" in ptx, name
         for bad in ("ld.local", "st.local", ".ftz"):
             assert bad not in ptx, f"{name} ({p}): {bad} in its PTX"
+    if p.dense:  # the product is cuBLAS's
+        return
     ptx = kernels["grouped_gemm"].asm["ptx"]
     assert mma in ptx, f"grouped_gemm ({p}): no {mma}"
     assert "red.global" in ptx or "atom.global" in ptx or p.split_k == 1  # split-K adds

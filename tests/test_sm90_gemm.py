@@ -81,7 +81,11 @@ def _interpret_main() -> None:
         ("bm32_one_gs", [40, 1], 384, 64, 2, g.Plan(32, 32, 16, 2, 4, 1, 2), 2, False),
         ("swap_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, True), 3, True),
         ("swap_bm32", [40, 0, 1], 384, 80, 2, g.Plan(32, 64, 16, 1, 4, 1, 2, True), 2, False),
+        ("dense_plan", [515], 256, 96, 4, None, 2, True),  # one expert past the decode rows
     ]
+    # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
+    # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)
+    g._mm_fp32 = lambda a16, b16, acc: acc.copy_(a16.float() @ b16.float())
     for name, counts, k, n, extra, the_plan, sms, dirty in cases:
         plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem(
             counts, k=k, n=n, seed=len(name), extra=extra
@@ -91,6 +95,7 @@ def _interpret_main() -> None:
             plain = (*plain[:5], gsa.expand(len(counts)), gsb.expand(len(counts)))
         b = ops.make_b_k_major(b)
         t = a.shape[0]
+        assert (the_plan or g.plan(t, k, n, len(counts), sms)).dense == name.startswith("dense")
         out = torch.full((t, n), 7.0, dtype=torch.bfloat16)
         ws = None
         if dirty:
@@ -190,7 +195,13 @@ def _cuda_problem(counts, k, n, seed):
 @pytest.mark.sm90
 @pytest.mark.parametrize(
     "counts,k,n",
-    [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 300, 1, 0], 1024, 384), ([600, 7], 512, 256)],
+    [
+        ([1], 7168, 512),
+        ([16, 0, 3], 2048, 640),
+        ([0, 300, 1, 0], 1024, 384),
+        ([600, 7], 512, 256),
+        ([700], 1024, 384),  # one expert, prefill rows: the dense plan
+    ],
 )
 def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
     plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, k, n, seed=sum(counts))
@@ -203,12 +214,13 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("t", [5, 700])  # split-K path and the 128-row path
-def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t):
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([t - 2, 0, 2], 512, 256, seed=t)
+@pytest.mark.parametrize("t,e", [(5, 3), (700, 3), (700, 1)])  # split-K, 128-row, dense plans
+def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t, e):
+    counts = [t - 2, 0, 2] if e == 3 else [t]
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, 512, 256, seed=t + e)
     n_rows = a.shape[0]
     ws = torch.empty(
-        ops.grouped_gemm_workspace_bytes("sm90", n_rows, 512, 256, 3),
+        ops.grouped_gemm_workspace_bytes("sm90", n_rows, 512, 256, e),
         dtype=torch.uint8,
         device="cuda",
     )

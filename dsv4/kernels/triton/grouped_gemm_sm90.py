@@ -4,8 +4,8 @@ Same operands as every backend (docs/backends.md); B must be K-major (`make_b_k_
 production layout), so each expert's codes are read as int32 words of 8 consecutive K elements.
 Three launches, all reading the expert offsets on the device (no host sync, graph-capturable):
 
-1. `_dequant_a_kernel`: A codes + per-group swizzled scales -> fp16 A (exact) in a K order
-   permuted by word lane, Ap[r, t, j] = A[t, 8j + r] (fp4_bits: one decode for both operands).
+1. `_dequant_kernel` (GROUPED): A codes + per-group swizzled scales -> fp16 A (exact) in a K
+   order permuted by word lane, Ap[r, t, j] = A[t, 8j + r] (fp4_bits: one decode for both operands).
 2. `_grouped_gemm_kernel`: a persistent grid (1-8 programs per SM, by plan) walks a virtual
    tile space (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a
    cumsum of cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never
@@ -16,6 +16,10 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
    SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store (RNE).
    SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a zeroed workspace, then
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
+The dense plan (one expert, prefill rows) replaces step 2: the same dequantize kernel writes A
+[T, K] and the expert's B [N, K] in natural K order (exact fp16 values), cuBLAS computes the
+fp32 product (`torch.mm(..., out_dtype=torch.float32)`: exact products, fp32 sums, the bound's
+model), and step 3 applies alpha and rounds.
 Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
 
 Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so far is within
@@ -121,36 +125,46 @@ def _alpha(gsa_ptr, gsb_ptr, g, GSA_PER_EXPERT: tl.constexpr, GSB_PER_EXPERT: tl
 
 
 @triton.jit
-def _dequant_a_kernel(
-    a_ptr,  # uint8 A codes, rows of stride_a words
-    scale_a_ptr,  # uint8 swizzled 2-D side
+def _dequant_kernel(
+    src_ptr,  # uint8 codes, rows of stride_src words (A's token rows, or B's columns n)
+    scale_ptr,  # uint8 swizzled scales (A: the 2-D side; B: one expert's 3-D side)
     offsets_ptr,  # int32 [E]
-    ap_ptr,  # fp16 [8, T, K/8]
-    T,
+    dst_ptr,  # fp16
+    R,  # rows (GROUPED: rows past offsets[-1] are left as they are)
     KW,  # K / 8
-    stride_a,  # words between rows of A
+    stride_src,  # words between rows of src
+    stride_row,  # fp16 elements between rows of dst
+    stride_j,  # ... between words j of a row
+    stride_p,  # ... between word lanes p (element 8j + p of the row)
     E: tl.constexpr,
     E_PAD: tl.constexpr,
     BT: tl.constexpr,
     BJ: tl.constexpr,
+    GROUPED: tl.constexpr,  # rows are A's: scale rows padded per group; else one expert's B
 ):
-    a_words_ptr = a_ptr.to(tl.pointer_type(tl.int32))
+    """Exact fp16 values of codes * block scale: the permuted Ap of the fused path (stride_p =
+    T * KW, stride_j = 1) or the natural [R, K] matrix of the dense path (stride_p = 1, stride_j
+    = 8)."""
+    words_ptr = src_ptr.to(tl.pointer_type(tl.int32))
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
-    idx, ends, starts, sstarts = _expert_table(offsets_ptr, E, E_PAD)
-    total = tl.load(offsets_ptr + E - 1)
-    _, srow = _row_groups(rows, idx, ends, starts, sstarts)
+    if GROUPED:
+        idx, ends, starts, sstarts = _expert_table(offsets_ptr, E, E_PAD)
+        total = tl.load(offsets_ptr + E - 1)
+        _, srow = _row_groups(rows, idx, ends, starts, sstarts)
+    else:
+        total = R
+        srow = rows
     mask = (rows[:, None] < total) & (j[None, :] < KW)
-    w = tl.load(a_words_ptr + rows[:, None] * stride_a + j[None, :], mask=mask, other=0)
+    w = tl.load(words_ptr + rows[:, None].to(tl.int64) * stride_src + j[None, :], mask=mask, other=0)
     n_cb = (KW // 2 + 3) // 4  # scale columns K/16 = KW/2, in atoms of 4
     soff = _swizzle_offset(srow[:, None], j[None, :] // 2, n_cb)
-    s = _folded_scale(tl.load(scale_a_ptr + soff, mask=mask, other=0))
-    plane = T * KW
-    dst = ap_ptr + rows[:, None] * KW + j[None, :]
+    s = _folded_scale(tl.load(scale_ptr + soff, mask=mask, other=0))
+    dst = dst_ptr + rows[:, None].to(tl.int64) * stride_row + j[None, :] * stride_j
     for p in tl.static_range(4):
         lo, hi = _decode_pair(w, p, s)
-        tl.store(dst + p * plane, lo, mask=mask)
-        tl.store(dst + (p + 4) * plane, hi, mask=mask)
+        tl.store(dst + p * stride_p, lo, mask=mask)
+        tl.store(dst + (p + 4) * stride_p, hi, mask=mask)
 
 
 @triton.jit
@@ -313,6 +327,13 @@ class Plan:
     num_stages: int
     programs: int  # persistent grid size
     swap_ab: bool = False  # decoded B as the dot's left operand (decode shapes)
+    # one expert at prefill: A and B dequantized (exact fp16) into the workspace, cuBLAS
+    # fp16 x fp16 -> fp32, then alpha and the bf16 rounding (the finishing kernel); the
+    # tile fields above are then unused (DENSE)
+    dense: bool = False
+
+
+DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
 
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on sm_90 (H100 / H200)
@@ -340,13 +361,18 @@ def _split(tiles: int, kw: int, bj: int, programs: int) -> int:
     return max(1, min(triton.cdiv(kw, bj), triton.cdiv(programs, max(1, tiles))))
 
 
+def _dense(t: int, e: int) -> bool:
+    """Where the dense path may run: one expert past the decode rows."""
+    return e == 1 and t > SPLIT_K_MAX_ROWS
+
+
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
     (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS), BM the next power of two of an expert's
     rows (16..64): up to 16 rows BN 64 and 8 programs per SM (M=1, 16 and 48 experts x 4 rows);
     33..64 rows the swapped K loop (decoded weight as the wgmma's register operand), BK 128, 4
     programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
-    (wgmma), one program per SM (its shared memory allows no second)."""
+    (wgmma), one program per SM (its shared memory allows no second); one expert: DENSE."""
     kw = k // WORD
     if t <= SPLIT_K_MAX_ROWS:
         rows = triton.cdiv(t, max(1, e))
@@ -355,7 +381,7 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
         programs = mult * num_sms
         split = _split(_tiles(t, n, e, bm, bn), kw, bj, programs)
         return Plan(bm, bn, bj, split, 4, 3, programs, swap)
-    return Plan(128, 256, 16, 1, 8, 3, num_sms)
+    return DENSE if _dense(t, e) else Plan(128, 256, 16, 1, 8, 3, num_sms)
 
 
 def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
@@ -378,6 +404,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                 for bj in (16, 32):
                     out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
     else:
+        out.append(Plan(128, 256, 16, 1, 8, 3, num_sms))  # the fused kernel, also for one expert
         for bn, bj, warps, st, mult in (
             (256, 16, 8, 3, 1),
             (128, 16, 8, 3, 1),
@@ -397,16 +424,24 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
 
 
 def workspace_bytes(t: int, k: int, n: int, e: int) -> int:
-    """Scratch of the sm90 backend: fp16 Ap [8, T, K/8], plus fp32 [T, N] when split-K may run."""
-    sizer = Sizer()
-    _buffers(sizer, t, k, n)
-    return sizer.off
+    """Scratch of the sm90 backend for up to T rows (a runner sizes it once for its largest T and
+    calls with fewer): fp16 A [T, K] (permuted or natural), fp32 [T, N] when split-K or the
+    dense path may run, and the dense path's fp16 B [N, K]."""
+
+    def need(rows: int) -> int:
+        sizer = Sizer()
+        _buffers(sizer, rows, k, n, e)
+        return sizer.off
+
+    return max(need(t), need(min(t, SPLIT_K_MAX_ROWS)))
 
 
-def _buffers(ws: Workspace | Sizer, t: int, k: int, n: int) -> tuple:
-    ap = ws.empty((WORD, t, k // WORD), torch.float16)
-    acc = ws.empty((t, n), torch.float32) if t <= SPLIT_K_MAX_ROWS else None
-    return ap, acc
+def _buffers(ws: Workspace | Sizer, t: int, k: int, n: int, e: int) -> tuple:
+    ap = ws.empty((WORD, t, k // WORD), torch.float16)  # Ap, or A [T, K] on the dense path
+    dense = _dense(t, e)
+    acc = ws.empty((t, n), torch.float32) if t <= SPLIT_K_MAX_ROWS or dense else None
+    b16 = ws.empty((n, k), torch.float16) if dense else None
+    return ap, acc, b16
 
 
 @functools.cache
@@ -468,39 +503,41 @@ def launch_grouped_gemm(
         dev = out.device
         num_sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
     p = the_plan or plan(t, k, n, e, num_sms)
-    ap, acc = _buffers(Workspace(workspace, out.device), t, k, n)
+    ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e)
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
+    if p.dense and b16 is None:
+        raise ValueError(f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}")
     cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
     scale_a8 = scale_a.view(torch.uint8)
     scale_b8 = scale_b.view(torch.uint8)
-    consts, warps = cfg["dequant_a"]
+    consts, warps = cfg["dequant_a"]  # A, for every plan
     grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
-    _dequant_a_kernel[grid](
-        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, **consts, num_warps=warps
-    )
-    dst = out if p.split_k == 1 else acc[:t]
+    layout = (k, WORD, 1) if p.dense else (kw, 1, t * kw)  # (row, word, lane) strides of A
+    _dequant_kernel[grid](
+        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, *layout, **consts,
+        num_warps=warps,
+    )  # fmt: skip
+    if p.dense:
+        a16 = ap.view(-1)[: t * k].view(t, k)
+        consts, warps = cfg["dequant_b"]
+        grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+        _dequant_kernel[grid](
+            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, k, WORD, 1,
+            **consts, num_warps=warps,
+        )  # fmt: skip
+        _mm_fp32(a16, b16.t(), acc)
+    dst = out if p.split_k == 1 and not p.dense else acc[:t]
     if p.split_k > 1:
         dst.zero_()
-    consts, warps = cfg["grouped_gemm"]
-    _grouped_gemm_kernel[(p.programs,)](
-        ap,
-        mat_b,
-        scale_b8,
-        expert_offsets,
-        global_scale_a,
-        global_scale_b,
-        dst,
-        t,
-        n,
-        kw,
-        mat_b.stride(0) // 4,
-        mat_b.stride(2) // 4,
-        scale_b8.stride(0),
-        **consts,
-        num_warps=warps,
-    )
-    if p.split_k > 1:
+    if not p.dense:
+        consts, warps = cfg["grouped_gemm"]
+        _grouped_gemm_kernel[(p.programs,)](
+            ap, mat_b, scale_b8, expert_offsets, global_scale_a, global_scale_b, dst, t, n, kw,
+            mat_b.stride(0) // 4, mat_b.stride(2) // 4, scale_b8.stride(0), **consts,
+            num_warps=warps,
+        )  # fmt: skip
+    if "finish" in cfg:
         consts, warps = cfg["finish"]
         grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(n, consts["BN"]))
         _finish_kernel[grid](
@@ -508,14 +545,23 @@ def launch_grouped_gemm(
         )
 
 
+def _mm_fp32(a16: torch.Tensor, b16: torch.Tensor, acc: torch.Tensor) -> None:
+    """acc = a16 @ b16 by cuBLAS with fp32 output: every product of the exact fp16 operands is
+    exact in fp32 and the sums are fp32 (the bound's model); alpha comes after, in step 3.
+    (A separate function so the CPU interpreter test can stand in for the CUDA-only op.)"""
+    torch.mm(a16, b16, out_dtype=torch.float32, out=acc)
+
+
 def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dict, int]]:
     """{kernel: (constexprs, num_warps)} of plan `p`: what the launcher passes and compile_for
     compiles (one place, so the compiled configuration is the launched one)."""
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
     gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
-    cfg = {
-        "dequant_a": (dict(**ex, BT=32, BJ=32), 4),
-        "grouped_gemm": (
+    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True), 4)}
+    if p.dense:
+        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False), 4)
+    else:
+        cfg["grouped_gemm"] = (
             dict(
                 **ex,
                 **gs,
@@ -527,9 +573,8 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
                 SWAP_AB=p.swap_ab,
             ),
             p.num_warps,
-        ),
-    }
-    if p.split_k > 1:
+        )
+    if p.split_k > 1 or p.dense:
         cfg["finish"] = (dict(**ex, **gs, BT=32, BN=128), 4)
     return cfg
 
@@ -549,9 +594,9 @@ def compile_for(
     ptrs = dict(offsets_ptr="*i32", gsa_ptr="*fp32", gsb_ptr="*fp32")
     names = ("T", "N", "KW", "stride_be", "stride_bn", "stride_se")
     types = {  # pointer and scalar argument types of each kernel
-        "dequant_a": dict(
-            a_ptr="*u8", scale_a_ptr="*u8", offsets_ptr="*i32", ap_ptr="*fp16", T="i32", KW="i32",
-            stride_a="i32",
+        "dequant": dict(
+            src_ptr="*u8", scale_ptr="*u8", offsets_ptr="*i32", dst_ptr="*fp16",
+            **{n: "i32" for n in ("R", "KW", "stride_src", "stride_row", "stride_j", "stride_p")},
         ),
         "grouped_gemm": dict(
             ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
@@ -559,12 +604,13 @@ def compile_for(
         ),
         "finish": dict(acc_ptr="*fp32", **ptrs, out_ptr="*bf16", N="i32"),
     }  # fmt: skip
-    kernels = {"dequant_a": _dequant_a_kernel, "grouped_gemm": _grouped_gemm_kernel}
+    kernels = {"dequant": _dequant_kernel, "grouped_gemm": _grouped_gemm_kernel}
     kernels["finish"] = _finish_kernel
     out = {}
     for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert).items():
-        fn = kernels[name]
-        signature = {**types[name], **{k: "constexpr" for k in constexprs}}
+        kind = "dequant" if name.startswith("dequant") else name
+        fn = kernels[kind]
+        signature = {**types[kind], **{k: "constexpr" for k in constexprs}}
         signature = {a: signature[a] for a in fn.arg_names}  # the kernel's argument order
         try:
             out[name] = triton.compile(
