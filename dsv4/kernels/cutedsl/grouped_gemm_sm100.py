@@ -196,7 +196,11 @@ class Sm100GroupedGemmKernel:
                 order=(1, 0, 2),
             ),
         )
-        c = cute.make_tensor(c_ptr, cute.make_ordered_layout((t, n, 1), order=(1, 0, 2)))
+        # N % tile_n: every row (and each thread's 32-column run) starts 16-byte aligned
+        c = cute.make_tensor(
+            c_ptr,
+            cute.make_ordered_layout((t, cute.assume(n, divby=cfg.tile_n), 1), order=(1, 0, 2)),
+        )
         # scales: the tcgen05 atom ((32,4),(sf_vec,4)) tiled K first, then M (= docs/design.md
         # §3's 128x4 offset), then L; SFA's M is every expert's padded rows, L = 1
         sfa = cute.make_tensor(
@@ -600,7 +604,10 @@ class Sm100GroupedGemmKernel:
         cC = cute.group_modes(cC, 3, cute.rank(cC))
         r_acc = cute.make_rmem_tensor(gC[(None, None, None, 0)].shape, self.acc_dtype)
         r_c = cute.make_rmem_tensor(gC[(None, None, None, 0)].shape, self.c_dtype)
-        store = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.c_dtype)
+        # 16-byte stores (8 bf16): a thread's run of columns is contiguous and aligned
+        store = cute.make_copy_atom(
+            cute.nvgpu.CopyUniversalOp(), self.c_dtype, num_bits_per_copy=128
+        )
         acc_pipe.consumer_wait(acc_state)
         subtiles = cute.size(tAcc.shape, mode=[3])
         for st in cutlass.range(subtiles):
