@@ -142,3 +142,85 @@ def test_can_implement_names_what_it_refuses():
     assert not ok and "tile N 256" in why and "n=6272" in why
     with pytest.raises(ValueError, match="tile_n must be one of"):
         GemmConfig(192)
+
+
+def test_kernel_scale_layout_is_the_design_128x4_swizzle():
+    """The layout the kernel gives both scale tensors (`tile_atom_to_shape_SF`, evaluated at
+    trace time) maps (row, K element, expert) to docs/design.md §3's byte offset, per expert
+    blocks of round_up(rows, 128) * round_up(K/16, 4) bytes: what assemble_scales_*_side write."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.utils import blockscaled_layout as bl
+
+    rows, k, experts = 256, 320, 2  # K/16 = 20 columns: 5 column blocks of 4
+    n_cb, per_expert = 5, 256 * 20
+    got: dict[tuple[int, int, int], int] = {}
+
+    @cute.jit
+    def probe():
+        lay = bl.tile_atom_to_shape_SF((rows, k, experts), 16)
+        for r in cutlass.range_constexpr(rows):
+            for c in cutlass.range_constexpr(k // 16):
+                for e in cutlass.range_constexpr(experts):
+                    got[(r, c, e)] = cute.crd2idx((r, c * 16 + (r + c) % 16, e), lay)
+
+    cute.compile(probe, options="--gpu-arch=sm_100a")
+    assert len(got) == rows * (k // 16) * experts
+    for (r, c, e), off in got.items():
+        want = ((r // 128) * n_cb + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
+        assert off == e * per_expert + want, (r, c, e, off)
+    # and what the production layout code writes there: [E, K/16, N] -> [E, N*K/16] swizzled
+    import torch
+
+    from dsv4.ops import assemble_scales_3d_side
+
+    e_, c_, n_ = torch.meshgrid(
+        torch.arange(experts), torch.arange(k // 16), torch.arange(rows), indexing="ij"
+    )
+    for value in (n_, c_ + 20 * e_):  # row, then (column, expert): together unique
+        flat = assemble_scales_3d_side(value.to(torch.uint8)).reshape(-1)
+        for (r, c, e), off in got.items():
+            assert flat[off] == value[e, c, r], (r, c, e, off)
+
+
+@pytest.mark.parametrize(
+    "counts,n_tiles,grid",
+    [([5], 48, 148), ([0, 300, 1, 0, 129], 3, 4), ([128] * 48, 24, 148), ([0, 0, 7], 1, 1)],
+)
+def test_tile_schedule_visits_every_tile_of_every_nonempty_expert_once(counts, n_tiles, grid):
+    """The schedule arithmetic the kernel traces (`expert_tiles`, `tile_coords`), run on ints:
+    over the persistent grid each (expert, m-tile, n-tile) is visited by exactly one CTA, in
+    increasing order within a CTA, and SFA's atom block of an m-tile is the running count."""
+    from dsv4.kernels.cutedsl.grouped_gemm_sm100 import TILE_M, expert_tiles, tile_coords
+
+    offs = [sum(counts[: i + 1]) for i in range(len(counts))]
+    seen = []
+    for bid in range(grid):
+        tile_base = mt_base = prev_end = 0
+        mine = []
+        for ei in range(len(counts)):
+            x = expert_tiles(offs, ei, prev_end, tile_base, bid, grid, n_tiles)
+            prev_end = x.row0 + x.rows
+            assert x.rows == counts[ei] and x.m_tiles == -(-counts[ei] // TILE_M)
+            for tile in range(x.first, tile_base + x.count, grid):
+                assert tile % grid == bid
+                m_local, n_tile = tile_coords(tile, tile_base, n_tiles)
+                mine.append(tile)
+                seen.append((ei, m_local, n_tile, mt_base + m_local))
+            tile_base += x.count
+            mt_base += x.m_tiles
+        assert mine == sorted(mine)
+    import torch
+
+    from reference.layouts import assemble_scales_2d_side_from_offsets
+
+    # where the 2-D side's assembly starts each group's scale rows (in 128-row atom blocks)
+    _, starts = assemble_scales_2d_side_from_offsets(
+        torch.zeros(sum(counts), 4, dtype=torch.uint8), torch.tensor(offs, dtype=torch.int32)
+    )
+    want = []
+    for ei, c in enumerate(counts):
+        first_block = int(starts[ei]) // TILE_M
+        for m in range(-(-c // TILE_M)):
+            want += [(ei, m, n, first_block + m) for n in range(n_tiles)]
+    assert sorted(seen) == sorted(want) and len(seen) == len(set(seen))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import cutlass
 import cutlass.cute as cute
@@ -110,6 +111,33 @@ def can_implement(
     if t * k // 2 >= 2**31 or e * n * k // 2 >= 2**31 or t * n >= 2**31:
         return False, f"tensors must hold fewer than 2^31 elements, got {t=} {k=} {n=} {e=}"
     return True, ""
+
+
+# --------------------------------------------------------------------------------------------
+# the tile schedule: plain arithmetic, traced into the kernel by all three roles (the same
+# sequence in each) and run on Python ints by the tests
+
+
+class ExpertTiles(NamedTuple):
+    row0: Any  # the expert's first row (END offset of the expert before)
+    rows: Any  # its rows
+    m_tiles: Any  # cdiv(rows, TILE_M): also its share of SFA's 128-row atom blocks
+    count: Any  # its tiles: m_tiles * n_tiles (0 for an empty expert: nothing to visit)
+    first: Any  # the first of its tiles CTA `bid` of `grid` takes (then every grid-th)
+
+
+def expert_tiles(offs, ei, prev_end, tile_base, bid, grid, n_tiles) -> ExpertTiles:
+    """Expert ei's part of the schedule: tiles tile_base .. tile_base + count - 1 in (m-tile,
+    n-tile) order; CTA bid takes those with tile % grid == bid."""
+    rows = offs[ei] - prev_end
+    m_tiles = (rows + (TILE_M - 1)) // TILE_M
+    first = tile_base + (bid + grid - tile_base % grid) % grid
+    return ExpertTiles(prev_end, rows, m_tiles, m_tiles * n_tiles, first)
+
+
+def tile_coords(tile, tile_base, n_tiles):
+    """(m-tile within the expert, n-tile) of a tile of the expert starting at tile_base."""
+    return (tile - tile_base) // n_tiles, (tile - tile_base) % n_tiles
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,12 +353,6 @@ class Sm100GroupedGemmKernel:
             min_blocks_per_mp=1,
         )
 
-    @cute.jit
-    def _expert_range(self, offs: cute.Tensor, ei: Int32, prev_end: Int32):
-        """(first row, rows) of expert ei, given the END offset of expert ei-1."""
-        end = offs[ei]
-        return prev_end, end - prev_end
-
     @cute.kernel
     def kernel(
         self,
@@ -443,13 +465,10 @@ class Sm100GroupedGemmKernel:
             mt_base = Int32(0)
             prev_end = Int32(0)
             for ei in cutlass.range(n_experts, unroll=1):
-                row0, rows = self._expert_range(offs, ei, prev_end)
-                prev_end = row0 + rows
-                m_tiles = (rows + (TILE_M - 1)) // TILE_M
-                count = m_tiles * n_tiles
-                first = tile_base + (bid + grid - tile_base % grid) % grid
+                x = expert_tiles(offs, ei, prev_end, tile_base, bid, grid, n_tiles)
+                prev_end = x.row0 + x.rows
                 # A from the expert's first row: a domain offset of the TMA coordinates
-                gA = cute.local_tile(cute.domain_offset((row0, 0, 0), mA), tile_mk, (None,) * 3)
+                gA = cute.local_tile(cute.domain_offset((x.row0, 0, 0), mA), tile_mk, (None,) * 3)
                 tAsA, tAgA = cpasync.tma_partition(
                     tma_a,
                     0,
@@ -457,9 +476,8 @@ class Sm100GroupedGemmKernel:
                     cute.group_modes(sA, 0, 3),
                     cute.group_modes(thr_mma.partition_A(gA), 0, 3),
                 )
-                for tile in cutlass.range(first, tile_base + count, grid, unroll=1):
-                    m_local = (tile - tile_base) // n_tiles
-                    n_tile = (tile - tile_base) % n_tiles
+                for tile in cutlass.range(x.first, tile_base + x.count, grid, unroll=1):
+                    m_local, n_tile = tile_coords(tile, tile_base, n_tiles)
                     a_k = tAgA[(None, m_local, None, 0)]
                     b_k = tBgB[(None, n_tile, None, ei)]
                     sfa_k = tAgSFA[(None, mt_base + m_local, None, 0)]
@@ -473,8 +491,8 @@ class Sm100GroupedGemmKernel:
                         cute.copy(tma_sfa, sfa_k[(None, kt)], tAsSFA[(None, s)], tma_bar_ptr=bar)
                         cute.copy(tma_sfb, sfb_k[(None, kt)], tBsSFB[(None, s)], tma_bar_ptr=bar)
                         ab_state.advance()
-                tile_base = tile_base + count
-                mt_base = mt_base + m_tiles
+                tile_base = tile_base + x.count
+                mt_base = mt_base + x.m_tiles
             ab_pipe.producer_tail(ab_state)
 
         # ---------------------------------------------------------------- MMA warp
@@ -512,11 +530,9 @@ class Sm100GroupedGemmKernel:
             tile_base = Int32(0)
             prev_end = Int32(0)
             for ei in cutlass.range(n_experts, unroll=1):
-                row0, rows = self._expert_range(offs, ei, prev_end)
-                prev_end = row0 + rows
-                count = (rows + (TILE_M - 1)) // TILE_M * n_tiles
-                first = tile_base + (bid + grid - tile_base % grid) % grid
-                for _tile in cutlass.range(first, tile_base + count, grid, unroll=1):
+                x = expert_tiles(offs, ei, prev_end, tile_base, bid, grid, n_tiles)
+                prev_end = x.row0 + x.rows
+                for _tile in cutlass.range(x.first, tile_base + x.count, grid, unroll=1):
                     tCtAcc = tCtAcc_base[(None, None, None, acc_state.index)]
                     acc_pipe.producer_acquire(acc_state)
                     for kt in cutlass.range(k_tiles, unroll=1):
@@ -539,7 +555,7 @@ class Sm100GroupedGemmKernel:
                         ab_state.advance()
                     acc_pipe.producer_commit(acc_state)
                     acc_state.advance()
-                tile_base = tile_base + count
+                tile_base = tile_base + x.count
             acc_pipe.producer_tail(acc_state)
 
         # ---------------------------------------------------------------- epilogue warps
@@ -569,29 +585,26 @@ class Sm100GroupedGemmKernel:
             tile_base = Int32(0)
             prev_end = Int32(0)
             for ei in cutlass.range(n_experts, unroll=1):
-                row0, rows = self._expert_range(offs, ei, prev_end)
-                prev_end = row0 + rows
-                count = (rows + (TILE_M - 1)) // TILE_M * n_tiles
-                first = tile_base + (bid + grid - tile_base % grid) % grid
+                x = expert_tiles(offs, ei, prev_end, tile_base, bid, grid, n_tiles)
+                prev_end = x.row0 + x.rows
                 alpha = gsa[ei * gsa_step] * gsb[ei * gsb_step]
-                gC = cute.local_tile(cute.domain_offset((row0, 0, 0), mC), tile_mn, (None,) * 3)
+                gC = cute.local_tile(cute.domain_offset((x.row0, 0, 0), mC), tile_mn, (None,) * 3)
                 tCgC = transform_partitioned_tensor_layout(thr_mma.partition_C(gC))
                 tTR_gC_all = thr_t2r.partition_D(cute.flat_divide(tCgC, epi_tile))
-                for tile in cutlass.range(first, tile_base + count, grid, unroll=1):
-                    m_local = (tile - tile_base) // n_tiles
-                    n_tile = (tile - tile_base) % n_tiles
+                for tile in cutlass.range(x.first, tile_base + x.count, grid, unroll=1):
+                    m_local, n_tile = tile_coords(tile, tile_base, n_tiles)
                     self._store_tile(
                         tiled_t2r,
                         tTR_tAcc_base[(None, None, None, None, None, acc_state.index)],
                         tTR_gC_all[(None, None, None, None, None, m_local, n_tile, 0)],
                         tTR_cC_all[(None, None, None, None, None, m_local, n_tile, 0)],
                         alpha,
-                        rows,
+                        x.rows,
                         acc_pipe,
                         acc_state,
                     )
                     acc_state.advance()
-                tile_base = tile_base + count
+                tile_base = tile_base + x.count
             tmem.relinquish_alloc_permit()
             self.epi_barrier.arrive_and_wait()
             tmem.free(acc_ptr)
