@@ -104,3 +104,41 @@ def test_runner_refuses_a_device_that_is_not_sm100():
     b = torch.zeros(1, 256, 128, dtype=torch.uint8).transpose(1, 2).contiguous()
     with pytest.raises(ValueError, match="needs an sm_100 device, got cpu"):
         run_grouped_gemm(a, b, None, None, None, None, None, None)
+
+
+def test_torch_scaled_mm_peer_plumbing_on_cpu(monkeypatch):
+    """The torch-scaled-mm peer's per-expert arguments, checked without a B200: torch's own meta
+    kernel of `_scaled_mm` accepts them (FP4 dtypes, A row-major, B column-major, swizzled scale
+    sizes of each group), and an emulation of the NVFP4 semantics (dequantize both sides from
+    the 128x4 scales, fp32 matmul) on those very arguments lands within the reference's bound:
+    scale slices per group, B's transpose and alpha are right. torch's kernel itself: not run."""
+    import reference as ref
+    from harness.cases import Routing
+    from harness.stages.inputs import gemm_operands
+    from reference import gemm as rgemm
+    from reference.layouts import unswizzle_scales
+
+    real = torch._scaled_mm
+    u8 = torch.uint8
+
+    def on_meta(t: torch.Tensor) -> torch.Tensor:
+        return t.view(u8).to("meta").view(t.dtype) if t.dtype.itemsize == 1 else t.to("meta")
+
+    def emulated(a, b, sa, sb, out_dtype):
+        meta = real(*(on_meta(v) for v in (a, b, sa, sb)), out_dtype=out_dtype)
+        m, n, k = a.shape[0], b.shape[1], 2 * a.shape[1]
+        da = rgemm.dequantize_codes_scales(a.view(u8), unswizzle_scales(sa, m, k // 16))
+        db = rgemm.dequantize_codes_scales(b.view(u8).t(), unswizzle_scales(sb, n, k // 16))
+        assert meta.shape == (m, n) and meta.dtype == out_dtype
+        return (da.double() @ db.double().t()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", emulated)
+    case = Case(Stage.GROUPED_GEMM, PRESETS["tiny"], 129, routing=Routing.EMPTY_EXPERTS)
+    ops, _ = gemm_operands(case, torch.device("cpu"), ref.ScaleConvention.DECODE)
+    t = ops.a_codes.shape[0]
+    out = torch.full((t + 3, ops.b_codes.shape[2]), 7.0, dtype=torch.bfloat16)
+    peers.TorchScaledMm().grouped_gemm(ops, out[:t])
+    oracle = rgemm.grouped_gemm_nvfp4(*ops.plain(), oracle=True)
+    bound = rgemm.grouped_gemm_error_bound(*ops.plain(), out_dtype=torch.bfloat16)
+    assert ((out[:t].double() - oracle).abs() <= bound).all()
+    assert (out[t:] == 7.0).all()

@@ -14,7 +14,9 @@ peers document: 128x4 atoms, each group's rows padded to 128):
 Both read the expert offsets on the host (one sync per call: a peer, not a production path).
 `can_implement` says why a peer cannot run (no sm_100 device, a package missing) and the case
 is `unsupported` with that reason; never a pass. Status: NOT run on hardware here (no B200);
-the calls follow the packages' documented signatures.
+the calls follow the packages' documented signatures; torch-scaled-mm's arguments are checked
+on CPU against torch's meta kernel and an emulation of the NVFP4 semantics
+(tests/test_sm100_wiring.py).
 """
 
 from __future__ import annotations
