@@ -286,6 +286,18 @@ class Case:
         parts.append(f"s{self.seed}")
         return "_".join(parts)
 
+    def gemm_shapes(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(T, K, N, E) of every grouped GEMM this case runs: what a GEMM backend that tiles
+        only some shapes checks (`dsv4.ops.backend_supports_shape`); () for stages without one."""
+        s, t = self.shape, self.tokens
+        h, i, e, rows = s.hidden, s.intermediate, s.n_experts, self.tokens * s.top_k
+        return {
+            Stage.GROUPED_GEMM: ((rows, h, 2 * i, e),),
+            Stage.SHARED_EXPERT: ((t, h, 2 * i, 1), (t, i, h, 1)),
+            Stage.ROUTED_MOE: ((rows, h, 2 * i, e), (rows, i, h, e)),
+            Stage.GROUPED_LINEAR: ((s.n_groups * t, s.group_dim, s.o_lora_rank, s.n_groups),),
+        }.get(self.stage, ())
+
     @property
     def digest(self) -> str:
         """Hash of everything that decides this case's verdict: resume reuses a finished row only

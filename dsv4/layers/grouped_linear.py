@@ -99,7 +99,7 @@ class GroupedLinear(c.Runner):
         dev, g, d, r = self._device, self.n_groups, self.group_dim, self.o_lora_rank
         t = self.max_num_tokens
         self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
-        self._backend_name = select_backend(dev, self.backend)
+        self._backend_name = select_backend(dev, self.backend, [(g * t, d, r, g)])
         qs = [quantize_weight_to_nvfp4(self._w[i]) for i in range(g)]
         self._w_codes = make_b_k_major(torch.stack([q[0] for q in qs]))
         self._w_sf = assemble_scales_3d_side([q[1] for q in qs])

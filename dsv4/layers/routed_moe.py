@@ -117,7 +117,9 @@ class RoutedMoERunner(c.Runner):
         dev, e, h, i = self._device, self.n_local_experts, self.hidden, self.intermediate
         t, rows = self.max_num_tokens, self.max_rows
         self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
-        self._backend_name = select_backend(dev, self.backend)
+        self._backend_name = select_backend(
+            dev, self.backend, [(rows, h, 2 * i, e), (rows, i, h, e)]
+        )
         self._w13_q = self._weights(self._w13)
         self._w2_q = self._weights(self._w2)
         del self._w13, self._w2

@@ -83,7 +83,8 @@ class SharedExpertRunner(c.Runner):
         c.require(self.kind, self.state, c.State.WEIGHTS_SET, "finalize()")
         dev, t, h, i = self._device, self.max_num_tokens, self.hidden, self.intermediate
         self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
-        self._backend_name = select_backend(dev, self.backend)  # fails here, naming the need
+        # fails here, naming the need (a capability, or a shape the backend cannot tile)
+        self._backend_name = select_backend(dev, self.backend, [(t, h, 2 * i, 1), (t, i, h, 1)])
         self._w13_q = self._weight(self._w13)
         self._w2_q = self._weight(self._w2)
         del self._w13, self._w2

@@ -6,9 +6,9 @@ activation op takes `impl=` ("torch" or "cutedsl", `select_quant_impl`). layouts
 `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`, `assemble_scales_3d_side`,
 `make_b_k_major`, `compute_expert_offsets`. gemm:
 `run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
-Importing registers the `dsv4::*` torch.library custom ops and the `torch` and `sm90` GEMM
-backends (Triton loads on sm90's first call); it touches no GPU. No function here reads an
-environment variable. Every op a runner calls takes an optional `workspace=` (uint8 scratch
+Importing registers the `dsv4::*` torch.library custom ops and the `torch`, `sm90` and `sm100`
+GEMM backends (Triton / CuTeDSL load on their first call); it touches no GPU. No function here
+reads an environment variable. Every op a runner calls takes an optional `workspace=` (uint8 scratch
 sized by its `*_workspace_bytes` helper): with it and the outputs given, the op allocates nothing.
 """
 
@@ -24,6 +24,7 @@ from dsv4.ops.gemm import (
     Backend,
     BackendUnavailableError,
     available_backends,
+    backend_supports_shape,
     describe_device,
     device_capability,
     grouped_gemm_workspace_bytes,
@@ -33,6 +34,7 @@ from dsv4.ops.gemm import (
     select_backend,
 )
 from dsv4.ops.gemm_sm90 import sm90_supports  # registers the sm90 backend (no Triton import)
+from dsv4.ops.gemm_sm100 import sm100_supports  # registers the sm100 backend (no CuTeDSL import)
 from dsv4.ops.gemm_torch import torch_grouped_gemm  # registers the torch backend
 from dsv4.ops.layouts import (
     assemble_2d_workspace_bytes,
@@ -85,6 +87,7 @@ __all__ = [
     "assemble_scales_2d_side_from_offsets",
     "assemble_scales_3d_side",
     "available_backends",
+    "backend_supports_shape",
     "compute_blockscale_offsets",
     "compute_expert_offsets",
     "dequantize_nvfp4",
@@ -104,6 +107,7 @@ __all__ = [
     "select_backend",
     "torch_grouped_gemm",
     "sm90_supports",
+    "sm100_supports",
     "swiglu",
     "swiglu_quantize",
     "swizzled_numel",

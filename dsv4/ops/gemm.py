@@ -6,14 +6,16 @@ Backends register a function and a `supports(device) -> (ok, why)` probe; select
 highest-priority backend that supports the device (sm100 > sm90 > torch), and an override that
 names a backend whose capability is missing fails naming what it needs and what it got.
 The backends are siblings, one module each, registered when dsv4.ops is imported:
-`gemm_torch` (portable, any device) and `gemm_sm90` (Triton, sm_90). A backend
-declares its scratch size (`workspace_bytes`) and whether it reads B only K-major.
+`gemm_torch` (portable, any device), `gemm_sm90` (Triton, sm_90) and `gemm_sm100` (CuTeDSL,
+sm_100a). A backend declares its scratch size (`workspace_bytes`), whether it reads B only
+K-major, and the shapes it can tile (`shape_supports`, checked at the call: a refused shape
+fails naming why, never falls back).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,8 @@ class Backend:
     workspace_bytes: Callable[[int, int, int, int], int] | None = None
     # reads mat_b only K-major (make_b_k_major's layout, made once at finalize), else any strides
     b_k_major: bool = False
+    # (T, K, N, E) -> (ok, why): the shapes the backend implements; None: every valid shape
+    shape_supports: Callable[[int, int, int, int], tuple[bool, str]] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -50,9 +54,7 @@ _BACKENDS: dict[str, Backend] = {}
 DEFAULT_PRIORITY = {"sm100": 100, "sm90": 90, "torch": 0}
 
 # Backends the design names but that are not written yet: an override naming one says so.
-PLANNED_BACKENDS = {
-    "sm100": "CuTeDSL tcgen05 block-scaled MMA for sm_100a (dsv4/kernels/cutedsl)",
-}
+PLANNED_BACKENDS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,17 +109,29 @@ def register_backend(
     priority: int | None = None,
     workspace_bytes: Callable[[int, int, int, int], int] | None = None,
     b_k_major: bool = False,
+    shape_supports: Callable[[int, int, int, int], tuple[bool, str]] | None = None,
 ) -> None:
     """Add (or replace) a backend. `fn(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out)`
     gets validated operands and writes `out`; `supports(device) -> (ok, why)` says where it runs
     (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name].
-    `b_k_major`: the backend reads mat_b only in make_b_k_major's layout (checked at the call)."""
+    `b_k_major`: the backend reads mat_b only in make_b_k_major's layout (checked at the call).
+    `shape_supports(T, K, N, E) -> (ok, why)`: the shapes it implements (checked at the call)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name=}")
     if not callable(fn) or not callable(supports):
         raise ValueError(f"fn and supports must be callable, got {fn=} {supports=}")
     prio = DEFAULT_PRIORITY.get(name, 0) if priority is None else priority
-    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes, b_k_major)
+    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes, b_k_major, shape_supports)
+
+
+def backend_supports_shape(backend: str, t: int, k: int, n: int, e: int) -> tuple[bool, str]:
+    """(ok, why) for A [T, K/2] x B [E, K/2, N] on `backend` (every shape when it declares no
+    shape_supports); `why` names the backend."""
+    fn = _BACKENDS[backend].shape_supports
+    if fn is None:
+        return True, ""
+    ok, why = fn(t, k, n, e)
+    return ok, ("" if ok else f"backend {backend!r}: {why}")
 
 
 def grouped_gemm_workspace_bytes(backend: str, t: int, k: int, n: int, e: int) -> int:
@@ -136,9 +150,13 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b.name for b in ranked if b.supports(dev)[0]]
 
 
-def select_backend(device: torch.device | str, override: str | None = None) -> str:
-    """The backend to run on `device`: `override` if given (it must support the device), else
-    the highest-priority registered backend that does."""
+def select_backend(
+    device: torch.device | str,
+    override: str | None = None,
+    shapes: Sequence[tuple[int, int, int, int]] = (),
+) -> str:
+    """The backend to run on `device`: `override` if given (it must support the device and
+    every (T, K, N, E) in `shapes`), else the highest-priority registered backend that does."""
     dev = torch.device(device)
     if override is not None:
         if override not in _BACKENDS:
@@ -150,12 +168,20 @@ def select_backend(device: torch.device | str, override: str | None = None) -> s
         ok, why = _BACKENDS[override].supports(dev)
         if not ok:
             raise BackendUnavailableError(f"backend {override!r} {why}")
+        for shape in shapes:
+            ok, why = backend_supports_shape(override, *shape)
+            if not ok:
+                raise ValueError(why)
         return override
     reasons = []
     for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
         ok, why = b.supports(dev)
         if ok:
-            return b.name
+            checks = [b.shape_supports(*s) for s in shapes] if b.shape_supports else []
+            refused = [why for ok, why in checks if not ok]
+            if not refused:
+                return b.name
+            why = f"cannot tile: {refused[0]}"
         reasons.append(f"{b.name!r} {why}")
     raise BackendUnavailableError(
         f"no grouped-GEMM backend supports {describe_device(dev)}: {'; '.join(reasons)}"
@@ -281,6 +307,11 @@ def run_nvfp4_grouped_gemm(
     """
     _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out)
     name = select_backend(mat_a.device, backend)
+    ok, why = backend_supports_shape(
+        name, mat_a.shape[0], 2 * mat_a.shape[1], mat_b.shape[2], mat_b.shape[0]
+    )
+    if not ok:
+        raise ValueError(why)
     if _BACKENDS[name].b_k_major and mat_b.stride(1) != 1:
         raise ValueError(
             f"backend {name!r} reads mat_b K-major (make_b_k_major, once at finalize), got "

@@ -16,7 +16,9 @@ the adapter's `backend` attribute when it has one, else chosen by device; the qu
 implementation likewise its `quant_impl` attribute.
 Names (harness.backends.BUILTIN): `dsv4-torch` (the portable backend, torch quantize),
 `dsv4-cutedsl` (the CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best
-backend) and `dsv4-sm90` (the Triton grouped GEMM for sm_90, verified on an H200).
+backend), `dsv4-sm90` (the Triton grouped GEMM for sm_90, verified on an H200) and `dsv4-sm100`
+(the CuTeDSL tcgen05 grouped GEMM for sm_100a: compiled in CI, numerics and speed unverified on
+hardware; unsupported elsewhere with the reason, and for shapes it cannot tile).
 Conventions are ours (decode-convention global scales, DeepSeek V4 SwiGLU, gate first). Uses
 only dsv4's public modules (dsv4.ops, dsv4.layers); dsv4 imports nothing of the harness.
 """
@@ -161,8 +163,8 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
         if not ok:
             return ok, why
         dev = torch.device(case.device)
-        try:  # ValueError: not registered; *UnavailableError: capability missing
-            select_backend(dev, self.backend)
+        try:  # ValueError: not registered or a shape it cannot tile; *Error: capability missing
+            select_backend(dev, self.backend, case.gemm_shapes())
             select_quant_impl(dev, self.quant_impl)
         except (ValueError, BackendUnavailableError, QuantImplUnavailableError) as e:
             return False, str(e)
@@ -212,5 +214,13 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
 dsv4_torch = functools.partial(Dsv4Adapter, "torch")
 dsv4_cutedsl = functools.partial(Dsv4Adapter, None, "cutedsl", "dsv4-cutedsl")
 dsv4_sm90 = functools.partial(Dsv4Adapter, "sm90")
+dsv4_sm100 = functools.partial(Dsv4Adapter, "sm100")  # compiled in CI, unverified on hardware
 
-__all__ = ["Dsv4Adapter", "LayerAdapterMixin", "dsv4_cutedsl", "dsv4_sm90", "dsv4_torch"]
+__all__ = [
+    "Dsv4Adapter",
+    "LayerAdapterMixin",
+    "dsv4_cutedsl",
+    "dsv4_sm90",
+    "dsv4_sm100",
+    "dsv4_torch",
+]

@@ -74,3 +74,35 @@ def compile_report(compile_fn, arch: str) -> PtxReport:
     if m is None or regs is None:
         raise RuntimeError(f"no ptxas report in the compile output for {arch}:\n{text[-2000:]}")
     return PtxReport(arch, ptx, int(regs.group(1)), *(int(v) for v in m.groups()))
+
+
+_TCGEN05_MMA = re.compile(r"tcgen05\.mma((?:\.[\w:]+)*)")
+
+
+def tcgen05_mma_kinds(ptx: str) -> set[str]:
+    """The `kind::...` qualifiers (with the block_scale / blockN suffix) of every tcgen05.mma in
+    the PTX, e.g. {"kind::mxf4nvf4.block_scale.block16"}."""
+    kinds = set()
+    for m in _TCGEN05_MMA.finditer(ptx):
+        quals = m.group(1).lstrip(".").split(".")
+        kind = [q for q in quals if q.startswith("kind::")]
+        if kind:
+            i = quals.index(kind[0])
+            tail = [q for q in quals[i + 1 :] if q == "block_scale" or q.startswith("block")]
+            kinds.add(".".join([kind[0], *tail]))
+    return kinds
+
+
+class MmaKindMismatch(AssertionError):
+    """The compiled kernel's tcgen05.mma is not the kind its caller needs."""
+
+
+def check_mma_kind(report: PtxReport, expected: str, what: str) -> None:
+    """Raise MmaKindMismatch naming `what` (the configuration) unless every tcgen05.mma in the
+    PTX is of kind `expected` (and there is at least one)."""
+    kinds = tcgen05_mma_kinds(report.ptx)
+    if kinds != {expected}:
+        raise MmaKindMismatch(
+            f"{what}: the {report.arch} PTX holds tcgen05.mma kinds {sorted(kinds) or 'none'}, "
+            f"expected only {expected!r}"
+        )
