@@ -56,6 +56,7 @@ SHAPES = [
     Shape("e1_m8192", (8192,), goal=("bf16-mm", 0.75)),
     Shape("e8_m1024", (1024,) * 8, goal=("bf16-grouped", 0.75)),
     Shape("e48_m4", (4,) * 48),
+    Shape("e48_m16", (16,) * 48),  # the routed MoE's L1 at 128 tokens x top-6 (V4-Pro)
 ]
 
 

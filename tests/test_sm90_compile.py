@@ -29,6 +29,8 @@ REGIMES = {  # (T, K, N, E), the MMA the tile size must give
     "decode_m64": ((64, 7168, 6144, 1), "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"),
     "prefill_8x1024": ((8192, 7168, 6144, 8), "wgmma.mma_async.sync.aligned"),
     "prefill_dense": ((8192, 7168, 6144, 1), None),  # one expert: dequantize + cuBLAS
+    # the routed MoE's L1 at 128 tokens x top-6 over 48 experts: 16-row tiles, no split-K
+    "moe_768x48": ((768, 7168, 6144, 48), "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
 }
 
 

@@ -82,6 +82,7 @@ def _interpret_main() -> None:
         ("swap_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, True), 3, True),
         ("swap_bm32", [40, 0, 1], 384, 80, 2, g.Plan(32, 64, 16, 1, 4, 1, 2, True), 2, False),
         ("dense_plan", [515], 256, 96, 4, None, 2, True),  # one expert past the decode rows
+        ("small_experts_past_512", [10] * 50 + [0, 25], 128, 32, 2, None, 2, True),  # BM 16, no split
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
     # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)

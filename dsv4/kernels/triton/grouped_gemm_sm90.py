@@ -133,18 +133,17 @@ def _dequant_kernel(
     R,  # rows (GROUPED: rows past offsets[-1] are left as they are)
     KW,  # K / 8
     stride_src,  # words between rows of src
-    stride_row,  # fp16 elements between rows of dst
-    stride_j,  # ... between words j of a row
-    stride_p,  # ... between word lanes p (element 8j + p of the row)
+    plane,  # fp16 elements between the word-lane planes of Ap (permuted layout only)
     E: tl.constexpr,
     E_PAD: tl.constexpr,
     BT: tl.constexpr,
     BJ: tl.constexpr,
     GROUPED: tl.constexpr,  # rows are A's: scale rows padded per group; else one expert's B
+    NATURAL: tl.constexpr,  # dst [R, K] in K order (dense path); else the permuted Ap planes
 ):
-    """Exact fp16 values of codes * block scale: the permuted Ap of the fused path (stride_p =
-    T * KW, stride_j = 1) or the natural [R, K] matrix of the dense path (stride_p = 1, stride_j
-    = 8)."""
+    """Exact fp16 values of codes * block scale: the permuted Ap [8, R, KW] of the fused path,
+    or the natural [R, K] matrix of the dense path, whose 8 lanes of a word are joined back
+    into K order in registers so that each row segment is stored contiguously."""
     words_ptr = src_ptr.to(tl.pointer_type(tl.int32))
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
@@ -160,11 +159,26 @@ def _dequant_kernel(
     n_cb = (KW // 2 + 3) // 4  # scale columns K/16 = KW/2, in atoms of 4
     soff = _swizzle_offset(srow[:, None], j[None, :] // 2, n_cb)
     s = _folded_scale(tl.load(scale_ptr + soff, mask=mask, other=0))
-    dst = dst_ptr + rows[:, None].to(tl.int64) * stride_row + j[None, :] * stride_j
-    for p in tl.static_range(4):
-        lo, hi = _decode_pair(w, p, s)
-        tl.store(dst + p * stride_p, lo, mask=mask)
-        tl.store(dst + (p + 4) * stride_p, hi, mask=mask)
+    if NATURAL:
+        # element q = 4h + 2b + c of a word: lane (p = 2b + c, half h); joins append the
+        # fastest axis last, so h is joined first, then b, then c
+        lo0, hi0 = _decode_pair(w, 0, s)
+        lo1, hi1 = _decode_pair(w, 1, s)
+        lo2, hi2 = _decode_pair(w, 2, s)
+        lo3, hi3 = _decode_pair(w, 3, s)
+        c0 = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))  # [BT, BJ, h, b] at c = 0
+        c1 = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
+        vals = tl.reshape(tl.join(c0, c1), (BT, BJ * 8))  # [BT, BJ, h, b, c] -> K order
+        col = (tl.program_id(1) * BJ) * 8 + tl.arange(0, BJ * 8)
+        nmask = (rows[:, None] < total) & (col[None, :] < KW * 8)
+        dst = dst_ptr + rows[:, None].to(tl.int64) * (KW * 8) + col[None, :]
+        tl.store(dst, vals, mask=nmask)
+    else:
+        dst = dst_ptr + rows[:, None].to(tl.int64) * KW + j[None, :]
+        for p in tl.static_range(4):
+            lo, hi = _decode_pair(w, p, s)
+            tl.store(dst + p * plane, lo, mask=mask)
+            tl.store(dst + (p + 4) * plane, hi, mask=mask)
 
 
 @triton.jit
@@ -368,18 +382,19 @@ def _dense(t: int, e: int) -> bool:
 
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
-    (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS), BM the next power of two of an expert's
-    rows (16..64): up to 16 rows BN 64 and 8 programs per SM (M=1, 16 and 48 experts x 4 rows);
+    (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS, or many experts of <= 64 rows each, as
+    the routed MoE's 128 tokens x top-6 over 48 experts; split-K only up to SPLIT_K_MAX_ROWS),
+    BM the next power of two of an expert's rows (16..64): up to 16 rows BN 64 and 8 programs per SM (M=1, 16 and 48 experts x 4 rows);
     33..64 rows the swapped K loop (decoded weight as the wgmma's register operand), BK 128, 4
     programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
     (wgmma), one program per SM (its shared memory allows no second); one expert: DENSE."""
     kw = k // WORD
-    if t <= SPLIT_K_MAX_ROWS:
-        rows = triton.cdiv(t, max(1, e))
+    rows = triton.cdiv(t, max(1, e))
+    if t <= SPLIT_K_MAX_ROWS or rows <= 64:  # few rows per expert: the decode tiles
         bm = min(64, max(16, triton.next_power_of_2(rows)))
         bn, bj, mult, swap = _DECODE_TILES[bm]
         programs = mult * num_sms
-        split = _split(_tiles(t, n, e, bm, bn), kw, bj, programs)
+        split = _split(_tiles(t, n, e, bm, bn), kw, bj, programs) if t <= SPLIT_K_MAX_ROWS else 1
         return Plan(bm, bn, bj, split, 4, 3, programs, swap)
     return DENSE if _dense(t, e) else Plan(128, 256, 16, 1, 8, 3, num_sms)
 
@@ -405,6 +420,9 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                     out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
     else:
         out.append(Plan(128, 256, 16, 1, 8, 3, num_sms))  # the fused kernel, also for one expert
+        if out[0].bm <= 64:  # few rows per expert: the 128-row tiles and other small ones
+            for bn, mult in ((64, 8), (128, 4), (64, 4)):
+                out.append(Plan(out[0].bm, bn, 32, 1, 4, 3, mult * num_sms, out[0].swap_ab))
         for bn, bj, warps, st, mult in (
             (256, 16, 8, 3, 1),
             (128, 16, 8, 3, 1),
@@ -513,9 +531,8 @@ def launch_grouped_gemm(
     scale_b8 = scale_b.view(torch.uint8)
     consts, warps = cfg["dequant_a"]  # A, for every plan
     grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
-    layout = (k, WORD, 1) if p.dense else (kw, 1, t * kw)  # (row, word, lane) strides of A
     _dequant_kernel[grid](
-        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, *layout, **consts,
+        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, t * kw, **consts,
         num_warps=warps,
     )  # fmt: skip
     if p.dense:
@@ -523,8 +540,8 @@ def launch_grouped_gemm(
         consts, warps = cfg["dequant_b"]
         grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
         _dequant_kernel[grid](
-            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, k, WORD, 1,
-            **consts, num_warps=warps,
+            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, 0, **consts,
+            num_warps=warps,
         )  # fmt: skip
         _mm_fp32(a16, b16.t(), acc)
     dst = out if p.split_k == 1 and not p.dense else acc[:t]
@@ -557,9 +574,9 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
     compiles (one place, so the compiled configuration is the launched one)."""
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
     gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
-    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True), 4)}
+    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense), 4)}
     if p.dense:
-        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False), 4)
+        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False, NATURAL=True), 4)
     else:
         cfg["grouped_gemm"] = (
             dict(
@@ -596,7 +613,7 @@ def compile_for(
     types = {  # pointer and scalar argument types of each kernel
         "dequant": dict(
             src_ptr="*u8", scale_ptr="*u8", offsets_ptr="*i32", dst_ptr="*fp16",
-            **{n: "i32" for n in ("R", "KW", "stride_src", "stride_row", "stride_j", "stride_p")},
+            **{n: "i32" for n in ("R", "KW", "stride_src", "plane")},
         ),
         "grouped_gemm": dict(
             ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
