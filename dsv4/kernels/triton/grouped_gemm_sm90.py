@@ -433,6 +433,8 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             (128, 32, 8, 2, 1),
         ):
             out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
+        for bn, st in ((128, 3), (128, 2), (64, 3)):  # 256-row tiles: each B decode feeds 2x rows
+            out.append(Plan(256, bn, 16, 1, 8, st, num_sms))
     seen, keep = set(), []
     for q in out:
         if q not in seen and smem_bytes(q) <= SMEM_LIMIT:
