@@ -14,7 +14,8 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
    scale folded in exactly, and accumulates acc += Ap[r] @ B_r for the 8 lanes r (K permuted
    identically on both sides: no interleave, as the H100 prototype found, docs/design.md §4).
    SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store (RNE).
-   SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a zeroed workspace, then
+   SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a workspace the
+   dequantize programs of step 1 zeroed (no memset launch), then
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
 The dense plan (one expert, prefill rows) replaces step 2: the same dequantize kernel writes A
 [T, K] and the expert's B [N, K] in natural K order (exact fp16 values), cuBLAS computes the
@@ -134,17 +135,27 @@ def _dequant_kernel(
     KW,  # K / 8
     stride_src,  # words between rows of src
     plane,  # fp16 elements between the word-lane planes of Ap (permuted layout only)
+    zero_ptr,  # fp32 split-K accumulator the programs also zero (ZERO), else unused
+    zero_numel,
     E: tl.constexpr,
     E_PAD: tl.constexpr,
     BT: tl.constexpr,
     BJ: tl.constexpr,
     GROUPED: tl.constexpr,  # rows are A's: scale rows padded per group; else one expert's B
     NATURAL: tl.constexpr,  # dst [R, K] in K order (dense path); else the permuted Ap planes
+    ZERO: tl.constexpr,  # also zero zero_ptr[:zero_numel] (split-K: saves a memset launch)
 ):
     """Exact fp16 values of codes * block scale: the permuted Ap [8, R, KW] of the fused path,
     or the natural [R, K] matrix of the dense path, whose 8 lanes of a word are joined back
     into K order in registers so that each row segment is stored contiguously."""
     words_ptr = src_ptr.to(tl.pointer_type(tl.int32))
+    if ZERO:  # each program zeroes one contiguous share of the accumulator
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        share = tl.cdiv(zero_numel, tl.num_programs(0) * tl.num_programs(1))
+        for z in range(pid * share, tl.minimum((pid + 1) * share, zero_numel), 1024):
+            zi = z + tl.arange(0, 1024)
+            zend = tl.minimum((pid + 1) * share, zero_numel)
+            tl.store(zero_ptr + zi, tl.zeros((1024,), tl.float32), mask=zi < zend)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     if GROUPED:
@@ -533,22 +544,21 @@ def launch_grouped_gemm(
     scale_b8 = scale_b.view(torch.uint8)
     consts, warps = cfg["dequant_a"]  # A, for every plan
     grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+    dst = out if p.split_k == 1 and not p.dense else acc[:t]
+    zero = (dst, t * n) if p.split_k > 1 else (global_scale_a, 0)  # any fp32 tensor when unused
     _dequant_kernel[grid](
-        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, t * kw, **consts,
-        num_warps=warps,
+        mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, t * kw, *zero,
+        **consts, num_warps=warps,
     )  # fmt: skip
     if p.dense:
         a16 = ap.view(-1)[: t * k].view(t, k)
         consts, warps = cfg["dequant_b"]
         grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
         _dequant_kernel[grid](
-            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, 0, **consts,
-            num_warps=warps,
+            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, 0, global_scale_a,
+            0, **consts, num_warps=warps,
         )  # fmt: skip
         _mm_fp32(a16, b16.t(), acc)
-    dst = out if p.split_k == 1 and not p.dense else acc[:t]
-    if p.split_k > 1:
-        dst.zero_()
     if not p.dense:
         consts, warps = cfg["grouped_gemm"]
         _grouped_gemm_kernel[(p.programs,)](
@@ -576,9 +586,10 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
     compiles (one place, so the compiled configuration is the launched one)."""
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
     gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
-    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense), 4)}
+    zero = p.split_k > 1  # the split-K accumulator, zeroed by the A dequantize programs
+    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense, ZERO=zero), 4)}
     if p.dense:
-        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False, NATURAL=True), 4)
+        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False, NATURAL=True, ZERO=False), 4)
     else:
         cfg["grouped_gemm"] = (
             dict(
@@ -615,7 +626,8 @@ def compile_for(
     types = {  # pointer and scalar argument types of each kernel
         "dequant": dict(
             src_ptr="*u8", scale_ptr="*u8", offsets_ptr="*i32", dst_ptr="*fp16",
-            **{n: "i32" for n in ("R", "KW", "stride_src", "plane")},
+            **{n: "i32" for n in ("R", "KW", "stride_src", "plane")}, zero_ptr="*fp32",
+            zero_numel="i32",
         ),
         "grouped_gemm": dict(
             ap_ptr="*fp16", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
