@@ -1,6 +1,7 @@
-"""Grouped-GEMM problems for the backend tests (test_dsv4_ops, test_sm90_gemm): operands quantized
-by the reference in the production layouts, and the check against reference.gemm's derived bound.
-Light on purpose (torch and reference only): the sm90 interpreter child imports it.
+"""Grouped-GEMM problems for the backend tests (test_dsv4_ops, test_sm90_gemm, test_sm100_gemm):
+operands quantized by the reference in the production layouts, the check against reference.gemm's
+derived bound, and the GPU check every fast backend must pass (graph capture, no allocation, no
+host sync). Light on purpose (torch and reference at import): the sm90 interpreter child imports it.
 """
 
 from __future__ import annotations
@@ -38,3 +39,51 @@ def within_bound(plain, out: torch.Tensor, t: int) -> None:
     err = (out[:t].double() - oracle).abs()
     worst = (err / bound.clamp_min(1e-300)).max().item()
     assert (err <= bound).all(), f"outside the derived bound (worst |err|/bound {worst:.3g})"
+
+
+def cuda_problem(counts: list[int], k: int, n: int, seed: int):
+    """gemm_problem on the GPU, B in the K-major layout the fast backends read (3 extra rows)."""
+    from dsv4 import ops
+
+    plain, gemm = gemm_problem(counts, k=k, n=n, seed=seed, extra=3)
+    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
+    return plain, (a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
+
+
+def check_graph_no_alloc_no_sync(backend: str, counts: list[int], k: int, n: int, seed: int,
+                                 same_bits: bool) -> None:  # fmt: skip
+    """`backend` with its workspace (if it takes one): a call that allocates nothing and never
+    syncs (sync debug mode 'error'), captured in a CUDA graph whose replay is within the bound;
+    `same_bits`: the replay equals the eager call bit for bit (no split-K atomics)."""
+    from dsv4 import ops
+
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem(counts, k, n, seed)
+    rows, e = a.shape[0], len(counts)
+    ws_bytes = ops.grouped_gemm_workspace_bytes(backend, rows, k, n, e)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device="cuda") if ws_bytes else None
+    out = torch.zeros(rows, n, dtype=torch.bfloat16, device="cuda")
+
+    def call():
+        ops.run_nvfp4_grouped_gemm(
+            a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend=backend, workspace=ws
+        )
+
+    call()  # compiles
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    want = out.clone()
+    out.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()
+    torch.cuda.synchronize()
+    if same_bits:
+        assert torch.equal(out, want)
+    within_bound(plain, out.cpu(), sum(counts))

@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from dsv4 import ops
-from tests.gemm_problems import gemm_problem, within_bound
+from tests.gemm_problems import (
+    check_graph_no_alloc_no_sync,
+    cuda_problem,
+    within_bound,
+)
 
 
 def _on_sm100() -> tuple[bool, str]:
@@ -24,12 +28,6 @@ def _on_sm100() -> tuple[bool, str]:
 
 
 needs_sm100 = pytest.mark.skipif(not _on_sm100()[0], reason=_on_sm100()[1] or "needs sm_100")
-
-
-def _cuda_problem(counts, k, n, seed):
-    plain, gemm = gemm_problem(counts, k=k, n=n, seed=seed, extra=3)
-    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
-    return plain, (a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
 
 
 @needs_sm100
@@ -49,7 +47,7 @@ def _cuda_problem(counts, k, n, seed):
 def test_sm100_on_gpu_within_the_derived_bound(counts, k, n, tile_n):
     from dsv4.kernels.cutedsl.grouped_gemm_sm100 import GemmConfig, run_grouped_gemm
 
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, k, n, seed=sum(counts))
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem(counts, k, n, seed=sum(counts))
     out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
     run_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, GemmConfig(tile_n))
     torch.cuda.synchronize()
@@ -61,7 +59,7 @@ def test_sm100_on_gpu_within_the_derived_bound(counts, k, n, tile_n):
 @pytest.mark.gpu
 @pytest.mark.sm100
 def test_sm100_through_the_registry_with_one_shared_global_scale():
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([40, 0, 200], 512, 256, seed=9)
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem([40, 0, 200], 512, 256, seed=9)
     assert ops.select_backend("cuda") == "sm100"
     out = ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa[:1], gsb, backend="sm100")
     within_bound(plain, out.cpu(), 240)
@@ -72,27 +70,5 @@ def test_sm100_through_the_registry_with_one_shared_global_scale():
 @pytest.mark.sm100
 @pytest.mark.parametrize("t", [5, 700])
 def test_sm100_captures_in_a_graph_allocates_nothing_and_never_syncs(t):
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem([t - 2, 0, 2], 512, 256, seed=t)
-    out = torch.zeros(a.shape[0], 256, dtype=torch.bfloat16, device="cuda")
-
-    def call():
-        ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm100")
-
-    call()  # compiles
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        call()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
-    want = out.clone()
-    out.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, want)  # one CTA owns each output tile: the same bits
-    within_bound(plain, out.cpu(), t)
+    # one CTA owns each output tile: the replay gives the same bits
+    check_graph_no_alloc_no_sync("sm100", [t - 2, 0, 2], 512, 256, seed=t, same_bits=True)

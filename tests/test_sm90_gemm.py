@@ -31,7 +31,12 @@ import reference as ref
 pytest.importorskip("triton", reason="the sm90 kernels need triton (pip install '.[sm90]')")
 
 from dsv4.kernels.triton import fp4_bits  # noqa: E402  (no Triton import inside)
-from tests.gemm_problems import gemm_problem, within_bound  # noqa: E402
+from tests.gemm_problems import (  # noqa: E402
+    check_graph_no_alloc_no_sync,
+    cuda_problem,
+    gemm_problem,
+    within_bound,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +87,7 @@ def _interpret_main() -> None:
         ("swap_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, True), 3, True),
         ("swap_bm32", [40, 0, 1], 384, 80, 2, g.Plan(32, 64, 16, 1, 4, 1, 2, True), 2, False),
         ("dense_plan", [515], 256, 96, 4, None, 2, True),  # one expert past the decode rows
-        ("small_experts_past_512", [10] * 50 + [0, 25], 128, 32, 2, None, 2, True),  # BM 16, no split
+        ("small_past_512", [10] * 50 + [0, 25], 128, 32, 2, None, 2, True),  # BM 16, no split
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
     # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)
@@ -185,12 +190,6 @@ def _on_sm90() -> tuple[bool, str]:
 needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "needs sm_90")
 
 
-def _cuda_problem(counts, k, n, seed):
-    plain, gemm = gemm_problem(counts, k=k, n=n, seed=seed, extra=3)
-    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
-    return plain, (a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb)
-
-
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.sm90
@@ -205,7 +204,7 @@ def _cuda_problem(counts, k, n, seed):
     ],
 )
 def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, k, n, seed=sum(counts))
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem(counts, k, n, seed=sum(counts))
     out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
     ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90")
     within_bound(plain, out.cpu(), sum(counts))
@@ -218,36 +217,5 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 @pytest.mark.parametrize("t,e", [(5, 3), (700, 3), (700, 1)])  # split-K, 128-row, dense plans
 def test_sm90_captures_in_a_graph_allocates_nothing_and_never_syncs(t, e):
     counts = [t - 2, 0, 2] if e == 3 else [t]
-    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = _cuda_problem(counts, 512, 256, seed=t + e)
-    n_rows = a.shape[0]
-    ws = torch.empty(
-        ops.grouped_gemm_workspace_bytes("sm90", n_rows, 512, 256, e),
-        dtype=torch.uint8,
-        device="cuda",
-    )
-    out = torch.zeros(n_rows, 256, dtype=torch.bfloat16, device="cuda")
-
-    def call():
-        ops.run_nvfp4_grouped_gemm(
-            a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90", workspace=ws
-        )
-
-    call()  # compiles
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        call()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
-    want = out.clone()
-    out.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()
-    torch.cuda.synchronize()
-    if t > 512:  # one program owns each output tile: replay gives the same bits
-        assert torch.equal(out, want)
-    within_bound(plain, out.cpu(), t)
+    # one program owns each output tile past the split-K rows: replay gives the same bits
+    check_graph_no_alloc_no_sync("sm90", counts, 512, 256, seed=t + e, same_bits=t > 512)

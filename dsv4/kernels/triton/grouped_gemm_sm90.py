@@ -166,7 +166,9 @@ def _dequant_kernel(
         total = R
         srow = rows
     mask = (rows[:, None] < total) & (j[None, :] < KW)
-    w = tl.load(words_ptr + rows[:, None].to(tl.int64) * stride_src + j[None, :], mask=mask, other=0)
+    w = tl.load(
+        words_ptr + rows[:, None].to(tl.int64) * stride_src + j[None, :], mask=mask, other=0
+    )
     n_cb = (KW // 2 + 3) // 4  # scale columns K/16 = KW/2, in atoms of 4
     soff = _swizzle_offset(srow[:, None], j[None, :] // 2, n_cb)
     s = _folded_scale(tl.load(scale_ptr + soff, mask=mask, other=0))
@@ -395,9 +397,9 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
     (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS, or many experts of <= 64 rows each, as
     the routed MoE's 128 tokens x top-6 over 48 experts; split-K only up to SPLIT_K_MAX_ROWS),
-    BM the next power of two of an expert's rows (16..64): up to 16 rows BN 64 and 8 programs per SM (M=1, 16 and 48 experts x 4 rows);
-    33..64 rows the swapped K loop (decoded weight as the wgmma's register operand), BK 128, 4
-    programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
+    BM the next power of two of an expert's rows (16..64): up to 16 rows BN 64 and 8 programs
+    per SM (M=1, 16 and 48 experts x 4 rows); 33..64 rows the swapped K loop (decoded weight as
+    the wgmma's register operand), BK 128, 4 programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
     (wgmma), one program per SM (its shared memory allows no second); one expert: DENSE."""
     kw = k // WORD
     rows = triton.cdiv(t, max(1, e))
@@ -538,7 +540,9 @@ def launch_grouped_gemm(
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
     if p.dense and b16 is None:
-        raise ValueError(f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}")
+        raise ValueError(
+            f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}"
+        )
     cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
     scale_a8 = scale_a.view(torch.uint8)
     scale_b8 = scale_b.view(torch.uint8)
