@@ -399,8 +399,9 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     the routed MoE's 128 tokens x top-6 over 48 experts; split-K only up to SPLIT_K_MAX_ROWS),
     BM the next power of two of an expert's rows (16..64): up to 16 rows BN 64 and 8 programs
     per SM (M=1, 16 and 48 experts x 4 rows); 33..64 rows the swapped K loop (decoded weight as
-    the wgmma's register operand), BK 128, 4 programs per SM (M=64); split-K fills the programs. Prefill: BM 128, BN 256, BK 128, 8 warps
-    (wgmma), one program per SM (its shared memory allows no second); one expert: DENSE."""
+    the wgmma's register operand), BK 128, 4 programs per SM (M=64); split-K fills the programs.
+    Prefill: BM 128, BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory
+    allows no second); one expert: DENSE."""
     kw = k // WORD
     rows = triton.cdiv(t, max(1, e))
     if t <= SPLIT_K_MAX_ROWS or rows <= 64:  # few rows per expert: the decode tiles
