@@ -434,7 +434,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                     out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
     else:
         out.append(Plan(128, 256, 16, 1, 8, 3, num_sms))  # the fused kernel, also for one expert
-        if out[0].bm <= 64:  # few rows per expert: the 128-row tiles and other small ones
+        if not out[0].dense and out[0].bm <= 64:  # few rows per expert: other small tiles
             for bn, mult in ((64, 8), (128, 4), (64, 4)):
                 out.append(Plan(out[0].bm, bn, 32, 1, 4, 3, mult * num_sms, out[0].swap_ab))
         for bn, bj, warps, st, mult in (
