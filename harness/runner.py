@@ -17,7 +17,6 @@ cores as torch intra-op threads (`thread_budget`): oversubscribed threads slow a
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import hashlib
 import json
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -41,6 +39,7 @@ from tqdm import tqdm
 
 from harness import adapters, results, timing
 from harness.cases import Case
+from harness.procs import die_with_parent
 from harness.records import Outcome, Row
 from harness.stages import Comparison, run_case
 
@@ -385,25 +384,6 @@ def describe_isolated(backend: str, timeout: float = 120.0) -> str | None:
     except subprocess.TimeoutExpired:
         return None
     return p.stdout.strip() or None if p.returncode == 0 else None
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this worker process die when the sweep that started it does (kill -9 included)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:  # no prctl: a watchdog thread polls the parent pid
-
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def prepare_worker(parent_pid: int, threads: int | None) -> None:
