@@ -160,15 +160,15 @@ def count_check(ids: torch.Tensor, world: int, n_local: int, got: list[dict]) ->
         shifted = torch.zeros_like(expected)  # its tokens' slots on global experts 0..n-1
         rows = g["tokens"].long()
         shifted[rows, lo:hi] = expected[rows, :n_local]
-        if r and torch.equal(mine, shifted):
+        if len(experts) == 0 and want:  # before the offset: both are empty when its tokens
+            last = " (the last rank)" if r == world - 1 else ""  # have no slot on 0..n-1
+            notes.append(f"rank {r}{last}: tokens routed to rank {r} dropped (0 of {want} slots)")
+        elif r and torch.equal(mine, shifted):
             notes.append(
                 f"rank {r}: expert offset not subtracted (it processed the slots of global "
                 f"experts 0..{n_local - 1} as its own: global ids used as local ids, "
                 f"first_expert {lo} ignored)"
             )
-        elif len(experts) == 0 and want:
-            last = " (the last rank)" if r == world - 1 else ""
-            notes.append(f"rank {r}{last}: tokens routed to rank {r} dropped (0 of {want} slots)")
         else:
             miss = int(((expected[:, lo:hi] - mine[:, lo:hi]).clamp_min(0)).sum())
             extra = int((mine - expected * _cols(e_all, lo, hi)).clamp_min(0).sum())
@@ -245,7 +245,9 @@ def run_ep(case: Case, adapter: Any, dev: torch.device) -> list[Comparison]:
         combined[gr["combined_tokens"]] = gr["combined"]
     out = compare_out(case, ref["out"].cpu(), combined, ref["floor"])
     out.metrics["ep_size"], out.metrics["ep_mode"] = w, case.ep_mode.value
-    if out.outcome is Outcome.FAIL:
+    if out.outcome is Outcome.FAIL:  # the named defect first, then the numbers
+        named = counts.metrics.get("diagnoses") or []
+        out.message = "; ".join([*named, out.message])
         for c in (counts, partials):
             if c.outcome is Outcome.FAIL:
                 append_note(out, f"{c.name}: {c.message}")
