@@ -513,6 +513,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
         ok, why = adapters.check(adapter, case)
         if case.stage.value == "scale_assembly":
             ok, why = False, "a layout stage: no numbers to trace (its bytes are compared exactly)"
+        if case.stage.value == "routed_moe_ep":
+            ok, why = False, "runs in rank processes: trace its ranks' layer as routed_moe cases"
         if not ok:
             print(f"trace {case.id} [{a.backend}]: unsupported: {why}\n")
             continue
@@ -529,6 +531,8 @@ def cmd_minimize(a: argparse.Namespace) -> int:
     (case,) = _selected(a)[:1]
     if case.stage.value == "scale_assembly":
         raise UsageError(f"--case {case.id}: a layout stage has no inputs to minimise")
+    if case.stage.value == "routed_moe_ep":
+        raise UsageError(f"--case {case.id}: minimise a routed_moe case (one rank) instead")
     if a.out and not case.stage.is_layer:
         raise UsageError(f"--out: {case.stage.value} cases replay from their seed, not tensors")
     try:

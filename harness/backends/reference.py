@@ -42,7 +42,7 @@ class ReferenceAdapter(AdapterBase):
     ):
         self.quantized = quantized  # False: the unquantized fp32 twin of each layer
         self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
-        self.scales = scales  # routed MoE (gs1, gs2), fp32 [E] each; None: calibrate
+        self.routed_scales = scales  # routed MoE (gs1, gs2), fp32 [E] each; None: calibrate
         if conventions is not None:
             self.conventions = conventions
 
@@ -100,8 +100,8 @@ class ReferenceAdapter(AdapterBase):
         }
         if not self.quantized:
             return ref_layers.routed_moe(*args, quantized=False, **kw)
-        if self.scales is not None:
-            gs1, gs2 = self.scales
+        if self.routed_scales is not None:
+            gs1, gs2 = self.routed_scales
         else:
             gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
         return ref_layers.routed_moe(*args, gs1=gs1, gs2=gs2, **kw)
