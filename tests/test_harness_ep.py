@@ -222,3 +222,14 @@ def test_run_devices_spreads_the_pairs_and_merges(tmp_path):
     assert "merged 2 workers" in p.stdout
     p = subprocess.run([*cmd, "--device", "cpu"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "drop --device/--shard" in p.stderr
+
+
+def test_trace_and_minimize_refuse_ep_cases_with_the_reason(capsys):
+    from harness import cli
+
+    case = _case(5, 2, "allreduce")
+    ep = str(REPO / "cases" / "ep.yaml")
+    assert cli.main(["trace", ep, "-b", "reference", "-k", case.id]) == cli.EXIT_OK
+    assert "unsupported: runs in rank processes" in capsys.readouterr().out
+    assert cli.main(["minimize", ep, "--case", case.id, "-b", "reference"]) == cli.EXIT_USAGE
+    assert "minimise a routed_moe case" in capsys.readouterr().err
