@@ -177,6 +177,7 @@ STAGE_METHODS: dict[Stage, str] = {
     Stage.SHARED_EXPERT: "shared_expert",
     Stage.ROUTED_MOE: "routed_moe",
     Stage.GROUPED_LINEAR: "grouped_linear",
+    Stage.ROUTED_MOE_EP: "routed_moe_rank",  # one rank's partial output (harness.stages.ep)
 }
 
 

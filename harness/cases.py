@@ -41,6 +41,7 @@ class Stage(enum.Enum):
     SHARED_EXPERT = "shared_expert"  # layer, end to end
     ROUTED_MOE = "routed_moe"  # layer, end to end
     GROUPED_LINEAR = "grouped_linear"  # wo_a o-projection layer, end to end
+    ROUTED_MOE_EP = "routed_moe_ep"  # routed MoE over ep_size rank processes (harness.stages.ep)
 
     @property
     def is_layer(self) -> bool:
@@ -75,6 +76,13 @@ class Probe(enum.Enum):
     EXPERT_SCALE_BYTE = "expert_scale_byte"  # expert 0's largest weight scale byte, one binade down
 
 
+class EpMode(enum.Enum):
+    """How an expert-parallel case's ranks share the tokens and combine (harness.stages.ep)."""
+
+    ALLREDUCE = "allreduce"  # every rank runs every token; partial outputs summed by all-reduce
+    ALLTOALL = "alltoall"  # tokens sharded; all-to-all dispatch of routed tokens, combine back
+
+
 class Routing(enum.Enum):
     """How tokens are routed to the local experts."""
 
@@ -90,7 +98,7 @@ class Shape:
 
     hidden: int = 256
     intermediate: int = 128
-    n_experts: int = 4  # local experts of one expert-parallel rank
+    n_experts: int = 4  # local experts of one expert-parallel rank (routed_moe_ep: of each)
     top_k: int = 2
     n_groups: int = 2  # o-projection groups
     group_dim: int = 256  # heads_per_group * head_dim
@@ -232,6 +240,15 @@ AXES: dict[Stage, tuple[str, ...]] = {
     Stage.SHARED_EXPERT: ("tokens", "distributions", "limits", "scale_ratios"),
     Stage.ROUTED_MOE: ("tokens", "distributions", "limits", "scale_ratios", "routing"),
     Stage.GROUPED_LINEAR: ("tokens", "distributions", "scale_ratios"),
+    Stage.ROUTED_MOE_EP: (
+        "tokens",
+        "distributions",
+        "limits",
+        "scale_ratios",
+        "routing",
+        "ep_sizes",
+        "ep_modes",
+    ),
 }
 _TOP = ("name", "description", "defaults", "sweeps")
 
@@ -258,6 +275,8 @@ class Case:
     source: str = ""  # file the case came from
     baselines: tuple[str, ...] = ()  # adapters timed beside each backend (`run --time`)
     probe: Probe | None = None  # grouped GEMM isolation probe (harness.probes); None: none
+    ep_size: int = 1  # routed_moe_ep: ranks, each holding shape.n_experts of the experts
+    ep_mode: EpMode = EpMode.ALLREDUCE  # routed_moe_ep: how the ranks dispatch and combine
 
     @property
     def id(self) -> str:
@@ -266,10 +285,13 @@ class Case:
             parts.append(f"h{s.hidden}")
         if self.stage not in (Stage.QUANTIZE, Stage.GROUPED_LINEAR):  # N = 2 * intermediate
             parts.append(f"i{s.intermediate}")
-        if self.stage in (Stage.SCALE_ASSEMBLY, Stage.GROUPED_GEMM, Stage.ROUTED_MOE):
+        moe = (Stage.ROUTED_MOE, Stage.ROUTED_MOE_EP)
+        if self.stage in (Stage.SCALE_ASSEMBLY, Stage.GROUPED_GEMM, *moe):
             parts += [f"e{s.n_experts}", f"k{s.top_k}", f"h{s.hidden}"]
-        if self.stage is Stage.ROUTED_MOE and s.routed_scaling_factor != 1:
+        if self.stage in moe and s.routed_scaling_factor != 1:
             parts.append(f"rsf{s.routed_scaling_factor:g}")
+        if self.stage is Stage.ROUTED_MOE_EP:
+            parts += [f"ep{self.ep_size}", self.ep_mode.value]
         if self.stage is Stage.GROUPED_LINEAR:
             parts += [f"g{s.n_groups}", f"d{s.group_dim}", f"r{s.o_lora_rank}"]
         axes = AXES[self.stage]
@@ -317,6 +339,8 @@ class Case:
             tuple(vars(self.budget).values()),
             self.device,
         ) + (() if self.probe is None else (self.probe.value,))  # older digests stay valid
+        if self.stage is Stage.ROUTED_MOE_EP:
+            key += (self.ep_size, self.ep_mode.value)
         return hashlib.sha1(repr(key).encode()).hexdigest()[:16]
 
     def row(self) -> dict[str, Any]:
@@ -335,6 +359,11 @@ class Case:
             "source": self.source,
             **{f"shape_{k}": v for k, v in dataclasses.asdict(self.shape).items()},
             **{f"budget_{k}": v for k, v in dataclasses.asdict(self.budget).items()},
+            **(
+                {"ep_size": self.ep_size, "ep_mode": self.ep_mode.value}
+                if self.stage is Stage.ROUTED_MOE_EP
+                else {}
+            ),
         }
 
 
@@ -407,6 +436,12 @@ def _float_or_none(where: str, value: Any) -> float | None:
 
 def _probe(where: str, value: Any) -> Probe | None:
     return None if value is None else _enum(Probe)(where, value)
+
+
+def _ep_size(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CaseError(f"{where}: expected integers >= 1 (ranks), got {value!r}")
+    return value
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:
@@ -494,6 +529,8 @@ SWEEP_FIELDS: dict[str, SweepField] = {
     "routing": SweepField("routing", _enum(Routing), axis=True),
     "limits": SweepField("limit", _float_or_none, axis=True),
     "probes": SweepField("probe", _probe, axis=True),
+    "ep_sizes": SweepField("ep_size", _ep_size, axis=True),
+    "ep_modes": SweepField("ep_mode", _enum(EpMode), axis=True),
     "seeds": SweepField("seed", _seed, axis=True),
 }
 _STAGE_AXES = {name for axes in AXES.values() for name in axes}

@@ -26,8 +26,10 @@ from harness.runner import (
     SweepInterrupted,
     SweepOptions,
     adapter_digest,
+    parse_devices,
     plan,
     prepare_worker,
+    run_on_devices,
     run_one,
     run_sweep,
     thread_budget,
@@ -76,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="seconds per case (overrides cases; implies --isolate)"
     )
     r.add_argument("--shard", type=_shard, default=(0, 1), help="run shard i of n, as i/n")
+    r.add_argument(
+        "--devices",
+        help="one worker process per device (cuda:0,cuda:1,... or cpu,cpu), results merged",
+    )
     r.add_argument(
         "--fresh", action="store_true", help="rerun the selected pairs, dropping their old rows"
     )
@@ -262,6 +268,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             "this process could not be stopped",
             file=sys.stderr,
         )
+    if a.devices:
+        return _run_on_devices(a)
     cases = _with_device(load_many(a.cases), a.device)
     out = _out_dir(Path(a.out) if a.out else default_out(a.cases, a.backend, a.device))
     opts = SweepOptions(
@@ -300,6 +308,50 @@ def cmd_run(a: argparse.Namespace) -> int:
         from harness.report import render
 
         print(f"report: {render(out, out / 'index.html')}")
+    return EXIT_FAIL if any(r.outcome.bad for r in rows) else EXIT_OK
+
+
+def _run_on_devices(a: argparse.Namespace) -> int:
+    """`run --devices D0,D1,...`: shard i of the pairs in a worker on Di, then one merged set."""
+    if a.device or a.shard != (0, 1):
+        raise UsageError("--devices picks each worker's device and shard: drop --device/--shard")
+    try:
+        devices = parse_devices(a.devices)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    load_many(a.cases)  # a malformed case file: one line here, not one per worker
+    out = _out_dir(Path(a.out) if a.out else default_out(a.cases, a.backend, None))
+    args = list(a.cases)
+    for b in a.backend or ():
+        args += ["-b", b]
+    for flag, v in (("-k", a.filter), ("--timeout", a.timeout), ("--time-budget", a.time_budget)):
+        if v is not None:
+            args += [flag, str(v)]
+    for flag, on in (
+        ("--isolate", a.isolate),
+        ("--fresh", a.fresh),
+        ("--keep-errors", a.keep_errors),
+        ("--time", a.time),
+    ):
+        args += [flag] if on else []
+    for b in a.baselines or ():
+        args += ["--baseline", b]
+    print(f"{len(devices)} workers ({', '.join(devices)}) -> {out}", file=sys.stderr)
+    dirs, codes = run_on_devices(args, devices, out, a.threads)
+    for d, dev, code in zip(dirs, devices, codes, strict=True):
+        if code not in (EXIT_OK, EXIT_FAIL):  # 1 is a failing case: its rows say which
+            tail = (d / "worker.log").read_text(errors="replace")[-600:]
+            print(f"worker on {dev} exited {code} ({d / 'worker.log'}):\n{tail}", file=sys.stderr)
+    n = results.merge([d for d in dirs if (d / results.JSONL).exists()], out)
+    rows = [r for r in results.latest(results.read_rows(out)) if r.final]
+    print(summary_table(rows))
+    print(f"\nmerged {len(dirs)} workers: {n} rows -> {out / results.JSONL}")
+    if a.report:
+        from harness.report import render
+
+        print(f"report: {render(out, out / 'index.html')}")
+    if any(c not in (EXIT_OK, EXIT_FAIL) for c in codes):
+        return max(codes)
     return EXIT_FAIL if any(r.outcome.bad for r in rows) else EXIT_OK
 
 
@@ -461,6 +513,8 @@ def cmd_trace(a: argparse.Namespace) -> int:
         ok, why = adapters.check(adapter, case)
         if case.stage.value == "scale_assembly":
             ok, why = False, "a layout stage: no numbers to trace (its bytes are compared exactly)"
+        if case.stage.value == "routed_moe_ep":
+            ok, why = False, "runs in rank processes: trace its ranks' layer as routed_moe cases"
         if not ok:
             print(f"trace {case.id} [{a.backend}]: unsupported: {why}\n")
             continue
@@ -477,6 +531,8 @@ def cmd_minimize(a: argparse.Namespace) -> int:
     (case,) = _selected(a)[:1]
     if case.stage.value == "scale_assembly":
         raise UsageError(f"--case {case.id}: a layout stage has no inputs to minimise")
+    if case.stage.value == "routed_moe_ep":
+        raise UsageError(f"--case {case.id}: minimise a routed_moe case (one rank) instead")
     if a.out and not case.stage.is_layer:
         raise UsageError(f"--out: {case.stage.value} cases replay from their seed, not tensors")
     try:

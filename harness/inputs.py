@@ -17,7 +17,7 @@ import zlib
 
 import torch
 
-from harness.cases import Case, Distribution, Routing
+from harness.cases import Case, Distribution, Routing, Stage
 
 _GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _MIDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
@@ -95,10 +95,11 @@ def weight(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
 def routing(case: Case, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids int64 [T, k] LOCAL-rank-relative global ids, topk_weights fp32 [T, k]).
 
-    Ids are global ids of a rank whose first expert is `first_expert(case)`; invalid_ids puts -1
-    and ids of other ranks in a quarter of the slots.
+    Ids are global ids of the `routed_experts(case)` experts from `first_expert(case)` on (one
+    rank's; every rank's for routed_moe_ep); invalid_ids puts -1 and ids past them (other
+    ranks') in a quarter of the slots.
     """
-    t, e, k = case.tokens, case.shape.n_experts, case.shape.top_k
+    t, e, k = case.tokens, routed_experts(case), case.shape.top_k
     dev = g.device
     first = first_expert(case)
     pool = e
@@ -130,8 +131,15 @@ def gate_weights(topk_weights: torch.Tensor, routed_scaling_factor: float) -> to
 
 
 def first_expert(case: Case) -> int:
-    """Global id of the rank's first local expert: rank 1 of EP, so local != global ids."""
-    return case.shape.n_experts
+    """Global id of the rank's first local expert: rank 1 of EP, so local != global ids; 0 for
+    routed_moe_ep, whose inputs hold every rank's experts."""
+    return 0 if case.stage is Stage.ROUTED_MOE_EP else case.shape.n_experts
+
+
+def routed_experts(case: Case) -> int:
+    """Experts the routing draws from and the weights hold: the rank's shape.n_experts, or
+    ep_size ranks of them for routed_moe_ep (global ids 0 .. ep_size * n_experts - 1)."""
+    return case.shape.n_experts * (case.ep_size if case.stage is Stage.ROUTED_MOE_EP else 1)
 
 
 def tokens_per_expert(ids: torch.Tensor, first: int, n_experts: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ machine lacks are clean skips with the reason (never passes). Options:
 With pytest-xdist (`-n 4`) items spread over workers like any test, each worker with its share
 of the cores as torch threads (`harness.runner.thread_budget`; 2 workers on 2 cores each with
 2 threads ran 56 s instead of 6 s).
+Under xdist on a CUDA host, worker gwN is pinned to GPU N mod the GPU count (`xdist_device`),
+so `-n 8` on 8 GPUs runs one worker per GPU.
 Only YAML files with a top-level `sweeps:` list are collected, so other YAML is left alone.
 """
 
@@ -38,6 +40,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--harness-results", default=None, help="append result rows to this directory")
 
 
+def xdist_device(worker: str | None, cuda_count: int) -> int | None:
+    """The GPU an xdist worker (`PYTEST_XDIST_WORKER` = gwN) is pinned to: N mod the count;
+    None outside xdist or without GPUs."""
+    if not worker or not worker.startswith("gw") or not worker[2:].isdigit() or cuda_count < 1:
+        return None
+    return int(worker[2:]) % cuda_count
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: the case runs on a CUDA device")
     config.addinivalue_line("markers", "stage(name): the stage or layer a case exercises")
@@ -48,6 +58,9 @@ def pytest_configure(config: pytest.Config) -> None:
         from harness.runner import thread_budget
 
         torch.set_num_threads(thread_budget(int(workers)))
+        gpu = xdist_device(os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count())
+        if gpu is not None:  # "cuda" cases then run on this worker's GPU
+            torch.cuda.set_device(gpu)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -364,6 +364,12 @@ STAGE_METRICS: dict[str, tuple[Compared, ...]] = {
         "w_q.assembly",
         discrete=("x_q", "expert_offsets", "x_q.assembly", "w_q.assembly"),
     ),
+    # harness.stages.ep: the combined output, every routed slot counted once, each rank's share
+    "routed_moe_ep": (
+        Compared("out", How.BUDGET, "calc_diff"),
+        Compared("counts", How.EXACT),
+        Compared("partials", How.BUDGET, "calc_diff"),
+    ),
 }
 
 
@@ -381,7 +387,7 @@ def measure_of(row: Row) -> str | None:
 # Metrics worth a line when a comparison fails (pytest failure tables), by how it is judged;
 # every failing row also shows the diagnoses and what a crash left behind.
 KEY_METRICS: dict[How, tuple[str, ...]] = {
-    How.EXACT: ("n_mismatch", "first_mismatch", "first_ref", "first_out"),
+    How.EXACT: ("n_mismatch", "first_mismatch", "first_ref", "first_out", "lost", "doubled"),
     How.CLASSIFIED: ("n_mismatch", "first_mismatch", "first_ref", "first_out", "n_real", "classes"),
     How.RELATIVE: ("rel_err",),
     How.BOUNDED: (
@@ -417,6 +423,8 @@ DIAGNOSIS_METRICS = (
     "swiglu_convention",
     "first_divergent_stage",
     "nan_first_stage",
+    "diagnoses",
+    "per_rank",
     "traceback",
     "stderr_tail",
 )

@@ -42,6 +42,8 @@ def input_key(case: Case) -> tuple:
         case.routing,
         case.limit,
         case.device,
+        case.ep_size,  # routed_moe_ep: how many experts and ranks, how tokens are dispatched
+        case.ep_mode,
     )
 
 

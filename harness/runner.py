@@ -17,7 +17,6 @@ cores as torch intra-op threads (`thread_budget`): oversubscribed threads slow a
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import hashlib
 import json
@@ -27,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 import uuid
@@ -41,6 +39,7 @@ from tqdm import tqdm
 
 from harness import adapters, results, timing
 from harness.cases import Case
+from harness.procs import die_with_parent
 from harness.records import Outcome, Row
 from harness.stages import Comparison, run_case
 
@@ -387,25 +386,6 @@ def describe_isolated(backend: str, timeout: float = 120.0) -> str | None:
     return p.stdout.strip() or None if p.returncode == 0 else None
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Make this worker process die when the sweep that started it does (kill -9 included)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:  # no prctl: a watchdog thread polls the parent pid
-
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def prepare_worker(parent_pid: int, threads: int | None) -> None:
     """Worker set-up: die with the parent, tracebacks on fatal signals and on SIGUSR1 (the
     parent's timeout), torch threads as the parent assigned."""
@@ -578,3 +558,64 @@ def _run_pairs(
             done = sum(counts.values())
             raise SweepInterrupted(done, len(todo) - done, out_dir) from None
     return counts
+
+
+def parse_devices(text: str) -> list[str]:
+    """`--devices cuda:0,cuda:1` (or `cpu,cpu`): one worker per entry; errors name the entry."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise ValueError(
+            f"--devices: expected a comma-separated list such as cuda:0,cuda:1, got {text!r}"
+        )
+    for d in devices:
+        kind, _, index = d.partition(":")
+        if kind not in ("cpu", "cuda") or (kind == "cpu" and index) or not (index or "0").isdigit():
+            raise ValueError(f"--devices: {d!r} is not cpu, cuda or cuda:N")
+    return devices
+
+
+def device_worker_env(device: str, i: int) -> tuple[str, dict[str, str]]:
+    """(the --device a worker runs its cases on, its extra environment): a GPU worker sees only
+    its GPU (CUDA_VISIBLE_DEVICES) and runs on `cuda`, so case digests do not depend on which
+    GPU a pair landed on; `cuda` without an index is the worker's position."""
+    if device == "cpu":
+        return "cpu", {}
+    index = device.partition(":")[2] or str(i)
+    return "cuda", {"CUDA_VISIBLE_DEVICES": index}
+
+
+def run_on_devices(
+    run_args: list[str], devices: list[str], out_dir: Path, threads: int | None = None
+) -> tuple[list[Path], list[int]]:
+    """`python -m harness run RUN_ARGS` once per device, worker i taking shard i/N of the pairs
+    into OUT/shards/<i>; returns the shard directories and the workers' exit codes. Workers run
+    at once (the sweep's results are merged by the caller); Ctrl-C kills every worker group."""
+    n = len(devices)
+    threads = threads or thread_budget(n)
+    procs, dirs = [], []
+    for i, dev in enumerate(devices):
+        device, extra = device_worker_env(dev, i)
+        shard_dir = out_dir / "shards" / str(i)
+        cmd = [
+            sys.executable, "-m", "harness", "run", *run_args, "--shard", f"{i}/{n}",
+            "--device", device, "-o", str(shard_dir), "--no-progress", "--threads", str(threads),
+        ]  # fmt: skip
+        env = {**os.environ, **extra, "OMP_NUM_THREADS": str(threads)}
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        log = open(shard_dir / "worker.log", "wb")  # noqa: SIM115 - closed below
+        procs.append(
+            (
+                subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                ),
+                log,
+            )
+        )
+        dirs.append(shard_dir)
+    try:
+        codes = [p.wait() for p, _ in procs]
+    finally:
+        for p, log in procs:
+            _kill_group(p)
+            log.close()
+    return dirs, codes

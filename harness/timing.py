@@ -603,6 +603,8 @@ def time_case(
     dev = torch.device(case.device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise TimingUnavailable(f"timing needs CUDA; this case runs on {case.device}")
+    if case.stage.value == "routed_moe_ep":  # its ranks are other processes (harness.stages.ep)
+        raise TimingUnavailable("routed_moe_ep is not timed: time its routed_moe cases")
     w = work(case)
     n = cold_l2_sets(w.bytes, dev, max_sets=64)
     with torch.no_grad():

@@ -654,3 +654,78 @@ class GroupedLinearScaledSlightly(GroupedLinearScaled):
 
     name = "planted-grouped-linear-scaled-slightly"
     factor = 1.004
+
+
+# --------------------------------------------------------------------------------------------
+# expert-parallel defects (stage routed_moe_ep, harness.stages.ep): one rank's share is wrong
+
+
+class EpDefect(ReferenceAdapter):
+    """Base of the expert-parallel defects: routed_moe_ep cases only."""
+
+    def can_implement(self, case):
+        if case.stage.value != "routed_moe_ep":
+            return False, f"{self.name} plants an expert-parallel defect"
+        return super().can_implement(case)
+
+
+class ForgetsFirstExpert(EpDefect):
+    """Builds its runner from the right experts but uses the global ids as local ones (the
+    rank's first expert id never subtracted): rank r > 0 serves the slots of experts 0..n-1."""
+
+    name = "planted-forgets-first-expert"
+
+    def routed_moe_rank(
+        self, x, topk_ids, topk_weights, w13, w2, *, rank, world, first_expert, n_local, **kw
+    ):
+        local = slice(first_expert, first_expert + n_local)
+        return self.routed_moe(
+            x, topk_ids, topk_weights, w13[local], w2[local], first_expert=0, **kw
+        )
+
+
+class DropsLastRank(EpDefect):
+    """Loses the tokens routed to the last rank (an off-by-one in the dispatch's rank range):
+    rank W-1 receives none of its slots and contributes nothing."""
+
+    name = "planted-drops-last-rank"
+
+    def routed_moe_rank(self, x, topk_ids, topk_weights, *args, rank, world, **kw):
+        if rank == world - 1:
+            topk_ids = torch.full_like(topk_ids, -1)
+        return super().routed_moe_rank(
+            x, topk_ids, topk_weights, *args, rank=rank, world=world, **kw
+        )
+
+
+class RankDies(EpDefect):
+    """Rank 1's process dies mid-case (segfault, illegal address): SIGKILL to itself."""
+
+    name = "planted-rank-dies"
+
+    def routed_moe_rank(self, *args, rank, **kw):
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().routed_moe_rank(*args, rank=rank, **kw)
+
+
+class RankHangs(EpDefect):
+    """Rank 1 never returns, so every other rank waits in the combine's collective."""
+
+    name = "planted-rank-hangs"
+
+    def routed_moe_rank(self, *args, rank, **kw):
+        if rank == 1:
+            time.sleep(600)
+        return super().routed_moe_rank(*args, rank=rank, **kw)
+
+
+class RankRaises(EpDefect):
+    """Rank 1 raises (a bad argument on one rank only)."""
+
+    name = "planted-rank-raises"
+
+    def routed_moe_rank(self, *args, rank, **kw):
+        if rank == 1:
+            raise RuntimeError("planted failure on rank 1")
+        return super().routed_moe_rank(*args, rank=rank, **kw)

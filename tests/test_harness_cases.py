@@ -235,7 +235,8 @@ def test_shipped_case_files_load(path):
 
 def test_smoke_covers_every_stage_and_the_tricky_inputs():
     _, cases = load_cases(REPO / "cases" / "smoke.yaml")
-    assert {c.stage for c in cases} == set(Stage)
+    # expert parallel spawns rank processes (seconds): cases/ep.yaml, tests/test_harness_ep.py
+    assert {c.stage for c in cases} == set(Stage) - {Stage.ROUTED_MOE_EP}
     assert {1, 129} <= {c.tokens for c in cases}
     dists = {c.distribution.value for c in cases if c.stage is Stage.QUANTIZE}
     assert {"midpoints", "fp4_grid", "nan_one", "inf_one", "zero_blocks"} <= dists

@@ -128,6 +128,7 @@ def test_stage_table_names_the_plotted_measures():
     assert {c.name: c.measure for cs in STAGE_METRICS.values() for c in cs if c.measure} == {
         "grouped_gemm.out": "worst_ratio",
         "out": "calc_diff",
+        "partials": "calc_diff",  # routed_moe_ep: the worst rank's share
     }
     row = Row(case_id="c", backend="b", compare="grouped_gemm.out", outcome="fail",
               stage="grouped_gemm")

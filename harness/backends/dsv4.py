@@ -10,10 +10,11 @@ of sm_90 or newer").
 The layer methods come from `LayerAdapterMixin`, which any adapter class may mix in: each builds
 a dsv4.layers runner sized for the case (max_num_tokens = T), sets the weights, finalizes,
 calibrates on the case's warm-up sample, runs once and returns the runner's named stages incl.
-"out" (views of the runner's buffers); `prepare_<layer>` (same arguments) does all but the run
-and returns the steady-state call, which the harness times (docs/timing.md). The GEMM backend is
-the adapter's `backend` attribute when it has one, else chosen by device; the quantize
-implementation likewise its `quant_impl` attribute.
+"out" (views of the runner's buffers); `routed_moe_rank` is one expert-parallel rank's routed
+MoE (a runner of its local experts, harness.stages.ep); `prepare_<layer>` (same arguments)
+does all but the run and returns the steady-state call, which the harness times
+(docs/timing.md). The GEMM backend is the adapter's `backend` attribute when it has one, else
+chosen by device; the quantize implementation likewise its `quant_impl` attribute.
 Names (harness.backends.BUILTIN): `dsv4-torch` (the portable backend, torch quantize),
 `dsv4-cutedsl` (the CuTeDSL quantize / SwiGLU-requantize kernels, the GEMM on the device's best
 backend), `dsv4-sm90` (the Triton grouped GEMM for sm_90, verified on an H200) and `dsv4-sm100`
@@ -102,6 +103,27 @@ class LayerAdapterMixin:
         runner.calibrate(sample, topk_ids, topk_weights)  # the warm-up batch has x's routing
         return functools.partial(runner.run, x, topk_ids, topk_weights)
 
+    def prepare_routed_moe_rank(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        *,
+        rank: int,
+        world: int,
+        first_expert: int,
+        n_local: int,
+        **kw: Any,
+    ) -> functools.partial:
+        """Rank `rank` of `world`: a RoutedMoERunner for global experts first_expert ..
+        first_expert + n_local - 1, built from those experts of the global weights; it receives
+        the global top-k ids and subtracts first_expert itself (the combine is the caller's)."""
+        local = slice(first_expert, first_expert + n_local)
+        args = (x, topk_ids, topk_weights, w13[local], w2[local])
+        return self.prepare_routed_moe(*args, first_expert=first_expert, **kw)
+
     def prepare_grouped_linear(
         self, o: torch.Tensor, w: torch.Tensor, *, n_groups: int, o_lora_rank: int, calib_sample
     ) -> functools.partial:
@@ -134,11 +156,8 @@ class LayerAdapterMixin:
     def grouped_linear(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return _stages(self.prepare_grouped_linear(*args, **kwargs))
 
-
-def _stages(run: functools.partial) -> dict[str, Any]:
-    """Run a prepared call once; the named stages of the runner whose run() it binds."""
-    run()
-    return run.func.__self__.stages()
+    def routed_moe_rank(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _stages(self.prepare_routed_moe_rank(*args, **kwargs))
 
 
 def _stages(run: functools.partial) -> dict[str, Any]:

@@ -6,7 +6,9 @@ against itself it passes, which proves the harness end to end on any machine (re
 the harness judges every adapter: against the reference run with the adapter's declared
 conventions (harness.stages.run). `quantized=False` is the unquantized fp32 twin of each layer
 (the quantization-error panel), `oracle=True` runs the layer GEMMs in float64 (another summation
-order: the measured noise floor of a layer's budget).
+order: the measured noise floor of a layer's budget). `scales=(gs1, gs2)` runs the routed MoE
+with those static scales instead of calibrating (the expert-parallel verdict's reference over
+every expert, quantized as each rank calibrated its own: harness.stages.ep).
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ class ReferenceAdapter(AdapterBase):
     name = "reference"
 
     def __init__(
-        self, quantized: bool = True, conventions: Conventions | None = None, oracle: bool = False
+        self,
+        quantized: bool = True,
+        conventions: Conventions | None = None,
+        oracle: bool = False,
+        scales: tuple[Any, Any] | None = None,
     ):
         self.quantized = quantized  # False: the unquantized fp32 twin of each layer
         self.oracle = oracle  # True: layer GEMMs in float64 (another summation order)
+        self.routed_scales = scales  # routed MoE (gs1, gs2), fp32 [E] each; None: calibrate
         if conventions is not None:
             self.conventions = conventions
 
@@ -93,8 +100,20 @@ class ReferenceAdapter(AdapterBase):
         }
         if not self.quantized:
             return ref_layers.routed_moe(*args, quantized=False, **kw)
-        gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
+        if self.routed_scales is not None:
+            gs1, gs2 = self.routed_scales
+        else:
+            gs1, gs2 = ref_layers.calibrate_routed_moe(calib_sample, *args[1:], **kw)
         return ref_layers.routed_moe(*args, gs1=gs1, gs2=gs2, **kw)
+
+    def routed_moe_rank(
+        self, x, topk_ids, topk_weights, w13, w2, *, rank, world, first_expert, n_local, **kw
+    ):
+        """Rank `rank` of `world` (docs/cases.md "Expert parallel"): the reference restricted to
+        global experts first_expert .. first_expert + n_local - 1 of the global weights."""
+        local = slice(first_expert, first_expert + n_local)
+        args = (x, topk_ids, topk_weights, w13[local], w2[local])
+        return self.routed_moe(*args, first_expert=first_expert, **kw)
 
     def grouped_linear(self, o, w, *, n_groups, o_lora_rank, calib_sample):
         if not self.quantized:

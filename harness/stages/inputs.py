@@ -178,13 +178,15 @@ class RoutedMoeInputs(LayerInputs):
             "routed_scaling_factor": case.shape.routed_scaling_factor,
         }
 
-    def call(self, adapter: Any) -> Any:
+    def _weights(self, adapter: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         # the weights are normalized; the factor goes where the adapter declares
         rsf = self.routed_scaling_factor
         if getattr(getattr(adapter, "conventions", None), "routing_weights_scaled", True):
-            wts, kw = inputs.gate_weights(self.topk_weights, rsf), {}
-        else:
-            wts, kw = self.topk_weights, {"routed_scaling_factor": rsf}
+            return inputs.gate_weights(self.topk_weights, rsf), {}
+        return self.topk_weights, {"routed_scaling_factor": rsf}
+
+    def call(self, adapter: Any) -> Any:
+        wts, kw = self._weights(adapter)
         return adapter.routed_moe(
             self.x,
             self.topk_ids,
@@ -192,6 +194,27 @@ class RoutedMoeInputs(LayerInputs):
             self.w13,
             self.w2,
             first_expert=self.first_expert,
+            limit=self.limit,
+            calib_sample=self.calib_sample,
+            **kw,
+        )
+
+    def call_rank(self, adapter: Any, rank: int, world: int) -> Any:
+        """The adapter's `routed_moe_rank` (docs/cases.md "Expert parallel"): rank `rank` of
+        `world`, its experts the n_local = E / world global ids from rank * n_local on, given
+        the global weights (every expert) and these tokens with their global top-k ids."""
+        n_local = self.w13.shape[0] // world
+        wts, kw = self._weights(adapter)
+        return adapter.routed_moe_rank(
+            self.x,
+            self.topk_ids,
+            wts,
+            self.w13,
+            self.w2,
+            rank=rank,
+            world=world,
+            first_expert=self.first_expert + rank * n_local,
+            n_local=n_local,
             limit=self.limit,
             calib_sample=self.calib_sample,
             **kw,
@@ -227,6 +250,7 @@ LAYER_INPUTS: dict[Stage, type[LayerInputs]] = {
     Stage.SHARED_EXPERT: SharedExpertInputs,
     Stage.ROUTED_MOE: RoutedMoeInputs,
     Stage.GROUPED_LINEAR: GroupedLinearInputs,
+    Stage.ROUTED_MOE_EP: RoutedMoeInputs,  # every rank's experts (harness.stages.ep)
 }
 
 
@@ -251,7 +275,7 @@ def layer_inputs(case: Case, dev: torch.device) -> LayerInputs:
     else:
         x = inputs.activation((t, s.hidden), case.distribution, gx)
         ids, wts = inputs.routing(case, inputs.generator(case, "routing"))
-        e = s.n_experts
+        e = inputs.routed_experts(case)
         w13 = inputs.weight((e, s.hidden, 2 * s.intermediate), inputs.generator(case, "w13"))
         d = {
             "x": x,

@@ -26,6 +26,7 @@ from harness import diagnose, metrics, refcache
 from harness.adapters import QuantizedOperand, from_adapter_scale, poisoned, to_adapter_scale
 from harness.backends.reference import ReferenceAdapter
 from harness.cases import Case, Stage, Tolerance
+from harness.stages.ep import run_ep
 from harness.stages.inputs import (
     LayerInputs,
     gemm_operands,
@@ -280,6 +281,7 @@ _STAGES = {
     Stage.SHARED_EXPERT: _layer,
     Stage.ROUTED_MOE: _layer,
     Stage.GROUPED_LINEAR: _layer,
+    Stage.ROUTED_MOE_EP: run_ep,
 }
 
 
