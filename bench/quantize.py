@@ -1,6 +1,6 @@
 """Speed of the NVFP4 quantize kernels on a CUDA GPU, one table, ratios measured in one run.
 
-    python bench/quantize.py [--budget 1.0] [--out DIR]
+    python bench/quantize.py [--budget 1.0] [--out DIR] [--variants]
 
 Rows: the CuTeDSL kernels (static-scale quantize with swizzled scales, SwiGLU-requantize, grouped
 gs[G]), dsv4's portable torch path and a torch.compile'd seed-style quantizer (reciprocal,
@@ -10,6 +10,9 @@ and given as median us, GB/s of the bytes it must move (input read, codes and sc
 written) and percent of the device-to-device copy bandwidth measured in the same run. Small
 shapes (T = 128) report graph-replay latency. Every CuTeDSL row is checked bit-exact against
 reference/ before it is timed (the `exact` column). Full records go to DIR/quantize.json.
+--variants instead times every tuning in VARIANTS (blocks per thread x threads per CTA) of the
+quantize [8192,7168] and the SwiGLU-requant [8192,2x3072], each checked bit-exact first (FAIL
+rows are not timed; a compile error is printed in its row), into DIR/quantize_variants.json.
 """
 
 from __future__ import annotations
@@ -192,14 +195,123 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
     ]
 
 
+VARIANTS = [  # the tuning fields (nq.DEFAULT_TUNING's keys) --variants times
+    {"blocks_per_thread": b, "threads": n} for b in (1, 2, 4) for n in (64, 128, 256, 512)
+]
+
+
+def variant_rows(dev, copy: float, budget: float) -> list[dict]:
+    """Every VARIANTS tuning of the static quantize [8192,7168] and the SwiGLU-requant
+    [8192, 2x3072]: each checked bit-exact against reference/ first (a wrong one is FAIL, not
+    timed), a compile or launch error printed in its row, never stopping the table."""
+    t, k, i_ = 8192, 7168, 3072
+    cases = []
+    nb = nvfp4_bytes(t, k, k)
+    base = nq.QuantConfig(k)
+
+    def make_q(j):
+        x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)
+        x[0, :16] = float("nan")  # the div.rn path and a NaN block in the checked set
+        x[1, :32] = 0.0
+        gs = (x.float().nan_to_num(0).abs().amax() / 2688).reshape(1)
+        codes = torch.empty(t, k // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(base.scale_bytes(t), dtype=torch.uint8, device=dev)
+        return x, gs, codes, sf
+
+    qdata = sets(make_q, nb, dev)
+    rc, rs, _ = quantize_nvfp4(qdata[0][0], qdata[0][1])
+    qref = (rc, swizzle_scales(rs).view(torch.uint8))
+    cases.append((f"quantize [{t},{k}]", base, qdata, nb, qref, lambda c, d: nq.run_quant(c, *d)))
+
+    sw = nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True)
+    nb_sw = nvfp4_bytes(t, 2 * i_, i_) + 4 * t
+
+    def make_l1(j):
+        l1 = (torch.randn(t, 2 * i_, device=dev) * 4).to(torch.bfloat16)
+        w = torch.rand(t, device=dev)
+        h = ref_swiglu(l1, 10.0) * w[:, None] if j == 0 else None
+        gs = torch.full((1,), 0.01, device=dev)
+        codes = torch.empty(t, i_ // 2, dtype=torch.uint8, device=dev)
+        sf = torch.empty(sw.scale_bytes(t), dtype=torch.uint8, device=dev)
+        return l1, gs, codes, sf, w, h
+
+    sdata = sets(make_l1, nb_sw, dev)
+    rc, rs, _ = quantize_nvfp4(sdata[0][5], sdata[0][1])
+    sref = (rc, swizzle_scales(rs).view(torch.uint8))
+    cases.append(
+        (
+            f"swiglu-requant [{t},2x{i_}]",
+            sw,
+            sdata,
+            nb_sw,
+            sref,
+            lambda c, d: nq.run_quant(c, *d[:4], d[4]),
+        )
+    )
+    out = []
+    for name, cfg0, data, nbytes, (rc, rsf), launch in cases:
+        for tun in VARIANTS:
+            label = f"{name} bpt={tun['blocks_per_thread']} thr={tun['threads']}"
+            rec = {"case": label, "tuning": tun, "median_us": None, "%copy": None}
+            try:
+                cfg = nq.tuned(cfg0, tun)
+                if cfg.blocks_per_thread != tun["blocks_per_thread"]:
+                    raise ValueError(f"blocks_per_thread does not divide k/16={cfg0.cols}")
+                data[0][2].fill_(0xAA)
+                data[0][3].fill_(0xAA)
+                launch(cfg, data[0])
+                torch.cuda.synchronize()
+                ok = bool(
+                    torch.equal(data[0][2], rc) and torch.equal(data[0][3][: rsf.numel()], rsf)
+                )
+                rec["exact"] = ok
+                if ok:
+                    rec.update(
+                        row(
+                            label,
+                            lambda j, c=cfg, f=launch, d=data: f(c, d[j]),
+                            len(data),
+                            nbytes,
+                            copy,
+                            ok,
+                            budget,
+                        )
+                    )
+                else:
+                    rec["error"] = "FAIL: not bit-exact against reference/"
+            except Exception as e:  # one variant's failure is its row, not the run's end
+                rec["exact"] = None
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out.append(rec)
+            us = f"{rec['median_us']:10.2f} {rec['%copy']:6.1f}" if rec["median_us"] else " " * 17
+            print(f"{label:44} {us} {rec['exact']} {rec.get('error', '')}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="time every VARIANTS tuning (bit-exact checked first), one table, then stop",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     copy = timing.copy_bandwidth_gbps(dev)
+    if args.variants:
+        print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy:.0f} GB/s (same run)")
+        print(f"default tuning {nq.DEFAULT_TUNING}\n")
+        print(f"{'variant':44} {'us':>10} {'%copy':>6} bit-exact")
+        rows = variant_rows(dev, copy, min(args.budget, 0.3))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "quantize_variants.json").write_text(
+                json.dumps({"copy_gbps": copy, "rows": rows}, indent=1)
+            )
+        return
     rows = []
 
     for t in (8192, 128):

@@ -100,6 +100,15 @@ def _configs():
         "swiglu_up_first_nolimit": QuantConfig(
             2048, prologue=Prologue.SWIGLU, swiglu_limit=None, gate_first=False
         ),
+        # the tuning fields (bench/quantize.py --variants): several blocks per thread
+        "quant_h7168_bpt2_thr256": QuantConfig(7168, blocks_per_thread=2, threads=256),
+        "quant_h7168_bpt4": QuantConfig(7168, blocks_per_thread=4),
+        "quant_gather_linear_bpt4": QuantConfig(
+            7168, scale_layout=ScaleLayout.LINEAR, gather=True, blocks_per_thread=4
+        ),
+        "swiglu_i3072_weighted_bpt4": QuantConfig(
+            3072, prologue=Prologue.SWIGLU, row_weight=True, blocks_per_thread=4
+        ),
     }
 
 
@@ -112,21 +121,28 @@ def test_kernel_compiles_with_expected_ptx(name, arch):
 
     cfg = _configs()[name]
     rep = compile_report(lambda opts: compile_quant(cfg, arch, opts), arch)
-    paths = 2 if cfg.fast_division else 1  # the fast path and the div.rn path
+    bpt = cfg.blocks_per_thread  # every block of a thread has both paths of its own
+    paths = (2 if cfg.fast_division else 1) * bpt  # the fast path and the div.rn path
     hw = rep.count("cvt.rn.satfinite.e2m1x2.f32")
     want = 8 * paths if arch == "sm_100a" else 0
     assert hw == want, f"{name} {arch}: {hw} e2m1x2 cvts, want {want}"
     if arch == "sm_90a":  # the exact software rounding: one fma per element and path
         assert rep.count("fma.rn.f32") >= 16 * paths
     assert rep.count("cvt.rn.satfinite.e4m3x2.f32") == paths
-    assert rep.count("max.NaN.f32") >= 16
+    assert rep.count("max.NaN.f32") >= 16 * bpt
     # the div.rn path: x / gs and q / s per element and amax / 6, correctly rounded as the
     # reference (silu's division too); the fast path: CUDA's div.rn fast path inlined
     per_elem = 2 if cfg.prologue is Prologue.NONE else 3
-    assert rep.count("div.rn.f32") >= 16 * per_elem + 1
+    assert rep.count("div.rn.f32") >= (16 * per_elem + 1) * bpt
     if cfg.fast_division:  # 1 / gs and 1 / s seeded by rcp.approx, one Newton step each
-        assert rep.count("rcp.approx.ftz.f32") == 2
-        assert rep.count("fma.rn.f32") >= 2 * 2 * 16  # two corrections per division
+        assert rep.count("rcp.approx.ftz.f32") == 2 * bpt
+        assert rep.count("fma.rn.f32") >= 2 * 2 * 16 * bpt  # two corrections per division
+    # codes: one vector store of 8 (one block) or 16 bytes (2 blocks) per 16 bytes;
+    # scales: one store of bpt bytes
+    assert rep.count(
+        {1: "st.global.v2.b32", 2: "st.global.v4.b32", 4: "st.global.v4.b32"}[bpt]
+    ) == (2 if bpt == 4 else 1)
+    assert rep.count({1: "st.global.b8", 2: "st.global.b16", 4: "st.global.b32"}[bpt]) == 1
     assert rep.count("div.approx") == 0
     # the only flush-to-zero: exp's ex2.approx.ftz (libdevice expf, as torch's CUDA silu) and
     # the fast path's rcp.approx.ftz seeds, whose operands are normal (range-checked)
@@ -162,6 +178,31 @@ def test_config_rejects_bad_values_naming_them():
         QuantConfig(32, row_weight=True)
     with pytest.raises(ValueError, match="arch must be one of"):
         Nvfp4QuantKernel(QuantConfig(32), "sm_80")
+    with pytest.raises(ValueError, match=r"blocks_per_thread must be 1, 2 or 4 and divide k/16=3"):
+        QuantConfig(48, blocks_per_thread=2)
+    with pytest.raises(ValueError, match="blocks_per_thread"):
+        QuantConfig(64, blocks_per_thread=3)
+    with pytest.raises(ValueError, match="threads must be"):
+        QuantConfig(64, threads=96)
+
+
+def test_tuned_falls_back_to_what_k_and_the_outputs_allow():
+    if not HAS_DSL:
+        pytest.skip(WHY_NO_DSL)
+    from dsv4.kernels.cutedsl.nvfp4_quant import QuantConfig, tuned
+
+    four = {"blocks_per_thread": 4, "threads": 256}
+    assert tuned(QuantConfig(7168), four).blocks_per_thread == 4  # 448 blocks
+    assert tuned(QuantConfig(7168), four).threads == 256
+    assert tuned(QuantConfig(96), four).blocks_per_thread == 2  # 6 blocks
+    assert tuned(QuantConfig(48), four).blocks_per_thread == 1  # 3 blocks
+    buf = torch.empty(64, dtype=torch.uint8)
+    at = buf.data_ptr()
+    codes = buf[(8 - at) % 16 :]  # 8 bytes past a 16-byte boundary: no 16-byte code stores
+    assert codes.data_ptr() % 16 == 8
+    assert tuned(QuantConfig(7168), four, codes=codes).blocks_per_thread == 1
+    scales = buf[(2 - at) % 4 :]  # 2-byte aligned only: 2-byte scale words at most
+    assert tuned(QuantConfig(7168), four, scales=scales).blocks_per_thread == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,9 +227,12 @@ def _assert_linear_exact(cfg, x, gs):
 
 
 @needs_gpu
+@pytest.mark.parametrize("bpt", [1, 2, 4])
 @pytest.mark.parametrize("t", [1, 3, 31, 128, 129, 4097])
-def test_gpu_quantize_bit_exact_any_token_count(t):
+def test_gpu_quantize_bit_exact_any_token_count(t, bpt, monkeypatch):
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    monkeypatch.setattr(nq, "DEFAULT_TUNING", {"blocks_per_thread": bpt, "threads": 256})
 
     g = torch.Generator(device="cuda").manual_seed(t)
     x = (torch.randn(t, 7168, device="cuda", generator=g) * 3).to(torch.bfloat16)
@@ -217,8 +261,11 @@ def test_gpu_quantize_every_bf16_value(gs, fast):
         blocks.append(finite[perm][: finite.numel() // 64 * 64].reshape(-1, 64))
     x = torch.cat(blocks)
     g = torch.tensor([gs], dtype=torch.float32, device="cuda")
-    cfg = nq.QuantConfig(64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast)
-    _assert_linear_exact(cfg, x, g)
+    for bpt in (1, 2, 4):
+        cfg = nq.QuantConfig(
+            64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast, blocks_per_thread=bpt
+        )
+        _assert_linear_exact(cfg, x, g)
 
 
 @needs_gpu

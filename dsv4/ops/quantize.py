@@ -206,6 +206,7 @@ def _cutedsl_quantize(
     else:
         cfg = nq.QuantConfig(x2.shape[1], dtype, nq.ScaleLayout.LINEAR)
     codes, scales = codes_out.view(-1, codes_out.shape[-1]), scales_out.view(-1, cfg.cols)
+    cfg = nq.tuned(cfg, codes=codes, scales=scales)
     nq.run_quant(cfg, x2, gs.reshape(1), codes, scales, row_weight)
 
 
@@ -422,6 +423,7 @@ def quantize_activation_nvfp4_grouped(
         from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
         cfg = nq.QuantConfig(k, str(x.dtype).removeprefix("torch."), nq.ScaleLayout.LINEAR, g)
+        cfg = nq.tuned(cfg, codes=codes_out, scales=scales_out)
         nq.run_quant(cfg, x, global_scales, codes_out, scales_out)
         return codes_out, scales_out
     for i in range(g):  # the torch quantizer takes one scale per call

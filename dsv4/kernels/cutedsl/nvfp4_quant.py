@@ -5,8 +5,12 @@ G groups of one [T, G, K] tensor with one global scale each (the grouped linear,
 or the L1 output [T, 2I] passed through the DeepSeek V4 SwiGLU with limit (times a per-row
 routing weight) before it is quantized. Scales go straight into the 128x4-swizzled layout the
 GEMM reads, each group's rows padded to 128 on their own (padding bytes written as 0), or stay
-linear [rows, K/16] (the harness's stage output). One thread quantizes one 16-element block:
-two 16-byte loads, one 8-byte code store, one scale byte.
+linear [rows, K/16] (the harness's stage output). One thread quantizes `blocks_per_thread`
+consecutive 16-element blocks of a row (1, 2 or 4): all their 16-byte loads issued before the
+math, their codes stored as one contiguous 8/16/32-byte run and their scale bytes as one 1/2/4-byte
+word (the swizzled layout keeps 4 K-blocks of a row in one 32-bit word); `threads` per CTA.
+The tuning fields change speed only, never bits; `DEFAULT_TUNING` is the one place the
+public functions take them from.
 
 Bits (docs/design.md §3, the reference's order, fp32, correctly rounded divisions): x_n = x / gs;
 amax = max.NaN |x_n|; s = amax / 6; byte = cvt.rn.satfinite.e4m3 (clamp-then-round, NaN ->
@@ -28,12 +32,11 @@ from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Uint8, Uint32
+from cutlass import Float32, Int32, Uint8, Uint16, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 BLOCK = 16
-THREADS = 128  # one 16-element block per thread
 ATOM_ROWS, ATOM_COLS = 128, 4  # the 512-byte scale atom (docs/design.md §3 "Scale layout")
 ARCHS = ("sm_90a", "sm_100a")
 
@@ -71,6 +74,10 @@ class QuantConfig:
     # divisions of in-range blocks by a reciprocal and one fma correction (bit-identical to
     # div.rn there, see _div_corrected); div.rn for every other block and when False
     fast_division: bool = True
+    # speed only (bit-identical outputs): consecutive 16-element blocks one thread quantizes
+    # (1, 2, 4; must divide k/16) and threads per CTA
+    blocks_per_thread: int = 1
+    threads: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0 or self.k % BLOCK:
@@ -85,6 +92,15 @@ class QuantConfig:
             raise ValueError(
                 f"row_weight / gate_first apply to the SWIGLU prologue only, got "
                 f"{self.prologue=} {self.row_weight=} {self.gate_first=}"
+            )
+        if self.blocks_per_thread not in (1, 2, 4) or self.cols % self.blocks_per_thread:
+            raise ValueError(
+                f"QuantConfig.blocks_per_thread must be 1, 2 or 4 and divide k/16={self.cols}, "
+                f"got {self.blocks_per_thread=}"
+            )
+        if self.threads not in (64, 128, 256, 512):
+            raise ValueError(
+                f"QuantConfig.threads must be 64, 128, 256 or 512, got {self.threads=}"
             )
         if self.swiglu_limit is not None and not self.swiglu_limit > 0:
             raise ValueError(
@@ -115,6 +131,38 @@ class QuantConfig:
 
     def scale_bytes(self, rows: int) -> int:
         return self.groups * self.scale_rows(rows) * self.padded_cols
+
+    @property
+    def codes_align(self) -> int:
+        """Byte alignment the codes pointer must have (the widest code store)."""
+        return min(8 * self.blocks_per_thread, 16)
+
+
+# The tuning the public functions use (speed only, never bits): one table, easy to flip after a
+# `bench/quantize.py --variants` run. blocks_per_thread falls back to 1 where it does not divide
+# k/16.
+DEFAULT_TUNING = {"blocks_per_thread": 1, "threads": 128}
+
+
+def tuned(cfg: QuantConfig, tuning: dict | None = None, codes=None, scales=None) -> QuantConfig:
+    """cfg with the tuning fields of `tuning` (DEFAULT_TUNING when None); blocks_per_thread
+    drops to the largest of 4, 2, 1 at most the asked one that divides k/16 and whose wide
+    stores the given (caller-owned) codes / scales tensors are aligned for."""
+    import dataclasses
+
+    t = dict(DEFAULT_TUNING if tuning is None else tuning)
+    bpt = t.get("blocks_per_thread", 1)
+
+    def fits(b: int) -> bool:
+        return (
+            cfg.cols % b == 0
+            and (codes is None or codes.data_ptr() % min(8 * b, 16) == 0)
+            and (scales is None or scales.data_ptr() % b == 0)
+        )
+
+    while not fits(bpt):
+        bpt //= 2
+    return dataclasses.replace(cfg, blocks_per_thread=bpt, threads=t.get("threads", cfg.threads))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +230,26 @@ def _e4m3_value(byte: Uint32, *, loc=None, ip=None) -> Float32:
 def _zero_if_zero(word: Uint32, s: Float32, *, loc=None, ip=None) -> Uint32:
     ptx = "{ .reg .pred p; setp.eq.f32 p, $2, 0f00000000; selp.b32 $0, 0, $1, p; }"
     return _ptx(ptx, Uint32, Uint32(word), Float32(s), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _st_global_b32xn(ptr: cute.Pointer, words, *, loc=None, ip=None) -> None:
+    """Store 2 or 4 u32 words at a 8- / 16-byte aligned global address as one vector store
+    (st.global.v2 / v4.b32; autovec_copy emits scalar b32 stores here)."""
+    n = len(words)
+    regs = ", ".join(f"${j + 1}" for j in range(n))
+    llvm.inline_asm(
+        None,
+        [ptr.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip)]
+        + [Uint32(w).ir_value(loc=loc, ip=ip) for w in words],
+        f"st.global.v{n}.b32 [$0], {{{regs}}};",
+        "l" + ",r" * n + ",~{memory}",
+        has_side_effects=True,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
 
 
 # max |x| <= 2^90 over the block (NaN and Inf fail) and gs in [2^-30, 2^30]: every quotient
@@ -354,11 +422,13 @@ class Nvfp4QuantKernel:
             srows = (rows + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
         else:
             srows = rows
-        sf = cute.make_tensor(sf_ptr, cute.make_layout(g_n * srows * cfg.padded_cols))
-        n_threads = srows * cfg.padded_cols
+        bpt = cfg.blocks_per_thread
+        # one scale word of bpt bytes per thread (sf_ptr's element type is that word)
+        sf = cute.make_tensor(sf_ptr, cute.make_layout(g_n * srows * cfg.padded_cols // bpt))
+        n_threads = srows * (cfg.padded_cols // bpt)
         self.kernel(x, gs, codes, sf, w, idx, rows, srows).launch(
-            grid=[(n_threads + (THREADS - 1)) // THREADS, g_n, 1],
-            block=[THREADS, 1, 1],
+            grid=[(n_threads + (cfg.threads - 1)) // cfg.threads, g_n, 1],
+            block=[cfg.threads, 1, 1],
             stream=stream,
         )
 
@@ -375,47 +445,63 @@ class Nvfp4QuantKernel:
         srows: Int32,
     ):
         cfg = self.cfg
-        cp = cfg.padded_cols
+        bpt = cfg.blocks_per_thread
+        cpt = cfg.padded_cols // bpt  # threads per scale row
         tidx, _, _ = cute.arch.thread_idx()
         bidx, g, _ = cute.arch.block_idx()
-        i = Uint32(bidx * THREADS + tidx)  # unsigned: no sign fix-ups in the index math
-        c = Int32(i % cp)
-        r = Int32(i // cp)
+        i = Uint32(bidx * cfg.threads + tidx)  # unsigned: no sign fix-ups in the index math
+        ct = Int32(i % cpt)
+        r = Int32(i // cpt)
+        c0 = ct * bpt  # first block; bpt divides cols, so all bpt blocks are in or all out
         if r < srows:
-            sf_off = self._scale_offset(g * srows + r, c)
-            byte = Uint32(0)
-            if (r < rows) & (c < cfg.cols):
-                v = self._load_block(x, r, g, c, w, idx)
+            sf_off = self._scale_offset(g * srows + r, c0)
+            word = Uint32(0)  # the bpt scale bytes, block b in byte b (0: padding)
+            if (r < rows) & (c0 < cfg.cols):
+                vs = [self._load_block(x, r, g, c0 + b, w, idx) for b in range(bpt)]  # loads first
                 gsv = gs[g]
-                dst = cute.zipped_divide(codes[g, r, None], (2,))[(None, c)]
-                if cutlass.const_expr(cfg.fast_division):
-                    amax_x = Float32(0.0)
-                    for j in cutlass.range_constexpr(BLOCK):
-                        amax_x = _max_abs_nan(amax_x, v[j])
-                    if _fast_range(amax_x, gsv) != Uint32(0):
-                        r_gs = _rcp_refined(gsv)
-                        xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
-                        # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
-                        amax_n = _div_corrected(amax_x, r_gs, -gsv)
-                        byte = self._finish(xn, amax_n, dst, v)
-                    else:
-                        byte = self._exact(v, gsv, dst)
-                else:
-                    byte = self._exact(v, gsv, dst)
-            sf[sf_off] = Uint8(byte)
+                words = []
+                for b in cutlass.range_constexpr(bpt):
+                    byte, w0, w1 = self._block(vs[b], gsv)
+                    word = word | (byte << (8 * b))
+                    words += [w0, w1]
+                dst = cute.zipped_divide(codes[g, r, None], (2 * bpt,))[(None, ct)]
+                for j in cutlass.range_constexpr(0, 2 * bpt, 4):  # 8 or 16 bytes a store
+                    _st_global_b32xn(dst.iterator + j, words[j : j + 4])
+            sf[sf_off // bpt] = {1: Uint8, 2: Uint16, 4: Uint32}[bpt](word)
 
     @cute.jit
-    def _exact(self, v, gsv: Float32, dst: cute.Tensor) -> Uint32:
+    def _block(self, v, gsv: Float32):
+        """(scale byte, code word 0, code word 1) of one block's 16 values."""
+        cfg = self.cfg
+        byte, w0, w1 = Uint32(0), Uint32(0), Uint32(0)
+        if cutlass.const_expr(cfg.fast_division):
+            amax_x = Float32(0.0)
+            for j in cutlass.range_constexpr(BLOCK):
+                amax_x = _max_abs_nan(amax_x, v[j])
+            if _fast_range(amax_x, gsv) != Uint32(0):
+                r_gs = _rcp_refined(gsv)
+                xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
+                # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
+                amax_n = _div_corrected(amax_x, r_gs, -gsv)
+                byte, w0, w1 = self._finish(xn, amax_n, v)
+            else:
+                byte, w0, w1 = self._exact(v, gsv)
+        else:
+            byte, w0, w1 = self._exact(v, gsv)
+        return byte, w0, w1
+
+    @cute.jit
+    def _exact(self, v, gsv: Float32):
         """Any block (NaN, Inf, zeros, subnormals): div.rn everywhere, NaN-propagating amax."""
         xn = [v[j] / gsv for j in range(BLOCK)]  # x / gs: divide, as the reference
         amax = Float32(0.0)
         for j in cutlass.range_constexpr(BLOCK):
             amax = _max_abs_nan(amax, xn[j])
-        return self._finish(xn, amax, dst, None)
+        return self._finish(xn, amax, None)
 
     @cute.jit
-    def _finish(self, xn, amax: Float32, dst: cute.Tensor, signs) -> Uint32:
-        """Scale byte from the block amax, codes of xn / s into dst; returns the byte.
+    def _finish(self, xn, amax: Float32, signs):
+        """Scale byte from the block amax and the two code words of xn / s.
 
         signs=None: the div.rn path; else the block is on the fast path and signs[j] (the
         input values) carry the code signs."""
@@ -442,11 +528,7 @@ class Nvfp4QuantKernel:
                     pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1)
                 acc = acc | (pair << (8 * j))
             words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
-        frag = cute.make_rmem_tensor(cute.make_layout(2), Uint32)
-        frag[0] = words[0]
-        frag[1] = words[1]
-        cute.autovec_copy(frag, dst)
-        return byte
+        return byte, words[0], words[1]
 
     @cute.jit
     def _scale_offset(self, row: Int32, c: Int32) -> Int32:
@@ -493,11 +575,12 @@ class Nvfp4QuantKernel:
 
 
 def _ptr_types(cfg: QuantConfig):
+    bpt = cfg.blocks_per_thread
     return (
         (_DTYPES[cfg.in_dtype], 32),
         (Float32, 4),
-        (Uint32, 8),
-        (Uint8, 1),
+        (Uint32, cfg.codes_align),
+        ({1: Uint8, 2: Uint16, 4: Uint32}[bpt], bpt),
         (Float32, 4),
         (Int32, 4),
     )
@@ -613,15 +696,23 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
         codes.dtype == torch.uint8
         and tuple(codes.shape) == (g_n * t, k // 2)
         and codes.is_contiguous()
-        and codes.data_ptr() % 8 == 0,
+        and codes.data_ptr() % cfg.codes_align == 0,
         lambda: (
-            f"codes must be contiguous uint8 [{g_n * t}, {k // 2}], 8-byte aligned, got "
-            f"codes.dtype={codes.dtype} codes.shape={tuple(codes.shape)}"
+            f"codes must be contiguous uint8 [{g_n * t}, {k // 2}], {cfg.codes_align}-byte "
+            f"aligned, got codes.dtype={codes.dtype} codes.shape={tuple(codes.shape)} "
+            f"codes.data_ptr() % {cfg.codes_align}={codes.data_ptr() % cfg.codes_align}"
         ),
     )
     _need(
-        scales.dtype in (torch.uint8, torch.float8_e4m3fn) and scales.is_contiguous(),
-        lambda: f"scales must be contiguous uint8 / float8_e4m3fn, got scales.dtype={scales.dtype}",
+        scales.dtype in (torch.uint8, torch.float8_e4m3fn)
+        and scales.is_contiguous()
+        and scales.data_ptr() % cfg.blocks_per_thread == 0,
+        lambda: (
+            f"scales must be contiguous uint8 / float8_e4m3fn, {cfg.blocks_per_thread}-byte "
+            f"aligned, got scales.dtype={scales.dtype} "
+            f"scales.data_ptr() % {cfg.blocks_per_thread}="
+            f"{scales.data_ptr() % cfg.blocks_per_thread}"
+        ),
     )
     if cfg.scale_layout is ScaleLayout.LINEAR:
         _need(
@@ -689,12 +780,14 @@ def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, index=None
     int32 `index` [R] the output rows are x[index] (gathered, R rows)."""
     import torch
 
-    cfg = QuantConfig(
-        x.shape[-1],
-        str(x.dtype).removeprefix("torch."),
-        scale_layout,
-        x.shape[1] if x.dim() == 3 else 1,
-        gather=index is not None,
+    cfg = tuned(
+        QuantConfig(
+            x.shape[-1],
+            str(x.dtype).removeprefix("torch."),
+            scale_layout,
+            x.shape[1] if x.dim() == 3 else 1,
+            gather=index is not None,
+        )
     )
     t = x.shape[0] if index is None else index.shape[0]
     return _alloc_and_run(cfg, x, gs.reshape(-1), t, torch, index=index)
@@ -711,15 +804,17 @@ def swiglu_quantize(
     """SwiGLU (DeepSeek V4 clamp) of l1_out [T, 2I] (times row_weight [T]), requantized."""
     import torch
 
-    cfg = QuantConfig(
-        l1_out.shape[-1] // 2,
-        str(l1_out.dtype).removeprefix("torch."),
-        scale_layout,
-        1,
-        Prologue.SWIGLU,
-        limit,
-        gate_first,
-        row_weight is not None,
+    cfg = tuned(
+        QuantConfig(
+            l1_out.shape[-1] // 2,
+            str(l1_out.dtype).removeprefix("torch."),
+            scale_layout,
+            1,
+            Prologue.SWIGLU,
+            limit,
+            gate_first,
+            row_weight is not None,
+        )
     )
     return _alloc_and_run(cfg, l1_out, gs.reshape(-1), l1_out.shape[0], torch, row_weight)
 
