@@ -1,6 +1,6 @@
 """NVFP4 grouped GEMM speed on a CUDA GPU against BF16 cuBLAS, ratios from one run (issue 10).
 
-    python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR] [--plans]
+    python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR] [--plans [--match S]]
 
 For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024
 rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE) each dsv4 backend and the
@@ -14,7 +14,7 @@ codes + scales, or bf16 weights) and write. The goal column is the issue's targe
 baseline named there; the last column says whether this run met it.
 `--plans` measures the sm90 kernel's tuning space instead (`candidate_plans` of each shape: tile
 sizes, K step, split-K, pipeline depth), each plan judged first, the fastest passing one marked:
-what `plan()` is chosen from.
+what `plan()` is chosen from; `--match half` keeps the plans whose label contains "half".
 Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (docs/backends.md).
 """
 
@@ -143,10 +143,21 @@ def runner(name: str, s: Shape, op: dict):
     return dsv4
 
 
+def plan_label(p) -> str:
+    """One sm90 plan as a table cell (and what --match selects on)."""
+    if p.dense:
+        return "dense: dequantize + cuBLAS fp32 out"
+    return (
+        f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
+        f"grid{p.programs}{' swap' if p.swap_ab else ''}{' half' if p.half_decode else ''}"
+    )
+
+
 def sweep_plans(
-    s: Shape, sets: list[dict], verdict, budget: float
+    s: Shape, sets: list[dict], verdict, budget: float, match: str = ""
 ) -> tuple[list[tuple], list[dict]]:
-    """Every candidate plan of the sm90 kernel on one shape: verdict, then timing if it passes."""
+    """Every candidate plan of the sm90 kernel on one shape whose label contains `match`:
+    verdict, then timing if it passes."""
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
     dev = sets[0]["out"].device
@@ -155,12 +166,9 @@ def sweep_plans(
     ws = torch.empty(g.workspace_bytes(s.rows, s.k, s.n, e), dtype=torch.uint8, device=dev)
     rows, records, best = [], [], None
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
-        label = (
-            "dense: dequantize + cuBLAS fp32 out"
-            if p.dense
-            else f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
-            f"grid{p.programs}{' swap' if p.swap_ab else ''}"
-        )
+        label = plan_label(p)
+        if match and match not in label:
+            continue
 
         def call(i: int, p=p) -> None:
             g.launch_grouped_gemm(*sets[i]["gemm"], sets[i]["out"], workspace=ws, the_plan=p)
@@ -192,6 +200,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
     ap.add_argument("--out", default="reports/bench_gemm")
     ap.add_argument("--plans", action="store_true", help="measure the sm90 plans of each shape")
+    ap.add_argument(
+        "--match", default="", help="--plans: only the plans whose label contains this ('half')"
+    )
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
@@ -208,7 +219,7 @@ def main() -> None:
         flops = 2.0 * s.rows * s.n * s.k
         verdict = judge(sets[0])
         if a.plans:
-            rows, recs = sweep_plans(s, sets, verdict, a.budget)
+            rows, recs = sweep_plans(s, sets, verdict, a.budget, a.match)
             table += rows
             records += recs
             print("\n".join(" | ".join(r) for r in rows), flush=True)

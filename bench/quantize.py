@@ -18,6 +18,7 @@ rows are not timed; a compile error is printed in its row), into DIR/quantize_va
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def sets(make, nbytes, dev):
 
 def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]:
     """Static quantize [t, k]: CuTeDSL (swizzled scales), dsv4's torch path, torch.compile seed."""
-    cfg = nq.QuantConfig(k)
+    cfg = nq.tuned(nq.QuantConfig(k))  # what quantize() and dsv4.ops run (DEFAULT_TUNING)
     nb = nvfp4_bytes(t, k, k)
 
     def make(i):
@@ -92,7 +93,7 @@ def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]
     exact = bool(torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8)))
     seed = torch.compile(seed_style_quantize, dynamic=False)
     n = len(data)
-    slow = nq.QuantConfig(k, fast_division=False)
+    slow = dataclasses.replace(cfg, fast_division=False)
     nq.run_quant(slow, x, gs, codes, sf)
     slow_exact = bool(
         torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8))
@@ -142,8 +143,8 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
     the gather kernel, quantize-then-gather of codes and scales (what the MoE runner does), and
     the plain quantize of the same t * top_k rows (the 1.3x target's yardstick)."""
     rows_n = t * top_k
-    plain = nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR)
-    gather = nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True)
+    plain = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR))
+    gather = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True))
     nb = nvfp4_bytes(rows_n, k, k)
 
     def make(i):
@@ -320,7 +321,7 @@ def main() -> None:
 
     # SwiGLU-requant of the L1 output [8192, 2 x 3072], routing weight per row
     t, i_ = 8192, 3072
-    cfg = nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True)
+    cfg = nq.tuned(nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True))
     nb = nvfp4_bytes(t, 2 * i_, i_) + 4 * t
 
     def make_l1(j):
@@ -351,7 +352,7 @@ def main() -> None:
 
     # grouped linear form: one launch for G groups, gs[G]
     t, g, d = 4096, 16, 4096
-    cfg = nq.QuantConfig(d, groups=g)
+    cfg = nq.tuned(nq.QuantConfig(d, groups=g))
     nb = nvfp4_bytes(t * g, d, d)
 
     def make_g(j):

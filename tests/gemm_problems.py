@@ -31,6 +31,30 @@ def gemm_problem(counts: list[int], k: int = 256, n: int = 192, seed: int = 0, e
     return plain, (a_codes, b_codes, a_sw, b_sw, offsets, gsa, gsb)
 
 
+def every_product_problem(k: int = 256, n: int = 256):
+    """One expert whose B holds every E2M1 code times every finite e4m3 scale byte, and an A of
+    one-hot rows (row t is 1.0 at K element t, scale 1.0; T = K): out[t, n] is then the single
+    product B[t, n] * scale_b, exact in bf16, so a decode or MMA that loses a subnormal or a
+    sign shows as a wrong bit (judged by torch.equal against the oracle, not a bound). Code of
+    B[k, n] = (n + k) % 16, scale byte of (n, block kb) = (16 n + kb) % 256 with the two NaN
+    bytes (0x7F, 0xFF: one would poison a whole column through 0 * NaN) replaced by 0x01."""
+    kk = torch.arange(k)
+    codes = ((torch.arange(n)[None, :] + kk[:, None]) % 16).to(torch.uint8)  # [K, N]
+    b_codes = (codes[0::2] | (codes[1::2] << 4))[None]  # [1, K/2, N]: element 2i low nibble
+    sb = (16 * torch.arange(n)[None, :] + torch.arange(k // 16)[:, None]) % 256  # [K/16, N]
+    sb = torch.where((sb == 0x7F) | (sb == 0xFF), 1, sb).to(torch.uint8)
+    b_scales = sb.view(torch.float8_e4m3fn)[None]
+    a_el = torch.where(kk[None, :] == kk[:, None], 2, 0).to(torch.uint8)  # code 2 is 1.0
+    a_codes = a_el[:, 0::2] | (a_el[:, 1::2] << 4)
+    a_scales = torch.full((k, k // 16), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    offsets = rlay.compute_expert_offsets(torch.tensor([k]))
+    one = torch.ones(1)
+    a_sw, _ = rlay.assemble_scales_2d_side_from_offsets(a_scales, offsets)
+    b_sw = rlay.assemble_scales_3d_side([b_scales[0]])
+    plain = (a_codes, a_scales, b_codes, b_scales, offsets, one, one)
+    return plain, (a_codes, b_codes, a_sw, b_sw, offsets, one, one)
+
+
 def within_bound(plain, out: torch.Tensor, t: int) -> None:
     a_codes, a_scales, *rest = plain
     args = (a_codes[:t], a_scales[:t], *rest)

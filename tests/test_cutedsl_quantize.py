@@ -232,7 +232,8 @@ def _assert_linear_exact(cfg, x, gs):
 def test_gpu_quantize_bit_exact_any_token_count(t, bpt, monkeypatch):
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
-    monkeypatch.setattr(nq, "DEFAULT_TUNING", {"blocks_per_thread": bpt, "threads": 256})
+    tuning = {"blocks_per_thread": bpt, "threads": 256}
+    monkeypatch.setattr(nq, "DEFAULT_TUNING", {p: tuning for p in nq.Prologue})
 
     g = torch.Generator(device="cuda").manual_seed(t)
     x = (torch.randn(t, 7168, device="cuda", generator=g) * 3).to(torch.bfloat16)

@@ -2,21 +2,27 @@
 
 1. The bit tricks (dsv4/kernels/triton/fp4_bits.py, the constants the kernel uses) modelled in
    torch and checked against reference/ for every packed byte at every position of a word, times
-   every finite e4m3 scale byte (NaN scales must give NaN): bit for bit, signed zeros included.
+   every finite e4m3 scale byte (NaN scales must give NaN): bit for bit, signed zeros included,
+   for both decodes (fp32 scale; the half decode's fp16 product, subnormals included).
 2. The three kernels run by TRITON_INTERPRET=1 (in a child process: the variable is read when
    Triton decorates the kernels) on tiny CPU problems, judged by reference.gemm's derived bound:
    empty experts (first, middle, last), M not a multiple of the tile, N not a multiple of BN,
    split-K with a dirty workspace, a persistent grid smaller than the tile count, one global
-   scale for all experts, rows past offsets[-1] untouched, no routed row at all.
+   scale for all experts, rows past offsets[-1] untouched, no routed row at all, the half decode;
+   and every_product_problem (every code times every finite scale byte, one product per output)
+   equal to the oracle bit for bit.
 The registry side (sm90 the default on sm_90, its capability message on CPU, the K-major
 requirement) follows.
-On an sm_90 GPU (skipped elsewhere, with the reason): the derived bound on CUDA, CUDA-graph
+On an sm_90 GPU (skipped elsewhere, with the reason): every_product_problem bit for bit through
+mma.sync and wgmma tiles, split-K and both decodes (fp16 subnormal products are kept: passed on
+an H200, 2026-12-03), the derived bound on CUDA, CUDA-graph
 capture, no allocation with the registry's workspace, no host sync (passed on an H200 with
 Triton 3.6: docs/backends.md). Speed is bench/gemm.py's, never a test's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -34,6 +40,7 @@ from dsv4.kernels.triton import fp4_bits  # noqa: E402  (no Triton import inside
 from tests.gemm_problems import (  # noqa: E402
     check_graph_no_alloc_no_sync,
     cuda_problem,
+    every_product_problem,
     gemm_problem,
     within_bound,
 )
@@ -41,15 +48,17 @@ from tests.gemm_problems import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_decode_bit_tricks_match_reference_for_every_byte_and_scale():
+@pytest.mark.parametrize("half", [False, True], ids=["fp32-scale", "half"])
+def test_decode_bit_tricks_match_reference_for_every_byte_and_scale(half):
     # word i holds bytes i, i+1, i+2, i+3 (mod 256): every byte value at every word position
     idx = (torch.arange(256)[:, None] + torch.arange(4)[None, :]) % 256
     packed = idx.to(torch.uint8)  # [256 words, 4 bytes]
     words = fp4_bits.pack_words(packed)[:, 0]  # [256]
     scale_bytes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    got = fp4_bits.decode_words(
-        words[:, None].expand(256, 256), scale_bytes[None, :].expand(256, 256)
-    )
+    decode = fp4_bits.decode_words_half if half else fp4_bits.decode_words
+    got = decode(words[:, None].expand(256, 256), scale_bytes[None, :].expand(256, 256))
+    if half:  # value * scale * 2^-14 in fp16 (subnormals below 2^-14): unfold it exactly
+        got = got.double() * fp4_bits.HALF_UNFOLD
     values = ref.decode_e2m1(ref.unpack_e2m1(packed))  # [256, 8] fp32, element order
     scales = scale_bytes.view(torch.float8_e4m3fn).float()  # every e4m3 byte, NaNs too
     want = values[:, None, :] * scales[None, :, None]  # exact in fp32
@@ -88,6 +97,11 @@ def _interpret_main() -> None:
         ("swap_bm32", [40, 0, 1], 384, 80, 2, g.Plan(32, 64, 16, 1, 4, 1, 2, True), 2, False),
         ("dense_plan", [515], 256, 96, 4, None, 2, True),  # one expert past the decode rows
         ("small_past_512", [10] * 50 + [0, 25], 128, 32, 2, None, 2, True),  # BM 16, no split
+        # the half decode (fp16 products, the accumulator unfolded by 2^14 before alpha)
+        ("half_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, half_decode=True),
+         3, True),
+        ("half_swap_bm32", [40, 0, 1], 384, 80, 2,
+         g.Plan(32, 64, 16, 1, 4, 1, 2, True, half_decode=True), 2, False),
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
     # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)
@@ -114,6 +128,8 @@ def _interpret_main() -> None:
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from err
         assert (out[sum(counts) :] == 7.0).all(), f"{name}: rows past offsets[-1] written"
+    for the_plan in EVERY_PRODUCT_PLANS[:2] + EVERY_PRODUCT_PLANS[4:6]:
+        _every_product_exact(the_plan, "cpu", num_sms=4)
     # no routed row: nothing written
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3], k=128, n=32, seed=9)
     offs = torch.zeros_like(offs)
@@ -121,6 +137,42 @@ def _interpret_main() -> None:
     g.launch_grouped_gemm(a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb, out, num_sms=2)
     assert (out == 7.0).all(), "offsets all 0: rows written"
     print("interpreter cases passed")
+
+
+def _every_product_plans():
+    from dsv4.kernels.triton.grouped_gemm_sm90 import Plan
+
+    base = [
+        Plan(16, 64, 32, 1, 4, 3, 8),  # mma.sync tiles
+        Plan(16, 64, 32, 4, 4, 3, 8),  # split-K: fp32 atomics, then the finishing kernel
+        Plan(64, 128, 16, 2, 4, 3, 8, swap_ab=True),  # wgmma, decoded weight from registers
+        Plan(128, 256, 16, 1, 8, 3, 2),  # wgmma prefill tiles
+    ]
+    return base + [dataclasses.replace(p, half_decode=True) for p in base]
+
+
+EVERY_PRODUCT_PLANS = _every_product_plans()
+
+
+def _every_product_exact(the_plan, device: str, num_sms: int | None = None) -> None:
+    """every_product_problem through one plan: out equals the oracle bit for bit."""
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+    from reference import gemm as rgemm
+
+    plain, gemm = every_product_problem()
+    a, b, a_sw, b_sw, offs, gsa, gsb = (v.to(device) for v in gemm)
+    b = ops.make_b_k_major(b)
+    want = rgemm.grouped_gemm_nvfp4(*plain, oracle=True).to(torch.bfloat16)  # exact in bf16
+    out = torch.full(want.shape, 7.0, dtype=torch.bfloat16, device=device)
+    g.launch_grouped_gemm(
+        a, b, a_sw, b_sw, offs, gsa, gsb, out, num_sms=num_sms, the_plan=the_plan
+    )
+    got = out.cpu()
+    bad = (got != want).nonzero()
+    assert not len(bad), (
+        f"{the_plan}: {len(bad)} products differ, first at [t, n] = {bad[0].tolist()}: "
+        f"got {got[tuple(bad[0])].item()!r}, want {want[tuple(bad[0])].item()!r}"
+    )
 
 
 def _triton_version() -> tuple[int, ...]:
@@ -209,6 +261,17 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
     ops.run_nvfp4_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out=out, backend="sm90")
     within_bound(plain, out.cpu(), sum(counts))
     assert (out[sum(counts) :] == 7.0).all()
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("the_plan", EVERY_PRODUCT_PLANS, ids=lambda p: (
+    f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"))
+def test_sm90_on_gpu_every_code_times_every_scale_is_exact(the_plan):
+    # subnormal fp16 products (the half decode's value * scale * 2^-14) through mma.sync and
+    # wgmma: a flush to zero or a lost sign would be a wrong bit here
+    _every_product_exact(the_plan, "cuda")
 
 
 @needs_sm90

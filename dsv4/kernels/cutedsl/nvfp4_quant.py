@@ -138,19 +138,23 @@ class QuantConfig:
         return min(8 * self.blocks_per_thread, 16)
 
 
-# The tuning the public functions use (speed only, never bits): one table, easy to flip after a
-# `bench/quantize.py --variants` run. blocks_per_thread falls back to 1 where it does not divide
-# k/16.
-DEFAULT_TUNING = {"blocks_per_thread": 1, "threads": 128}
+# The tuning the public functions use (speed only, never bits), by prologue: one table, easy to
+# flip after a `bench/quantize.py --variants` run (H200, 2026-12-03: quantize [8192, 7168] 61.4 us
+# at 4 blocks per thread vs 67.0 us at 1; SwiGLU-requant fastest at 1, 50.6 us). blocks_per_thread
+# falls back to what k/16 and the outputs allow (tuned).
+DEFAULT_TUNING = {
+    Prologue.NONE: {"blocks_per_thread": 4, "threads": 128},
+    Prologue.SWIGLU: {"blocks_per_thread": 1, "threads": 128},
+}
 
 
 def tuned(cfg: QuantConfig, tuning: dict | None = None, codes=None, scales=None) -> QuantConfig:
-    """cfg with the tuning fields of `tuning` (DEFAULT_TUNING when None); blocks_per_thread
-    drops to the largest of 4, 2, 1 at most the asked one that divides k/16 and whose wide
-    stores the given (caller-owned) codes / scales tensors are aligned for."""
+    """cfg with the tuning fields of `tuning` (DEFAULT_TUNING[cfg.prologue] when None);
+    blocks_per_thread drops to the largest of 4, 2, 1 at most the asked one that divides k/16
+    and whose wide stores the given (caller-owned) codes / scales tensors are aligned for."""
     import dataclasses
 
-    t = dict(DEFAULT_TUNING if tuning is None else tuning)
+    t = dict(DEFAULT_TUNING[cfg.prologue] if tuning is None else tuning)
     bpt = t.get("blocks_per_thread", 1)
 
     def fits(b: int) -> bool:
