@@ -139,11 +139,12 @@ class QuantConfig:
 
 
 # The tuning the public functions use (speed only, never bits), by prologue: one table, easy to
-# flip after a `bench/quantize.py --variants` run (H200, 2026-12-03: quantize [8192, 7168] 61.4 us
-# at 4 blocks per thread vs 67.0 us at 1; SwiGLU-requant fastest at 1, 50.6 us). blocks_per_thread
-# falls back to what k/16 and the outputs allow (tuned).
+# flip after a `bench/quantize.py --variants` run. H200, 2026-12-03: quantize [8192, 7168] takes
+# 63.6 us at 4 blocks per thread vs 68.0 us at 1, but [128, 7168] (a decode step) 4.24 us vs
+# 3.15 us, so 1 stays the default (the decode step runs on every token); SwiGLU-requant is
+# fastest at 1. blocks_per_thread falls back to what k/16 and the outputs allow (tuned).
 DEFAULT_TUNING = {
-    Prologue.NONE: {"blocks_per_thread": 4, "threads": 128},
+    Prologue.NONE: {"blocks_per_thread": 1, "threads": 128},
     Prologue.SWIGLU: {"blocks_per_thread": 1, "threads": 128},
 }
 

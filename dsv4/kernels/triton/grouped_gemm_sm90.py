@@ -9,10 +9,11 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
 2. `_grouped_gemm_kernel`: a persistent grid (1-8 programs per SM, by plan) walks a virtual
    tile space (m-tile of an expert, n-tile, k-split); the m-tiles of each expert come from a
    cumsum of cdiv(tokens_e, BM) on the device, so empty experts own no tile and are never
-   visited. Per
-   K step it loads B as words, decodes each word into 4 fp16 pairs (fp4_bits) with the e4m3
-   scale folded in exactly, and accumulates acc += Ap[r] @ B_r for the 8 lanes r (K permuted
-   identically on both sides: no interleave, as the H100 prototype found, docs/design.md §4).
+   visited. Per K step it loads B as words, decodes each word into 4 fp16 pairs (fp4_bits)
+   with the e4m3 scale multiplied in (fp32 with the 2^14 fold, or the half decode's fp16
+   product, the accumulator then unfolded by 2^14 before alpha), and accumulates
+   acc += Ap[r] @ B_r for the 8 lanes r (K permuted identically on both sides: no interleave,
+   as the H100 prototype found, docs/design.md §4).
    SPLIT_K == 1: alpha = gsa[e] * gsb[e] (fp32) on the accumulator, bf16 store (RNE).
    SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a workspace the
    dequantize programs of step 1 zeroed (no memset launch), then
@@ -25,8 +26,10 @@ Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
 
 Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so far is within
 its bound, and CUDA-graph capture, no allocation and no host sync hold; the plan's tiles are the
-fastest of `candidate_plans` measured there by bench/gemm.py --plans. Speed: 0.40x (prefill) to
-0.66x (M=1) of BF16 cuBLAS, far from the weight-bytes roofline at decode (docs/backends.md).
+fastest of `candidate_plans` measured there by bench/gemm.py --plans; the half decode's products
+are bit-exact through its MMAs (every code x every scale byte). Speed: 0.45x (8 experts x 1024) to
+0.93x (one expert, M=8192, dense) of BF16 cuBLAS, 1.3-1.7x at 48 experts x 4-16 rows; far from
+the weight-bytes roofline at decode (latency-bound, docs/backends.md).
 """
 
 from __future__ import annotations
