@@ -62,13 +62,19 @@ SPLIT_K_MAX_ROWS = 512  # split-K (and its fp32 workspace) only for T up to this
 
 
 @triton.jit
-def _decode_pair(words, p: tl.constexpr, scale):
-    """int32 words + fp32 folded scales (same shape) -> fp16 (lane p, lane p + 4) values."""
-    # fp4_bits: fp16 patterns of value * 2^-14; fp16 -> fp32 is exact, subnormals included
+def _fp16_lanes(words, p: tl.constexpr):
+    """int32 words -> fp16 (lane p, lane p + 4) patterns of value * 2^-14 (fp4_bits)."""
     x = words >> (4 * p)  # arithmetic shift: only bits 0..3 and 16..19 are kept below
     y = ((x & _LANE_MAG) << _MAG_SHIFT) | ((x & _LANE_SIGN) << _SIGN_SHIFT)
     lo = (y & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
     hi = ((y >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _decode_pair(words, p: tl.constexpr, scale):
+    """int32 words + fp32 folded scales (same shape) -> fp16 (lane p, lane p + 4) values."""
+    lo, hi = _fp16_lanes(words, p)  # fp16 -> fp32 is exact, subnormals included
     return (lo.to(tl.float32) * scale).to(tl.float16), (hi.to(tl.float32) * scale).to(tl.float16)
 
 
@@ -76,10 +82,7 @@ def _decode_pair(words, p: tl.constexpr, scale):
 def _decode_pair_half(words, p: tl.constexpr, scale16):
     """The half decode (fp4_bits): fp16 (lane p, lane p + 4) values * scale * 2^-14, the fp16
     patterns times the unfolded fp16 scale, in fp16 (exact)."""
-    x = words >> (4 * p)
-    y = ((x & _LANE_MAG) << _MAG_SHIFT) | ((x & _LANE_SIGN) << _SIGN_SHIFT)
-    lo = (y & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-    hi = ((y >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    lo, hi = _fp16_lanes(words, p)
     return lo * scale16, hi * scale16
 
 
