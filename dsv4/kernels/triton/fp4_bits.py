@@ -19,12 +19,12 @@ multiplies bf16 dot operands as raw integers, so only fp16 lets the CPU test run
 (A bf16 placement needs a 2^126 factor and makes code 1 a bf16 subnormal, 2^-127, inside fp32
 arithmetic: flushed to zero by FTZ, and by the interpreter, which is how this was found.)
 The half decode (a plan field, `Plan.half_decode`) skips fp32: it multiplies the fp16 pattern,
-still value * 2^-14, by the UNFOLDED block scale in fp16 (`decode_words_half`). The product
-value * scale * 2^-14 is exact there too: value is a multiple of 0.5 with 2 significant bits,
-an e4m3 scale a multiple of 2^-9 with <= 4, so the product is a multiple of 2^-24 (fp16's
+still value * 2^-14, by the UNFOLDED block scale in fp16 (`decode_words(..., half=True)`). The
+product value * scale * 2^-14 is exact there too: value is a multiple of 0.5 with 2 significant
+bits, an e4m3 scale a multiple of 2^-9 with <= 4, so the product is a multiple of 2^-24 (fp16's
 subnormal step) with <= 6 significant bits, and <= 6 * 448 * 2^-14 < 1 (fp16 keeps subnormals;
 the MMA takes them as they are). The MMA's fp32 sum is then 2^-14 times the true one, and
-2^14 (HALF_UNFOLD) multiplies the accumulator before alpha: exact, so the order of
+SCALE_FOLD multiplies the accumulator instead, before alpha: exact, so the order of
 reference.gemm (alpha times the complete fp32 sum) is kept. It saves two conversions and the
 fp32 multiply per element.
 Within a word the kernel keeps the element order (p, p+4): K is permuted identically for A and B,
@@ -40,7 +40,7 @@ LANE_SIGN = 0x00080008  # its sign bit, in each lane
 MAG_SHIFT = 9  # magnitude bits -> fp16 bits 9..11 (exponent bits 0..1, mantissa bit 9)
 SIGN_SHIFT = 12  # nibble bit 3 -> fp16 bit 15
 SCALE_FOLD = 2.0**14  # fp16 exponent bias (15) less E2M1's (1), folded into each block scale
-HALF_UNFOLD = 2.0**14  # the half decode's accumulator times this = the true fp32 sum
+# (or, by the half decode, into the accumulator)
 WORD_ELEMS = 8  # E2M1 elements per 32-bit word
 PAIRS = 4  # fp16 pairs made from one word: (p, p + 4) for p in 0..3
 
@@ -63,27 +63,21 @@ def folded_scale(scale_bytes: torch.Tensor) -> torch.Tensor:
     return scale_bytes.view(torch.float8_e4m3fn).float() * SCALE_FOLD
 
 
-def decode_words(words: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
+def decode_words(
+    words: torch.Tensor, scale_bytes: torch.Tensor, half: bool = False
+) -> torch.Tensor:
     """The kernel's decode, modelled: int32 words [...] and one scale byte per word [...] ->
-    fp16 values * scale [..., 8] in NATURAL element order (element q of each word)."""
-    s = folded_scale(scale_bytes)
+    fp16 values * scale [..., 8] in NATURAL element order (element q of each word). `half`:
+    the half decode, value * scale * 2^-14 multiplied in fp16 (exact, subnormals included)."""
+    if half:
+        s = scale_bytes.view(torch.float8_e4m3fn).to(torch.float16)
+    else:
+        s = folded_scale(scale_bytes)
     out = torch.empty((*words.shape, WORD_ELEMS), dtype=torch.float16, device=words.device)
     for p in range(PAIRS):
-        lo, hi = fp16_lanes(word_pairs(words, p))
-        out[..., p] = (lo.float() * s).to(torch.float16)  # exact product, exact cast
-        out[..., p + PAIRS] = (hi.float() * s).to(torch.float16)
-    return out
-
-
-def decode_words_half(words: torch.Tensor, scale_bytes: torch.Tensor) -> torch.Tensor:
-    """The half decode, modelled: as decode_words, but value * scale * 2^-14, multiplied in fp16
-    (the product is exact, so fp16 rounding never acts; subnormal results included)."""
-    s = scale_bytes.view(torch.float8_e4m3fn).to(torch.float16)
-    out = torch.empty((*words.shape, WORD_ELEMS), dtype=torch.float16, device=words.device)
-    for p in range(PAIRS):
-        lo, hi = fp16_lanes(word_pairs(words, p))
-        out[..., p] = lo * s
-        out[..., p + PAIRS] = hi * s
+        for q, lane in zip((p, p + PAIRS), fp16_lanes(word_pairs(words, p)), strict=True):
+            # exact product, exact cast (half: already fp16, the product exact there)
+            out[..., q] = lane * s if half else (lane.float() * s).to(torch.float16)
     return out
 
 

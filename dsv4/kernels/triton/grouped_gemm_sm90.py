@@ -52,7 +52,6 @@ _LANE_SIGN = tl.constexpr(fp4_bits.LANE_SIGN)
 _MAG_SHIFT = tl.constexpr(fp4_bits.MAG_SHIFT)
 _SIGN_SHIFT = tl.constexpr(fp4_bits.SIGN_SHIFT)
 _SCALE_FOLD = tl.constexpr(fp4_bits.SCALE_FOLD)
-_HALF_UNFOLD = tl.constexpr(fp4_bits.HALF_UNFOLD)
 _ATOM_ROWS = tl.constexpr(128)  # rows of a 128x4 scale atom
 SPLIT_K_MAX_ROWS = 512  # split-K (and its fp32 workspace) only for T up to this: decode shapes
 
@@ -336,7 +335,7 @@ def _grouped_gemm_kernel(
         if SPLIT_K == 1:
             alpha = _alpha(gsa_ptr, gsb_ptr, e, GSA_PER_EXPERT, GSB_PER_EXPERT)
             if HALF_DECODE:
-                acc = acc * _HALF_UNFOLD  # exact, before alpha (reference.gemm's order)
+                acc = acc * _SCALE_FOLD  # exact, before alpha (reference.gemm's order)
             tl.store(optrs, _to_bf16(acc * alpha), mask=omask)
         else:
             tl.atomic_add(optrs, acc, mask=omask, sem="relaxed")
@@ -392,7 +391,7 @@ class Plan:
     # fp16 x fp16 -> fp32, then alpha and the bf16 rounding (the finishing kernel); the
     # tile fields above are then unused (DENSE)
     dense: bool = False
-    # the fp16 decode of the K loop (fp4_bits.decode_words_half): no fp32 round trip per element
+    # the fp16 decode of the K loop (fp4_bits.decode_words(half=True)): no fp32 round trip
     half_decode: bool = False
 
 
@@ -653,7 +652,7 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
             p.num_warps,
         )
     if p.split_k > 1 or p.dense:
-        unfold = fp4_bits.HALF_UNFOLD if p.half_decode and not p.dense else 1.0
+        unfold = fp4_bits.SCALE_FOLD if p.half_decode and not p.dense else 1.0
         cfg["finish"] = (dict(**ex, **gs, BT=32, BN=128, UNFOLD=unfold), 4)
     return cfg
 
@@ -666,13 +665,13 @@ _ALIGNED_INTS = ("N", "KW", "stride_be", "stride_bn", "stride_se", "stride_src")
 
 
 def compile_for(
-    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90, aligned: bool = True
+    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90
 ) -> dict[str, triton.compiler.CompiledKernel]:
     """Compile the three kernels of plan `p` for sm_`arch` without a GPU; {name: kernel} with
     `.asm["ptx"]`. A failure raises RuntimeError naming the kernel and the configuration.
-    `aligned`: the specialization a launch on the production shapes gets (Triton's JIT marks a
+    It compiles the specialization a launch on the production shapes gets (Triton's JIT marks a
     16-byte aligned pointer and an int divisible by 16 as such): every pointer and the K, N and
-    stride arguments, so the PTX is the launched one (vector loads); False: none of it."""
+    stride arguments, so the PTX is the launched one (vector loads)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -701,7 +700,7 @@ def compile_for(
         attrs = {
             (i,): [["tt.divisibility", 16]]
             for i, a in enumerate(fn.arg_names)
-            if aligned and (signature[a].startswith("*") or a in _ALIGNED_INTS)
+            if signature[a].startswith("*") or a in _ALIGNED_INTS
         }
         try:
             out[name] = triton.compile(
