@@ -51,10 +51,13 @@ class Shape:
 
 SHAPES = [
     Shape("e1_m1", (1,), goal=("bf16-mm", 3.5)),
+    Shape("e1_m2", (2,)),
+    Shape("e1_m4", (4,)),
     Shape("e1_m16", (16,), goal=("bf16-mm", 3.5)),
     Shape("e1_m64", (64,), goal=("bf16-mm", 3.5)),
     Shape("e1_m8192", (8192,), goal=("bf16-mm", 0.75)),
     Shape("e8_m1024", (1024,) * 8, goal=("bf16-grouped", 0.75)),
+    Shape("e48_m1x6", (1,) * 6 + (0,) * 42),  # one token's top-6 (a batch-1 decode step)
     Shape("e48_m4", (4,) * 48),
     Shape("e48_m16", (16,) * 48),  # the routed MoE's L1 at 128 tokens x top-6 (V4-Pro)
 ]
@@ -150,6 +153,7 @@ def plan_label(p) -> str:
     return (
         f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
         f"grid{p.programs}{' swap' if p.swap_ab else ''}{' half' if p.half_decode else ''}"
+        f"{' hfma' if p.hfma else ''}"
     )
 
 

@@ -62,3 +62,15 @@ def test_a_failed_compile_names_the_kernel_and_configuration():
     bad = g.Plan(bm=16, bn=128, bj=4, split_k=1, num_warps=4, num_stages=2, programs=1)  # K < 16
     with pytest.raises(RuntimeError, match=r"sm90 kernel 'grouped_gemm' failed .*bj=4.*e=2"):
         g.compile_for(bad, 2)
+
+
+@pytest.mark.parametrize("t,e", [(1, 1), (2, 1), (6, 48)])  # M=1, M=2, one token's top-6
+def test_few_rows_path_compiles_to_fp16x2_fmas_and_no_mma(t, e):
+    p = g.plan(t, 7168, 6144, e, H200_SMS)
+    assert p.hfma and p.split_k == 1 and p.bm == (t if e == 1 else 1), p
+    kernels = g.compile_for(p, e)
+    assert set(kernels) == {"hfma"}  # one launch: no dequantize, no finishing kernel
+    ptx = kernels["hfma"].asm["ptx"]
+    assert "fma.rn.f16x2" in ptx, "the code products are not fp16x2 FMAs"
+    for bad in ("mma.sync", "wgmma", "ld.local", "st.local", ".ftz", "atom.global"):
+        assert bad not in ptx, f"hfma ({p}): {bad} in its PTX"

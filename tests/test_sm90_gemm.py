@@ -103,6 +103,11 @@ def _interpret_main() -> None:
          3, True),
         ("half_swap_bm32", [40, 0, 1], 384, 80, 2,
          g.Plan(32, 64, 16, 1, 4, 1, 2, True, half_decode=True), 2, False),
+        # the few-rows path: fp16x2 code products on the CUDA cores, whole-K tiles, one launch
+        ("hfma_bm1", [1, 0, 2, 1], 256, 96, 3, g.Plan(1, 8, 16, 1, 2, 1, 5, hfma=True), 5, True),
+        ("hfma_bm2_ragged", [3, 0, 1], 384, 80, 2, g.Plan(2, 32, 32, 1, 4, 1, 3, hfma=True), 3,
+         False),  # K and N not multiples of the tile: the masked steps
+        ("hfma_plan", [1, 1, 0, 1], 256, 64, 1, None, 4, True),  # plan(): one row per expert
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
     # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)
@@ -116,7 +121,9 @@ def _interpret_main() -> None:
             plain = (*plain[:5], gsa.expand(len(counts)), gsb.expand(len(counts)))
         b = ops.make_b_k_major(b)
         t = a.shape[0]
-        assert (the_plan or g.plan(t, k, n, len(counts), sms)).dense == name.startswith("dense")
+        chosen = the_plan or g.plan(t, k, n, len(counts), sms)
+        assert chosen.dense == name.startswith("dense")
+        assert chosen.hfma == name.startswith("hfma"), (name, chosen)
         out = torch.full((t, n), 7.0, dtype=torch.bfloat16)
         ws = None
         if dirty:
@@ -129,7 +136,8 @@ def _interpret_main() -> None:
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from err
         assert (out[sum(counts) :] == 7.0).all(), f"{name}: rows past offsets[-1] written"
-    for the_plan in (p for p in EVERY_PRODUCT_PLANS if p.bm == 16):  # mma.sync tiles, split-K
+    # mma.sync tiles, split-K, the few-rows path at 4 rows per tile (fewer interpreted tiles)
+    for the_plan in (p for p in EVERY_PRODUCT_PLANS if p.bm in (4, 16)):
         _every_product_exact(the_plan, "cpu", num_sms=4)
     # no routed row: nothing written
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3], k=128, n=32, seed=9)
@@ -149,7 +157,12 @@ def _every_product_plans():
         Plan(64, 128, 16, 2, 4, 3, 8, swap_ab=True),  # wgmma, decoded weight from registers
         Plan(128, 256, 16, 1, 8, 3, 2),  # wgmma prefill tiles
     ]
-    return base + [dataclasses.replace(p, half_decode=True) for p in base]
+    few_rows = [  # fp16x2 code sums on the CUDA cores, at 1, 2 and 4 rows per tile
+        Plan(1, 8, 32, 1, 2, 3, 8, hfma=True),
+        Plan(2, 16, 64, 1, 4, 2, 8, hfma=True),
+        Plan(4, 32, 32, 1, 4, 1, 8, hfma=True),
+    ]
+    return base + [dataclasses.replace(p, half_decode=True) for p in base] + few_rows
 
 
 EVERY_PRODUCT_PLANS = _every_product_plans()
@@ -268,7 +281,8 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 @pytest.mark.gpu
 @pytest.mark.sm90
 @pytest.mark.parametrize("the_plan", EVERY_PRODUCT_PLANS, ids=lambda p: (
-    f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"))
+    f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"
+    f"{'-hfma' if p.hfma else ''}"))
 def test_sm90_on_gpu_every_code_times_every_scale_is_exact(the_plan):
     # subnormal fp16 products (the half decode's value * scale * 2^-14) through mma.sync and
     # wgmma: a flush to zero or a lost sign would be a wrong bit here

@@ -18,6 +18,11 @@ Three launches, all reading the expert offsets on the device (no host sync, grap
    SPLIT_K > 1 (decode shapes, to fill the SMs): fp32 atomic adds into a workspace the
    dequantize programs of step 1 zeroed (no memset launch), then
 3. `_finish_kernel`: out = bf16(acc * alpha[group of row]) for rows < offsets[-1].
+The few-rows path (`Plan.hfma`: up to HFMA_MAX_ROWS rows per expert, as M=1 decode or one
+token's top-6 over 48 experts) replaces all three with ONE launch, `_hfma_kernel`: no MMA (a
+16-row MMA tile would compute 15 wasted rows), A's codes read and decoded in the kernel, the
+code products of each 16-element block summed exactly in fp16x2 FMAs on the CUDA cores, the
+block's two scales applied in fp32, whole-K tiles (no split-K, nothing to zero or finish).
 The dense plan (one expert, prefill rows) replaces step 2: the same dequantize kernel writes A
 [T, K] and the expert's B [N, K] in natural K order (exact fp16 values), cuBLAS computes the
 fp32 product (`torch.mm(..., out_dtype=torch.float32)`: exact products, fp32 sums, the bound's
@@ -27,15 +32,17 @@ Alpha multiplies the complete fp32 sum in both paths (reference.gemm's order).
 Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so far is within
 its bound, and CUDA-graph capture, no allocation and no host sync hold; the plan's tiles are the
 fastest of `candidate_plans` measured there by bench/gemm.py --plans; the half decode's products
-are bit-exact through its MMAs (every code x every scale byte). Speed: 0.45x (8 experts x 1024) to
-0.93x (one expert, M=8192, dense) of BF16 cuBLAS, 1.3-1.7x at 48 experts x 4-16 rows; far from
-the weight-bytes roofline at decode (latency-bound, docs/backends.md).
+are bit-exact through its MMAs (every code x every scale byte), and so are the few-rows path's.
+Speed: 0.45x (8 experts x 1024) to 0.93x (one expert, M=8192, dense) of BF16 cuBLAS, 1.3-1.7x at
+48 experts x 4-16 rows, 1.6x at M=1 (few-rows path); far from the weight-bytes roofline at decode
+(docs/backends.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +59,9 @@ _LANE_SIGN = tl.constexpr(fp4_bits.LANE_SIGN)
 _MAG_SHIFT = tl.constexpr(fp4_bits.MAG_SHIFT)
 _SIGN_SHIFT = tl.constexpr(fp4_bits.SIGN_SHIFT)
 _SCALE_FOLD = tl.constexpr(fp4_bits.SCALE_FOLD)
+_PAIR_MAG = tl.constexpr(fp4_bits.LANE_MAG << fp4_bits.MAG_SHIFT)  # 0x0E000E00
+_PAIR_SIGN = tl.constexpr((fp4_bits.LANE_SIGN << fp4_bits.SIGN_SHIFT) - (1 << 32))  # 0x80008000
+_TWO14_X2 = tl.constexpr(0x74007400)  # 2^14 in both fp16 halves
 _ATOM_ROWS = tl.constexpr(128)  # rows of a 128x4 scale atom
 SPLIT_K_MAX_ROWS = 512  # split-K (and its fp32 workspace) only for T up to this: decode shapes
 
@@ -61,13 +71,47 @@ SPLIT_K_MAX_ROWS = 512  # split-K (and its fp32 workspace) only for T up to this
 
 
 @triton.jit
-def _fp16_lanes(words, p: tl.constexpr):
-    """int32 words -> fp16 (lane p, lane p + 4) patterns of value * 2^-14 (fp4_bits)."""
-    x = words >> (4 * p)  # arithmetic shift: only bits 0..3 and 16..19 are kept below
-    y = ((x & _LANE_MAG) << _MAG_SHIFT) | ((x & _LANE_SIGN) << _SIGN_SHIFT)
+def _word_pair(words, p: tl.constexpr):
+    """int32 words -> int32 words holding two fp16 patterns of value * 2^-14: element p (low
+    half) and p + 4 (high half), fp4_bits.word_pairs shifted straight from the word (two
+    shifts and two masks; for p = 3 the sign bits are already in place)."""
+    if p == 3:  # arithmetic shift: the bits it brings in are masked off
+        return ((words >> 3) & _PAIR_MAG) | (words & _PAIR_SIGN)
+    else:
+        mag = (words << (_MAG_SHIFT - 4 * p)) & _PAIR_MAG
+        return mag | ((words << (_SIGN_SHIFT - 4 * p)) & _PAIR_SIGN)
+
+
+@triton.jit
+def _halves(y):
+    """int32 words of two fp16 bit patterns -> (low, high) fp16 tensors."""
     lo = (y & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
     hi = ((y >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def _fp16_lanes(words, p: tl.constexpr):
+    """int32 words -> fp16 (lane p, lane p + 4) patterns of value * 2^-14 (fp4_bits)."""
+    return _halves(_word_pair(words, p))
+
+
+@triton.jit
+def _hfma2(a, b, c, ASM: tl.constexpr):
+    """a * b + c on int32 words of two fp16 each: one fma.rn.f16x2 (ASM), else the same in
+    fp16 halves (Triton's interpreter runs no PTX). The sm90 callers keep every step exact."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+            is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        al, ah = _halves(a)
+        bl, bh = _halves(b)
+        cl, ch = _halves(c)
+        lo = (al * bl + cl).to(tl.uint16, bitcast=True).to(tl.int32)
+        hi = (ah * bh + ch).to(tl.uint16, bitcast=True).to(tl.int32)
+        return lo | (hi << 16)
 
 
 @triton.jit
@@ -126,9 +170,38 @@ def _row_groups(rows, idx, ends, starts, sstarts):
 
 
 @triton.jit
+def _tile_coords(tile, idx, starts, ends, cum_mt, mtiles, n_tiles, BM: tl.constexpr, SPLIT_K):
+    """Virtual tile -> (expert, first row, the expert's END row, n-tile, k-split): the m-tiles of
+    every expert in order, each times n_tiles column tiles times SPLIT_K splits."""
+    ks = tile % SPLIT_K
+    nt = (tile // SPLIT_K) % n_tiles
+    mt = tile // (SPLIT_K * n_tiles)
+    e = tl.sum((cum_mt <= mt).to(tl.int32), 0)
+    sel = idx == e
+    row0 = (
+        tl.sum(tl.where(sel, starts, 0), 0)
+        + (mt - tl.sum(tl.where(sel, cum_mt - mtiles, 0), 0)) * BM
+    )
+    row_end = tl.sum(tl.where(sel, ends, 0), 0)
+    return e, row0, row_end, nt, ks
+
+
+@triton.jit
+def _swizzle_row(r, n_cb):
+    """The row part of the 128x4 closed form (docs/design.md §3), n_cb atoms per atom row."""
+    return (r // 128) * n_cb * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4
+
+
+@triton.jit
+def _swizzle_col(c):
+    """The column part of the 128x4 closed form: offset = _swizzle_row(r) + _swizzle_col(c)."""
+    return (c // 4) * 512 + c % 4
+
+
+@triton.jit
 def _swizzle_offset(r, c, n_cb):
     """The 128x4 closed form (docs/design.md §3) for scale row r, scale column c."""
-    return ((r // 128) * n_cb + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4
+    return _swizzle_row(r, n_cb) + _swizzle_col(c)
 
 
 @triton.jit
@@ -306,16 +379,9 @@ def _grouped_gemm_kernel(
     n_cb = (KW // 2 + 3) // 4
     plane = T * KW
     for tile in range(tl.program_id(0), total, tl.num_programs(0)):
-        ks = tile % SPLIT_K
-        nt = (tile // SPLIT_K) % n_tiles
-        mt = tile // (SPLIT_K * n_tiles)
-        e = tl.sum((cum_mt <= mt).to(tl.int32), 0)
-        sel = idx == e
-        row0 = (
-            tl.sum(tl.where(sel, starts, 0), 0)
-            + (mt - tl.sum(tl.where(sel, cum_mt - mtiles, 0), 0)) * BM
+        e, row0, row_end, nt, ks = _tile_coords(
+            tile, idx, starts, ends, cum_mt, mtiles, n_tiles, BM, SPLIT_K
         )
-        row_end = tl.sum(tl.where(sel, ends, 0), 0)
         rows = row0 + tl.arange(0, BM)
         cols = nt * BN + tl.arange(0, BN)
         rmask = rows < row_end
@@ -339,6 +405,111 @@ def _grouped_gemm_kernel(
             tl.store(optrs, _to_bf16(acc * alpha), mask=omask)
         else:
             tl.atomic_add(optrs, acc, mask=omask, sem="relaxed")
+
+
+@triton.jit
+def _hfma_kernel(
+    a_ptr,  # uint8 [T, K/2] A codes (read as int32 words of 8 K elements)
+    scale_a_ptr,  # uint8 the 2-D side: swizzled, each group's rows padded to 128
+    b_ptr,  # uint8 [E, K/2, N] K-major codes (int32 words)
+    scale_b_ptr,  # uint8 [E, round_up(N,128) * round_up(K/16,4)]
+    offsets_ptr,  # int32 [E]
+    gsa_ptr,
+    gsb_ptr,
+    out_ptr,  # bf16 [T, N]
+    N,
+    KW,  # K / 8
+    stride_a,  # words between rows of A
+    stride_be,  # words between experts of B
+    stride_bn,  # words between columns n of B
+    stride_se,  # bytes between experts of scale_b
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    GSA_PER_EXPERT: tl.constexpr,
+    GSB_PER_EXPERT: tl.constexpr,
+    BM: tl.constexpr,  # rows per tile (1, 2, 4: a few rows per expert)
+    BN: tl.constexpr,
+    BJ: tl.constexpr,  # words per K step
+    NUM_STAGES: tl.constexpr,
+    ASM: tl.constexpr,  # fma.rn.f16x2 by inline PTX (False: the interpreter's fp16 halves)
+    EVEN_K: tl.constexpr,  # KW % BJ == 0
+    EVEN_N: tl.constexpr,  # N % BN == 0
+):
+    """The few-rows path: no MMA, no dequantize launch, no split-K, one launch. Per 16-element
+    block (two words of A and of B) the CODE products are summed in fp16x2 FMAs: B's fp16
+    patterns (value * 2^-14) times A's codes made true values (pattern * 2^14, exact), each fp16
+    lane summing 8 products of magnitude <= 36 * 2^-14 on the grid of 2^-16: every partial sum
+    is exact in fp16 (< 2^-5, whose ulp is 2^-16). The two lanes go to fp32 (exact), their sum
+    times the block's two scales (e4m3 x e4m3: exact, and the product with the block sum still
+    has <= 24 significant bits) is added to the fp32 accumulator: the only rounding, a sum of
+    exact block sums, which the bound's fp32-in-any-order model covers. The accumulator is
+    2^-14 times the sum: unfolded before alpha, as the half decode does. Each program owns
+    whole tiles (all of K for BM rows x BN columns), walked persistently from the device's
+    offsets, so empty experts own none and nothing needs zeroing or finishing."""
+    a_words = a_ptr.to(tl.pointer_type(tl.int32))
+    b_words = b_ptr.to(tl.pointer_type(tl.int32))
+    idx, ends, starts, sstarts = _expert_table(offsets_ptr, E, E_PAD)
+    mtiles = (ends - starts + BM - 1) // BM
+    cum_mt = tl.cumsum(mtiles, 0)
+    n_tiles = tl.cdiv(N, BN)
+    total = tl.sum(mtiles, 0) * n_tiles
+    n_cb = (KW // 2 + 3) // 4
+    jj = tl.arange(0, BJ)
+    cc = tl.arange(0, BJ // 2)
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        e, row0, row_end, nt, _ = _tile_coords(
+            tile, idx, starts, ends, cum_mt, mtiles, n_tiles, BM, 1
+        )
+        sel = idx == e
+        srow0 = tl.sum(tl.where(sel, sstarts, 0), 0) + row0 - tl.sum(tl.where(sel, starts, 0), 0)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        srows = (srow0 + tl.arange(0, BM))[:, None, None]
+        cols = nt * BN + tl.arange(0, BN)
+        cmask = cols < N if not EVEN_N else cols >= 0  # (all True: N % BN == 0)
+        e64 = e.to(tl.int64)
+        a_base = a_words + rows[:, None, None].to(tl.int64) * stride_a
+        b_base = b_words + e64 * stride_be + cols[None, :, None].to(tl.int64) * stride_bn
+        sw_base = scale_b_ptr + e64 * stride_se + _swizzle_row(cols[None, :, None], n_cb)
+        sa_base = scale_a_ptr + _swizzle_row(srows, n_cb)
+        r3 = rmask[:, None, None]
+        c3 = cmask[None, :, None]
+        acc = tl.zeros((BM, BN, BJ // 2), dtype=tl.float32)
+        for step in tl.range(0, tl.cdiv(KW, BJ), num_stages=NUM_STAGES):
+            j = (step * BJ + jj)[None, None, :]
+            c = step * (BJ // 2) + cc
+            sc = _swizzle_col(c)[None, None, :]
+            if EVEN_K:  # no K mask: every step is whole
+                w = tl.load(b_base + j, mask=c3, other=0)
+                a = tl.load(a_base + j, mask=r3, other=0)
+                sw = tl.load(sw_base + sc, mask=c3, other=0)
+                sa = tl.load(sa_base + sc, mask=r3, other=0)
+            else:
+                jm = j < KW
+                km = (c < KW // 2)[None, None, :]
+                w = tl.load(b_base + j, mask=c3 & jm, other=0)
+                a = tl.load(a_base + j, mask=r3 & jm, other=0)
+                sw = tl.load(sw_base + sc, mask=c3 & km, other=0)
+                sa = tl.load(sa_base + sc, mask=r3 & km, other=0)
+            f = sw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sa.to(
+                tl.float8e4nv, bitcast=True
+            ).to(tl.float32)
+            w0, w1 = tl.split(tl.reshape(w, (1, BN, BJ // 2, 2)))  # the block's two words
+            a0, a1 = tl.split(tl.reshape(a, (BM, 1, BJ // 2, 2)))
+            s16 = tl.zeros((BM, BN, BJ // 2), dtype=tl.int32)
+            zero = tl.zeros_like(a0)
+            two14 = zero + _TWO14_X2
+            for p in tl.static_range(4):  # A's codes as true values: pattern * 2^14 (exact)
+                s16 = _hfma2(_word_pair(w0, p), _hfma2(_word_pair(a0, p), two14, zero, ASM),
+                             s16, ASM)  # fmt: skip
+                s16 = _hfma2(_word_pair(w1, p), _hfma2(_word_pair(a1, p), two14, zero, ASM),
+                             s16, ASM)  # fmt: skip
+            lo, hi = _halves(s16)
+            acc += (lo.to(tl.float32) + hi.to(tl.float32)) * f
+        alpha = _alpha(gsa_ptr, gsb_ptr, e, GSA_PER_EXPERT, GSB_PER_EXPERT)
+        tot = tl.sum(acc, 2) * _SCALE_FOLD  # exact, before alpha (reference.gemm's order)
+        optrs = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(optrs, _to_bf16(tot * alpha), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -393,6 +564,9 @@ class Plan:
     dense: bool = False
     # the fp16 decode of the K loop (fp4_bits.decode_words(half=True)): no fp32 round trip
     half_decode: bool = False
+    # the few-rows path (`_hfma_kernel`): fp16x2 FMAs of the codes on the CUDA cores, no MMA,
+    # one launch; bm rows per tile, whole K per tile (split_k 1)
+    hfma: bool = False
 
 
 DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
@@ -404,7 +578,10 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory a block may take on sm_90 (H10
 def smem_bytes(p: Plan) -> int:
     """Shared memory the pipelined K loop takes, per stage: 8 fp16 planes of A [BM, BJ], B words
     [BJ, BN] (int32) and their scale bytes [BJ, BN] (the H200 compile of BM 128 BN 128 BJ 32 with
-    3 stages asked 245,760 bytes: this estimate gives 258,048)."""
+    3 stages asked 245,760 bytes: this estimate gives 258,048); the few-rows path stages A's and
+    B's words and their scale bytes, one per block."""
+    if p.hfma:
+        return p.num_stages * (9 * p.bj * (p.bm + p.bn)) // 2
     return p.num_stages * (16 * p.bm * p.bj + 5 * p.bj * p.bn)
 
 
@@ -428,6 +605,27 @@ def _dense(t: int, e: int) -> bool:
     return e == 1 and t > SPLIT_K_MAX_ROWS
 
 
+# rows per expert up to which plan() takes the few-rows path (`_hfma_kernel`): on the H200 it
+# took 15.4-16.4 us at M=1 and 19.1-20.3 us at M=2 against 31.7 us and 33.9 us (M=4, 16) of the
+# MMA decode tiles (bench/gemm.py --plans, K=7168 N=6144)
+HFMA_MAX_ROWS = 2
+
+
+def _hfma_plan(
+    t: int, n: int, e: int, num_sms: int, bm: int = 0, bn: int = 16, bj: int = 128,
+    warps: int = 4, stages: int = 2, mult: int = 8,
+) -> Plan:  # fmt: skip
+    """A few-rows plan: bm rows per tile (0: the next power of two of the rows per expert),
+    as many programs as tiles, at most `mult` per SM (each program owns whole tiles). The
+    default tiles (BN 16, BK 1024, 4 warps, 2 stages) were within noise of the fastest at M=1
+    (16.4 vs 15.4 us) and M=2 (19.9 vs 19.1) and the fastest at one token's top-6 over 48
+    experts (67.6 us; the next 73.8) in one H200 sweep."""
+    bm = bm or triton.next_power_of_2(triton.cdiv(t, max(1, e)))
+    mtiles = triton.cdiv(t, bm) if e == 1 else min(t, triton.cdiv(t, bm) + e - 1)
+    programs = max(1, min(mult * num_sms, mtiles * triton.cdiv(n, bn)))
+    return Plan(bm, bn, bj, 1, warps, stages, programs, hfma=True)
+
+
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
     (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS, or many experts of <= 64 rows each, as
@@ -438,6 +636,14 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     Prefill: BM 128, BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory
     allows no second); one expert: DENSE. Every fused plan takes the half decode (faster at
     every measured shape: M=1 32.3 vs 35.8 us, 8 experts x 1024 rows 2383 vs 2612 us)."""
+    rows = triton.cdiv(t, max(1, e))
+    if rows <= HFMA_MAX_ROWS:
+        return _hfma_plan(t, n, e, num_sms)
+    return _mma_plan(t, k, n, e, num_sms)
+
+
+def _mma_plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
+    """plan() past the few-rows path: the tiles of the MMA kernels."""
     kw = k // WORD
     rows = triton.cdiv(t, max(1, e))
     if t <= SPLIT_K_MAX_ROWS or rows <= 64:  # few rows per expert: the decode tiles
@@ -454,9 +660,17 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
     split-K, grid-size and pipeline variants that fit SMEM_LIMIT (split-K only where T allows),
     each of the fused kernel's also with the other decode (half or fp32 scale)."""
     kw = k // WORD
-    out = [plan(t, k, n, e, num_sms)]
+    out = [plan(t, k, n, e, num_sms), _mma_plan(t, k, n, e, num_sms)]
+    if triton.cdiv(t, max(1, e)) <= 2 * HFMA_MAX_ROWS:  # the few-rows path's tiles
+        for bn, bj, warps, stages, mult in (
+            (8, 128, 4, 3, 8), (8, 128, 4, 2, 8), (8, 128, 4, 1, 8), (8, 64, 2, 3, 16),
+            (16, 64, 4, 3, 8), (16, 128, 4, 3, 8), (16, 128, 4, 1, 8), (16, 256, 4, 2, 8),
+            (4, 128, 2, 3, 16), (4, 128, 2, 2, 16),
+        ):  # fmt: skip
+            out.append(_hfma_plan(t, n, e, num_sms, 0, bn, bj, warps, stages, mult))
+    mma = out[1]
     if t <= SPLIT_K_MAX_ROWS:
-        bm = out[0].bm
+        bm = mma.bm
         for bn in (64, 128):
             tiles = _tiles(t, n, e, bm, bn)
             for mult in (1, 2, 4, 8):
@@ -471,9 +685,9 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                     out.append(Plan(bm, bn, bj, split, 4, 3, mult * num_sms, swap_ab=True))
     else:
         out.append(Plan(128, 256, 16, 1, 8, 3, num_sms))  # the fused kernel, also for one expert
-        if not out[0].dense and out[0].bm <= 64:  # few rows per expert: other small tiles
+        if not mma.dense and mma.bm <= 64:  # few rows per expert: other small tiles
             for bn, mult in ((64, 8), (128, 4), (64, 4)):
-                out.append(Plan(out[0].bm, bn, 32, 1, 4, 3, mult * num_sms, out[0].swap_ab))
+                out.append(Plan(mma.bm, bn, 32, 1, 4, 3, mult * num_sms, mma.swap_ab))
         for bn, bj, warps, st, mult in (
             (256, 16, 8, 3, 1),
             (128, 16, 8, 3, 1),
@@ -486,10 +700,14 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
         for bn, st in ((128, 3), (128, 2), (64, 3)):  # 256-row tiles: each B decode feeds 2x rows
             out.append(Plan(256, bn, 16, 1, 8, st, num_sms))
-    if t <= SPLIT_K_MAX_ROWS:  # pipeline depth of the chosen decode plan (bytes in flight)
-        out += [dataclasses.replace(out[0], num_stages=st) for st in (2, 4, 5)]
-        out.append(dataclasses.replace(out[0], bj=64, num_stages=2))
-    out += [dataclasses.replace(q, half_decode=not q.half_decode) for q in out if not q.dense]
+    if t <= SPLIT_K_MAX_ROWS:  # pipeline depth of the MMA decode plan (bytes in flight)
+        out += [dataclasses.replace(mma, num_stages=st) for st in (2, 4, 5)]
+        out.append(dataclasses.replace(mma, bj=64, num_stages=2))
+    out += [
+        dataclasses.replace(q, half_decode=not q.half_decode)
+        for q in out
+        if not q.dense and not q.hfma
+    ]
     seen, keep = set(), []
     for q in out:
         if q not in seen and smem_bytes(q) <= SMEM_LIMIT:
@@ -578,6 +796,17 @@ def launch_grouped_gemm(
         dev = out.device
         num_sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
     p = the_plan or plan(t, k, n, e, num_sms)
+    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1, k, n)
+    scale_a8 = scale_a.view(torch.uint8)
+    scale_b8 = scale_b.view(torch.uint8)
+    if p.hfma:  # one launch, no scratch
+        consts, warps = cfg["hfma"]
+        _hfma_kernel[(p.programs,)](
+            mat_a, scale_a8, mat_b, scale_b8, expert_offsets, global_scale_a, global_scale_b,
+            out, n, kw, mat_a.stride(0) // 4, mat_b.stride(0) // 4, mat_b.stride(2) // 4,
+            scale_b8.stride(0), **consts, num_warps=warps,
+        )  # fmt: skip
+        return
     ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e)
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
@@ -585,9 +814,6 @@ def launch_grouped_gemm(
         raise ValueError(
             f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}"
         )
-    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
-    scale_a8 = scale_a.view(torch.uint8)
-    scale_b8 = scale_b.view(torch.uint8)
     consts, warps = cfg["dequant_a"]  # A, for every plan
     grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
     dst = out if p.split_k == 1 and not p.dense else acc[:t]
@@ -627,11 +853,18 @@ def _mm_fp32(a16: torch.Tensor, b16: torch.Tensor, acc: torch.Tensor) -> None:
     torch.mm(a16, b16, out_dtype=torch.float32, out=acc)
 
 
-def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dict, int]]:
-    """{kernel: (constexprs, num_warps)} of plan `p`: what the launcher passes and compile_for
-    compiles (one place, so the compiled configuration is the launched one)."""
+def _configs(
+    p: Plan, e: int, gsa_pe: bool, gsb_pe: bool, k: int, n: int
+) -> dict[str, tuple[dict, int]]:
+    """{kernel: (constexprs, num_warps)} of plan `p` at K, N: what the launcher passes and
+    compile_for compiles (one place, so the compiled configuration is the launched one)."""
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
     gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
+    if p.hfma:
+        asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no inline PTX
+        even = dict(EVEN_K=(k // WORD) % p.bj == 0, EVEN_N=n % p.bn == 0)
+        consts = dict(BM=p.bm, BN=p.bn, BJ=p.bj, NUM_STAGES=p.num_stages, ASM=asm, **even)
+        return {"hfma": (dict(**ex, **gs, **consts), p.num_warps)}
     zero = p.split_k > 1  # the split-K accumulator, zeroed by the A dequantize programs
     cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense, ZERO=zero), 4)}
     if p.dense:
@@ -661,11 +894,11 @@ def _configs(p: Plan, e: int, gsa_pe: bool, gsb_pe: bool) -> dict[str, tuple[dic
 # ahead-of-time compile (CPU-only machines: catch compile errors before spending device time)
 
 
-_ALIGNED_INTS = ("N", "KW", "stride_be", "stride_bn", "stride_se", "stride_src")
+_ALIGNED_INTS = ("N", "KW", "stride_a", "stride_be", "stride_bn", "stride_se", "stride_src")
 
 
 def compile_for(
-    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90
+    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90, k: int = 7168, n: int = 6144
 ) -> dict[str, triton.compiler.CompiledKernel]:
     """Compile the three kernels of plan `p` for sm_`arch` without a GPU; {name: kernel} with
     `.asm["ptx"]`. A failure raises RuntimeError naming the kernel and the configuration.
@@ -688,11 +921,16 @@ def compile_for(
             out_ptr="*bf16" if p.split_k == 1 else "*fp32", **{n: "i32" for n in names},
         ),
         "finish": dict(acc_ptr="*fp32", **ptrs, out_ptr="*bf16", N="i32"),
+        "hfma": dict(
+            a_ptr="*u8", scale_a_ptr="*u8", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
+            out_ptr="*bf16", **{n: "i32" for n in ("N", "KW", "stride_a", *names[3:])},
+        ),
     }  # fmt: skip
     kernels = {"dequant": _dequant_kernel, "grouped_gemm": _grouped_gemm_kernel}
     kernels["finish"] = _finish_kernel
+    kernels["hfma"] = _hfma_kernel
     out = {}
-    for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert).items():
+    for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert, k, n).items():
         kind = "dequant" if name.startswith("dequant") else name
         fn = kernels[kind]
         signature = {**types[kind], **{k: "constexpr" for k in constexprs}}
