@@ -54,8 +54,6 @@ from dsv4.ops._workspace import Sizer, Workspace
 
 WORD = fp4_bits.WORD_ELEMS  # K elements per int32 word
 # fp4_bits' constants as constexpr globals (a @triton.jit body may read only those)
-_LANE_MAG = tl.constexpr(fp4_bits.LANE_MAG)
-_LANE_SIGN = tl.constexpr(fp4_bits.LANE_SIGN)
 _MAG_SHIFT = tl.constexpr(fp4_bits.MAG_SHIFT)
 _SIGN_SHIFT = tl.constexpr(fp4_bits.SIGN_SHIFT)
 _SCALE_FOLD = tl.constexpr(fp4_bits.SCALE_FOLD)
