@@ -153,7 +153,7 @@ def plan_label(p) -> str:
     return (
         f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
         f"grid{p.programs}{' swap' if p.swap_ab else ''}{' half' if p.half_decode else ''}"
-        f"{' hfma' if p.hfma else ''}{' satile' if p.sa_tile else ''}"
+        f"{' hfma' if p.hfma else ''}"
     )
 
 

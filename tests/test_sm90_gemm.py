@@ -159,7 +159,7 @@ def _every_product_plans():
     ]
     few_rows = [  # fp16x2 code sums on the CUDA cores, at 1, 2 and 4 rows per tile
         Plan(1, 8, 32, 1, 2, 3, 8, hfma=True),
-        Plan(1, 16, 128, 1, 4, 2, 8, hfma=True, sa_tile=True),
+        Plan(1, 16, 128, 1, 4, 2, 8, hfma=True),  # plan()'s tiles at M=1
         Plan(2, 16, 64, 1, 4, 2, 8, hfma=True),
         Plan(4, 32, 32, 1, 4, 1, 8, hfma=True),
     ]
@@ -283,7 +283,7 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 @pytest.mark.sm90
 @pytest.mark.parametrize("the_plan", EVERY_PRODUCT_PLANS, ids=lambda p: (
     f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"
-    f"{'-hfma' if p.hfma else ''}{'-satile' if p.sa_tile else ''}"))
+    f"{'-hfma' if p.hfma else ''}"))
 def test_sm90_on_gpu_every_code_times_every_scale_is_exact(the_plan):
     # subnormal fp16 products (the half decode's value * scale * 2^-14) through mma.sync and
     # wgmma: a flush to zero or a lost sign would be a wrong bit here

@@ -432,7 +432,6 @@ def _hfma_kernel(
     ASM: tl.constexpr,  # fma.rn.f16x2 by inline PTX (False: the interpreter's fp16 halves)
     EVEN_K: tl.constexpr,  # KW % BJ == 0
     EVEN_N: tl.constexpr,  # N % BN == 0
-    SA_TILE: tl.constexpr,  # A's scale bytes loaded at B's tile shape (a variant, Plan.sa_tile)
 ):
     """The few-rows path: no MMA, no dequantize launch, no split-K, one launch. Per 16-element
     block (two words of A and of B) the CODE products are summed in fp16x2 FMAs: B's fp16
@@ -470,10 +469,7 @@ def _hfma_kernel(
         a_base = a_words + rows[:, None, None].to(tl.int64) * stride_a
         b_base = b_words + e64 * stride_be + cols[None, :, None].to(tl.int64) * stride_bn
         sw_base = scale_b_ptr + e64 * stride_se + _swizzle_row(cols[None, :, None], n_cb)
-        if SA_TILE:  # each column's copy of the row's scale bytes (Plan.sa_tile)
-            sa_base = tl.broadcast_to(scale_a_ptr + _swizzle_row(srows, n_cb), (BM, BN, 1))
-        else:
-            sa_base = scale_a_ptr + _swizzle_row(srows, n_cb)
+        sa_base = scale_a_ptr + _swizzle_row(srows, n_cb)
         r3 = rmask[:, None, None]
         c3 = cmask[None, :, None]
         acc = tl.zeros((BM, BN, BJ // 2), dtype=tl.float32)
@@ -569,10 +565,6 @@ class Plan:
     # the few-rows path (`_hfma_kernel`): fp16x2 FMAs of the codes on the CUDA cores, no MMA,
     # one launch; bm rows per tile, whole K per tile (split_k 1)
     hfma: bool = False
-    # few-rows path variant: A's scale bytes loaded at B's tile shape, so the pipeline stages
-    # them (a [BM, 1, .] load of single bytes is left unstaged: one exposed global load per
-    # K step); Triton then lays the tile out with fewer columns per thread (more A decodes)
-    sa_tile: bool = False
 
 
 DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
@@ -619,7 +611,7 @@ HFMA_MAX_ROWS = 2
 
 def _hfma_plan(
     t: int, n: int, e: int, num_sms: int, bm: int = 0, bn: int = 16, bj: int = 128,
-    warps: int = 4, stages: int = 2, mult: int = 8, sa_tile: bool = False,
+    warps: int = 4, stages: int = 2, mult: int = 8,
 ) -> Plan:  # fmt: skip
     """A few-rows plan: bm rows per tile (0: the next power of two of the rows per expert),
     as many programs as tiles, at most `mult` per SM (each program owns whole tiles). The
@@ -629,7 +621,7 @@ def _hfma_plan(
     bm = bm or triton.next_power_of_2(triton.cdiv(t, max(1, e)))
     mtiles = triton.cdiv(t, bm) if e == 1 else min(t, triton.cdiv(t, bm) + e - 1)
     programs = max(1, min(mult * num_sms, mtiles * triton.cdiv(n, bn)))
-    return Plan(bm, bn, bj, 1, warps, stages, programs, hfma=True, sa_tile=sa_tile)
+    return Plan(bm, bn, bj, 1, warps, stages, programs, hfma=True)
 
 
 def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
@@ -673,10 +665,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             (16, 64, 4, 3, 8), (16, 128, 4, 3, 8), (16, 128, 4, 1, 8), (16, 256, 4, 2, 8),
             (4, 128, 2, 3, 16), (4, 128, 2, 2, 16),
         ):  # fmt: skip
-            q = _hfma_plan(t, n, e, num_sms, 0, bn, bj, warps, stages, mult)
-            out += [q, dataclasses.replace(q, sa_tile=not q.sa_tile)]
-        if out[0].hfma:
-            out.append(dataclasses.replace(out[0], sa_tile=not out[0].sa_tile))
+            out.append(_hfma_plan(t, n, e, num_sms, 0, bn, bj, warps, stages, mult))
     mma = out[1]
     if t <= SPLIT_K_MAX_ROWS:
         bm = mma.bm
@@ -872,8 +861,7 @@ def _configs(
     if p.hfma:
         asm = not _INTERPRETED  # the interpreter runs no inline PTX
         even = dict(EVEN_K=(k // WORD) % p.bj == 0, EVEN_N=n % p.bn == 0)
-        consts = dict(BM=p.bm, BN=p.bn, BJ=p.bj, NUM_STAGES=p.num_stages, ASM=asm, **even,
-                      SA_TILE=p.sa_tile)  # fmt: skip
+        consts = dict(BM=p.bm, BN=p.bn, BJ=p.bj, NUM_STAGES=p.num_stages, ASM=asm, **even)
         return {"hfma": (dict(**ex, **gs, **consts), p.num_warps)}
     zero = p.split_k > 1  # the split-K accumulator, zeroed by the A dequantize programs
     cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense, ZERO=zero), 4)}
