@@ -128,8 +128,14 @@ def _decode_pair_half(words, p: tl.constexpr, scale16):
 
 
 @triton.jit
+def _e4m3(bytes_u8):
+    """UE4M3 scale bytes (uint8) -> their fp32 values (exact)."""
+    return bytes_u8.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _folded_scale(bytes_u8):
-    return bytes_u8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * _SCALE_FOLD
+    return _e4m3(bytes_u8) * _SCALE_FOLD
 
 
 @triton.jit
@@ -489,9 +495,7 @@ def _hfma_kernel(
                 a = tl.load(a_base + j, mask=r3 & jm, other=0)
                 sw = tl.load(sw_base + sc, mask=c3 & km, other=0)
                 sa = tl.load(sa_base + sc, mask=r3 & km, other=0)
-            f = sw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sa.to(
-                tl.float8e4nv, bitcast=True
-            ).to(tl.float32)
+            f = _e4m3(sw) * _e4m3(sa)  # exact: <= 8 significant bits
             w0, w1 = tl.split(tl.reshape(w, (1, BN, BJ // 2, 2)))  # the block's two words
             a0, a1 = tl.split(tl.reshape(a, (BM, 1, BJ // 2, 2)))
             s16 = tl.zeros((BM, BN, BJ // 2), dtype=tl.int32)
@@ -604,8 +608,9 @@ def _dense(t: int, e: int) -> bool:
 
 
 # rows per expert up to which plan() takes the few-rows path (`_hfma_kernel`): on the H200 it
-# took 15.4-16.4 us at M=1 and 19.1-20.3 us at M=2 against 31.7 us and 33.9 us (M=4, 16) of the
-# MMA decode tiles (bench/gemm.py --plans, K=7168 N=6144)
+# took 14.8-16.4 us at M=1 and 19.1-20.3 us at M=2 (bench/gemm.py --plans, K=7168 N=6144),
+# where the MMA decode tiles took 31.7 us at M=1; at M=4 plan() keeps the MMA tiles (32.2 us;
+# the few-rows path's 4-row tiles were not measured there)
 HFMA_MAX_ROWS = 2
 
 
