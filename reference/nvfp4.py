@@ -157,13 +157,20 @@ def encode_block_scales(scale_fp32: torch.Tensor) -> torch.Tensor:
 # global scale
 
 
+def true_div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """RN(x / divisor) on every device. `x / 6.0` on CUDA is x * RN(1 / 6) (PyTorch's CUDA division
+    by a CPU scalar multiplies by the reciprocal), which differs from the quotient in its last
+    bit for some x, and so, near an e4m3 tie, in the scale byte; a device tensor divisor divides."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     """Decode-convention global scale: amax / (6 * 448) in fp32; 1.0 where amax is 0.
 
     An all-zero tensor has no natural scale; 1.0 keeps every division defined.
     """
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    return torch.where(amax > 0, true_div(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
 
 
 def to_encode_scale(global_scale: torch.Tensor | float) -> torch.Tensor:
@@ -216,7 +223,7 @@ def quantize_nvfp4(
     xn = x.float() / gs
     blocks = xn.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN-propagating, unlike tensor_amax
-    scales = encode_block_scales(amax / E2M1_MAX)
+    scales = encode_block_scales(true_div(amax, E2M1_MAX))
     s = scales.float()
     q = torch.where(s == 0, torch.zeros_like(blocks), blocks / s)
     codes = encode_e2m1(q.reshape(x.shape), nan_policy)

@@ -602,3 +602,24 @@ def test_global_scale_must_be_one_value():
 def test_decode_rejects_wide_codes():
     with pytest.raises(ValueError, match=r"0\.\.15.*max 16"):
         decode_e2m1(torch.tensor([1, 16], dtype=U8))
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_block_scale_and_global_scale_divide_on_every_device(device):
+    """amax / 6 and amax / 2688 are true divisions wherever the reference runs. On CUDA,
+    `t / 6.0` is t * RN(1/6): for amax_n = 56.9999962 that is 9.5 (an e4m3 tie, byte 0x52)
+    where RN(amax_n / 6) = 9.4999990 gives 0x51; gs = RN(280 / 2688) = 0.10416666418 where
+    280 * RN(1/2688) = 0.10416667163 (measured on an H200: the CuTeDSL kernel, which divides,
+    disagreed with the CUDA-run reference in 46 codes of an adversarial shared-expert case)."""
+    from reference.nvfp4 import global_scale_from_amax
+
+    gs = global_scale_from_amax(torch.tensor(280.0, device=device))
+    assert gs.item() == torch.tensor(280.0).div(torch.tensor(2688.0)).item() == 0.1041666641831398
+    an = torch.tensor([56.9999962], dtype=torch.float32)
+    x = torch.zeros(1, 16, device=device)
+    x[0, 0] = float(an)
+    _, scales, _ = quantize_nvfp4(x, torch.tensor(1.0, device=device))
+    assert scales.view(torch.uint8).item() == 0x51

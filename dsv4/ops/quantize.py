@@ -141,7 +141,8 @@ def nvfp4_amax(x: torch.Tensor) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Decode-convention global scale amax / (6 * 448) in fp32; 1.0 where amax is 0."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / GLOBAL_SCALE_DENOM, torch.ones_like(amax))
+    denom = torch.full_like(amax, GLOBAL_SCALE_DENOM)  # true division (see quantize_into)
+    return torch.where(amax > 0, amax / denom, torch.ones_like(amax))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +277,9 @@ def quantize_into(
     blocks = xn.unflatten(-1, (-1, BLOCK))
     torch.abs(blocks, out=t1.unflatten(-1, (-1, BLOCK)))
     torch.amax(t1.unflatten(-1, (-1, BLOCK)), dim=-1, out=s)  # NaN-propagating: stays visible
-    s.div_(scalar(E2M1_MAX, torch.float32))  # as `/ 6.0` (on CUDA both are a CPU scalar)
+    # a true division, as the reference: divided by a device tensor (PyTorch's CUDA division
+    # by a CPU scalar multiplies by its reciprocal, which is not RN(amax / 6))
+    s.div_(s32.fill_(E2M1_MAX))
     _e4m3_scale_bytes_into(s, scales_out, s32, mb)
     # the rounded scale as written (0x7F reads as NaN); through the byte view, so a uint8
     # scales_out works too
