@@ -1,6 +1,6 @@
 """Speed of the NVFP4 quantize kernels on a CUDA GPU, one table, ratios measured in one run.
 
-    python bench/quantize.py [--budget 1.0] [--out DIR] [--variants]
+    python bench/quantize.py [--budget 1.0] [--out DIR] [--variants [--match S,S2]]
 
 Rows: the CuTeDSL kernels (static-scale quantize with swizzled scales, SwiGLU-requantize, grouped
 gs[G]), dsv4's portable torch path and a torch.compile'd seed-style quantizer (reciprocal,
@@ -10,9 +10,13 @@ and given as median us, GB/s of the bytes it must move (input read, codes and sc
 written) and percent of the device-to-device copy bandwidth measured in the same run. Small
 shapes (T = 128) report graph-replay latency. Every CuTeDSL row is checked bit-exact against
 reference/ before it is timed (the `exact` column). Full records go to DIR/quantize.json.
+The `divided codes` row is the same kernel without the sm_90 bracket (codes from the corrected
+divisions, QuantConfig.bracketed_codes=False), `div.rn only` without the fast path at all.
 --variants instead times every tuning in VARIANTS (blocks per thread x threads per CTA) of the
-quantize [8192,7168] and the SwiGLU-requant [8192,2x3072], each checked bit-exact first (FAIL
-rows are not timed; a compile error is printed in its row), into DIR/quantize_variants.json.
+quantize [8192,7168] and the SwiGLU-requant [8192,2x3072], with and without the bracket, each
+checked bit-exact first (FAIL rows are not timed; a compile error is printed in its row), into
+DIR/quantize_variants.json; --match keeps the variants whose label contains one of the
+comma-separated strings (`--match thr=128,thr=256`).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def sets(make, nbytes, dev):
 
 def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]:
     """Static quantize [t, k]: CuTeDSL (swizzled scales), dsv4's torch path, torch.compile seed."""
-    cfg = nq.tuned(nq.QuantConfig(k))  # what quantize() and dsv4.ops run (DEFAULT_TUNING)
+    cfg = nq.tuned(nq.QuantConfig(k), rows=t)  # what quantize() and dsv4.ops run
     nb = nvfp4_bytes(t, k, k)
 
     def make(i):
@@ -93,11 +97,17 @@ def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]
     exact = bool(torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8)))
     seed = torch.compile(seed_style_quantize, dynamic=False)
     n = len(data)
-    slow = dataclasses.replace(cfg, fast_division=False)
-    nq.run_quant(slow, x, gs, codes, sf)
-    slow_exact = bool(
-        torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8))
-    )
+    slow = dataclasses.replace(cfg, fast_division=False, bracketed_codes=False)
+    divided = dataclasses.replace(cfg, bracketed_codes=False)
+
+    def check(c) -> bool:
+        codes.fill_(0xAA)
+        nq.run_quant(c, x, gs, codes, sf)
+        return bool(
+            torch.equal(codes, rc) and torch.equal(sf, swizzle_scales(rs).view(torch.uint8))
+        )
+
+    slow_exact, divided_exact = check(slow), check(divided)
     return [
         row(
             f"cutedsl quantize [{t},{k}] div.rn only",
@@ -106,6 +116,15 @@ def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]
             nb,
             copy,
             slow_exact,
+            budget,
+        ),
+        row(
+            f"cutedsl quantize [{t},{k}] divided codes",
+            lambda i: nq.run_quant(divided, *data[i][:4]),
+            n,
+            nb,
+            copy,
+            divided_exact,
             budget,
         ),
         row(
@@ -143,8 +162,10 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
     the gather kernel, quantize-then-gather of codes and scales (what the MoE runner does), and
     the plain quantize of the same t * top_k rows (the 1.3x target's yardstick)."""
     rows_n = t * top_k
-    plain = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR))
-    gather = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True))
+    plain = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR), rows=rows_n)
+    gather = nq.tuned(
+        nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True), rows=rows_n
+    )
     nb = nvfp4_bytes(rows_n, k, k)
 
     def make(i):
@@ -197,11 +218,14 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
 
 
 VARIANTS = [  # the tuning fields (nq.DEFAULT_TUNING's keys) --variants times
-    {"blocks_per_thread": b, "threads": n} for b in (1, 2, 4) for n in (64, 128, 256, 512)
+    {"blocks_per_thread": b, "threads": n, "bracketed_codes": br}
+    for br in (True, False)
+    for b in (1, 2, 4)
+    for n in (64, 128, 256, 512)
 ]
 
 
-def variant_rows(dev, copy: float, budget: float) -> list[dict]:
+def variant_rows(dev, copy: float, budget: float, match: str = "") -> list[dict]:
     """Every VARIANTS tuning of the static quantize [8192,7168] and the SwiGLU-requant
     [8192, 2x3072]: each checked bit-exact against reference/ first (a wrong one is FAIL, not
     timed), a compile or launch error printed in its row, never stopping the table."""
@@ -210,7 +234,7 @@ def variant_rows(dev, copy: float, budget: float) -> list[dict]:
     nb = nvfp4_bytes(t, k, k)
     base = nq.QuantConfig(k)
 
-    def make_q(j):
+    def make_q(j, t=t):
         x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)
         x[0, :16] = float("nan")  # the div.rn path and a NaN block in the checked set
         x[1, :32] = 0.0
@@ -223,6 +247,12 @@ def variant_rows(dev, copy: float, budget: float) -> list[dict]:
     rc, rs, _ = quantize_nvfp4(qdata[0][0], qdata[0][1])
     qref = (rc, swizzle_scales(rs).view(torch.uint8))
     cases.append((f"quantize [{t},{k}]", base, qdata, nb, qref, lambda c, d: nq.run_quant(c, *d)))
+
+    nb_d = nvfp4_bytes(128, k, k)  # a decode step's quantize (graph-replay latency)
+    ddata = sets(lambda j: make_q(j, 128), nb_d, dev)
+    rc, rs, _ = quantize_nvfp4(ddata[0][0], ddata[0][1])
+    dref = (rc, swizzle_scales(rs).view(torch.uint8))
+    cases.append((f"quantize [128,{k}]", base, ddata, nb_d, dref, lambda c, d: nq.run_quant(c, *d)))
 
     sw = nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True)
     nb_sw = nvfp4_bytes(t, 2 * i_, i_) + 4 * t
@@ -253,6 +283,9 @@ def variant_rows(dev, copy: float, budget: float) -> list[dict]:
     for name, cfg0, data, nbytes, (rc, rsf), launch in cases:
         for tun in VARIANTS:
             label = f"{name} bpt={tun['blocks_per_thread']} thr={tun['threads']}"
+            label += "" if tun["bracketed_codes"] else " divided"
+            if match and not any(m in label for m in match.split(",")):
+                continue
             rec = {"case": label, "tuning": tun, "median_us": None, "%copy": None}
             try:
                 cfg = nq.tuned(cfg0, tun)
@@ -298,6 +331,7 @@ def main() -> None:
         action="store_true",
         help="time every VARIANTS tuning (bit-exact checked first), one table, then stop",
     )
+    ap.add_argument("--match", default="", help="--variants: labels containing one of S,S2,..")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -306,7 +340,7 @@ def main() -> None:
         print(f"device {torch.cuda.get_device_name()}  copy bandwidth {copy:.0f} GB/s (same run)")
         print(f"default tuning {nq.DEFAULT_TUNING}\n")
         print(f"{'variant':44} {'us':>10} {'%copy':>6} bit-exact")
-        rows = variant_rows(dev, copy, min(args.budget, 0.3))
+        rows = variant_rows(dev, copy, min(args.budget, 0.3), args.match)
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "quantize_variants.json").write_text(
@@ -321,7 +355,7 @@ def main() -> None:
 
     # SwiGLU-requant of the L1 output [8192, 2 x 3072], routing weight per row
     t, i_ = 8192, 3072
-    cfg = nq.tuned(nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True))
+    cfg = nq.tuned(nq.QuantConfig(i_, prologue=nq.Prologue.SWIGLU, row_weight=True), rows=t)
     nb = nvfp4_bytes(t, 2 * i_, i_) + 4 * t
 
     def make_l1(j):
@@ -352,7 +386,7 @@ def main() -> None:
 
     # grouped linear form: one launch for G groups, gs[G]
     t, g, d = 4096, 16, 4096
-    cfg = nq.tuned(nq.QuantConfig(d, groups=g))
+    cfg = nq.tuned(nq.QuantConfig(d, groups=g), rows=t)
     nb = nvfp4_bytes(t * g, d, d)
 
     def make_g(j):

@@ -82,6 +82,117 @@ def test_quantize_model_matches_reference_on_every_bf16(gs):
         assert torch.equal(scales, ref_scales.view(torch.uint8))
 
 
+def _calibrated_randn(t: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 activations with the usual static scale gs = amax / (6 * 448): its factors 3 and 7
+    meet the e4m3 scales' (1.5, 1.75, ...), so many quotients land exactly on E2M1 midpoints."""
+    x = (torch.randn(t, k, generator=torch.Generator().manual_seed(seed)) * 3).to(torch.bfloat16)
+    return x, (x.float().abs().amax() / 2688).reshape(1)
+
+
+@pytest.mark.parametrize("rcp_ulps", [0, -8, 8])
+@pytest.mark.parametrize("gs", [1.0, 1 / 2688, 3.7e-5, 0.3, 123.456, 1e-30, 7e20, 2.0**-30])
+def test_bracket_model_matches_reference_on_every_bf16(gs, rcp_ulps):
+    """The sm_90 bracket (codes from x * R, two roundings per value, a word redone by the
+    divisions where they differ) gives the reference's bits for every bf16 value, however R's
+    last bits fall (the kernel's R is within about one ulp of RN(1 / RN(gs * s)))."""
+    from dsv4.kernels.cutedsl.bitmodel import quantize_model_bracketed
+
+    x = all_bf16()
+    perm = torch.randperm(65536, generator=torch.Generator().manual_seed(3))
+    g = torch.tensor(gs, dtype=torch.float32)
+    for blocks in (x.reshape(-1, 16), x[perm].reshape(-1, 16), x[perm].reshape(-1, 64)):
+        codes, scales, _ = quantize_model_bracketed(blocks, g, rcp_ulps)
+        ref_codes, ref_scales, _ = quantize_nvfp4(blocks, g)
+        assert torch.equal(codes, ref_codes)
+        assert torch.equal(scales, ref_scales.view(torch.uint8))
+
+
+def test_bracket_divides_the_quotients_near_a_midpoint():
+    """Quotients exactly on and within an ulp of every midpoint, for every e4m3 scale: the bracket
+    must not decide those (the kernel divides them), and the result is the reference's."""
+    from dsv4.kernels.cutedsl.bitmodel import bracket_codes, quantize_model_bracketed
+
+    s = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    steps = torch.arange(-2, 3, dtype=torch.int32)
+    q = (mids[:, None].view(torch.int32) + steps).view(torch.float32)  # [7 midpoints, 5]
+    q = torch.cat([q, q[:1]])  # 8 words
+    words = torch.cat([q, torch.zeros(8, 3)], 1)  # 8 words of 8: 5 quotients, 3 zeros
+    x = (words[None] * s[:, None, None]).reshape(len(s), 4, 16)  # per scale 4 blocks, gs = 1
+    x[..., 15] = 6 * s[:, None]  # each block's amax: its scale byte is s again
+    x = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.5, -x, x)
+    _, agree = bracket_codes(x, 1.0 / s[:, None, None])
+    near = agree.unflatten(-1, (-1, 8))[..., :5]  # each word: 5 quotients near a midpoint
+    assert not near.all(-1).any()  # the bracket decides none of those words alone
+    codes, scales, redone = quantize_model_bracketed(x, torch.tensor(1.0))
+    ref_codes, ref_scales, _ = quantize_nvfp4(x, torch.tensor(1.0))
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales.view(torch.uint8))
+    assert redone.unflatten(-1, (-1, 8)).any(-1).all()
+    assert not redone.unflatten(-1, (-1, 8))[..., 5:].any()  # zeros and amax: decided
+
+
+def test_bracket_redoes_few_words_of_calibrated_activations():
+    """How often the fallback runs on realistic input (a speed fact, asserted loosely so a
+    bracket that silently redoes everything, or nothing at exact ties, fails)."""
+    from dsv4.kernels.cutedsl.bitmodel import quantize_model_bracketed
+
+    x, gs = _calibrated_randn(512, 7168, 0)
+    codes, _, redone = quantize_model_bracketed(x, gs)
+    assert torch.equal(codes, quantize_nvfp4(x, gs)[0])
+    assert 1e-4 < redone.float().mean() < 0.02, redone.float().mean()
+    _, _, redone = quantize_model_bracketed(x, torch.tensor([0.0123457]))  # no shared factors
+    assert redone.float().mean() < 1e-4
+
+
+def test_bracket_fma_rounds_exactly_as_modelled():
+    """The model's claim for fma(a, 2^-22 (1 -+ 2^-19), bits(2^e) + 2e): the result is k plus N
+    ulps, N = a (1 -+ 2^-19) / 2^(e-1) rounded half to even, and its low byte is the E2M1 code
+    of a (1 -+ 2^-19). Checked with exact rational arithmetic around every midpoint and binade
+    edge and on random magnitudes."""
+    import math
+    import random
+    import struct
+    from fractions import Fraction
+
+    from dsv4.kernels.cutedsl.bitmodel import BRACKET
+    from reference.nvfp4 import E2M1_MIDPOINTS, E2M1_VALUES
+
+    def f32(bits: int) -> float:
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+    def bits(v: float) -> int:
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+
+    def rn_f32(x: Fraction) -> int:  # bits of RN(x) in fp32, x in [1, 8): 23 fraction bits
+        e = math.floor(math.log2(x))
+        n = x / Fraction(2) ** e * 2**23
+        lo = math.floor(n)
+        r = lo + (1 if n - lo > Fraction(1, 2) or (n - lo == Fraction(1, 2) and lo % 2) else 0)
+        return ((127 + e) << 23) + r - 2**23
+
+    def e2m1_code(t: Fraction) -> int:  # exact RNE of t >= 0 to E2M1 (saturating at 6)
+        grid = [Fraction(v) for v in E2M1_VALUES]
+        best = min(range(8), key=lambda c: (abs(t - grid[c]), c % 2))  # ties: the even code
+        return best
+
+    rng = random.Random(5)
+    points = [0.0, 1.0, 2.0, 4.0, 6.0, *E2M1_MIDPOINTS]
+    values = [rng.uniform(0, 6) for _ in range(3000)]
+    for p in points:
+        for d in range(-40, 41):
+            values.append(f32(bits(p) + d) if p else f32(max(d, 0)))
+    for sign in (-1, 1):
+        s_bits = bits(2.0**-22 * (1 + sign * BRACKET))
+        for v in values:
+            a = min(abs(f32(bits(v))), 6.0)
+            e = int(math.floor(math.log2(max(a, 1.0))))
+            k = bits(2.0**e) + 2 * e
+            exact = rn_f32(Fraction(a) * Fraction(f32(s_bits)) + Fraction(f32(k)))
+            n = round(Fraction(a) * (1 + sign * Fraction(BRACKET)) * Fraction(2) ** (1 - e))
+            assert exact == k + n, (v, sign)
+            assert (exact & 0xFF) == e2m1_code(Fraction(a) * (1 + sign * Fraction(BRACKET)))
+
+
 # --------------------------------------------------------------------------------------------
 # compile for sm_90a / sm_100a with fake arguments (CPU), PTX checks
 
@@ -95,7 +206,8 @@ def _configs():
         "quant_grouped_g8": QuantConfig(4096, groups=8),
         "quant_k48_padded_cols": QuantConfig(48),
         "quant_gather_linear": QuantConfig(7168, scale_layout=ScaleLayout.LINEAR, gather=True),
-        "quant_div_rn_only": QuantConfig(7168, fast_division=False),
+        "quant_div_rn_only": QuantConfig(7168, fast_division=False, bracketed_codes=False),
+        "quant_no_bracket": QuantConfig(7168, bracketed_codes=False),
         "swiglu_i3072_weighted": QuantConfig(3072, prologue=Prologue.SWIGLU, row_weight=True),
         "swiglu_up_first_nolimit": QuantConfig(
             2048, prologue=Prologue.SWIGLU, swiglu_limit=None, gate_first=False
@@ -134,9 +246,20 @@ def test_kernel_compiles_with_expected_ptx(name, arch):
     # reference (silu's division too); the fast path: CUDA's div.rn fast path inlined
     per_elem = 2 if cfg.prologue is Prologue.NONE else 3
     assert rep.count("div.rn.f32") >= (16 * per_elem + 1) * bpt
+    bracket = cfg.bracketed_codes and arch == "sm_90a"
     if cfg.fast_division:  # 1 / gs and 1 / s seeded by rcp.approx, one Newton step each
-        assert rep.count("rcp.approx.ftz.f32") == 2 * bpt
+        # the bracket: 1 / (gs * s) too, and 1 / s in each code word's fallback
+        assert rep.count("rcp.approx.ftz.f32") == (4 if bracket else 2) * bpt
         assert rep.count("fma.rn.f32") >= 2 * 2 * 16 * bpt  # two corrections per division
+    if cfg.fast_division and cfg.prologue is Prologue.NONE and cfg.in_dtype != "float32":
+        # the fast path's block amax: a tree of packed 16-bit maxes (7 per block)
+        ty = {"bfloat16": "bf16x2", "float16": "f16x2"}[cfg.in_dtype]
+        assert rep.count(f"max.NaN.xorsign.abs.{ty}") == 7 * bpt
+    if bracket:  # per code word: 2 x 3 prmts gather both ends' codes, 6 the signs
+        assert rep.count("prmt.b32") == 2 * 12 * bpt
+        assert rep.ptx.count("0f347FFFE0") == rep.ptx.count("0f34800010") == 16 * bpt
+    else:
+        assert rep.count("prmt.b32") == 0
     # codes: one vector store of 8 (one block) or 16 bytes (2 blocks) per 16 bytes;
     # scales: one store of bpt bytes
     assert rep.count(
@@ -205,6 +328,24 @@ def test_tuned_falls_back_to_what_k_and_the_outputs_allow():
     assert tuned(QuantConfig(7168), four, scales=scales).blocks_per_thread == 2
 
 
+@needs_dsl
+def test_tuned_takes_the_many_rows_tuning_from_its_row_count():
+    from dsv4.kernels.cutedsl.nvfp4_quant import MANY_ROWS, Prologue, QuantConfig, tuned
+
+    min_rows, many = MANY_ROWS[Prologue.NONE]
+    cfg = QuantConfig(7168)
+    assert tuned(cfg, rows=min_rows - 1).blocks_per_thread == 1
+    assert tuned(cfg, rows=min_rows).blocks_per_thread == many["blocks_per_thread"]
+    codes = torch.empty(min_rows, 3584, dtype=torch.uint8)  # rows from the outputs
+    assert tuned(cfg, codes=codes).blocks_per_thread == many["blocks_per_thread"]
+    assert tuned(cfg, codes=codes[:128]).blocks_per_thread == 1
+    assert tuned(cfg, {"blocks_per_thread": 1}, rows=10**6).blocks_per_thread == 1  # explicit
+    sw = QuantConfig(3072, prologue=Prologue.SWIGLU)
+    assert tuned(sw, rows=10**6).blocks_per_thread == 1  # SwiGLU: 1 at every row count
+    slow = QuantConfig(7168, fast_division=False, bracketed_codes=False)
+    assert tuned(slow).bracketed_codes is False  # the bracket needs the fast path
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: bit-exact against the reference
 
@@ -234,6 +375,7 @@ def test_gpu_quantize_bit_exact_any_token_count(t, bpt, monkeypatch):
 
     tuning = {"blocks_per_thread": bpt, "threads": 256}
     monkeypatch.setattr(nq, "DEFAULT_TUNING", {p: tuning for p in nq.Prologue})
+    monkeypatch.setattr(nq, "MANY_ROWS", {})
 
     g = torch.Generator(device="cuda").manual_seed(t)
     x = (torch.randn(t, 7168, device="cuda", generator=g) * 3).to(torch.bfloat16)
@@ -264,9 +406,45 @@ def test_gpu_quantize_every_bf16_value(gs, fast):
     g = torch.tensor([gs], dtype=torch.float32, device="cuda")
     for bpt in (1, 2, 4):
         cfg = nq.QuantConfig(
-            64, scale_layout=nq.ScaleLayout.LINEAR, fast_division=fast, blocks_per_thread=bpt
+            64,
+            scale_layout=nq.ScaleLayout.LINEAR,
+            fast_division=fast,
+            bracketed_codes=fast,
+            blocks_per_thread=bpt,
         )
         _assert_linear_exact(cfg, x, g)
+
+
+@needs_gpu
+@pytest.mark.parametrize("bracket", [True, False])
+def test_gpu_calibrated_activations_bit_exact_with_and_without_the_bracket(bracket):
+    """gs = amax / 2688 puts many quotients exactly on midpoints (bitmodel: ~0.7% of the code
+    words redone by the divisions): both code paths of the fast path, every blocks-per-thread."""
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+
+    x, gs = _calibrated_randn(1024, 7168, 7)
+    x, gs = x.cuda(), gs.cuda()
+    for bpt in (1, 2, 4):
+        cfg = nq.QuantConfig(
+            7168, scale_layout=nq.ScaleLayout.LINEAR, bracketed_codes=bracket, blocks_per_thread=bpt
+        )
+        _assert_linear_exact(cfg, x, gs)
+    from reference.activation import swiglu
+
+    sw = nq.QuantConfig(
+        3584,
+        scale_layout=nq.ScaleLayout.LINEAR,
+        prologue=nq.Prologue.SWIGLU,
+        bracketed_codes=bracket,
+    )
+    h = swiglu(x, 10.0)
+    gh = (h.abs().amax() / 2688).reshape(1)
+    codes = torch.empty(x.shape[0], sw.k // 2, dtype=torch.uint8, device=x.device)
+    sf = torch.empty(x.shape[0], sw.cols, dtype=torch.uint8, device=x.device)
+    nq.run_quant(sw, x, gh, codes, sf)
+    rc, rs = _ref(h, gh)
+    assert torch.equal(sf, rs)
+    assert torch.equal(codes, rc)
 
 
 @needs_gpu

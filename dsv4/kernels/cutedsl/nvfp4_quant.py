@@ -74,6 +74,11 @@ class QuantConfig:
     # divisions of in-range blocks by a reciprocal and one fma correction (bit-identical to
     # div.rn there, see _div_corrected); div.rn for every other block and when False
     fast_division: bool = True
+    # in-range blocks on an arch without the e2m1 cvt (sm_90): codes from x * R, R ~ 1/(gs*s),
+    # each rounded at both ends of a +-2^-19 bracket (_BRACKET_PTX); a block where any value's
+    # two ends round apart (a quotient near an E2M1 midpoint) takes the corrected divisions.
+    # Same bits either way (bitmodel.bracket_codes); needs fast_division; no effect on sm_100
+    bracketed_codes: bool = True
     # speed only (bit-identical outputs): consecutive 16-element blocks one thread quantizes
     # (1, 2, 4; must divide k/16) and threads per CTA
     blocks_per_thread: int = 1
@@ -101,6 +106,11 @@ class QuantConfig:
         if self.threads not in (64, 128, 256, 512):
             raise ValueError(
                 f"QuantConfig.threads must be 64, 128, 256 or 512, got {self.threads=}"
+            )
+        if self.bracketed_codes and not self.fast_division:
+            raise ValueError(
+                "QuantConfig.bracketed_codes falls back to the corrected divisions, so it needs "
+                f"fast_division=True, got {self.bracketed_codes=} {self.fast_division=}"
             )
         if self.swiglu_limit is not None and not self.swiglu_limit > 0:
             raise ValueError(
@@ -139,23 +149,40 @@ class QuantConfig:
 
 
 # The tuning the public functions use (speed only, never bits), by prologue: one table, easy to
-# flip after a `bench/quantize.py --variants` run. H200, 2026-12-03: quantize [8192, 7168] takes
-# 63.6 us at 4 blocks per thread vs 68.0 us at 1, but [128, 7168] (a decode step) 4.24 us vs
-# 3.15 us, so 1 stays the default (the decode step runs on every token); SwiGLU-requant is
-# fastest at 1. blocks_per_thread falls back to what k/16 and the outputs allow (tuned).
+# flip after a `bench/quantize.py --variants` run, and MANY_ROWS: what changes from
+# min_rows output rows per group on. H200, 2026-12-03, the bracket on (bit-exact either way):
+# quantize [8192, 7168] 55.0 us at 1 block per thread, 50.9 at 2, 59.5 at 4 (without the
+# bracket 60.1 / 57.0 / 59.3); [128, 7168] (a decode step) 6.3 / 6.8 / 8.3 in the same table,
+# so 1 below 4096 rows and 2 from there (the rows between 128 and 8192 were not measured);
+# SwiGLU-requant [8192, 2x3072] 47.4 at 1, 49.2 at 2 (51.6 / 52.3 without the bracket).
+# blocks_per_thread falls back to what k/16 and the outputs allow (tuned).
 DEFAULT_TUNING = {
-    Prologue.NONE: {"blocks_per_thread": 1, "threads": 128},
-    Prologue.SWIGLU: {"blocks_per_thread": 1, "threads": 128},
+    Prologue.NONE: {"blocks_per_thread": 1, "threads": 128, "bracketed_codes": True},
+    Prologue.SWIGLU: {"blocks_per_thread": 1, "threads": 128, "bracketed_codes": True},
 }
+MANY_ROWS = {Prologue.NONE: (4096, {"blocks_per_thread": 2})}
 
 
-def tuned(cfg: QuantConfig, tuning: dict | None = None, codes=None, scales=None) -> QuantConfig:
-    """cfg with the tuning fields of `tuning` (DEFAULT_TUNING[cfg.prologue] when None);
-    blocks_per_thread drops to the largest of 4, 2, 1 at most the asked one that divides k/16
-    and whose wide stores the given (caller-owned) codes / scales tensors are aligned for."""
+def tuned(
+    cfg: QuantConfig, tuning: dict | None = None, codes=None, scales=None, rows: int | None = None
+) -> QuantConfig:
+    """cfg with the tuning fields of `tuning` (when None: DEFAULT_TUNING[cfg.prologue], updated
+    by MANY_ROWS for `rows` output rows per group or more; rows default to the codes tensor's:
+    blocks_per_thread, threads, bracketed_codes; a field it lacks keeps cfg's, and the bracket
+    needs fast_division); blocks_per_thread drops to the largest of 4, 2, 1 at most the asked
+    one that divides k/16 and whose wide stores the given (caller-owned) codes / scales tensors
+    are aligned for."""
     import dataclasses
 
-    t = dict(DEFAULT_TUNING[cfg.prologue] if tuning is None else tuning)
+    if tuning is None:
+        t = dict(DEFAULT_TUNING[cfg.prologue])
+        if rows is None and codes is not None:
+            rows = codes.shape[0] // cfg.groups
+        many = MANY_ROWS.get(cfg.prologue)
+        if many is not None and rows is not None and rows >= many[0]:
+            t.update(many[1])
+    else:
+        t = dict(tuning)
     bpt = t.get("blocks_per_thread", 1)
 
     def fits(b: int) -> bool:
@@ -167,7 +194,12 @@ def tuned(cfg: QuantConfig, tuning: dict | None = None, codes=None, scales=None)
 
     while not fits(bpt):
         bpt //= 2
-    return dataclasses.replace(cfg, blocks_per_thread=bpt, threads=t.get("threads", cfg.threads))
+    return dataclasses.replace(
+        cfg,
+        blocks_per_thread=bpt,
+        threads=t.get("threads", cfg.threads),
+        bracketed_codes=t.get("bracketed_codes", cfg.bracketed_codes) and cfg.fast_division,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +231,26 @@ def _max_abs_nan(acc: Float32, v: Float32, *, loc=None, ip=None) -> Float32:
     """max(acc, |v|), NaN-propagating (a NaN block must give scale 0x7F)."""
     ptx = "{ .reg .f32 t; abs.f32 t, $2; max.NaN.f32 $0, $1, t; }"
     return _ptx(ptx, Float32, Float32(acc), Float32(v), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _amax_pairs(words, in_dtype: str, *, loc=None, ip=None) -> Float32:
+    """max |x| of 16 bf16 / fp16 values packed in 8 u32 as fp32, NaN-propagating: a tree of
+    max.NaN.xorsign.abs on pairs (the sign bit is junk, dropped at the end; the max of
+    representable values is exact)."""
+    ty = {"bfloat16": "bf16", "float16": "f16"}[in_dtype]
+    to_f32 = "shl.b32 $0, t, 16;" if ty == "bf16" else "cvt.f32.f16 $0, m;"
+    ptx = (
+        "{ .reg .b32 a, b, c, d, e, f, g, t; .reg .b16 lo, hi, m; "
+        f"max.NaN.xorsign.abs.{ty}x2 a, $1, $2; max.NaN.xorsign.abs.{ty}x2 b, $3, $4; "
+        f"max.NaN.xorsign.abs.{ty}x2 c, $5, $6; max.NaN.xorsign.abs.{ty}x2 d, $7, $8; "
+        f"max.NaN.xorsign.abs.{ty}x2 e, a, b; max.NaN.xorsign.abs.{ty}x2 f, c, d; "
+        f"max.NaN.xorsign.abs.{ty}x2 g, e, f; mov.b32 {{lo, hi}}, g; "
+        f"max.NaN.xorsign.abs.{ty} m, lo, hi; and.b16 m, m, 0x7FFF; cvt.u32.u16 t, m; "
+        f"{to_f32} }}"
+    )
+    args = [Uint32(w) for w in words]
+    return Float32(_asm(T.f32(), ptx, "=f," + ",".join("r" * 8), args, loc, ip))
 
 
 @dsl_user_op
@@ -348,6 +400,87 @@ def _e2m1x2_finite(
     return _ptx(ptx, Uint32, *args, loc=loc, ip=ip)
 
 
+# E2M1 codes of 8 in-range values v_j = $2..$9 (one code word, v_0 in the low nibble) from
+# q_j = v_j * R, R ~ 1 / (gs s), with the bracket's check ($10 = RN(R / 6));
+# bitmodel.bracket_codes models it step by step. Per value: a = 6 sat(|v_j| * $10) (that is
+# min(|q|, 6), on the FMA pipe: mul.sat clamps to [0, 1]); 2^e = the power of two of max(a, 1)
+# (e = 0, 1, 2: the E2M1 binade, quantum 2^(e-1)); k = bits(2^e) + 2e (exponent field by
+# mul.hi, then one mad); l/h = fma(a, 2^-22 (1 -+ 2^-19), k). k's ulp is 2^(e-23), so the fma
+# rounds a (1 -+ 2^-19) to the E2M1 grid exactly (ties to even) and adds N = a (1 -+ 2^-19) /
+# 2^(e-1), rounded, to k: the low byte of bits(l) is N + 2e, the code. Pairs: p = l_2i +
+# (l_2i+1 << 4) (low byte = the pair's codes); three prmts gather the 4 low bytes into the word
+# of the low ends, the same for the high ends; $1 = their difference: nibble j is 1 where value
+# j's two ends round apart (a quotient near a midpoint: the caller decides it by dividing), 0
+# elsewhere. The signs are the inputs' (prmt's sign-replicate mode turns bit 31 of v_j into a
+# 0x00 / 0xFF byte: even j into E, odd into O), merged into $0 by two lop3s (bit 3 of each
+# nibble).
+_BRACKET_LO, _BRACKET_HI = "0f347FFFE0", "0f34800010"  # 2^-22 (1 - 2^-19), 2^-22 (1 + 2^-19)
+
+
+def _bracket_ptx() -> str:
+    lines = [
+        "{ .reg .b32 q, a, m, k, t, u, w, x, e, o, g;",
+        ".reg .b32 l<8>, h<8>, p<4>;",
+    ]
+    for j in range(8):
+        lines.append(
+            f"abs.f32 q, ${2 + j}; mul.rn.sat.f32 q, q, $10; mul.rn.f32 a, q, 0f40C00000; "
+            f"max.f32 m, a, 0f3F800000; mul.hi.u32 k, m, 512; mad.lo.s32 k, k, 8388610, -254; "
+            f"fma.rn.f32 l{j}, a, {_BRACKET_LO}, k; fma.rn.f32 h{j}, a, {_BRACKET_HI}, k;"
+        )
+    for ends, word in (("l", "w"), ("h", "x")):
+        for i in range(4):
+            lines.append(f"shl.b32 t, {ends}{2 * i + 1}, 4; add.u32 p{i}, {ends}{2 * i}, t;")
+        lines.append(
+            f"prmt.b32 t, p0, p1, 0x0040; prmt.b32 u, p2, p3, 0x0040; "
+            f"prmt.b32 {word}, t, u, 0x5410;"
+        )
+    lines += [
+        "sub.u32 $1, x, w;",
+        "prmt.b32 t, $2, $4, 0x00FB; prmt.b32 u, $6, $8, 0xFB00; prmt.b32 e, t, u, 0x7610;",
+        "prmt.b32 t, $3, $5, 0x00FB; prmt.b32 u, $7, $9, 0xFB00; prmt.b32 o, t, u, 0x7610;",
+        "lop3.b32 g, e, o, 0x0F0F0F0F, 0xE4; lop3.b32 $0, w, g, 0x88888888, 0xF8; }",
+    ]
+    return " ".join(lines)
+
+
+_BRACKET_PTX = _bracket_ptx()
+
+
+@dsl_user_op
+def _bracket_word(vals, rcp: Float32, *, loc=None, ip=None):
+    """(code word of the low ends, difference word) of 8 in-range values: see _BRACKET_PTX."""
+    args = [Float32(v) for v in vals] + [Float32(rcp)]
+    res = _asm(
+        llvm.StructType.get_literal([T.i32(), T.i32()]),
+        _BRACKET_PTX,
+        "=r,=r," + ",".join("f" * 9),
+        args,
+        loc,
+        ip,
+    )
+    word = Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip))
+    return word, Uint32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip))
+
+
+# the E2M1 magnitude code (0..7) of a finite value in $1: _E2M1_FINITE_STEPS without the sign
+_E2M1_MAG_PTX = (
+    "{ .reg .b32 d, e, f, k; abs.f32 d, $1; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; "
+    "and.b32 k, e, 0x7F800000; add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; "
+    "sub.rn.f32 f, f, k; shr.u32 $0, f, 22; }"
+)
+
+
+@dsl_user_op
+def _e2m1_mag(q: Float32, *, loc=None, ip=None) -> Uint32:
+    return _ptx(_E2M1_MAG_PTX, Uint32, Float32(q), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def _mul(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
+    return _ptx("mul.rn.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
+
+
 @dsl_user_op
 def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> Uint32:
     """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32."""
@@ -466,7 +599,7 @@ class Nvfp4QuantKernel:
                 gsv = gs[g]
                 words = []
                 for b in cutlass.range_constexpr(bpt):
-                    byte, w0, w1 = self._block(vs[b], gsv)
+                    byte, w0, w1 = self._block(*vs[b], gsv)
                     word = word | (byte << (8 * b))
                     words += [w0, w1]
                 dst = cute.zipped_divide(codes[g, r, None], (2 * bpt,))[(None, ct)]
@@ -475,25 +608,76 @@ class Nvfp4QuantKernel:
             sf[sf_off // bpt] = {1: Uint8, 2: Uint16, 4: Uint32}[bpt](word)
 
     @cute.jit
-    def _block(self, v, gsv: Float32):
-        """(scale byte, code word 0, code word 1) of one block's 16 values."""
+    def _block(self, v, words, gsv: Float32):
+        """(scale byte, code word 0, code word 1) of one block's 16 values (`words`: their
+        8 raw 16-bit pairs, or None)."""
         cfg = self.cfg
         byte, w0, w1 = Uint32(0), Uint32(0), Uint32(0)
         if cutlass.const_expr(cfg.fast_division):
             amax_x = Float32(0.0)
-            for j in cutlass.range_constexpr(BLOCK):
-                amax_x = _max_abs_nan(amax_x, v[j])
+            if cutlass.const_expr(words is not None):  # max |x| of the 16-bit pairs (exact)
+                amax_x = _amax_pairs(words, cfg.in_dtype)
+            else:
+                for j in cutlass.range_constexpr(BLOCK):
+                    amax_x = _max_abs_nan(amax_x, v[j])
             if _fast_range(amax_x, gsv) != Uint32(0):
+                # in range: finite x_n, s normal or 0 (codes zeroed)
                 r_gs = _rcp_refined(gsv)
-                xn = [_div_corrected(v[j], r_gs, -gsv) for j in range(BLOCK)]
                 # max_j RN(|x_j| / gs) = RN(max_j |x_j| / gs): RN is monotone
                 amax_n = _div_corrected(amax_x, r_gs, -gsv)
-                byte, w0, w1 = self._finish(xn, amax_n, v)
+                byte = _e4m3_byte(_div_corrected(amax_n, Float32(_RCP_6), Float32(-6.0)))
+                s = _e4m3_value(byte)
+                if cutlass.const_expr(cfg.bracketed_codes and not self.hardware_e2m1):
+                    # s == 0: rcp NaN, every a 0 (sat flushes NaN); the codes are zeroed below
+                    rcp = _mul(_rcp_refined(_mul(gsv, s)), Float32(_RCP_6))  # 1 / (6 gs s)
+                    w0 = self._bracketed_word(v[0:8], gsv, r_gs, s, rcp)
+                    w1 = self._bracketed_word(v[8:16], gsv, r_gs, s, rcp)
+                else:
+                    r_s = _rcp_refined(s)
+                    w0 = self._word_divided(v[0:8], gsv, r_gs, s, r_s)
+                    w1 = self._word_divided(v[8:16], gsv, r_gs, s, r_s)
+                w0, w1 = _zero_if_zero(w0, s), _zero_if_zero(w1, s)
             else:
                 byte, w0, w1 = self._exact(v, gsv)
         else:
             byte, w0, w1 = self._exact(v, gsv)
         return byte, w0, w1
+
+    @cute.jit
+    def _bracketed_word(self, v, gsv: Float32, r_gs: Float32, s: Float32, rcp: Float32):
+        """The code word of 8 in-range values by the bracket; a value whose bracket ends
+        round apart gets its code from the corrected divisions (a warp-uniform branch per
+        value, taken where any lane needs it)."""
+        word, diff = _bracket_word(v, rcp)
+        if diff != Uint32(0):
+            r_s = _rcp_refined(s)
+            for j in cutlass.range_constexpr(8):
+                if (diff >> (4 * j)) & Uint32(1) != Uint32(0):
+                    q = _div_corrected(_div_corrected(v[j], r_gs, -gsv), r_s, -s)
+                    word = (word & Uint32(~(7 << (4 * j)) & 0xFFFFFFFF)) | (_e2m1_mag(q) << (4 * j))
+        return word
+
+    @cute.jit
+    def _word_divided(self, v, gsv: Float32, r_gs: Float32, s: Float32, r_s: Float32) -> Uint32:
+        """The code word of 8 in-range values by the corrected divisions (x / gs, then / s;
+        r_gs, r_s their refined reciprocals); code signs from the inputs (a -0 quotient keeps its
+        0x8)."""
+        q = [_div_corrected(_div_corrected(v[j], r_gs, -gsv), r_s, -s) for j in range(8)]
+        return self._word(q, v)
+
+    @cute.jit
+    def _word(self, q, signs) -> Uint32:
+        """8 quotients -> one code word (q[0] in the low nibble). signs=None: the div.rn path
+        (NaN possible); else the values are finite and signs[j] carries code j's sign."""
+        acc = Uint32(0)
+        for j in cutlass.range_constexpr(4):
+            e = 2 * j
+            if cutlass.const_expr(signs is None):
+                pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1)
+            else:
+                pair = _e2m1x2_finite(q[e], q[e + 1], signs[e], signs[e + 1], self.hardware_e2m1)
+            acc = acc | (pair << (8 * j))
+        return acc
 
     @cute.jit
     def _exact(self, v, gsv: Float32):
@@ -502,38 +686,15 @@ class Nvfp4QuantKernel:
         amax = Float32(0.0)
         for j in cutlass.range_constexpr(BLOCK):
             amax = _max_abs_nan(amax, xn[j])
-        return self._finish(xn, amax, None)
-
-    @cute.jit
-    def _finish(self, xn, amax: Float32, signs):
-        """Scale byte from the block amax and the two code words of xn / s.
-
-        signs=None: the div.rn path; else the block is on the fast path and signs[j] (the
-        input values) carry the code signs."""
-        fast = signs is not None
-        if cutlass.const_expr(fast):  # in range: finite xn, s normal or 0 (codes zeroed)
-            byte = _e4m3_byte(_div_corrected(amax, Float32(_RCP_6), Float32(-6.0)))
-            s = _e4m3_value(byte)
-            r_s = _rcp_refined(s)
-            q = [_div_corrected(xn[j], r_s, -s) for j in range(BLOCK)]
-        else:
-            byte = _e4m3_byte(amax / Float32(6.0))
-            s = _e4m3_value(byte)
-            q = [xn[j] / s for j in range(BLOCK)]
-        words = [Uint32(0), Uint32(0)]
-        for h in cutlass.range_constexpr(2):
-            acc = Uint32(0)
-            for j in cutlass.range_constexpr(4):
-                e = 8 * h + 2 * j
-                if cutlass.const_expr(fast):
-                    pair = _e2m1x2_finite(
-                        q[e], q[e + 1], signs[e], signs[e + 1], self.hardware_e2m1
-                    )
-                else:
-                    pair = _e2m1x2(q[e], q[e + 1], self.hardware_e2m1)
-                acc = acc | (pair << (8 * j))
-            words[h] = _zero_if_zero(acc, s)  # all-zero block: codes 0, not x / 0
-        return byte, words[0], words[1]
+        byte = _e4m3_byte(amax / Float32(6.0))
+        s = _e4m3_value(byte)
+        q = [xn[j] / s for j in range(BLOCK)]
+        # all-zero block: codes 0, not x / 0
+        return (
+            byte,
+            _zero_if_zero(self._word(q[0:8], None), s),
+            _zero_if_zero(self._word(q[8:16], None), s),
+        )
 
     @cute.jit
     def _scale_offset(self, row: Int32, c: Int32) -> Int32:
@@ -550,13 +711,19 @@ class Nvfp4QuantKernel:
     def _load_block(
         self, x: cute.Tensor, r: Int32, g: Int32, c: Int32, w: cute.Tensor, idx: cute.Tensor
     ):
-        """The 16 fp32 values the block quantizes (the input, or its SwiGLU)."""
+        """The 16 fp32 values the block quantizes (the input, or its SwiGLU), and the 8 raw
+        pairs they came from (16-bit inputs without a prologue; else None)."""
         cfg = self.cfg
         src = idx[r] if cfg.gather else r  # a Python bool: decided at trace time
         row = x[src, g, None]
         if cutlass.const_expr(cfg.prologue is Prologue.NONE):
-            v = cute.zipped_divide(row, (BLOCK,))[(None, c)].load().to(Float32)
-            return [v[j] for j in range(BLOCK)]
+            raw = cute.zipped_divide(row, (BLOCK,))[(None, c)].load()
+            v = raw.to(Float32)
+            words = None
+            if cutlass.const_expr(cfg.in_dtype != "float32"):
+                pairs = raw.bitcast(Uint32)
+                words = [pairs[j] for j in range(BLOCK // 2)]
+            return [v[j] for j in range(BLOCK)], words
         first = cute.zipped_divide(row, (BLOCK,))[(None, c)].load().to(Float32)
         second = cute.zipped_divide(row, (BLOCK,))[(None, c + cfg.cols)].load().to(Float32)
         gate, up = (first, second) if cfg.gate_first else (second, first)
@@ -572,7 +739,7 @@ class Nvfp4QuantKernel:
             if cutlass.const_expr(cfg.row_weight):
                 h = h * w[r]
             out.append(h)
-        return out
+        return out, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,6 +952,7 @@ def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, index=None
     int32 `index` [R] the output rows are x[index] (gathered, R rows)."""
     import torch
 
+    t = x.shape[0] if index is None else index.shape[0]
     cfg = tuned(
         QuantConfig(
             x.shape[-1],
@@ -792,9 +960,9 @@ def quantize(x, gs, scale_layout: ScaleLayout = ScaleLayout.SWIZZLED, index=None
             scale_layout,
             x.shape[1] if x.dim() == 3 else 1,
             gather=index is not None,
-        )
+        ),
+        rows=t,
     )
-    t = x.shape[0] if index is None else index.shape[0]
     return _alloc_and_run(cfg, x, gs.reshape(-1), t, torch, index=index)
 
 
