@@ -355,14 +355,15 @@ def _ref(x, gs):
     return codes, scales.view(torch.uint8)
 
 
-def _assert_linear_exact(cfg, x, gs):
-    """Run cfg (linear scales) on x [T, K] and compare codes and scale bytes with reference/."""
+def _assert_linear_exact(cfg, x, gs, quantized=None):
+    """Run cfg (linear scales) on x [T, K_in] and compare codes and scale bytes with reference/'s
+    quantize of `quantized` (x itself when None; the SwiGLU of x for a SWIGLU config)."""
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
     codes = torch.empty(x.shape[0], cfg.k // 2, dtype=torch.uint8, device=x.device)
     sf = torch.empty(x.shape[0], cfg.cols, dtype=torch.uint8, device=x.device)
     nq.run_quant(cfg, x, gs, codes, sf)
-    rc, rs = _ref(x, gs)
+    rc, rs = _ref(x if quantized is None else quantized, gs)
     assert torch.equal(sf, rs)
     assert torch.equal(codes, rc)
 
@@ -438,13 +439,7 @@ def test_gpu_calibrated_activations_bit_exact_with_and_without_the_bracket(brack
         bracketed_codes=bracket,
     )
     h = swiglu(x, 10.0)
-    gh = (h.abs().amax() / 2688).reshape(1)
-    codes = torch.empty(x.shape[0], sw.k // 2, dtype=torch.uint8, device=x.device)
-    sf = torch.empty(x.shape[0], sw.cols, dtype=torch.uint8, device=x.device)
-    nq.run_quant(sw, x, gh, codes, sf)
-    rc, rs = _ref(h, gh)
-    assert torch.equal(sf, rs)
-    assert torch.equal(codes, rc)
+    _assert_linear_exact(sw, x, (h.abs().amax() / 2688).reshape(1), quantized=h)
 
 
 @needs_gpu
