@@ -160,8 +160,9 @@ class RoutedMoERunner(c.Runner):
         self._slot_idx = zeros(t, torch.int64)
         self._slot_rows32 = zeros((t, h), torch.float32)
         self._out = zeros((t, h), torch.bfloat16)
-        self._onehot = zeros((rows, e + 1), torch.int64)  # routing: stable counting sort
-        self._onehot_b = zeros((rows, e + 1), torch.bool)
+        # routing's stable counting sort: one-hot [E + 1, rows] (flat: a contiguous view per call)
+        self._onehot = zeros((e + 1) * rows, torch.int64)
+        self._onehot_b = zeros((e + 1) * rows, torch.bool)
         self._pos = zeros(rows, torch.int64)
         self._bin_start = zeros(e + 1, torch.int64)
         self._pair = zeros((2, e + 1, 2), torch.int64)
@@ -297,12 +298,17 @@ class RoutedMoERunner(c.Runner):
         key.clamp_(-1, e).remainder_(self._n_keys)  # -1 (any id below the rank) and >= E -> E
         # stable sort of the keys 0..E by counting (no sort kernel, which allocates scratch):
         # staged position = rows with a smaller key + earlier rows with the same key
-        onehot, pos = self._onehot[:rows], self._pos[:rows]
-        torch.eq(key.unsqueeze(1), self._bins.unsqueeze(0), out=self._onehot_b[:rows])
-        onehot.copy_(self._onehot_b[:rows])
-        torch.cumsum(onehot, dim=0, out=onehot)
-        cumsum_small(onehot[-1], self._bin_start, self._pair).sub_(onehot[-1])
-        torch.gather(onehot, 1, key.unsqueeze(1), out=pos.unsqueeze(1))  # rank in bin, from 1
+        # (bins x rows, scanned along its contiguous dim: torch's outer-dim scan, one thread per
+        # column walking all rows, took 150 us of a 2.2 ms MoE at 128 tokens on an H200)
+        n = (e + 1) * rows
+        onehot, pos = self._onehot[:n].view(e + 1, rows), self._pos[:rows]
+        onehot_b = self._onehot_b[:n].view(e + 1, rows)
+        torch.eq(key.unsqueeze(0), self._bins.unsqueeze(1), out=onehot_b)
+        onehot.copy_(onehot_b)
+        torch.cumsum(onehot, dim=1, out=onehot)
+        total = onehot[:, -1]  # rows per bin
+        cumsum_small(total, self._bin_start, self._pair).sub_(total)
+        torch.gather(onehot, 0, key.unsqueeze(0), out=pos.unsqueeze(0))  # rank in bin, from 1
         torch.index_select(self._bin_start, 0, key, out=self._src_row[:rows])
         pos.add_(self._src_row[:rows]).sub_(self._one)
         perm.index_copy_(0, pos, self._row_ids[:rows])  # staged row -> flat slot
