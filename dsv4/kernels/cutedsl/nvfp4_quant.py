@@ -362,11 +362,13 @@ _E2M1_SW_STEPS = (
 # The same for a finite value in register c (no NaN, any magnitude): min(|c|, 6) saturates;
 # the sign comes from register x (the block's input value, whose sign q has even where q's
 # own sign was lost: -0 through the corrected divisions)
-_E2M1_FINITE_STEPS = (
+# (its magnitude part alone, c -> k, is _E2M1_MAG_PTX's body)
+_E2M1_FINITE_MAG = (
     "abs.f32 d, c; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; and.b32 k, e, 0x7F800000; "
     "add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; sub.rn.f32 f, f, k; "
-    "shr.u32 k, f, 22; shr.u32 s, x, 28; and.b32 s, s, 8; or.b32 k, k, s; "
+    "shr.u32 k, f, 22; "
 )
+_E2M1_FINITE_STEPS = _E2M1_FINITE_MAG + "shr.u32 s, x, 28; and.b32 s, s, 8; or.b32 k, k, s; "
 
 
 @dsl_user_op
@@ -464,11 +466,7 @@ def _bracket_word(vals, rcp: Float32, *, loc=None, ip=None):
 
 
 # the E2M1 magnitude code (0..7) of a finite value in $1: _E2M1_FINITE_STEPS without the sign
-_E2M1_MAG_PTX = (
-    "{ .reg .b32 d, e, f, k; abs.f32 d, $1; min.f32 d, d, 0f40C00000; max.f32 e, d, 0f3F800000; "
-    "and.b32 k, e, 0x7F800000; add.s32 k, k, -872415232; fma.rn.f32 f, d, 0f00800000, k; "
-    "sub.rn.f32 f, f, k; shr.u32 $0, f, 22; }"
-)
+_E2M1_MAG_PTX = "{ .reg .b32 c, d, e, f, k; mov.b32 c, $1; " + _E2M1_FINITE_MAG + "mov.b32 $0, k; }"
 
 
 @dsl_user_op
