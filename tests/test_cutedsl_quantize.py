@@ -121,7 +121,7 @@ def test_bracket_divides_the_quotients_near_a_midpoint():
     x = (words[None] * s[:, None, None]).reshape(len(s), 4, 16)  # per scale 4 blocks, gs = 1
     x[..., 15] = 6 * s[:, None]  # each block's amax: its scale byte is s again
     x = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) < 0.5, -x, x)
-    _, agree = bracket_codes(x, 1.0 / s[:, None, None])
+    _, agree = bracket_codes(x, 1.0 / (6 * s[:, None, None]))  # gs = 1: the kernel's R / 6
     near = agree.unflatten(-1, (-1, 8))[..., :5]  # each word: 5 quotients near a midpoint
     assert not near.all(-1).any()  # the bracket decides none of those words alone
     codes, scales, redone = quantize_model_bracketed(x, torch.tensor(1.0))

@@ -299,7 +299,8 @@ class RoutedMoERunner(c.Runner):
         # stable sort of the keys 0..E by counting (no sort kernel, which allocates scratch):
         # staged position = rows with a smaller key + earlier rows with the same key
         # (bins x rows, scanned along its contiguous dim: torch's outer-dim scan, one thread per
-        # column walking all rows, took 150 us of a 2.2 ms MoE at 128 tokens on an H200)
+        # column walking all rows, took 162 us of a 2.23 ms MoE at 128 tokens on an H200; this
+        # one 9 us)
         n = (e + 1) * rows
         onehot, pos = self._onehot[:n].view(e + 1, rows), self._pos[:rows]
         onehot_b = self._onehot_b[:n].view(e + 1, rows)

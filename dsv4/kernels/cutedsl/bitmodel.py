@@ -15,8 +15,9 @@ s' == 0. E2M1 of q, where the arch has no cvt...e2m1x2 (sm_90), by these exact s
 sm_100a uses cvt.rn.satfinite.e2m1x2.f32 on the same clamped c (so NaN -> +6 there too).
 
 The bracket (sm_90, in-range blocks, `bracket_codes`): the codes of q = RN(RN(x / gs) / s) come
-from q' = x * R, R ~ 1 / (gs * s) (rcp.approx and one Newton step of RN(gs * s)), with no
-division per element. |q' / q - 1| <= about 6 * 2^-24 (four roundings, the Newton step's ~1 ulp);
+from q' = 6 sat(|x| * R6), R6 ~ 1 / (6 gs s) (rcp.approx and one Newton step of RN(gs * s),
+times RN(1/6)), with no division per element. |q' / q - 1| <= about 8 * 2^-24 (six roundings,
+the Newton step's ~1 ulp);
 the code of min(|q|, 6) is monotone in |q|, so if a (1 - d) and a (1 + d) round to the same code
 (a = min(|q'|, 6), d = 2^-19 = 32 * 2^-24), |q|'s code is that one. A block where any value's two
 ends differ (a quotient within about 2^-19 of an E2M1 midpoint, exact ties included) is redone
@@ -94,13 +95,13 @@ def quantize_model(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, tor
     return packed, byte
 
 
-def bracket_codes(v: torch.Tensor, rcp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bracket_codes(v: torch.Tensor, rcp6: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The bracket's codes of in-range blocks v [..., 16] (the block's input values) with the
-    per-block reciprocal rcp [..., 1] (fp32, ~ 1 / (gs * s)): (codes uint8 [..., 16], agree bool
-    [..., 16]); where agree is False the kernel discards that value's code and divides (the
-    corrected divisions)."""
-    q = v.float() * rcp.float()  # mul.rn.f32
-    a = torch.nan_to_num(q.abs(), nan=E2M1_MAX).clamp(max=E2M1_MAX)  # min.f32(|q|, 6): NaN -> 6
+    per-block rcp6 [..., 1] (fp32, ~ 1 / (6 gs s), the kernel's $10): (codes uint8 [..., 16],
+    agree bool [..., 16]); where agree is False the kernel discards that value's code and divides
+    (the corrected divisions)."""
+    q6 = (v.float().abs() * rcp6.float()).nan_to_num(nan=0.0)  # mul.rn.sat: NaN -> 0
+    a = q6.clamp(max=1.0) * E2M1_MAX  # 6 sat(.): min(|q|, 6) up to two more roundings
     e = (a.clamp(min=1.0).view(torch.int32) >> 23) - 127  # 2^e: the binade of max(a, 1)
     # fma(a, 2^-22 (1 -+ d), k), k = bits(2^e) + 2e: k is on its ulp's grid (2^(e-23)) and the
     # sum stays in k's binade, so the result is k + N ulps with N = a (1 -+ d) / 2^(e-1) rounded
@@ -117,9 +118,10 @@ def bracket_codes(v: torch.Tensor, rcp: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def bracket_rcp(gs: torch.Tensor, s: torch.Tensor, ulps: int = 0) -> torch.Tensor:
-    """RN(1 / RN(gs * s)) in fp32, moved by `ulps` units in the last place (the kernel's
-    rcp.approx + Newton step is within about one ulp of it; tests move it further)."""
-    r = 1.0 / (gs.float() * s.float())
+    """RN(RN(1 / RN(gs * s)) * RN(1 / 6)) in fp32 (the kernel's $10), moved by `ulps` units in
+    the last place (the kernel's rcp.approx + Newton step is within about one ulp of the
+    reciprocal; tests move it further)."""
+    r = (1.0 / (gs.float() * s.float())) * torch.tensor(1 / 6, dtype=torch.float32)
     step = torch.full_like(r, float("inf") if ulps > 0 else 0.0)
     for _ in range(abs(ulps)):
         r = torch.nextafter(r, step)

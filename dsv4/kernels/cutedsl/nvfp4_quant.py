@@ -75,9 +75,10 @@ class QuantConfig:
     # div.rn there, see _div_corrected); div.rn for every other block and when False
     fast_division: bool = True
     # in-range blocks on an arch without the e2m1 cvt (sm_90): codes from x * R, R ~ 1/(gs*s),
-    # each rounded at both ends of a +-2^-19 bracket (_BRACKET_PTX); a block where any value's
-    # two ends round apart (a quotient near an E2M1 midpoint) takes the corrected divisions.
-    # Same bits either way (bitmodel.bracket_codes); needs fast_division; no effect on sm_100
+    # each rounded at both ends of a +-2^-19 bracket (_BRACKET_PTX); a value whose two ends
+    # round apart (a quotient near an E2M1 midpoint) gets its code from the corrected
+    # divisions. Same bits either way (bitmodel.bracket_codes); needs fast_division; no effect
+    # on sm_100. A tuning field (DEFAULT_TUNING): speed only
     bracketed_codes: bool = True
     # speed only (bit-identical outputs): consecutive 16-element blocks one thread quantizes
     # (1, 2, 4; must divide k/16) and threads per CTA
@@ -474,6 +475,11 @@ def _e2m1_mag(q: Float32, *, loc=None, ip=None) -> Uint32:
     return _ptx(_E2M1_MAG_PTX, Uint32, Float32(q), loc=loc, ip=ip)
 
 
+def _quotient(v: Float32, gsv: Float32, r_gs: Float32, s: Float32, r_s: Float32) -> Float32:
+    """q = RN(RN(v / gs) / s) by the corrected divisions (an in-range block's value)."""
+    return _div_corrected(_div_corrected(v, r_gs, -gsv), r_s, -s)
+
+
 @dsl_user_op
 def _mul(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
     return _ptx("mul.rn.f32 $0, $1, $2;", Float32, Float32(a), Float32(b), loc=loc, ip=ip)
@@ -651,7 +657,7 @@ class Nvfp4QuantKernel:
             r_s = _rcp_refined(s)
             for j in cutlass.range_constexpr(8):
                 if (diff >> (4 * j)) & Uint32(1) != Uint32(0):
-                    q = _div_corrected(_div_corrected(v[j], r_gs, -gsv), r_s, -s)
+                    q = _quotient(v[j], gsv, r_gs, s, r_s)
                     word = (word & Uint32(~(7 << (4 * j)) & 0xFFFFFFFF)) | (_e2m1_mag(q) << (4 * j))
         return word
 
@@ -660,8 +666,7 @@ class Nvfp4QuantKernel:
         """The code word of 8 in-range values by the corrected divisions (x / gs, then / s;
         r_gs, r_s their refined reciprocals); code signs from the inputs (a -0 quotient keeps its
         0x8)."""
-        q = [_div_corrected(_div_corrected(v[j], r_gs, -gsv), r_s, -s) for j in range(8)]
-        return self._word(q, v)
+        return self._word([_quotient(v[j], gsv, r_gs, s, r_s) for j in range(8)], v)
 
     @cute.jit
     def _word(self, q, signs) -> Uint32:
