@@ -150,6 +150,11 @@ def plan_label(p) -> str:
     """One sm90 plan as a table cell (and what --match selects on)."""
     if p.dense:
         return "dense: dequantize + cuBLAS fp32 out"
+    if p.stream:
+        return (
+            f"stream: {p.bn} weight rows x {p.bm} tokens, w{p.num_warps} st{p.num_stages} "
+            f"unroll{p.unroll}"
+        )
     return (
         f"bm{p.bm} bn{p.bn} bj{p.bj} split{p.split_k} w{p.num_warps} st{p.num_stages} "
         f"grid{p.programs}{' swap' if p.swap_ab else ''}{' half' if p.half_decode else ''}"

@@ -23,6 +23,9 @@ token's top-6 over 48 experts) replaces all three with ONE launch, `_hfma_kernel
 16-row MMA tile would compute 15 wasted rows), A's codes read and decoded in the kernel, the
 code products of each 16-element block summed exactly in fp16x2 FMAs on the CUDA cores, the
 block's two scales applied in fp32, whole-K tiles (no split-K, nothing to zero or finish).
+The stream path (`Plan.stream`: up to 16 rows per expert where nvidia-cutlass-dsl is importable)
+replaces all three with one CuTeDSL launch (dsv4/kernels/cutedsl/grouped_gemm_stream.py): the
+weight words loaded straight into swapped mma.sync registers, no shared-memory round trip.
 The dense plan (one expert, prefill rows) replaces step 2: the same dequantize kernel writes A
 [T, K] and the expert's B [N, K] in natural K order (exact fp16 values), cuBLAS computes the
 fp32 product (`torch.mm(..., out_dtype=torch.float32)`: exact products, fp32 sums, the bound's
@@ -569,6 +572,12 @@ class Plan:
     # the few-rows path (`_hfma_kernel`): fp16x2 FMAs of the codes on the CUDA cores, no MMA,
     # one launch; bm rows per tile, whole K per tile (split_k 1)
     hfma: bool = False
+    # the stream path (dsv4/kernels/cutedsl/grouped_gemm_stream.py, CuTeDSL): weights loaded
+    # straight into mma.sync registers; bm = 8 * token tiles per chunk, bn = 16 * weight-row
+    # tiles per CTA, num_warps splitting K, num_stages 2: the next K step's loads issued before
+    # this one's MMAs (1: at use), `unroll` of the K loop; one launch, no scratch
+    stream: bool = False
+    unroll: int = 1
 
 
 DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
@@ -629,7 +638,7 @@ def _hfma_plan(
     return Plan(bm, bn, bj, 1, warps, stages, programs, hfma=True)
 
 
-def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
+def plan(t: int, k: int, n: int, e: int, num_sms: int, stream: bool | None = None) -> Plan:
     """Tile shape by rows, the fastest passing plans of bench/gemm.py --plans on an H200
     (docs/backends.md). Decode (T <= SPLIT_K_MAX_ROWS, or many experts of <= 64 rows each, as
     the routed MoE's 128 tokens x top-6 over 48 experts; split-K only up to SPLIT_K_MAX_ROWS),
@@ -638,11 +647,36 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     the wgmma's register operand), BK 128, 4 programs per SM (M=64); split-K fills the programs.
     Prefill: BM 128, BN 256, BK 128, 8 warps (wgmma), one program per SM (its shared memory
     allows no second); one expert: DENSE. Every fused plan takes the half decode (faster at
-    every measured shape: M=1 32.3 vs 35.8 us, 8 experts x 1024 rows 2383 vs 2612 us)."""
+    every measured shape: M=1 32.3 vs 35.8 us, 8 experts x 1024 rows 2383 vs 2612 us).
+    Up to 16 rows per expert the stream path where it is installed and tiles the shape
+    (`_stream_default`), except the few-rows path's many experts of <= 2 rows. `stream`: whether
+    the stream path may be chosen (None: where nvidia-cutlass-dsl is importable; the launcher
+    passes False off CUDA, where only the Triton interpreter runs)."""
     rows = triton.cdiv(t, max(1, e))
+    streamed = _stream_default(t, k, n, e) if stream is not False else None
+    if streamed is not None:
+        return streamed
     if rows <= HFMA_MAX_ROWS:
         return _hfma_plan(t, n, e, num_sms)
     return _mma_plan(t, k, n, e, num_sms)
+
+
+def _stream_default(t: int, k: int, n: int, e: int) -> Plan | None:
+    """plan()'s stream tiles, from one H200 sweep of bench/gemm.py --plans (K 7168, N 6144, every
+    plan `pass`; loads at use, the K loop unrolled by 2): one expert of <= 8 rows 16 weight rows
+    x 8 tokens (M=1 13.97 us, the few-rows path 16.09); many experts of 3..8 rows 64 x 8 (48 x 4
+    rows 430.8 us, the MMA tiles 864.4); 9..16 rows 32 x 16 (M=16 18.41 us, MMA 35.17; 48 x 16
+    rows 606.5, MMA 896.5). Not taken: many experts of <= 2 rows (one token's top-6 over 48:
+    78.4 us, the few-rows path 68.4) and past 16 rows (M=64: 56.7 us, the swapped MMA 48.7)."""
+    rows = triton.cdiv(t, max(1, e))
+    if not stream_available() or k % 128 or rows > 16 or (e > 1 and rows <= HFMA_MAX_ROWS):
+        return None
+    nt = 1 if rows <= 8 else 2
+    prefer = 1 if e == 1 and nt == 1 else (4 if nt == 1 else 2)
+    for mt in (prefer, 2, 1):
+        if mt <= prefer and n % (16 * mt) == 0:
+            return _stream_plan(t, e, mt, nt, 8, 1, 2)
+    return None
 
 
 def _mma_plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
@@ -658,6 +692,36 @@ def _mma_plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
     return DENSE if _dense(t, e) else Plan(128, 256, 16, 1, 8, 3, num_sms, half_decode=True)
 
 
+# rows per expert up to which the stream path's plans are offered (and, where measured, chosen)
+STREAM_MAX_ROWS = 64
+# (16-row weight tiles, 8-token tiles per chunk, warps) the stream plans measure, each with and
+# without the one-step prefetch, the K loop unrolled by 1 and 2
+_STREAM_TILES = (
+    (1, 1, 8), (1, 1, 16), (2, 1, 8), (1, 2, 8), (2, 2, 8), (4, 2, 8), (2, 4, 8), (1, 4, 8),
+    (2, 2, 4), (4, 1, 8), (4, 4, 4), (1, 2, 16), (2, 1, 16),
+)  # fmt: skip
+# (tile, stages, unroll) that ptxas (CUDA 13) compiles with more than 16 bytes of spills: not
+# offered (tests/test_sm90_stream.py compiles every offered plan and checks)
+_STREAM_SPILLS = {((4, 2, 8), 1, 2), ((2, 4, 8), 1, 2), ((2, 1, 16), 1, 2)}
+
+
+@functools.cache
+def stream_available() -> bool:
+    """nvidia-cutlass-dsl importable (the stream path's CuTeDSL kernel)."""
+    import importlib.util
+
+    return importlib.util.find_spec("cutlass") is not None
+
+
+def _stream_plan(
+    t: int, e: int, mt: int, nt: int = 0, warps: int = 8, stages: int = 1, unroll: int = 2
+) -> Plan:
+    """A stream plan: mt 16-row weight tiles per CTA, nt 8-token tiles per chunk (0: enough
+    for the rows per expert, at most 4), `warps` splitting K, `stages` 2: one step prefetched."""
+    nt = nt or min(4, triton.cdiv(triton.cdiv(t, max(1, e)), 8))
+    return Plan(8 * nt, 16 * mt, 16, 1, warps, stages, 0, stream=True, unroll=unroll)
+
+
 def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
     """The tuning space bench/gemm.py --plans measures for one shape: plan() first, then tile,
     split-K, grid-size and pipeline variants that fit SMEM_LIMIT (split-K only where T allows),
@@ -671,6 +735,14 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             (4, 128, 2, 3, 16), (4, 128, 2, 2, 16),
         ):  # fmt: skip
             out.append(_hfma_plan(t, n, e, num_sms, 0, bn, bj, warps, stages, mult))
+    if stream_available() and k % 128 == 0 and triton.cdiv(t, max(1, e)) <= STREAM_MAX_ROWS:
+        for mt, nt, warps in _STREAM_TILES:
+            for stages, unroll in ((1, 2), (2, 1), (2, 2)):
+                if ((mt, nt, warps), stages, unroll) in _STREAM_SPILLS:
+                    continue
+                q = _stream_plan(t, e, mt, nt, warps, stages, unroll)
+                if n % q.bn == 0 and q not in out:
+                    out.append(q)
     mma = out[1]
     if t <= SPLIT_K_MAX_ROWS:
         bm = mma.bm
@@ -709,7 +781,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
     out += [
         dataclasses.replace(q, half_decode=not q.half_decode)
         for q in out
-        if not q.dense and not q.hfma
+        if not q.dense and not q.hfma and not q.stream
     ]
     seen, keep = set(), []
     for q in out:
@@ -798,10 +870,22 @@ def launch_grouped_gemm(
     if num_sms is None:
         dev = out.device
         num_sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-    p = the_plan or plan(t, k, n, e, num_sms)
+    p = the_plan or plan(t, k, n, e, num_sms, stream=None if out.is_cuda else False)
     cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1, k, n)
     scale_a8 = scale_a.view(torch.uint8)
     scale_b8 = scale_b.view(torch.uint8)
+    if p.stream:  # one launch, no scratch
+        from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+
+        scfg = gst.StreamConfig(
+            k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages > 1, p.unroll,
+            global_scale_a.numel() > 1, global_scale_b.numel() > 1,
+        )  # fmt: skip
+        gst.run_stream_gemm(
+            scfg, mat_a, mat_b, scale_a8, scale_b8, expert_offsets, global_scale_a,
+            global_scale_b, out,
+        )  # fmt: skip
+        return
     if p.hfma:  # one launch, no scratch
         consts, warps = cfg["hfma"]
         _hfma_kernel[(p.programs,)](
@@ -861,6 +945,8 @@ def _configs(
 ) -> dict[str, tuple[dict, int]]:
     """{kernel: (constexprs, num_warps)} of plan `p` at K, N: what the launcher passes and
     compile_for compiles (one place, so the compiled configuration is the launched one)."""
+    if p.stream:  # a CuTeDSL kernel, configured by the launcher
+        return {}
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
     gs = dict(GSA_PER_EXPERT=gsa_pe, GSB_PER_EXPERT=gsb_pe)
     if p.hfma:

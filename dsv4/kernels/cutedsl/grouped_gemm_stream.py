@@ -1,0 +1,536 @@
+"""NVFP4 grouped GEMM for few rows per expert in CuTeDSL: weights streamed into mma.sync registers.
+
+The decode shapes (one token to a few dozen rows per expert) are bound by the weight bytes. This
+kernel reads each weight word once, straight into the registers of the MMA that uses it: no
+shared-memory round trip, no dequantize launch, no split-K workspace. The MMA is the swapped
+`mma.sync.m16n8k16.row.col.f32.f16.f16.f32`: its 16 "rows" are 16 weight rows n, its 8
+"columns" 8 tokens, so a tile of 16 weight rows feeds 8 tokens per instruction.
+
+Operands are every backend's (docs/backends.md): A codes [T, K/2] (rows in expert order), the
+2-D-side swizzled scale_a (each expert's rows padded to 128), B K-major ([E, N, K/2] in memory),
+the 3-D-side swizzled scale_b, int32 END offsets [E], fp32 gsa / gsb ([E] or [1]).
+
+Fragments. Thread (g = lane / 4, t = lane % 4) of a warp holds, per 128-K step, the four int32
+words 4t..4t+3 of the step's 64 bytes of weight row g and of row g + 8 (two 16-byte loads), and
+the same words of token g (one 16-byte load per 8 tokens): K elements 32t..32t+31, the two
+16-element scale blocks 2t, 2t+1 (one 2-byte load of each row's swizzled scales). A word's
+elements (p, p+4), p = 0..3, become one fp16x2 register by the shift-and-mask decode of
+dsv4/kernels/triton/fp4_bits.py (value * 2^-14), multiplied in fp16 by the block's e4m3 scale
+(exact: a multiple of 2^-24 with <= 6 significant bits, below 1). Word j gives two MMAs: pairs
+0, 1 (then 2, 3) are the A fragment's column pairs 2t.. and 2t+8.. of rows g and g + 8, and the
+token's pairs of the same word are the B fragment's k pairs. The MMA's 16 logical k thus map to
+16 physical K elements the same way on both sides, which is all a dot product needs. Products
+are exact in fp32 (value * 2^-28); the fp32 sums are the bound's model; the sum times 2^28
+(exact) times alpha = gsa[e] * gsb[e] (reference.gemm's order), rounded to bf16 once.
+
+Work: CTA (n-tile of 16 * MT weight rows, expert e), WARPS warps splitting the K steps (warp w
+takes steps w, w + WARPS, ...), each warp MT row tiles x NT token tiles of accumulators; the
+warps' partial sums are added in shared memory in warp order (deterministic) and stored as bf16
+for the expert's rows only. An expert with more than 8 * NT rows is walked in chunks of 8 * NT
+tokens (the weights re-read per chunk: this kernel is for few rows); an empty expert's CTAs do
+nothing. Reads offsets on the device only: graph-capturable, no host sync, no allocation.
+Needs K % 128 == 0 and N % (16 * MT) == 0 (`StreamConfig.supports`).
+
+Status: compiled for sm_90a on CPU in CI (tests/test_sm90_stream.py checks the PTX: mma.sync,
+16-byte non-coherent loads, no local memory); numerics and speed are measured on the H200 only
+(docs/backends.md).
+Layers (STYLE.md rule 1): `StreamGemmKernel` (config, `@cute.jit` launch, `@cute.kernel` body),
+`compile_stream` (cached by config and arch), `run_stream_gemm` (validates, writes `out`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+from cutlass.memory import SmemAllocator
+
+ARCH = "sm_90a"
+K_STEP = 128  # K elements per step: 64 bytes of a row, 16 bytes a thread
+ATOM_ROWS = 128
+UNFOLD = 2.0**28  # the fp16 patterns' 2^-14 on both operands, undone on the fp32 sum
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One compiled kernel: the shape class and the tile (hashable, a compile key)."""
+
+    k: int
+    n: int
+    e: int
+    mt: int = 2  # 16-row weight tiles per warp (and per CTA)
+    nt: int = 2  # 8-token tiles per chunk
+    warps: int = 8  # warps per CTA, splitting K
+    prefetch: bool = False  # the next step's loads issued before this step's MMAs
+    unroll: int = 2  # of the K loop
+    gsa_per_expert: bool = True
+    gsb_per_expert: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mt not in (1, 2, 4) or self.nt not in (1, 2, 4) or self.warps not in (2, 4, 8, 16):
+            raise ValueError(f"mt, nt in (1, 2, 4) and warps in (2, 4, 8, 16), got {self}")
+        if self.unroll not in (1, 2, 4):
+            raise ValueError(f"unroll in (1, 2, 4), got {self}")
+        ok, why = self.supports(self.k, self.n)
+        if not ok:
+            raise ValueError(f"{why} ({self})")
+
+    def supports(self, k: int, n: int) -> tuple[bool, str]:
+        if k % K_STEP:
+            return False, f"the stream kernel needs K % {K_STEP} == 0, got K={k}"
+        if n % (16 * self.mt):
+            return False, f"the stream kernel needs N % {16 * self.mt} == 0, got N={n}"
+        return True, ""
+
+    @property
+    def rows(self) -> int:
+        """Tokens per chunk: an expert with more rows is walked in chunks of this many."""
+        return 8 * self.nt
+
+
+# --------------------------------------------------------------------------------------------
+# PTX helpers
+
+
+def _asm(res_type, ptx: str, constraints: str, args, side_effects: bool, loc, ip):
+    return llvm.inline_asm(
+        res_type,
+        [a.ir_value(loc=loc, ip=ip) for a in args],
+        ptx,
+        constraints,
+        has_side_effects=side_effects,
+        is_align_stack=False,
+    )
+
+
+def _struct(n: int, ty):
+    return llvm.StructType.get_literal([ty] * n)
+
+
+def _fields(res, n: int, ty, cls, loc, ip):
+    return [cls(llvm.extractvalue(ty, res, [i], loc=loc, ip=ip)) for i in range(n)]
+
+
+@dsl_user_op
+def _ld_v4(addr: Int64, pred: Uint32, *, loc=None, ip=None):
+    """Four u32 at a 16-byte aligned global address (non-coherent path, not kept in L1);
+    zeros where pred is 0 (rows past the expert's end)."""
+    ptx = (
+        "{ .reg .pred p; setp.ne.u32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
+        "mov.b32 $3, 0; @p ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4]; }"
+    )
+    res = _asm(_struct(4, T.i32()), ptx, "=r,=r,=r,=r,l,r", [addr, pred], False, loc, ip)
+    return _fields(res, 4, T.i32(), Uint32, loc, ip)
+
+
+@dsl_user_op
+def _ld_u16(addr: Int64, pred: Uint32, *, loc=None, ip=None) -> Uint32:
+    """The 2 bytes at addr (2-byte aligned) in the low half of a u32; 0 where pred is 0."""
+    ptx = (
+        "{ .reg .pred p; .reg .b16 h; setp.ne.u32 p, $2, 0; mov.b16 h, 0; "
+        "@p ld.global.nc.u16 h, [$1]; cvt.u32.u16 $0, h; }"
+    )
+    return Uint32(_asm(T.i32(), ptx, "=r,l,r", [addr, pred], False, loc, ip))
+
+
+@dsl_user_op
+def _scale_pair(addr: Int64, pred: Uint32, *, loc=None, ip=None):
+    """_ld_u16 and _scale_halves in one statement (so the compiler keeps the load at its use:
+    fewer registers live, measured faster at the default plans)."""
+    ptx = (
+        "{ .reg .pred p; .reg .b16 h; .reg .b32 t, u; setp.ne.u32 p, $3, 0; mov.b16 h, 0; "
+        "@p ld.global.nc.u16 h, [$2]; cvt.u32.u16 t, h; "
+        "prmt.b32 u, t, 0, 0x0000; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $0, h; "
+        "prmt.b32 u, t, 0, 0x1111; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $1, h; }"
+    )
+    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,l,r", [addr, pred], False, loc, ip)
+    return _fields(res, 2, T.i32(), Uint32, loc, ip)
+
+
+@dsl_user_op
+def _scale_halves(pair: Uint32, *, loc=None, ip=None):
+    """Two e4m3 scale bytes (the low half of a u32) as two fp16x2 words, each byte's value in
+    both halves (exact)."""
+    ptx = (
+        "{ .reg .b16 h; .reg .b32 u; "
+        "prmt.b32 u, $2, 0, 0x0000; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $0, h; "
+        "prmt.b32 u, $2, 0, 0x1111; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $1, h; }"
+    )
+    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,r", [pair], False, loc, ip)
+    return _fields(res, 2, T.i32(), Uint32, loc, ip)
+
+
+def _decode_ptx() -> str:
+    """$0..$3: fp16x2 of elements (p, p+4) of word $4, p = 0..3, each times the fp16x2 $5."""
+    lines = ["{ .reg .b32 m, s;"]
+    for p in range(4):
+        if p == 3:  # the sign bits are in place; the arithmetic shift's bits are masked off
+            lines.append("shr.u32 m, $4, 3; and.b32 s, $4, 0x80008000;")
+        else:
+            lines.append(f"shl.b32 m, $4, {9 - 4 * p}; shl.b32 s, $4, {12 - 4 * p}; ")
+            lines.append("and.b32 s, s, 0x80008000;")
+        lines.append(f"and.b32 m, m, 0x0E000E00; or.b32 m, m, s; mul.rn.f16x2 ${p}, m, $5;")
+    return " ".join(lines) + " }"
+
+
+_DECODE_PTX = _decode_ptx()
+
+
+@dsl_user_op
+def _decode(word: Uint32, scale: Uint32, *, loc=None, ip=None):
+    res = _asm(_struct(4, T.i32()), _DECODE_PTX, "=r,=r,=r,=r,r,r", [word, scale], False, loc, ip)
+    return _fields(res, 4, T.i32(), Uint32, loc, ip)
+
+
+_MMA_PTX = (
+    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+    "{$8, $9}, {$10, $11, $12, $13};"
+)
+
+
+@dsl_user_op
+def _mma(a, b, c, *, loc=None, ip=None):
+    """c + A (4 fp16x2: rows g / g+8 x k 2t.. / 2t+8..) x B (2 fp16x2: k 2t.., 2t+8.. of
+    column g): the four fp32 accumulators (rows g, g+8 x columns 2t, 2t+1)."""
+    args = [Uint32(x) for x in a] + [Uint32(x) for x in b] + [Float32(x) for x in c]
+    cons = "=f,=f,=f,=f," + ",".join("r" * 6) + ",0,1,2,3"
+    res = _asm(_struct(4, T.f32()), _MMA_PTX, cons, args, False, loc, ip)
+    return _fields(res, 4, T.f32(), Float32, loc, ip)
+
+
+@dsl_user_op
+def _st_bf16(addr: Int64, v: Float32, *, loc=None, ip=None) -> None:
+    """bf16(v), round to nearest even (NaN stays NaN), stored at addr."""
+    llvm.inline_asm(
+        None,
+        [addr.ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
+        "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; st.global.b16 [$0], h; }",
+        "l,f,~{memory}",
+        has_side_effects=True,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel
+
+
+class StreamGemmKernel:
+    def __init__(self, cfg: StreamConfig) -> None:
+        self.cfg = cfg
+
+    @cute.jit
+    def __call__(
+        self,
+        a_ptr: cute.Pointer,
+        sa_ptr: cute.Pointer,
+        b_ptr: cute.Pointer,
+        sb_ptr: cute.Pointer,
+        off_ptr: cute.Pointer,
+        gsa_ptr: cute.Pointer,
+        gsb_ptr: cute.Pointer,
+        out_ptr: cute.Pointer,
+        stride_a: Int32,  # bytes between A rows
+        stride_be: Int64,  # bytes between experts of B
+        stride_bn: Int32,  # bytes between rows n of B
+        stride_se: Int32,  # bytes between experts of scale_b
+        stream,
+    ):
+        cfg = self.cfg
+        off = cute.make_tensor(off_ptr, cute.make_layout(cfg.e))
+        gsa = cute.make_tensor(gsa_ptr, cute.make_layout(cfg.e if cfg.gsa_per_expert else 1))
+        gsb = cute.make_tensor(gsb_ptr, cute.make_layout(cfg.e if cfg.gsb_per_expert else 1))
+        self.kernel(
+            a_ptr,
+            sa_ptr,
+            b_ptr,
+            sb_ptr,
+            off,
+            gsa,
+            gsb,
+            out_ptr,
+            stride_a,
+            stride_be,
+            stride_bn,
+            stride_se,
+        ).launch(  # fmt: skip
+            grid=[cfg.n // (16 * cfg.mt), cfg.e, 1], block=[32 * cfg.warps, 1, 1], stream=stream
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        a_ptr: cute.Pointer,
+        sa_ptr: cute.Pointer,
+        b_ptr: cute.Pointer,
+        sb_ptr: cute.Pointer,
+        off: cute.Tensor,
+        gsa: cute.Tensor,
+        gsb: cute.Tensor,
+        out_ptr: cute.Pointer,
+        stride_a: Int32,
+        stride_be: Int64,
+        stride_bn: Int32,
+        stride_se: Int32,
+    ):
+        cfg = self.cfg
+        mt_n, nt_n, warps = cfg.mt, cfg.nt, cfg.warps
+        n_acc = mt_n * nt_n * 4  # accumulators per thread
+        tidx, _, _ = cute.arch.thread_idx()
+        nb, e, _ = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = tidx % 32
+        g = lane // 4
+        tg = lane % 4
+        smem = SmemAllocator()
+        red = smem.allocate_tensor(Float32, cute.make_layout(warps * n_acc * 32), 16)
+
+        # the expert's rows [start, end) and its first padded scale row
+        end = off[e]
+        start = Int32(0)
+        sstart = Int32(0)
+        prev = Int32(0)
+        for j in cutlass.range(e, unroll=8):  # loads of 8 offsets in flight together
+            cur = off[j]
+            sstart = sstart + (cur - prev + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
+            prev = cur
+        if e > 0:
+            start = off[e - 1]
+        ga = gsa[e] if cutlass.const_expr(cfg.gsa_per_expert) else gsa[0]
+        gb = gsb[e] if cutlass.const_expr(cfg.gsb_per_expert) else gsb[0]
+        alpha = ga * gb
+
+        n_cb = cfg.k // 64  # scale atoms per atom row (K / 16 blocks, 4 per atom)
+        steps = cfg.k // K_STEP
+        a_base = a_ptr.toint()
+        b_base = b_ptr.toint() + Int64(e) * stride_be
+        sa_base = sa_ptr.toint()
+        sb_base = sb_ptr.toint() + Int64(e) * Int64(stride_se)
+        n0 = nb * (16 * mt_n)
+        # per row tile and half (rows g, g + 8): the row's byte offset and its scale row offset
+        b_rows = []
+        sb_rows = []
+        for mt in cutlass.range_constexpr(mt_n):
+            for h in cutlass.range_constexpr(2):
+                n = n0 + 16 * mt + 8 * h + g
+                b_rows.append(b_base + Int64(n) * Int64(stride_bn) + Int64(tg * 16))
+                sb_rows.append(sb_base + Int64(self._swizzle_row(n, n_cb) + 2 * (tg % 2)))
+        col_step = Int64(512 * (tg // 2))  # the scale atom column of blocks 2t, 2t + 1
+
+        for c0 in cutlass.range(start, end, 8 * nt_n, unroll=1):
+            a_rows = []
+            sa_rows = []
+            valid = []
+            for nt in cutlass.range_constexpr(nt_n):
+                tok = c0 + 8 * nt + g
+                ok = tok < end
+                tokc = tok if ok else start  # a valid address either way
+                a_rows.append(a_base + Int64(tokc) * Int64(stride_a) + Int64(tg * 16))
+                srow = sstart + tokc - start
+                sa_rows.append(sa_base + Int64(self._swizzle_row(srow, n_cb) + 2 * (tg % 2)))
+                valid.append(Uint32(1) if ok else Uint32(0))
+            acc = cute.make_rmem_tensor(n_acc, Float32)
+            for i in cutlass.range_constexpr(n_acc):
+                acc[i] = Float32(0.0)
+            # one step's raw words and scale bytes in flight ahead of the one computed
+            rows = (a_rows, sa_rows, valid, b_rows, sb_rows, col_step)
+            n_raw = 5 * nt_n + 10 * mt_n
+            buf = cute.make_rmem_tensor(n_raw, Uint32)
+            if cutlass.const_expr(cfg.prefetch):
+                first = self._fetch(rows, warp, warp < steps)
+                for i in cutlass.range_constexpr(n_raw):
+                    buf[i] = first[i]
+            for s in cutlass.range(warp, steps, warps, unroll=cfg.unroll):
+                if cutlass.const_expr(cfg.prefetch):
+                    cur = [buf[i] for i in range(n_raw)]
+                    nxt = self._fetch(rows, s + warps, s + warps < steps)
+                    for i in cutlass.range_constexpr(n_raw):
+                        buf[i] = nxt[i]
+                    self._step(cur, acc)
+                else:
+                    self._step_loading(rows, s, acc)
+            # the warps' partial sums, added in warp order
+            for i in cutlass.range_constexpr(n_acc):
+                red[(warp * n_acc + i) * 32 + lane] = acc[i]
+            cute.arch.barrier()
+            total = n_acc * 32
+            for r in cutlass.range_constexpr((total + 32 * warps - 1) // (32 * warps)):
+                f = tidx + r * 32 * warps
+                if f < total:
+                    v = red[f]
+                    for w in cutlass.range_constexpr(1, warps):
+                        v = v + red[w * total + f]
+                    ln = f % 32
+                    i = (f // 32) % 4
+                    tile = f // 128
+                    n = n0 + 16 * (tile // nt_n) + ln // 4 + 8 * (i // 2)
+                    tok = c0 + 8 * (tile % nt_n) + 2 * (ln % 4) + i % 2
+                    if tok < end:
+                        addr = out_ptr.toint() + (Int64(tok) * cfg.n + Int64(n)) * 2
+                        _st_bf16(addr, v * Float32(UNFOLD) * alpha)
+            cute.arch.barrier()
+
+    @cute.jit
+    def _fetch(self, rows, s: Int32, live):
+        """Step s's raw operands (zeros where not `live`): per token tile its 4 words and its
+        2 scale bytes, then per weight tile rows g and g + 8's 4 words each and 2 scale bytes
+        each."""
+        a_rows, sa_rows, valid, b_rows, sb_rows, col_step = rows
+        on = Uint32(1) if live else Uint32(0)
+        kb = Int64(s) * 64
+        ks = Int64(s) * 1024 + col_step  # 2 atoms of scale columns per step
+        out = []
+        for nt in cutlass.range_constexpr(self.cfg.nt):
+            out += _ld_v4(a_rows[nt] + kb, valid[nt] & on)
+            out.append(_ld_u16(sa_rows[nt] + ks, valid[nt] & on))
+        for r in cutlass.range_constexpr(2 * self.cfg.mt):
+            out += _ld_v4(b_rows[r] + kb, on)
+        for r in cutlass.range_constexpr(2 * self.cfg.mt):
+            out.append(_ld_u16(sb_rows[r] + ks, on))
+        return out
+
+    @cute.jit
+    def _step(self, raw, acc: cute.Tensor):
+        """acc += one step's products (the raw operands of _fetch)."""
+        mt_n, nt_n = self.cfg.mt, self.cfg.nt
+        bfrag = []  # [nt][j] -> 4 fp16x2 of the token's word j (its scale: j // 2)
+        for nt in cutlass.range_constexpr(nt_n):
+            s0, s1 = _scale_halves(raw[5 * nt + 4])
+            bfrag.append([_decode(raw[5 * nt + j], s0 if j < 2 else s1) for j in range(4)])
+        wb = 5 * nt_n
+        sb = wb + 8 * mt_n
+        for mt in cutlass.range_constexpr(mt_n):
+            sg = _scale_halves(raw[sb + 2 * mt])
+            s8 = _scale_halves(raw[sb + 2 * mt + 1])
+            w = raw[wb + 8 * mt : wb + 8 * mt + 8]
+            self._tile_mmas(mt, w[:4], w[4:], sg, s8, bfrag, acc)
+
+    @cute.jit
+    def _step_loading(self, rows, s: Int32, acc: cute.Tensor):
+        """acc += step s's products, each weight tile's loads issued where it is used (fewer
+        registers live than _fetch + _step: more warps per SM, faster where measured)."""
+        a_rows, sa_rows, valid, b_rows, sb_rows, col_step = rows
+        mt_n, nt_n = self.cfg.mt, self.cfg.nt
+        kb = Int64(s * 64)
+        ks = Int64(s * 1024) + col_step
+        bfrag = []
+        for nt in cutlass.range_constexpr(nt_n):
+            words = _ld_v4(a_rows[nt] + kb, valid[nt])
+            s0, s1 = _scale_pair(sa_rows[nt] + ks, valid[nt])
+            bfrag.append([_decode(words[j], s0 if j < 2 else s1) for j in range(4)])
+        for mt in cutlass.range_constexpr(mt_n):
+            wg = _ld_v4(b_rows[2 * mt] + kb, Uint32(1))
+            w8 = _ld_v4(b_rows[2 * mt + 1] + kb, Uint32(1))
+            g0, g1 = _scale_pair(sb_rows[2 * mt] + ks, Uint32(1))
+            e0, e1 = _scale_pair(sb_rows[2 * mt + 1] + ks, Uint32(1))
+            self._tile_mmas(mt, wg, w8, (g0, g1), (e0, e1), bfrag, acc)
+
+    @cute.jit
+    def _tile_mmas(self, mt: int, wg, w8, sg, s8, bfrag, acc: cute.Tensor):
+        """Weight tile mt's 8 MMAs per token tile: rows g (words wg, scales sg) and g + 8."""
+        nt_n = self.cfg.nt
+        for j in cutlass.range_constexpr(4):
+            pa = _decode(wg[j], sg[j // 2])
+            pb = _decode(w8[j], s8[j // 2])
+            for nt in cutlass.range_constexpr(nt_n):
+                base = (mt * nt_n + nt) * 4
+                c = [acc[base + i] for i in range(4)]
+                bt = bfrag[nt][j]
+                c = _mma((pa[0], pb[0], pa[1], pb[1]), (bt[0], bt[1]), c)
+                c = _mma((pa[2], pb[2], pa[3], pb[3]), (bt[2], bt[3]), c)
+                for i in cutlass.range_constexpr(4):
+                    acc[base + i] = c[i]
+
+    @cute.jit
+    def _swizzle_row(self, r: Int32, n_cb: int) -> Int32:
+        """The row part of the 128x4 closed form (docs/design.md §3)."""
+        u = Uint32(r)
+        return Int32((u >> 7) * (n_cb * 512) + ((u & 31) << 4) + (((u >> 5) & 3) << 2))
+
+
+# --------------------------------------------------------------------------------------------
+# compile (cached) and the runner
+
+
+def _ptr_types():
+    from cutlass import BFloat16, Uint8
+
+    return (
+        (Uint8, 16),  # A codes
+        (Uint8, 2),  # scale_a
+        (Uint8, 16),  # B codes
+        (Uint8, 2),  # scale_b
+        (Int32, 4),  # offsets
+        (Float32, 4),  # gsa
+        (Float32, 4),  # gsb
+        (BFloat16, 2),  # out
+    )
+
+
+def _fake_args():
+    from cutlass.cute.runtime import make_ptr
+    from cutlass.runtime import make_fake_stream
+
+    ptrs = [make_ptr(t, 0, cute.AddressSpace.gmem, assumed_align=a) for t, a in _ptr_types()]
+    return (*ptrs, Int32(16), Int64(16), Int32(16), Int32(16), make_fake_stream())
+
+
+@functools.cache
+def compile_stream(cfg: StreamConfig, arch: str = ARCH, extra_options: str = ""):
+    """Compile for `arch` (no GPU needed); cached. A failure names the configuration."""
+    try:
+        return cute.compile(
+            StreamGemmKernel(cfg),
+            *_fake_args(),
+            options=f"--gpu-arch={arch} {extra_options}".strip(),
+        )
+    except Exception as err:  # re-raised with the configuration named, original chained
+        raise RuntimeError(
+            f"CuTeDSL stream GEMM failed to compile for {arch} with {cfg}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def run_stream_gemm(
+    cfg: StreamConfig, mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out
+) -> None:
+    """Launch on validated operands (dsv4.ops.gemm validates them; the sm90 launcher checks the
+    word layout) on the current stream; writes out's rows of every expert."""
+    import torch
+    from cuda.bindings import driver
+    from cutlass.cute.runtime import make_ptr
+
+    t, kh = mat_a.shape
+    e, _, n = mat_b.shape
+    if (2 * kh, n, e) != (cfg.k, cfg.n, cfg.e):
+        raise ValueError(f"{cfg} was given K={2 * kh} N={n} E={e}")
+    if mat_a.data_ptr() % 16 or mat_a.stride(0) % 16 or mat_b.data_ptr() % 16:
+        raise ValueError(
+            "the stream kernel loads 16 bytes at a time: A and B must start 16-byte aligned "
+            f"and A's rows be multiples of 16 bytes, got mat_a.stride()={mat_a.stride()}"
+        )
+    if mat_b.stride(2) % 16 or mat_b.stride(0) % 16:
+        raise ValueError(f"B's rows must be 16-byte multiples, got mat_b.stride()={mat_b.stride()}")
+    kernel = compile_stream(cfg)
+    tensors = (mat_a, scale_a, mat_b, scale_b, offsets, gsa, gsb, out)
+    ptrs = [
+        make_ptr(ty, v.data_ptr(), cute.AddressSpace.gmem, assumed_align=al)
+        for (ty, al), v in zip(_ptr_types(), tensors, strict=True)
+    ]
+    stream = driver.CUstream(torch.cuda.current_stream(out.device).cuda_stream)
+    kernel(
+        *ptrs,
+        Int32(mat_a.stride(0)),
+        Int64(mat_b.stride(0)),
+        Int32(mat_b.stride(2)),
+        Int32(scale_b.view(torch.uint8).stride(0) if scale_b.dim() > 1 else 0),
+        stream,
+    )

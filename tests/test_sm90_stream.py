@@ -1,0 +1,188 @@
+"""The sm90 backend's stream path (dsv4/kernels/cutedsl/grouped_gemm_stream.py): weights loaded
+straight into mma.sync registers, for few rows per expert.
+
+On CPU (CI): every tile configuration the plans offer compiles for sm_90a; the PTX has the
+swapped mma.sync, 16-byte non-coherent loads, no local memory and no spills; bad shapes and tiles
+are refused by name. On an sm_90 GPU (skipped elsewhere, with the reason): every E2M1 code times
+every finite scale byte bit for bit, ragged experts within the derived bound (rows past the
+routed ones untouched), and CUDA-graph capture with no allocation and no host sync.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.gemm_problems import (
+    check_graph_no_alloc_no_sync,
+    cuda_problem,
+    every_product_problem,
+    within_bound,
+)
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("cutlass") is None,
+    reason="needs nvidia-cutlass-dsl (pip install '.[cutedsl]')",
+)
+
+
+def _stream_plans():
+    """Every stream plan candidate_plans offers (for one expert of 16 rows, K 7168, N 6144)."""
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    if not g.stream_available():
+        return []
+    return [p for p in g.candidate_plans(16, 7168, 6144, 1, 132) if p.stream]
+
+
+@pytest.mark.parametrize(
+    "p", _stream_plans(), ids=lambda p: f"{p.bn}x{p.bm}-w{p.num_warps}-st{p.num_stages}-u{p.unroll}"
+)
+def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(p):
+    from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+    from dsv4.kernels.cutedsl.ptx_check import compile_report
+
+    mt, nt = p.bn // 16, p.bm // 8
+    cfg = gst.StreamConfig(7168, 6144, 48, mt, nt, p.num_warps, p.num_stages > 1, p.unroll)
+    rep = compile_report(lambda opts: gst.compile_stream(cfg, gst.ARCH, opts), gst.ARCH)
+    copies = p.unroll + (p.unroll > 1)  # of the K step: the unrolled loop and its remainder
+    mma = rep.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
+    assert mma == copies * 8 * mt * nt, f"{cfg}: {mma} mma.sync"
+    loads = rep.count("ld.global.nc.L1::no_allocate.v4.u32")
+    # one 16-byte load per weight row half and token tile a step, and the prefetch's first step
+    assert loads == (copies + cfg.prefetch) * (2 * mt + nt), f"{cfg}: {loads} 16-byte loads"
+    assert rep.count("mul.rn.f16x2") == copies * 16 * (2 * mt + nt)  # each pair times its scale
+    assert not rep.uses_local_memory, f"{cfg}: local memory in the PTX"
+    # a few bytes of spills are ptxas's choice at 128 registers; more mean the K loop's
+    # registers do not fit (such plans are not offered: _STREAM_SPILLS)
+    assert rep.spill_store_bytes <= 16 and rep.spill_load_bytes <= 16, f"{cfg}: spills"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=7168 + 64, n=6144, e=1), r"K % 128 == 0, got K=7232"),
+        (dict(k=7168, n=6144 + 16, e=1, mt=2), r"N % 32 == 0, got N=6160"),
+        (dict(k=7168, n=6144, e=1, nt=3), r"mt, nt in \(1, 2, 4\)"),
+    ],
+)
+def test_stream_config_refuses_shapes_it_cannot_tile(kwargs, match):
+    from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+
+    with pytest.raises(ValueError, match=match):
+        gst.StreamConfig(**kwargs)
+
+
+def test_candidate_plans_offer_stream_tiles_only_where_they_tile():
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    got = [p for p in g.candidate_plans(16, 7168, 6144, 1, 132) if p.stream]
+    assert {(p.bn // 16, p.bm // 8, p.num_warps) for p in got} == set(g._STREAM_TILES)
+    assert {(p.num_stages, p.unroll) for p in got} == {(1, 2), (2, 1), (2, 2)}
+    assert len(got) == 3 * len(g._STREAM_TILES) - len(g._STREAM_SPILLS)
+    assert not [p for p in g.candidate_plans(16, 7168 + 64, 6144, 1, 132) if p.stream]
+    assert not [p for p in g.candidate_plans(8192, 7168, 6144, 1, 132) if p.stream]
+
+
+@pytest.mark.parametrize(
+    "t,k,n,e,want",
+    [
+        (1, 7168, 6144, 1, (16, 8)),  # M=1: 16 weight rows x 8 tokens
+        (4, 7168, 6144, 1, (16, 8)),
+        (16, 7168, 6144, 1, (32, 16)),  # M=16
+        (192, 7168, 6144, 48, (64, 8)),  # 48 experts x 4 rows
+        (768, 3072, 7168, 48, (32, 16)),  # the routed MoE's L2 at 128 tokens
+        (16, 7168, 6160, 1, (16, 16)),  # N not a multiple of 32: the 16-row tile
+        (6, 7168, 6144, 48, None),  # one token's top-6: the few-rows path
+        (64, 7168, 6144, 1, None),  # past 16 rows: the MMA tiles
+        (16, 7168 + 64, 6144, 1, None),  # K % 128: the MMA tiles
+    ],
+)
+def test_plan_takes_the_measured_stream_tiles(t, k, n, e, want):
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    p = g.plan(t, k, n, e, 132)
+    assert (p.bn, p.bm) == want if want else not p.stream, p
+    assert not g.plan(t, k, n, e, 132, stream=False).stream  # off CUDA: the Triton plans
+
+
+# --------------------------------------------------------------------------------------------
+# on an sm_90 GPU
+
+
+def _on_sm90() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs an sm_90 CUDA GPU (CPU-only machine)"
+    from dsv4 import ops
+
+    return ops.sm90_supports(torch.device("cuda"))
+
+
+needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "needs sm_90")
+# (weight tiles, token tiles, warps, stages, unroll)
+GPU_TILES = [
+    (1, 1, 8, 1, 2), (2, 2, 8, 1, 2), (4, 2, 8, 2, 1), (2, 4, 8, 2, 2), (4, 4, 4, 1, 2),
+    (1, 1, 16, 2, 2), (1, 2, 8, 2, 1),
+]  # fmt: skip
+
+
+def _plan(mt: int, nt: int, warps: int, stages: int, unroll: int):
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    return g._stream_plan(1, 1, mt, nt, warps, stages, unroll)
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("tile", GPU_TILES)
+def test_stream_on_gpu_every_code_times_every_scale_is_exact(tile):
+    from dsv4 import ops
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+    from reference import gemm as rgemm
+
+    plain, gemm = every_product_problem()  # 256 one-hot rows: 8 * nt tokens a chunk
+    a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
+    want = rgemm.grouped_gemm_nvfp4(*plain, oracle=True).to(torch.bfloat16)
+    out = torch.full(want.shape, 7.0, dtype=torch.bfloat16, device="cuda")
+    g.launch_grouped_gemm(
+        a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile)
+    )
+    got = out.cpu()
+    bad = (got != want).nonzero()
+    assert not len(bad), (
+        f"{len(bad)} products differ, first at [t, n] = {bad[0].tolist()}: "
+        f"got {got[tuple(bad[0])].item()!r}, want {want[tuple(bad[0])].item()!r}"
+    )
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("tile", GPU_TILES)
+@pytest.mark.parametrize(
+    "counts,k,n", [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 70, 1, 0, 33], 1024, 384)]
+)
+def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    mt = tile[0]
+    if n % (16 * mt):
+        pytest.skip(f"N={n} is not a multiple of {16 * mt} (the plans do not offer it)")
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem(counts, k, n, seed=sum(counts) + mt)
+    out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
+    g.launch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile))
+    within_bound(plain, out.cpu(), sum(counts))
+    assert (out[sum(counts) :] == 7.0).all(), "rows past the routed ones written"
+
+
+@needs_sm90
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_stream_captures_in_a_graph_allocates_nothing_and_never_syncs(monkeypatch):
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+
+    monkeypatch.setattr(g, "plan", lambda *args: _plan(2, 2, 8, 2, 2))
+    check_graph_no_alloc_no_sync("sm90", [13, 0, 2], 512, 256, seed=3, same_bits=True)
