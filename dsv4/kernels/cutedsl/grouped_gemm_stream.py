@@ -50,6 +50,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 from cutlass.memory import SmemAllocator
 
+from dsv4.kernels.cutedsl.nvfp4_quant import _asm  # one pure inline-PTX statement
+
 ARCH = "sm_90a"
 K_STEP = 128  # K elements per step: 64 bytes of a row, 16 bytes a thread
 ATOM_ROWS = 128
@@ -97,17 +99,6 @@ class StreamConfig:
 # PTX helpers
 
 
-def _asm(res_type, ptx: str, constraints: str, args, side_effects: bool, loc, ip):
-    return llvm.inline_asm(
-        res_type,
-        [a.ir_value(loc=loc, ip=ip) for a in args],
-        ptx,
-        constraints,
-        has_side_effects=side_effects,
-        is_align_stack=False,
-    )
-
-
 def _struct(n: int, ty):
     return llvm.StructType.get_literal([ty] * n)
 
@@ -124,7 +115,7 @@ def _ld_v4(addr: Int64, pred: Uint32, *, loc=None, ip=None):
         "{ .reg .pred p; setp.ne.u32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
         "mov.b32 $3, 0; @p ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4]; }"
     )
-    res = _asm(_struct(4, T.i32()), ptx, "=r,=r,=r,=r,l,r", [addr, pred], False, loc, ip)
+    res = _asm(_struct(4, T.i32()), ptx, "=r,=r,=r,=r,l,r", [addr, pred], loc, ip)
     return _fields(res, 4, T.i32(), Uint32, loc, ip)
 
 
@@ -135,7 +126,7 @@ def _ld_u16(addr: Int64, pred: Uint32, *, loc=None, ip=None) -> Uint32:
         "{ .reg .pred p; .reg .b16 h; setp.ne.u32 p, $2, 0; mov.b16 h, 0; "
         "@p ld.global.nc.u16 h, [$1]; cvt.u32.u16 $0, h; }"
     )
-    return Uint32(_asm(T.i32(), ptx, "=r,l,r", [addr, pred], False, loc, ip))
+    return Uint32(_asm(T.i32(), ptx, "=r,l,r", [addr, pred], loc, ip))
 
 
 @dsl_user_op
@@ -148,7 +139,7 @@ def _scale_pair(addr: Int64, pred: Uint32, *, loc=None, ip=None):
         "prmt.b32 u, t, 0, 0x0000; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $0, h; "
         "prmt.b32 u, t, 0, 0x1111; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $1, h; }"
     )
-    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,l,r", [addr, pred], False, loc, ip)
+    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,l,r", [addr, pred], loc, ip)
     return _fields(res, 2, T.i32(), Uint32, loc, ip)
 
 
@@ -161,7 +152,7 @@ def _scale_halves(pair: Uint32, *, loc=None, ip=None):
         "prmt.b32 u, $2, 0, 0x0000; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $0, h; "
         "prmt.b32 u, $2, 0, 0x1111; cvt.u16.u32 h, u; cvt.rn.f16x2.e4m3x2 $1, h; }"
     )
-    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,r", [pair], False, loc, ip)
+    res = _asm(_struct(2, T.i32()), ptx, "=r,=r,r", [pair], loc, ip)
     return _fields(res, 2, T.i32(), Uint32, loc, ip)
 
 
@@ -183,7 +174,7 @@ _DECODE_PTX = _decode_ptx()
 
 @dsl_user_op
 def _decode(word: Uint32, scale: Uint32, *, loc=None, ip=None):
-    res = _asm(_struct(4, T.i32()), _DECODE_PTX, "=r,=r,=r,=r,r,r", [word, scale], False, loc, ip)
+    res = _asm(_struct(4, T.i32()), _DECODE_PTX, "=r,=r,=r,=r,r,r", [word, scale], loc, ip)
     return _fields(res, 4, T.i32(), Uint32, loc, ip)
 
 
@@ -199,7 +190,7 @@ def _mma(a, b, c, *, loc=None, ip=None):
     column g): the four fp32 accumulators (rows g, g+8 x columns 2t, 2t+1)."""
     args = [Uint32(x) for x in a] + [Uint32(x) for x in b] + [Float32(x) for x in c]
     cons = "=f,=f,=f,=f," + ",".join("r" * 6) + ",0,1,2,3"
-    res = _asm(_struct(4, T.f32()), _MMA_PTX, cons, args, False, loc, ip)
+    res = _asm(_struct(4, T.f32()), _MMA_PTX, cons, args, loc, ip)
     return _fields(res, 4, T.f32(), Float32, loc, ip)
 
 
