@@ -45,15 +45,25 @@ def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(
     from dsv4.kernels.cutedsl.ptx_check import compile_report
 
     mt, nt = p.bn // 16, p.bm // 8
-    cfg = gst.StreamConfig(7168, 6144, 48, mt, nt, p.num_warps, p.num_stages > 1, p.unroll)
+    ring = p.num_stages if p.num_stages > 2 else 0
+    cfg = gst.StreamConfig(7168, 6144, 48, mt, nt, p.num_warps, p.num_stages == 2, p.unroll, ring)
     rep = compile_report(lambda opts: gst.compile_stream(cfg, gst.ARCH, opts), gst.ARCH)
-    copies = p.unroll + (p.unroll > 1)  # of the K step: the unrolled loop and its remainder
+    # copies of the K step: the unrolled loop and its remainder (the ring's loop: one)
+    copies = 1 if ring else p.unroll + (p.unroll > 1)
+    chunks = 2 * mt + nt  # 16-byte loads a step: weight row halves and token tiles
     mma = rep.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
     assert mma == copies * 8 * mt * nt, f"{cfg}: {mma} mma.sync"
     loads = rep.count("ld.global.nc.L1::no_allocate.v4.u32")
-    # one 16-byte load per weight row half and token tile a step, and the prefetch's first step
-    assert loads == (copies + cfg.prefetch) * (2 * mt + nt), f"{cfg}: {loads} 16-byte loads"
-    assert rep.count("mul.rn.f16x2") == copies * 16 * (2 * mt + nt)  # each pair times its scale
+    copies16 = rep.count("cp.async.cg.shared.global")
+    if ring:  # ring - 1 steps issued ahead, one a step: through shared memory, not registers
+        assert (loads, copies16) == (0, ring * chunks), f"{cfg}: {loads} loads {copies16} copies"
+        assert rep.count("cp.async.ca.shared.global") == ring * chunks  # the scale words
+        assert rep.count("cp.async.wait_group") == 2  # the step's wait, the chunk's drain
+        assert rep.count("ld.shared.v4.u32") == chunks
+    else:  # the prefetch's first step, then each copy's
+        assert loads == (copies + cfg.prefetch) * chunks, f"{cfg}: {loads} 16-byte loads"
+        assert copies16 == 0
+    assert rep.count("mul.rn.f16x2") == copies * 16 * chunks  # each pair times its scale
     assert not rep.uses_local_memory, f"{cfg}: local memory in the PTX"
     # a few bytes of spills are ptxas's choice at 128 registers; more mean the K loop's
     # registers do not fit (such plans are not offered: _STREAM_SPILLS)
@@ -80,8 +90,12 @@ def test_candidate_plans_offer_stream_tiles_only_where_they_tile():
 
     got = [p for p in g.candidate_plans(16, 7168, 6144, 1, 132) if p.stream]
     assert {(p.bn // 16, p.bm // 8, p.num_warps) for p in got} == set(g._STREAM_TILES)
-    assert {(p.num_stages, p.unroll) for p in got} == {(1, 2), (2, 1), (2, 2)}
-    assert len(got) == 3 * len(g._STREAM_TILES) - len(g._STREAM_SPILLS)
+    assert {(p.num_stages, p.unroll) for p in got} == {(1, 2), (2, 1), (2, 2), (3, 1), (4, 1)}
+    assert all(g.smem_bytes(p) <= g.SMEM_LIMIT for p in got)
+    # 64 weight rows x 16 tokens, 8 warps, a 4-step ring: 237,568 bytes (its launch failed on the
+    # H200): not offered
+    assert g._stream_plan(16, 1, 4, 2, 8, 4, 1) not in got
+    assert len(got) == 5 * len(g._STREAM_TILES) - len(g._STREAM_SPILLS) - 1
     assert not [p for p in g.candidate_plans(16, 7168 + 64, 6144, 1, 132) if p.stream]
     assert not [p for p in g.candidate_plans(8192, 7168, 6144, 1, 132) if p.stream]
 
@@ -124,7 +138,7 @@ needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "need
 # (weight tiles, token tiles, warps, stages, unroll)
 GPU_TILES = [
     (1, 1, 8, 1, 2), (2, 2, 8, 1, 2), (4, 2, 8, 2, 1), (2, 4, 8, 2, 2), (4, 4, 4, 1, 2),
-    (1, 1, 16, 2, 2), (1, 2, 8, 2, 1),
+    (1, 1, 16, 2, 2), (1, 2, 8, 2, 1), (1, 1, 8, 4, 1), (2, 2, 8, 3, 1), (2, 4, 8, 4, 1),
 ]  # fmt: skip
 
 
@@ -184,5 +198,5 @@ def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
 def test_stream_captures_in_a_graph_allocates_nothing_and_never_syncs(monkeypatch):
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
-    monkeypatch.setattr(g, "plan", lambda *args: _plan(2, 2, 8, 2, 2))
+    monkeypatch.setattr(g, "plan", lambda *args, **kwargs: _plan(2, 2, 8, 2, 2))
     check_graph_no_alloc_no_sync("sm90", [13, 0, 2], 512, 256, seed=3, same_bits=True)

@@ -69,15 +69,16 @@ class StreamConfig:
     nt: int = 2  # 8-token tiles per chunk
     warps: int = 8  # warps per CTA, splitting K
     prefetch: bool = False  # the next step's loads issued before this step's MMAs
-    unroll: int = 2  # of the K loop
+    unroll: int = 2  # of the K loop (not of the ring's)
+    ring: int = 0  # >= 2: the loads go through a cp.async ring of this many steps in shared memory
     gsa_per_expert: bool = True
     gsb_per_expert: bool = True
 
     def __post_init__(self) -> None:
         if self.mt not in (1, 2, 4) or self.nt not in (1, 2, 4) or self.warps not in (2, 4, 8, 16):
             raise ValueError(f"mt, nt in (1, 2, 4) and warps in (2, 4, 8, 16), got {self}")
-        if self.unroll not in (1, 2, 4):
-            raise ValueError(f"unroll in (1, 2, 4), got {self}")
+        if self.unroll not in (1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
+            raise ValueError(f"unroll in (1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")
         ok, why = self.supports(self.k, self.n)
         if not ok:
             raise ValueError(f"{why} ({self})")
@@ -176,6 +177,67 @@ _DECODE_PTX = _decode_ptx()
 def _decode(word: Uint32, scale: Uint32, *, loc=None, ip=None):
     res = _asm(_struct(4, T.i32()), _DECODE_PTX, "=r,=r,=r,=r,r,r", [word, scale], loc, ip)
     return _fields(res, 4, T.i32(), Uint32, loc, ip)
+
+
+def _side_effect(ptx: str, cons: str, args, loc, ip) -> None:
+    llvm.inline_asm(
+        None,
+        [a.ir_value(loc=loc, ip=ip) for a in args],
+        ptx,
+        cons,
+        has_side_effects=True,
+        is_align_stack=False,
+        asm_dialect=llvm.AsmDialect.AD_ATT,
+        loc=loc,
+        ip=ip,
+    )
+
+
+@dsl_user_op
+def _cp_async(dst: Int32, src: Int64, nbytes: int, live: Uint32, *, loc=None, ip=None) -> None:
+    """Copy nbytes (16 or 4) global -> shared asynchronously; zeros where live is 0."""
+    kind = "cg" if nbytes == 16 else "ca"
+    size = Uint32(live) * Uint32(nbytes)
+    ptx = f"cp.async.{kind}.shared.global [$0], [$1], {nbytes}, $2;"
+    _side_effect(ptx, "r,l,r,~{memory}", [Int32(dst), src, size], loc, ip)
+
+
+@dsl_user_op
+def _cp_commit(*, loc=None, ip=None) -> None:
+    _side_effect("cp.async.commit_group;", "~{memory}", [], loc, ip)
+
+
+@dsl_user_op
+def _cp_wait(pending: int, *, loc=None, ip=None) -> None:
+    """Wait until at most `pending` of this thread's copy groups are in flight."""
+    _side_effect(f"cp.async.wait_group {pending};", "~{memory}", [], loc, ip)
+
+
+@dsl_user_op
+def _lds_v4(addr: Int32, *, loc=None, ip=None):
+    """Four u32 at a 16-byte aligned shared address (after its copy's wait)."""
+    res = llvm.inline_asm(
+        _struct(4, T.i32()),
+        [Int32(addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.v4.u32 {$0, $1, $2, $3}, [$4];",
+        "=r,=r,=r,=r,r,~{memory}",
+        has_side_effects=True,
+        is_align_stack=False,
+    )
+    return _fields(res, 4, T.i32(), Uint32, loc, ip)
+
+
+@dsl_user_op
+def _lds_u32(addr: Int32, *, loc=None, ip=None) -> Uint32:
+    res = llvm.inline_asm(
+        T.i32(),
+        [Int32(addr).ir_value(loc=loc, ip=ip)],
+        "ld.shared.u32 $0, [$1];",
+        "=r,r,~{memory}",
+        has_side_effects=True,
+        is_align_stack=False,
+    )
+    return Uint32(res)
 
 
 _MMA_PTX = (
@@ -283,6 +345,10 @@ class StreamGemmKernel:
         tg = lane % 4
         smem = SmemAllocator()
         red = smem.allocate_tensor(Float32, cute.make_layout(warps * n_acc * 32), 16)
+        ring = None
+        if cutlass.const_expr(cfg.ring > 1):  # 16 + 4 bytes a load a step, per thread
+            ring_words = cfg.ring * (2 * mt_n + nt_n) * 32 * warps * 5
+            ring = smem.allocate_tensor(Uint32, cute.make_layout(ring_words), 16)
 
         # the expert's rows [start, end) and its first padded scale row
         end = off[e]
@@ -300,7 +366,6 @@ class StreamGemmKernel:
         alpha = ga * gb
 
         n_cb = cfg.k // 64  # scale atoms per atom row (K / 16 blocks, 4 per atom)
-        steps = cfg.k // K_STEP
         a_base = a_ptr.toint()
         b_base = b_ptr.toint() + Int64(e) * stride_be
         sa_base = sa_ptr.toint()
@@ -333,21 +398,10 @@ class StreamGemmKernel:
                 acc[i] = Float32(0.0)
             # one step's raw words and scale bytes in flight ahead of the one computed
             rows = (a_rows, sa_rows, valid, b_rows, sb_rows, col_step)
-            n_raw = 5 * nt_n + 10 * mt_n
-            buf = cute.make_rmem_tensor(n_raw, Uint32)
-            if cutlass.const_expr(cfg.prefetch):
-                first = self._fetch(rows, warp, warp < steps)
-                for i in cutlass.range_constexpr(n_raw):
-                    buf[i] = first[i]
-            for s in cutlass.range(warp, steps, warps, unroll=cfg.unroll):
-                if cutlass.const_expr(cfg.prefetch):
-                    cur = [buf[i] for i in range(n_raw)]
-                    nxt = self._fetch(rows, s + warps, s + warps < steps)
-                    for i in cutlass.range_constexpr(n_raw):
-                        buf[i] = nxt[i]
-                    self._step(cur, acc)
-                else:
-                    self._step_loading(rows, s, acc)
+            if cutlass.const_expr(cfg.ring > 1):
+                self._ring_loop(rows, ring.iterator.toint(), tidx, warp, acc)
+            else:
+                self._direct_loop(rows, warp, acc)
             # the warps' partial sums, added in warp order
             for i in cutlass.range_constexpr(n_acc):
                 red[(warp * n_acc + i) * 32 + lane] = acc[i]
@@ -403,6 +457,82 @@ class StreamGemmKernel:
             s8 = _scale_halves(raw[sb + 2 * mt + 1])
             w = raw[wb + 8 * mt : wb + 8 * mt + 8]
             self._tile_mmas(mt, w[:4], w[4:], sg, s8, bfrag, acc)
+
+    @cute.jit
+    def _direct_loop(self, rows, warp: Int32, acc: cute.Tensor):
+        """The K loop loading from global memory into registers: at each use, or (prefetch) one
+        step ahead."""
+        cfg = self.cfg
+        steps = cfg.k // K_STEP
+        n_raw = 5 * cfg.nt + 10 * cfg.mt
+        buf = cute.make_rmem_tensor(n_raw, Uint32)
+        if cutlass.const_expr(cfg.prefetch):
+            first = self._fetch(rows, warp, warp < steps)
+            for i in cutlass.range_constexpr(n_raw):
+                buf[i] = first[i]
+        for s in cutlass.range(warp, steps, cfg.warps, unroll=cfg.unroll):
+            if cutlass.const_expr(cfg.prefetch):
+                cur = [buf[i] for i in range(n_raw)]
+                nxt = self._fetch(rows, s + cfg.warps, s + cfg.warps < steps)
+                for i in cutlass.range_constexpr(n_raw):
+                    buf[i] = nxt[i]
+                self._step(cur, acc)
+            else:
+                self._step_loading(rows, s, acc)
+
+    @cute.jit
+    def _ring_loop(self, rows, ring: Int32, tidx: Int32, warp: Int32, acc: cute.Tensor):
+        """The K loop through a cp.async ring of cfg.ring stages in shared memory: each thread
+        copies its own operands and reads them back itself (its own wait_group, no barrier), so
+        cfg.ring - 1 steps of loads are in flight without holding registers."""
+        cfg = self.cfg
+        depth, nt_n, mt_n = cfg.ring, cfg.nt, cfg.mt
+        chunks = 2 * mt_n + nt_n
+        threads = 32 * cfg.warps
+        steps = cfg.k // K_STEP
+        n_mine = (steps - warp + cfg.warps - 1) // cfg.warps  # this warp's steps
+        for p in cutlass.range_constexpr(depth - 1):
+            self._ring_issue(rows, ring, tidx, p, warp + p * cfg.warps, p < n_mine)
+            _cp_commit()
+        for i in cutlass.range(n_mine, unroll=1):
+            _cp_wait(depth - 2)
+            slot = i % depth
+            raw = []
+            shift = Uint32(16 * (tidx % 4 % 2))  # the scale bytes' half of the 4-byte word
+            for c in cutlass.range_constexpr(chunks):
+                at = (slot * chunks + c) * threads + tidx
+                words = _lds_v4(ring + at * 16)
+                sc = _lds_u32(ring + threads * depth * chunks * 16 + at * 4) >> shift
+                if cutlass.const_expr(c < nt_n):  # a token tile: 4 words, its scale bytes
+                    raw += [*words, sc]
+                else:
+                    raw.append((words, sc))
+            weights = raw[5 * nt_n :]
+            raw = raw[: 5 * nt_n] + [w for ws, _ in weights for w in ws] + [x for _, x in weights]
+            j = i + depth - 1
+            self._ring_issue(rows, ring, tidx, j % depth, warp + j * cfg.warps, j < n_mine)
+            _cp_commit()
+            self._step(raw, acc)
+        _cp_wait(0)  # the ring is refilled by the next chunk
+
+    @cute.jit
+    def _ring_issue(self, rows, ring: Int32, tidx: Int32, slot: Int32, s: Int32, live):
+        """Copy step s's operands into ring slot `slot` (zeros where not live): the token tiles'
+        and then the weight row halves' 16 bytes and the 4-byte word holding their scale bytes."""
+        a_rows, sa_rows, valid, b_rows, sb_rows, col_step = rows
+        cfg = self.cfg
+        chunks = 2 * cfg.mt + cfg.nt
+        threads = 32 * cfg.warps
+        on = Uint32(1) if live else Uint32(0)
+        kb = Int64(s) * 64
+        ks = Int64(s) * 1024 + col_step - Int64(2 * (tidx % 4 % 2))  # the 4-byte word
+        srcs = [(a_rows[i], sa_rows[i], valid[i] & on) for i in range(cfg.nt)]
+        srcs += [(b_rows[r], sb_rows[r], on) for r in range(2 * cfg.mt)]
+        for c in cutlass.range_constexpr(chunks):
+            at = (slot * chunks + c) * threads + tidx
+            row, srow, ok = srcs[c]
+            _cp_async(ring + at * 16, row + kb, 16, ok)
+            _cp_async(ring + threads * cfg.ring * chunks * 16 + at * 4, srow + ks, 4, ok)
 
     @cute.jit
     def _step_loading(self, rows, s: Int32, acc: cute.Tensor):

@@ -574,8 +574,9 @@ class Plan:
     hfma: bool = False
     # the stream path (dsv4/kernels/cutedsl/grouped_gemm_stream.py, CuTeDSL): weights loaded
     # straight into mma.sync registers; bm = 8 * token tiles per chunk, bn = 16 * weight-row
-    # tiles per CTA, num_warps splitting K, num_stages 2: the next K step's loads issued before
-    # this one's MMAs (1: at use), `unroll` of the K loop; one launch, no scratch
+    # tiles per CTA, num_warps splitting K, num_stages 1: loads at use, 2: the next K step's loads
+    # issued before this one's MMAs, >= 3: a cp.async ring of that many steps in shared memory;
+    # `unroll` of the K loop; one launch, no scratch
     stream: bool = False
     unroll: int = 1
 
@@ -593,6 +594,10 @@ def smem_bytes(p: Plan) -> int:
     B's words and their scale bytes, one per block."""
     if p.hfma:
         return p.num_stages * (9 * p.bj * (p.bm + p.bn)) // 2
+    if p.stream:  # the warps' partial sums, and the cp.async ring (16 + 4 bytes a load a step)
+        mt, nt, threads = p.bn // 16, p.bm // 8, 32 * p.num_warps
+        ring = p.num_stages if p.num_stages > 2 else 0
+        return threads * 16 * mt * nt + ring * (2 * mt + nt) * threads * 20
     return p.num_stages * (16 * p.bm * p.bj + 5 * p.bj * p.bn)
 
 
@@ -694,15 +699,17 @@ def _mma_plan(t: int, k: int, n: int, e: int, num_sms: int) -> Plan:
 
 # rows per expert up to which the stream path's plans are offered (and, where measured, chosen)
 STREAM_MAX_ROWS = 64
-# (16-row weight tiles, 8-token tiles per chunk, warps) the stream plans measure, each with and
-# without the one-step prefetch, the K loop unrolled by 1 and 2
+# (16-row weight tiles, 8-token tiles per chunk, warps) the stream plans measure, each with its
+# loads at use, one step prefetched (unrolled by 1 and 2) and through a 3- and 4-step ring
 _STREAM_TILES = (
     (1, 1, 8), (1, 1, 16), (2, 1, 8), (1, 2, 8), (2, 2, 8), (4, 2, 8), (2, 4, 8), (1, 4, 8),
     (2, 2, 4), (4, 1, 8), (4, 4, 4), (1, 2, 16), (2, 1, 16),
 )  # fmt: skip
 # (tile, stages, unroll) that ptxas (CUDA 13) compiles with more than 16 bytes of spills: not
 # offered (tests/test_sm90_stream.py compiles every offered plan and checks)
-_STREAM_SPILLS = {((4, 2, 8), 1, 2), ((2, 4, 8), 1, 2), ((2, 1, 16), 1, 2)}
+_STREAM_SPILLS = {
+    ((4, 2, 8), 1, 2), ((2, 4, 8), 1, 2), ((2, 1, 16), 1, 2), ((4, 4, 4), 3, 1), ((4, 4, 4), 4, 1),
+}  # fmt: skip
 
 
 @functools.cache
@@ -737,7 +744,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             out.append(_hfma_plan(t, n, e, num_sms, 0, bn, bj, warps, stages, mult))
     if stream_available() and k % 128 == 0 and triton.cdiv(t, max(1, e)) <= STREAM_MAX_ROWS:
         for mt, nt, warps in _STREAM_TILES:
-            for stages, unroll in ((1, 2), (2, 1), (2, 2)):
+            for stages, unroll in ((1, 2), (2, 1), (2, 2), (3, 1), (4, 1)):
                 if ((mt, nt, warps), stages, unroll) in _STREAM_SPILLS:
                     continue
                 q = _stream_plan(t, e, mt, nt, warps, stages, unroll)
@@ -878,7 +885,8 @@ def launch_grouped_gemm(
         from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
 
         scfg = gst.StreamConfig(
-            k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages > 1, p.unroll,
+            k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages == 2, p.unroll,
+            p.num_stages if p.num_stages > 2 else 0,
             global_scale_a.numel() > 1, global_scale_b.numel() > 1,
         )  # fmt: skip
         gst.run_stream_gemm(
