@@ -180,17 +180,7 @@ def _decode(word: Uint32, scale: Uint32, *, loc=None, ip=None):
 
 
 def _side_effect(ptx: str, cons: str, args, loc, ip) -> None:
-    llvm.inline_asm(
-        None,
-        [a.ir_value(loc=loc, ip=ip) for a in args],
-        ptx,
-        cons,
-        has_side_effects=True,
-        is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT,
-        loc=loc,
-        ip=ip,
-    )
+    _asm(None, ptx, cons, args, loc, ip, side_effects=True)
 
 
 @dsl_user_op
@@ -216,28 +206,15 @@ def _cp_wait(pending: int, *, loc=None, ip=None) -> None:
 @dsl_user_op
 def _lds_v4(addr: Int32, *, loc=None, ip=None):
     """Four u32 at a 16-byte aligned shared address (after its copy's wait)."""
-    res = llvm.inline_asm(
-        _struct(4, T.i32()),
-        [Int32(addr).ir_value(loc=loc, ip=ip)],
-        "ld.shared.v4.u32 {$0, $1, $2, $3}, [$4];",
-        "=r,=r,=r,=r,r,~{memory}",
-        has_side_effects=True,
-        is_align_stack=False,
-    )
+    ptx = "ld.shared.v4.u32 {$0, $1, $2, $3}, [$4];"
+    res = _asm(_struct(4, T.i32()), ptx, "=r,=r,=r,=r,r,~{memory}", [Int32(addr)], loc, ip, True)
     return _fields(res, 4, T.i32(), Uint32, loc, ip)
 
 
 @dsl_user_op
 def _lds_u32(addr: Int32, *, loc=None, ip=None) -> Uint32:
-    res = llvm.inline_asm(
-        T.i32(),
-        [Int32(addr).ir_value(loc=loc, ip=ip)],
-        "ld.shared.u32 $0, [$1];",
-        "=r,r,~{memory}",
-        has_side_effects=True,
-        is_align_stack=False,
-    )
-    return Uint32(res)
+    ptx = "ld.shared.u32 $0, [$1];"
+    return Uint32(_asm(T.i32(), ptx, "=r,r,~{memory}", [Int32(addr)], loc, ip, True))
 
 
 _MMA_PTX = (
@@ -259,17 +236,8 @@ def _mma(a, b, c, *, loc=None, ip=None):
 @dsl_user_op
 def _st_bf16(addr: Int64, v: Float32, *, loc=None, ip=None) -> None:
     """bf16(v), round to nearest even (NaN stays NaN), stored at addr."""
-    llvm.inline_asm(
-        None,
-        [addr.ir_value(loc=loc, ip=ip), Float32(v).ir_value(loc=loc, ip=ip)],
-        "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; st.global.b16 [$0], h; }",
-        "l,f,~{memory}",
-        has_side_effects=True,
-        is_align_stack=False,
-        asm_dialect=llvm.AsmDialect.AD_ATT,
-        loc=loc,
-        ip=ip,
-    )
+    ptx = "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; st.global.b16 [$0], h; }"
+    _side_effect(ptx, "l,f,~{memory}", [addr, Float32(v)], loc, ip)
 
 
 # --------------------------------------------------------------------------------------------

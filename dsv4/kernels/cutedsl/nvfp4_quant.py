@@ -207,13 +207,14 @@ def tuned(
 # PTX helpers (pure value computations: has_side_effects=False lets LLVM schedule them)
 
 
-def _asm(res_type, ptx: str, constraints: str, args, loc=None, ip=None):
+def _asm(res_type, ptx: str, constraints: str, args, loc=None, ip=None, side_effects=False):
+    """One inline-PTX statement; `side_effects` (memory, ordering) keeps it where it stands."""
     return llvm.inline_asm(
         res_type,
         [a.ir_value(loc=loc, ip=ip) for a in args],
         ptx,
         constraints,
-        has_side_effects=False,
+        has_side_effects=side_effects,
         is_align_stack=False,
     )
 
