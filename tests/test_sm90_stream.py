@@ -43,10 +43,10 @@ def _stream_plans():
 def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(p):
     from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
     from dsv4.kernels.cutedsl.ptx_check import compile_report
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
-    mt, nt = p.bn // 16, p.bm // 8
-    ring = p.num_stages if p.num_stages > 2 else 0
-    cfg = gst.StreamConfig(7168, 6144, 48, mt, nt, p.num_warps, p.num_stages == 2, p.unroll, ring)
+    cfg = g.stream_config(p, 7168, 6144, 48)
+    mt, nt, ring = cfg.mt, cfg.nt, cfg.ring
     rep = compile_report(lambda opts: gst.compile_stream(cfg, gst.ARCH, opts), gst.ARCH)
     # copies of the K step: the unrolled loop and its remainder (the ring's loop: one)
     copies = 1 if ring else p.unroll + (p.unroll > 1)

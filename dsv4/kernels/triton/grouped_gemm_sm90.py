@@ -678,7 +678,7 @@ def _stream_default(t: int, k: int, n: int, e: int) -> Plan | None:
         return None
     nt = 1 if rows <= 8 else 2
     prefer = 1 if e == 1 and nt == 1 else (4 if nt == 1 else 2)
-    for mt in (prefer, 2, 1):
+    for mt in (4, 2, 1):  # the preferred weight tile, else the largest smaller one N allows
         if mt <= prefer and n % (16 * mt) == 0:
             return _stream_plan(t, e, mt, nt, 8, 1, 2)
     return None
@@ -712,12 +712,22 @@ _STREAM_SPILLS = {
 }  # fmt: skip
 
 
-@functools.cache
 def stream_available() -> bool:
-    """nvidia-cutlass-dsl importable (the stream path's CuTeDSL kernel)."""
-    import importlib.util
+    """nvidia-cutlass-dsl importable (the stream path's CuTeDSL kernel; cached there)."""
+    from dsv4.kernels.cutedsl import available
 
-    return importlib.util.find_spec("cutlass") is not None
+    return available()[0]
+
+
+def stream_config(p: Plan, k: int, n: int, e: int, gsa_pe: bool = True, gsb_pe: bool = True):
+    """The CuTeDSL kernel configuration of stream plan `p` (imports cutlass)."""
+    from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+
+    ring = p.num_stages if p.num_stages > 2 else 0
+    return gst.StreamConfig(
+        k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages == 2, p.unroll, ring,
+        gsa_pe, gsb_pe,
+    )  # fmt: skip
 
 
 def _stream_plan(
@@ -884,11 +894,7 @@ def launch_grouped_gemm(
     if p.stream:  # one launch, no scratch
         from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
 
-        scfg = gst.StreamConfig(
-            k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages == 2, p.unroll,
-            p.num_stages if p.num_stages > 2 else 0,
-            global_scale_a.numel() > 1, global_scale_b.numel() > 1,
-        )  # fmt: skip
+        scfg = stream_config(p, k, n, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
         gst.run_stream_gemm(
             scfg, mat_a, mat_b, scale_a8, scale_b8, expert_offsets, global_scale_a,
             global_scale_b, out,
