@@ -3,7 +3,8 @@
     python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR] [--plans [--match S]]
 
 For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024
-rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE) each dsv4 backend and the
+rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE; 48 x 16 rows, its L1 at 128
+tokens, and the L2 of the same step at K=3072 N=7168) each dsv4 backend and the
 baselines on the same (dequantized) weights are timed by `harness.timing.measure` (CUDA-graph
 replays, input sets rotated so a pass reads > 2x L2, median with p10..p90, every sample kept in
 DIR/gemm.json). Baselines: `bf16-mm` (one torch.mm per expert's rows; at E=1 the BF16 cuBLAS
@@ -60,6 +61,7 @@ SHAPES = [
     Shape("e48_m1x6", (1,) * 6 + (0,) * 42),  # one token's top-6 (a batch-1 decode step)
     Shape("e48_m4", (4,) * 48),
     Shape("e48_m16", (16,) * 48),  # the routed MoE's L1 at 128 tokens x top-6 (V4-Pro)
+    Shape("e48_m16_l2", (16,) * 48, k=3072, n=7168),  # and its L2
 ]
 
 
@@ -150,6 +152,11 @@ def plan_label(p) -> str:
     """One sm90 plan as a table cell (and what --match selects on)."""
     if p.dense:
         return "dense: dequantize + cuBLAS fp32 out"
+    if p.stream and p.split_n:
+        return (
+            f"stream split N: {p.bn * p.num_warps} weight rows ({p.bn} a warp) x {p.bm} tokens, "
+            f"w{p.num_warps} stage{p.stage}"
+        )
     if p.stream:
         return (
             f"stream: {p.bn} weight rows x {p.bm} tokens, w{p.num_warps} st{p.num_stages} "

@@ -37,9 +37,12 @@ def _stream_plans():
     return [p for p in g.candidate_plans(16, 7168, 6144, 1, 132) if p.stream]
 
 
-@pytest.mark.parametrize(
-    "p", _stream_plans(), ids=lambda p: f"{p.bn}x{p.bm}-w{p.num_warps}-st{p.num_stages}-u{p.unroll}"
-)
+def _plan_id(p) -> str:
+    split = f"-splitn{p.stage}" if p.split_n else ""
+    return f"{p.bn}x{p.bm}-w{p.num_warps}-st{p.num_stages}-u{p.unroll}{split}"
+
+
+@pytest.mark.parametrize("p", _stream_plans(), ids=_plan_id)
 def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(p):
     from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
     from dsv4.kernels.cutedsl.ptx_check import compile_report
@@ -48,6 +51,22 @@ def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(
     cfg = g.stream_config(p, 7168, 6144, 48)
     mt, nt, ring = cfg.mt, cfg.nt, cfg.ring
     rep = compile_report(lambda opts: gst.compile_stream(cfg, gst.ARCH, opts), gst.ARCH)
+    assert not rep.uses_local_memory, f"{cfg}: local memory in the PTX"
+    # a few bytes of spills are ptxas's choice at 128 registers; more mean the K loop's
+    # registers do not fit (such plans are not offered: _STREAM_SPILLS, _SPLIT_N_TILES)
+    assert rep.spill_store_bytes <= 16 and rep.spill_load_bytes <= 16, f"{cfg}: spills"
+    if cfg.split_n:  # one copy of a stage's steps; the token fragments decoded at two sites
+        # (the first stage's, the next stage's in the loop) and read back from shared memory
+        st = cfg.stage_steps
+        mma = rep.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
+        assert mma == st * 8 * mt * nt, f"{cfg}: {mma} mma.sync"
+        loads = rep.count("ld.global.nc.L1::no_allocate.v4.u32")
+        assert loads == st * 2 * mt + 2 * st * nt, f"{cfg}: {loads} 16-byte loads"
+        assert rep.count("st.shared.v4.u32") == 2 * st * nt * 4
+        assert rep.count("ld.shared.v4.u32") == st * nt * 4
+        assert rep.count("mul.rn.f16x2") == st * 32 * mt + 2 * st * nt * 16
+        assert rep.count("bar.sync") == 2  # after the first stage, after each stage
+        return
     # copies of the K step: the unrolled loop and its remainder (the ring's loop: one)
     copies = 1 if ring else p.unroll + (p.unroll > 1)
     chunks = 2 * mt + nt  # 16-byte loads a step: weight row halves and token tiles
@@ -64,10 +83,6 @@ def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(
         assert loads == (copies + cfg.prefetch) * chunks, f"{cfg}: {loads} 16-byte loads"
         assert copies16 == 0
     assert rep.count("mul.rn.f16x2") == copies * 16 * chunks  # each pair times its scale
-    assert not rep.uses_local_memory, f"{cfg}: local memory in the PTX"
-    # a few bytes of spills are ptxas's choice at 128 registers; more mean the K loop's
-    # registers do not fit (such plans are not offered: _STREAM_SPILLS)
-    assert rep.spill_store_bytes <= 16 and rep.spill_load_bytes <= 16, f"{cfg}: spills"
 
 
 @pytest.mark.parametrize(
@@ -76,6 +91,9 @@ def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(
         (dict(k=7168 + 64, n=6144, e=1), r"K % 128 == 0, got K=7232"),
         (dict(k=7168, n=6144 + 16, e=1, mt=2), r"N % 32 == 0, got N=6160"),
         (dict(k=7168, n=6144, e=1, nt=3), r"mt, nt in \(1, 2, 4\)"),
+        (dict(k=7168, n=6144 + 128, e=1, mt=2, split_n=True), r"N % 256 == 0, got N=6272"),
+        (dict(k=7168, n=6144, e=1, split_n=True, ring=3), r"split_n loads weights at use"),
+        (dict(k=7168, n=6144, e=1, split_n=True, stage=3), r"stage in \(1, 2, 4, 8\)"),
     ],
 )
 def test_stream_config_refuses_shapes_it_cannot_tile(kwargs, match):
@@ -89,26 +107,35 @@ def test_candidate_plans_offer_stream_tiles_only_where_they_tile():
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
     got = [p for p in g.candidate_plans(16, 7168, 6144, 1, 132) if p.stream]
+    split = [p for p in got if p.split_n]
+    got = [p for p in got if not p.split_n]
     assert {(p.bn // 16, p.bm // 8, p.num_warps) for p in got} == set(g._STREAM_TILES)
     assert {(p.num_stages, p.unroll) for p in got} == {(1, 2), (2, 1), (2, 2), (3, 1), (4, 1)}
-    assert all(g.smem_bytes(p) <= g.SMEM_LIMIT for p in got)
+    assert all(g.smem_bytes(p) <= g.SMEM_LIMIT for p in got + split)
     # 64 weight rows x 16 tokens, 8 warps, a 4-step ring: 237,568 bytes (its launch failed on the
     # H200): not offered
     assert g._stream_plan(16, 1, 4, 2, 8, 4, 1) not in got
     assert len(got) == 5 * len(g._STREAM_TILES) - len(g._STREAM_SPILLS) - 1
+    # split_n: every tile whose CTA rows (16 * mt * warps) divide N, loads at use
+    want = {(mt, nt, w, st) for mt, nt, w, st in g._SPLIT_N_TILES if 6144 % (16 * mt * w) == 0}
+    assert {(p.bn // 16, p.bm // 8, p.num_warps, p.stage) for p in split} == want
+    assert {(p.num_stages, p.unroll) for p in split} == {(1, 1)}
+    assert not [p for p in g.candidate_plans(16, 7168, 6144 + 16, 1, 132) if p.split_n]
     assert not [p for p in g.candidate_plans(16, 7168 + 64, 6144, 1, 132) if p.stream]
     assert not [p for p in g.candidate_plans(8192, 7168, 6144, 1, 132) if p.stream]
 
 
 @pytest.mark.parametrize(
     "t,k,n,e,want",
-    [
-        (1, 7168, 6144, 1, (16, 8)),  # M=1: 16 weight rows x 8 tokens
-        (4, 7168, 6144, 1, (16, 8)),
-        (16, 7168, 6144, 1, (32, 16)),  # M=16
-        (192, 7168, 6144, 48, (64, 8)),  # 48 experts x 4 rows
-        (768, 3072, 7168, 48, (32, 16)),  # the routed MoE's L2 at 128 tokens
-        (16, 7168, 6160, 1, (16, 16)),  # N not a multiple of 32: the 16-row tile
+    [  # (weight rows a CTA, tokens a chunk, split_n's stage: 0 = the warps split K)
+        (1, 7168, 6144, 1, (16, 8, 0)),  # M=1: 16 weight rows x 8 tokens
+        (4, 7168, 6144, 1, (16, 8, 0)),
+        (16, 7168, 6144, 1, (32, 16, 0)),  # M=16
+        (192, 7168, 6144, 48, (128, 8, 4)),  # 48 experts x 4 rows: split N
+        (768, 7168, 6144, 48, (128, 16, 2)),  # the routed MoE's L1 at 128 tokens
+        (768, 3072, 7168, 48, (128, 16, 2)),  # and its L2
+        (768, 3072, 7168 + 64, 48, (32, 16, 0)),  # N not a multiple of 128: K split
+        (16, 7168, 6160, 1, (16, 16, 0)),  # N not a multiple of 32: the 16-row tile
         (6, 7168, 6144, 48, None),  # one token's top-6: the few-rows path
         (64, 7168, 6144, 1, None),  # past 16 rows: the MMA tiles
         (16, 7168 + 64, 6144, 1, None),  # K % 128: the MMA tiles
@@ -118,7 +145,8 @@ def test_plan_takes_the_measured_stream_tiles(t, k, n, e, want):
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
     p = g.plan(t, k, n, e, 132)
-    assert (p.bn, p.bm) == want if want else not p.stream, p
+    got = (p.bn * (p.num_warps if p.split_n else 1), p.bm, p.stage if p.split_n else 0)
+    assert got == want if want else not p.stream, p
     assert not g.plan(t, k, n, e, 132, stream=False).stream  # off CUDA: the Triton plans
 
 
@@ -135,17 +163,20 @@ def _on_sm90() -> tuple[bool, str]:
 
 
 needs_sm90 = pytest.mark.skipif(not _on_sm90()[0], reason=_on_sm90()[1] or "needs sm_90")
-# (weight tiles, token tiles, warps, stages, unroll)
+# (weight tiles, token tiles, warps, stages, unroll, split_n stage)
 GPU_TILES = [
-    (1, 1, 8, 1, 2), (2, 2, 8, 1, 2), (4, 2, 8, 2, 1), (2, 4, 8, 2, 2), (4, 4, 4, 1, 2),
-    (1, 1, 16, 2, 2), (1, 2, 8, 2, 1), (1, 1, 8, 4, 1), (2, 2, 8, 3, 1), (2, 4, 8, 4, 1),
+    (1, 1, 8, 1, 2, 0), (2, 2, 8, 1, 2, 0), (4, 2, 8, 2, 1, 0), (2, 4, 8, 2, 2, 0),
+    (4, 4, 4, 1, 2, 0), (1, 1, 16, 2, 2, 0), (1, 2, 8, 2, 1, 0), (1, 1, 8, 4, 1, 0),
+    (2, 2, 8, 3, 1, 0), (2, 4, 8, 4, 1, 0),
+    (1, 1, 8, 1, 1, 4), (2, 2, 8, 1, 1, 2), (1, 4, 8, 1, 1, 2), (2, 2, 4, 1, 1, 2),
+    (1, 1, 4, 1, 1, 8),
 ]  # fmt: skip
 
 
-def _plan(mt: int, nt: int, warps: int, stages: int, unroll: int):
+def _plan(mt: int, nt: int, warps: int, stages: int, unroll: int, split_n: int = 0):
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
-    return g._stream_plan(1, 1, mt, nt, warps, stages, unroll)
+    return g._stream_plan(1, 1, mt, nt, warps, stages, unroll, split_n)
 
 
 @needs_sm90
@@ -183,8 +214,9 @@ def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
     mt = tile[0]
-    if n % (16 * mt):
-        pytest.skip(f"N={n} is not a multiple of {16 * mt} (the plans do not offer it)")
+    rows = 16 * mt * (tile[2] if tile[5] else 1)  # a CTA's weight rows
+    if n % rows:
+        pytest.skip(f"N={n} is not a multiple of {rows} (the plans do not offer it)")
     plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = cuda_problem(counts, k, n, seed=sum(counts) + mt)
     out = torch.full((a.shape[0], n), 7.0, dtype=torch.bfloat16, device="cuda")
     g.launch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile))
@@ -198,5 +230,6 @@ def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
 def test_stream_captures_in_a_graph_allocates_nothing_and_never_syncs(monkeypatch):
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
-    monkeypatch.setattr(g, "plan", lambda *args, **kwargs: _plan(2, 2, 8, 2, 2))
-    check_graph_no_alloc_no_sync("sm90", [13, 0, 2], 512, 256, seed=3, same_bits=True)
+    for tile in ((2, 2, 8, 2, 2, 0), (2, 2, 4, 1, 1, 2)):  # K split, N split
+        monkeypatch.setattr(g, "plan", lambda *args, tile=tile, **kwargs: _plan(*tile))
+        check_graph_no_alloc_no_sync("sm90", [13, 0, 2], 512, 256, seed=3, same_bits=True)

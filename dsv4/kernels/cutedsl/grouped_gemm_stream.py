@@ -31,6 +31,14 @@ tokens (the weights re-read per chunk: this kernel is for few rows); an empty ex
 nothing. Reads offsets on the device only: graph-capturable, no host sync, no allocation.
 Needs K % 128 == 0 and N % (16 * MT) == 0 (`StreamConfig.supports`).
 
+split_n (many experts): the warps split the CTA's weight rows instead (each warp MT row tiles
+over all of K, its sums stored straight from registers: no reduction). A token fragment is the
+same for every warp, so each `stage` K steps' fragments are loaded and decoded once per CTA,
+each fragment by one warp, into one of two shared buffers, and read back by all (one barrier a
+stage; the next stage is decoded while this one is read). The K-split kernel decoded each
+fragment once per 16 * MT weight rows, the split_n CTA once per 16 * MT * WARPS: a third of the
+decode work at 32 x 16 tiles. Needs N % (16 * MT * WARPS) == 0.
+
 Status: compiled for sm_90a on CPU in CI (tests/test_sm90_stream.py checks the PTX: mma.sync,
 16-byte non-coherent loads, no local memory); numerics and speed are measured on the H200 only
 (docs/backends.md).
@@ -71,6 +79,10 @@ class StreamConfig:
     prefetch: bool = False  # the next step's loads issued before this step's MMAs
     unroll: int = 2  # of the K loop (not of the ring's)
     ring: int = 0  # >= 2: the loads go through a cp.async ring of this many steps in shared memory
+    # warps split the weight rows (N), not K: each warp takes mt row tiles over all of K, and
+    # each stage's token fragments are decoded once per CTA into shared memory (not per warp)
+    split_n: bool = False
+    stage: int = 4  # split_n: K steps a token-fragment buffer holds (at most: a divisor of K/128)
     gsa_per_expert: bool = True
     gsb_per_expert: bool = True
 
@@ -79,6 +91,10 @@ class StreamConfig:
             raise ValueError(f"mt, nt in (1, 2, 4) and warps in (2, 4, 8, 16), got {self}")
         if self.unroll not in (1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
             raise ValueError(f"unroll in (1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")
+        if self.stage not in (1, 2, 4, 8):
+            raise ValueError(f"stage in (1, 2, 4, 8), got {self}")
+        if self.split_n and (self.ring or self.prefetch):
+            raise ValueError(f"split_n loads weights at use: no ring, no prefetch, got {self}")
         ok, why = self.supports(self.k, self.n)
         if not ok:
             raise ValueError(f"{why} ({self})")
@@ -86,9 +102,21 @@ class StreamConfig:
     def supports(self, k: int, n: int) -> tuple[bool, str]:
         if k % K_STEP:
             return False, f"the stream kernel needs K % {K_STEP} == 0, got K={k}"
-        if n % (16 * self.mt):
-            return False, f"the stream kernel needs N % {16 * self.mt} == 0, got N={n}"
+        if n % self.cta_rows:
+            return False, f"the stream kernel needs N % {self.cta_rows} == 0, got N={n}"
         return True, ""
+
+    @property
+    def cta_rows(self) -> int:
+        """Weight rows of one CTA."""
+        return 16 * self.mt * (self.warps if self.split_n else 1)
+
+    @property
+    def stage_steps(self) -> int:
+        """split_n: the K steps of one token-fragment buffer (the largest divisor of K / 128
+        up to `stage`)."""
+        steps = self.k // K_STEP
+        return next(d for d in range(self.stage, 0, -1) if steps % d == 0)
 
     @property
     def rows(self) -> int:
@@ -220,6 +248,13 @@ def _lds_u32(addr: Int32, *, loc=None, ip=None) -> Uint32:
     return Uint32(_asm(T.i32(), ptx, "=r,r,~{memory}", [Int32(addr)], loc, ip, True))
 
 
+@dsl_user_op
+def _sts_v4(addr: Int32, words, *, loc=None, ip=None) -> None:
+    """Four u32 to a 16-byte aligned shared address."""
+    ptx = "st.shared.v4.u32 [$0], {$1, $2, $3, $4};"
+    _side_effect(ptx, "r,r,r,r,r,~{memory}", [Int32(addr)] + [Uint32(w) for w in words], loc, ip)
+
+
 _MMA_PTX = (
     "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
     "{$8, $9}, {$10, $11, $12, $13};"
@@ -286,7 +321,7 @@ class StreamGemmKernel:
             stride_bn,
             stride_se,
         ).launch(
-            grid=[cfg.n // (16 * cfg.mt), cfg.e, 1], block=[32 * cfg.warps, 1, 1], stream=stream
+            grid=[cfg.n // cfg.cta_rows, cfg.e, 1], block=[32 * cfg.warps, 1, 1], stream=stream
         )
 
     @cute.kernel
@@ -315,8 +350,13 @@ class StreamGemmKernel:
         g = lane // 4
         tg = lane % 4
         smem = SmemAllocator()
-        red = smem.allocate_tensor(Float32, cute.make_layout(warps * n_acc * 32), 16)
+        red = None
         ring = None
+        frags = None
+        if cutlass.const_expr(cfg.split_n):  # two stages of token fragments, 16 words a lane
+            frags = smem.allocate_tensor(Uint32, cute.make_layout(2 * self._stage_words), 16)
+        else:
+            red = smem.allocate_tensor(Float32, cute.make_layout(warps * n_acc * 32), 16)
         if cutlass.const_expr(cfg.ring > 1):  # 16 + 4 bytes a load a step, per thread
             ring_words = cfg.ring * (2 * mt_n + nt_n) * 32 * warps * 5
             ring = smem.allocate_tensor(Uint32, cute.make_layout(ring_words), 16)
@@ -341,7 +381,9 @@ class StreamGemmKernel:
         b_base = b_ptr.toint() + Int64(e) * stride_be
         sa_base = sa_ptr.toint()
         sb_base = sb_ptr.toint() + Int64(e) * Int64(stride_se)
-        n0 = nb * (16 * mt_n)
+        n0 = nb * cfg.cta_rows
+        if cutlass.const_expr(cfg.split_n):
+            n0 = n0 + warp * (16 * mt_n)
         # per row tile and half (rows g, g + 8): the row's byte offset and its scale row offset
         b_rows = []
         sb_rows = []
@@ -369,30 +411,40 @@ class StreamGemmKernel:
                 acc[i] = Float32(0.0)
             # the step's operand addresses: token tiles, their validity, weight row halves
             rows = (a_rows, sa_rows, valid, b_rows, sb_rows, col_step)
-            if cutlass.const_expr(cfg.ring > 1):
-                self._ring_loop(rows, ring.iterator.toint(), tidx, warp, acc)
-            else:
-                self._direct_loop(rows, warp, acc)
-            # the warps' partial sums, added in warp order
-            for i in cutlass.range_constexpr(n_acc):
-                red[(warp * n_acc + i) * 32 + lane] = acc[i]
-            cute.arch.barrier()
-            total = n_acc * 32
-            for r in cutlass.range_constexpr((total + 32 * warps - 1) // (32 * warps)):
-                f = tidx + r * 32 * warps
-                if f < total:
-                    v = red[f]
-                    for w in cutlass.range_constexpr(1, warps):
-                        v = v + red[w * total + f]
-                    ln = f % 32
-                    i = (f // 32) % 4
-                    tile = f // 128
-                    n = n0 + 16 * (tile // nt_n) + ln // 4 + 8 * (i // 2)
-                    tok = c0 + 8 * (tile % nt_n) + 2 * (ln % 4) + i % 2
+            if cutlass.const_expr(cfg.split_n):
+                self._split_n_loop(rows, frags.iterator.toint(), warp, lane, acc)
+                for i in cutlass.range_constexpr(n_acc):  # this warp's rows: no reduction
+                    tile = i // 4
+                    n = n0 + 16 * (tile // nt_n) + g + 8 * (i % 4 // 2)
+                    tok = c0 + 8 * (tile % nt_n) + 2 * tg + i % 2
                     if tok < end:
                         addr = out_ptr.toint() + (Int64(tok) * cfg.n + Int64(n)) * 2
-                        _st_bf16(addr, v * Float32(UNFOLD) * alpha)
-            cute.arch.barrier()
+                        _st_bf16(addr, acc[i] * Float32(UNFOLD) * alpha)
+            else:
+                if cutlass.const_expr(cfg.ring > 1):
+                    self._ring_loop(rows, ring.iterator.toint(), tidx, warp, acc)
+                else:
+                    self._direct_loop(rows, warp, acc)
+                # the warps' partial sums, added in warp order
+                for i in cutlass.range_constexpr(n_acc):
+                    red[(warp * n_acc + i) * 32 + lane] = acc[i]
+                cute.arch.barrier()
+                total = n_acc * 32
+                for r in cutlass.range_constexpr((total + 32 * warps - 1) // (32 * warps)):
+                    f = tidx + r * 32 * warps
+                    if f < total:
+                        v = red[f]
+                        for w in cutlass.range_constexpr(1, warps):
+                            v = v + red[w * total + f]
+                        ln = f % 32
+                        i = (f // 32) % 4
+                        tile = f // 128
+                        n = n0 + 16 * (tile // nt_n) + ln // 4 + 8 * (i // 2)
+                        tok = c0 + 8 * (tile % nt_n) + 2 * (ln % 4) + i % 2
+                        if tok < end:
+                            addr = out_ptr.toint() + (Int64(tok) * cfg.n + Int64(n)) * 2
+                            _st_bf16(addr, v * Float32(UNFOLD) * alpha)
+                cute.arch.barrier()
 
     @cute.jit
     def _fetch(self, rows, s: Int32, live):
@@ -506,19 +558,84 @@ class StreamGemmKernel:
             _cp_async(ring + threads * cfg.ring * chunks * 16 + at * 4, srow + ks, 4, ok)
 
     @cute.jit
+    def _token_frag(self, rows, s: Int32, nt: int):
+        """Token tile nt's B fragments of step s: per word j its 4 fp16x2 (zeros past the
+        expert's end), loaded and decoded."""
+        a_rows, sa_rows, valid, _, _, col_step = rows
+        words = _ld_v4(a_rows[nt] + Int64(s * 64), valid[nt])
+        s0, s1 = _scale_pair(sa_rows[nt] + Int64(s * 1024) + col_step, valid[nt])
+        return [_decode(words[j], s0 if j < 2 else s1) for j in range(4)]
+
+    @cute.jit
     def _step_loading(self, rows, s: Int32, acc: cute.Tensor):
         """acc += step s's products, each weight tile's loads issued where it is used (fewer
         registers live than _fetch + _step: more warps per SM, faster where measured)."""
-        a_rows, sa_rows, valid, b_rows, sb_rows, col_step = rows
+        bfrag = [self._token_frag(rows, s, nt) for nt in range(self.cfg.nt)]
+        self._weight_tiles(rows, s, bfrag, acc)
+
+    @property
+    def _stage_words(self) -> int:
+        """u32 of one stage of token fragments: [step][tile][word j][lane][4]."""
+        return self.cfg.stage_steps * self.cfg.nt * 4 * 32 * 4
+
+    @cute.jit
+    def _stage_tokens(self, rows, base: Int32, s0: Int32, warp: Int32, lane: Int32):
+        """Decode the token fragments of steps s0 .. s0 + stage - 1 into the buffer at `base`:
+        fragment (step i, tile nt) by warp (i * nt + nt) % warps, each lane its own."""
+        cfg = self.cfg
+        for f in cutlass.range_constexpr(cfg.stage_steps * cfg.nt):
+            if warp == f % cfg.warps:
+                frag = self._token_frag(rows, s0 + f // cfg.nt, f % cfg.nt)
+                for j in cutlass.range_constexpr(4):
+                    _sts_v4(base + ((f * 4 + j) * 32 + lane) * 16, frag[j])
+
+    @cute.jit
+    def _split_n_loop(self, rows, frags: Int32, warp: Int32, lane: Int32, acc: cute.Tensor):
+        """split_n's K loop: every step of K for this warp's row tiles, the token fragments of
+        each stage decoded once per CTA into one of two shared buffers (a barrier a stage: the
+        next stage's buffer is written while this one is read)."""
+        cfg = self.cfg
+        nt_n, stage = cfg.nt, cfg.stage_steps
+        n_stages = cfg.k // K_STEP // stage
+        half = self._stage_words * 4  # bytes of one buffer
+        self._stage_tokens(rows, frags, Int32(0), warp, lane)
+        cute.arch.barrier()
+        for st in cutlass.range(n_stages, unroll=1):
+            if st + 1 < n_stages:
+                nxt = frags + (st + 1) % 2 * half
+                self._stage_tokens(rows, nxt, (st + 1) * stage, warp, lane)
+            base = frags + st % 2 * half
+            for i in cutlass.range_constexpr(stage):
+                at = base + (i * nt_n * 4 * 32 + lane) * 16
+                self._shared_step(rows, st * stage + i, at, acc)
+            cute.arch.barrier()
+
+    @cute.jit
+    def _shared_step(self, rows, s: Int32, at: Int32, acc: cute.Tensor):
+        """split_n: acc += step s's products, the weight tiles loaded at the step's start and
+        each word's token fragments read from shared memory (at: this lane's, tile 0, word 0)
+        where they are used (fewer registers live)."""
+        _, _, _, b_rows, sb_rows, col_step = rows
         mt_n, nt_n = self.cfg.mt, self.cfg.nt
         kb = Int64(s * 64)
         ks = Int64(s * 1024) + col_step
-        bfrag = []
-        for nt in cutlass.range_constexpr(nt_n):
-            words = _ld_v4(a_rows[nt] + kb, valid[nt])
-            s0, s1 = _scale_pair(sa_rows[nt] + ks, valid[nt])
-            bfrag.append([_decode(words[j], s0 if j < 2 else s1) for j in range(4)])
-        for mt in cutlass.range_constexpr(mt_n):
+        words = [_ld_v4(b_rows[r] + kb, Uint32(1)) for r in range(2 * mt_n)]
+        scales = [_scale_pair(sb_rows[r] + ks, Uint32(1)) for r in range(2 * mt_n)]
+        for j in cutlass.range_constexpr(4):
+            bt = [_lds_v4(at + (nt * 4 + j) * 32 * 16) for nt in range(nt_n)]
+            for mt in cutlass.range_constexpr(mt_n):
+                pa = _decode(words[2 * mt][j], scales[2 * mt][j // 2])
+                pb = _decode(words[2 * mt + 1][j], scales[2 * mt + 1][j // 2])
+                for nt in cutlass.range_constexpr(nt_n):
+                    self._mma_pair(mt, nt, pa, pb, bt[nt], acc)
+
+    @cute.jit
+    def _weight_tiles(self, rows, s: Int32, bfrag, acc: cute.Tensor):
+        """acc += step s's products of every weight tile (loaded here, at use) with bfrag."""
+        _, _, _, b_rows, sb_rows, col_step = rows
+        kb = Int64(s * 64)
+        ks = Int64(s * 1024) + col_step
+        for mt in cutlass.range_constexpr(self.cfg.mt):
             wg = _ld_v4(b_rows[2 * mt] + kb, Uint32(1))
             w8 = _ld_v4(b_rows[2 * mt + 1] + kb, Uint32(1))
             g0, g1 = _scale_pair(sb_rows[2 * mt] + ks, Uint32(1))
@@ -533,13 +650,17 @@ class StreamGemmKernel:
             pa = _decode(wg[j], sg[j // 2])
             pb = _decode(w8[j], s8[j // 2])
             for nt in cutlass.range_constexpr(nt_n):
-                base = (mt * nt_n + nt) * 4
-                c = [acc[base + i] for i in range(4)]
-                bt = bfrag[nt][j]
-                c = _mma((pa[0], pb[0], pa[1], pb[1]), (bt[0], bt[1]), c)
-                c = _mma((pa[2], pb[2], pa[3], pb[3]), (bt[2], bt[3]), c)
-                for i in cutlass.range_constexpr(4):
-                    acc[base + i] = c[i]
+                self._mma_pair(mt, nt, pa, pb, bfrag[nt][j], acc)
+
+    @cute.jit
+    def _mma_pair(self, mt: int, nt: int, pa, pb, bt, acc: cute.Tensor):
+        """Tile (mt, nt)'s two MMAs of one word: rows g (pa) and g + 8 (pb) x the token's bt."""
+        base = (mt * self.cfg.nt + nt) * 4
+        c = [acc[base + i] for i in range(4)]
+        c = _mma((pa[0], pb[0], pa[1], pb[1]), (bt[0], bt[1]), c)
+        c = _mma((pa[2], pb[2], pa[3], pb[3]), (bt[2], bt[3]), c)
+        for i in cutlass.range_constexpr(4):
+            acc[base + i] = c[i]
 
     @cute.jit
     def _swizzle_row(self, r: Int32, n_cb: int) -> Int32:

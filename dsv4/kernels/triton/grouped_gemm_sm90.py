@@ -579,6 +579,10 @@ class Plan:
     # `unroll` of the K loop; one launch, no scratch
     stream: bool = False
     unroll: int = 1
+    # stream, split_n: the warps split the weight rows (a CTA: bn * num_warps of them), each
+    # `stage` K steps' token fragments decoded once per CTA into shared memory (loads at use)
+    split_n: bool = False
+    stage: int = 0
 
 
 DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
@@ -594,6 +598,8 @@ def smem_bytes(p: Plan) -> int:
     B's words and their scale bytes, one per block."""
     if p.hfma:
         return p.num_stages * (9 * p.bj * (p.bm + p.bn)) // 2
+    if p.stream and p.split_n:  # two buffers of token fragments: 2 KB a step and token tile
+        return 2 * p.stage * (p.bm // 8) * 2048
     if p.stream:  # the warps' partial sums, and the cp.async ring (16 + 4 bytes a load a step)
         mt, nt, threads = p.bn // 16, p.bm // 8, 32 * p.num_warps
         ring = p.num_stages if p.num_stages > 2 else 0
@@ -667,16 +673,24 @@ def plan(t: int, k: int, n: int, e: int, num_sms: int, stream: bool | None = Non
 
 
 def _stream_default(t: int, k: int, n: int, e: int) -> Plan | None:
-    """plan()'s stream tiles, from one H200 sweep of bench/gemm.py --plans (K 7168, N 6144, every
-    plan `pass`; loads at use, the K loop unrolled by 2): one expert of <= 8 rows 16 weight rows
-    x 8 tokens (M=1 13.97 us, the few-rows path 16.09); many experts of 3..8 rows 64 x 8 (48 x 4
-    rows 430.8 us, the MMA tiles 864.4); 9..16 rows 32 x 16 (M=16 18.41 us, MMA 35.17; 48 x 16
-    rows 606.5, MMA 896.5). Not taken: many experts of <= 2 rows (one token's top-6 over 48:
-    78.4 us, the few-rows path 68.4) and past 16 rows (M=64: 56.7 us, the swapped MMA 48.7)."""
+    """plan()'s stream tiles, from H200 sweeps of bench/gemm.py --plans (every plan `pass`).
+    One expert (the warps split K, loads at use, the K loop unrolled by 2): <= 8 rows 16 weight
+    rows x 8 tokens (M=1 13.97 us, the few-rows path 16.09), 9..16 rows 32 x 16 (M=16 18.41,
+    MMA 35.17; split_n's <= 96 CTAs: >= 49.9). Many experts (split_n: the warps split the rows,
+    each token fragment decoded once per CTA): 3..8 rows 8 warps x 16 rows x 8 tokens, stages
+    of 4 steps (48 x 4 rows 400.8 us, K-split 64 x 8 520.8), 9..16 rows 4 warps x 32 rows x 16
+    tokens, stages of 2 (48 x 16 rows 521.1, K-split 584.2; its L2 at K 3072 N 7168 265.1 vs
+    334.7); where N does not divide, the K-split tiles. Not taken: many experts of <= 2 rows (one
+    token's top-6 over 48: 78.4 us, the few-rows path 68.4) and past 16 rows (M=64: 56.7 us,
+    the swapped MMA 48.7)."""
     rows = triton.cdiv(t, max(1, e))
     if not stream_available() or k % 128 or rows > 16 or (e > 1 and rows <= HFMA_MAX_ROWS):
         return None
     nt = 1 if rows <= 8 else 2
+    if e > 1:
+        mt, warps, stage = (1, 8, 4) if nt == 1 else (2, 4, 2)
+        if n % (16 * mt * warps) == 0:
+            return _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
     prefer = 1 if e == 1 and nt == 1 else (4 if nt == 1 else 2)
     for mt in (4, 2, 1):  # the preferred weight tile, else the largest smaller one N allows
         if mt <= prefer and n % (16 * mt) == 0:
@@ -712,6 +726,14 @@ _STREAM_SPILLS = {
 }  # fmt: skip
 
 
+# (16-row weight tiles per warp, 8-token tiles, warps, stage) of the split_n stream plans, loads
+# at use, the stage's steps unrolled (ptxas spills <= 16 bytes on each: tests/test_sm90_stream.py)
+_SPLIT_N_TILES = (
+    (1, 1, 8, 4), (2, 1, 8, 4), (1, 2, 8, 4), (2, 2, 8, 2), (2, 2, 4, 2), (1, 4, 8, 2),
+    (1, 1, 4, 8), (2, 1, 4, 4), (1, 2, 4, 4), (4, 1, 4, 2),
+)  # fmt: skip
+
+
 def stream_available() -> bool:
     """nvidia-cutlass-dsl importable (the stream path's CuTeDSL kernel; cached there)."""
     from dsv4.kernels.cutedsl import available
@@ -726,17 +748,28 @@ def stream_config(p: Plan, k: int, n: int, e: int, gsa_pe: bool = True, gsb_pe: 
     ring = p.num_stages if p.num_stages > 2 else 0
     return gst.StreamConfig(
         k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages == 2, p.unroll, ring,
-        gsa_pe, gsb_pe,
+        p.split_n, p.stage or 4, gsa_pe, gsb_pe,
     )  # fmt: skip
 
 
 def _stream_plan(
-    t: int, e: int, mt: int, nt: int = 0, warps: int = 8, stages: int = 1, unroll: int = 2
+    t: int,
+    e: int,
+    mt: int,
+    nt: int = 0,
+    warps: int = 8,
+    stages: int = 1,
+    unroll: int = 2,
+    split_n: int = 0,
 ) -> Plan:
-    """A stream plan: mt 16-row weight tiles per CTA, nt 8-token tiles per chunk (0: enough
-    for the rows per expert, at most 4), `warps` splitting K, `stages` 2: one step prefetched."""
+    """A stream plan: mt 16-row weight tiles per CTA (per warp with split_n), nt 8-token tiles
+    per chunk (0: enough for the rows per expert, at most 4), `warps` splitting K (or, with
+    split_n = the stage's K steps, the rows), `stages` 2: one step prefetched."""
     nt = nt or min(4, triton.cdiv(triton.cdiv(t, max(1, e)), 8))
-    return Plan(8 * nt, 16 * mt, 16, 1, warps, stages, 0, stream=True, unroll=unroll)
+    return Plan(
+        8 * nt, 16 * mt, 16, 1, warps, stages, 0, stream=True, unroll=unroll,
+        split_n=split_n > 0, stage=split_n,
+    )  # fmt: skip
 
 
 def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
@@ -760,6 +793,10 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                 q = _stream_plan(t, e, mt, nt, warps, stages, unroll)
                 if n % q.bn == 0 and q not in out:
                     out.append(q)
+        for mt, nt, warps, stage in _SPLIT_N_TILES:
+            q = _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
+            if n % (q.bn * warps) == 0:
+                out.append(q)
     mma = out[1]
     if t <= SPLIT_K_MAX_ROWS:
         bm = mma.bm
