@@ -795,7 +795,7 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                     out.append(q)
         for mt, nt, warps, stage in _SPLIT_N_TILES:
             q = _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
-            if n % (q.bn * warps) == 0:
+            if n % (q.bn * warps) == 0 and q not in out:
                 out.append(q)
     mma = out[1]
     if t <= SPLIT_K_MAX_ROWS:
