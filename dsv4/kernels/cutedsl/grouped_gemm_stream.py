@@ -414,12 +414,7 @@ class StreamGemmKernel:
             if cutlass.const_expr(cfg.split_n):
                 self._split_n_loop(rows, frags.iterator.toint(), warp, lane, acc)
                 for i in cutlass.range_constexpr(n_acc):  # this warp's rows: no reduction
-                    tile = i // 4
-                    n = n0 + 16 * (tile // nt_n) + g + 8 * (i % 4 // 2)
-                    tok = c0 + 8 * (tile % nt_n) + 2 * tg + i % 2
-                    if tok < end:
-                        addr = out_ptr.toint() + (Int64(tok) * cfg.n + Int64(n)) * 2
-                        _st_bf16(addr, acc[i] * Float32(UNFOLD) * alpha)
+                    self._store(out_ptr, n0, c0, end, i // 4, i % 4, lane, acc[i], alpha)
             else:
                 if cutlass.const_expr(cfg.ring > 1):
                     self._ring_loop(rows, ring.iterator.toint(), tidx, warp, acc)
@@ -436,15 +431,20 @@ class StreamGemmKernel:
                         v = red[f]
                         for w in cutlass.range_constexpr(1, warps):
                             v = v + red[w * total + f]
-                        ln = f % 32
-                        i = (f // 32) % 4
-                        tile = f // 128
-                        n = n0 + 16 * (tile // nt_n) + ln // 4 + 8 * (i // 2)
-                        tok = c0 + 8 * (tile % nt_n) + 2 * (ln % 4) + i % 2
-                        if tok < end:
-                            addr = out_ptr.toint() + (Int64(tok) * cfg.n + Int64(n)) * 2
-                            _st_bf16(addr, v * Float32(UNFOLD) * alpha)
+                        self._store(out_ptr, n0, c0, end, f // 128, f // 32 % 4, f % 32, v, alpha)
                 cute.arch.barrier()
+
+    @cute.jit
+    def _store(self, out_ptr, n0: Int32, c0: Int32, end: Int32, tile, q, ln, v, alpha):
+        """Accumulator q (0..3) of fragment lane ln in tile (mt, nt) = divmod(tile, NT): its
+        sum v times 2^28 (exact) times alpha, rounded to bf16, stored where its token has a
+        row."""
+        nt_n = self.cfg.nt
+        n = n0 + 16 * (tile // nt_n) + ln // 4 + 8 * (q // 2)
+        tok = c0 + 8 * (tile % nt_n) + 2 * (ln % 4) + q % 2
+        if tok < end:
+            addr = out_ptr.toint() + (Int64(tok) * self.cfg.n + Int64(n)) * 2
+            _st_bf16(addr, v * Float32(UNFOLD) * alpha)
 
     @cute.jit
     def _fetch(self, rows, s: Int32, live):
