@@ -571,12 +571,25 @@ class StreamGemmKernel:
         """acc += step s's products, each weight tile's loads issued where it is used (fewer
         registers live than _fetch + _step: more warps per SM, faster where measured)."""
         bfrag = [self._token_frag(rows, s, nt) for nt in range(self.cfg.nt)]
-        self._weight_tiles(rows, s, bfrag, acc)
+        _, _, _, b_rows, sb_rows, col_step = rows
+        kb = Int64(s * 64)
+        ks = Int64(s * 1024) + col_step
+        for mt in cutlass.range_constexpr(self.cfg.mt):
+            wg = _ld_v4(b_rows[2 * mt] + kb, Uint32(1))
+            w8 = _ld_v4(b_rows[2 * mt + 1] + kb, Uint32(1))
+            g0, g1 = _scale_pair(sb_rows[2 * mt] + ks, Uint32(1))
+            e0, e1 = _scale_pair(sb_rows[2 * mt + 1] + ks, Uint32(1))
+            self._tile_mmas(mt, wg, w8, (g0, g1), (e0, e1), bfrag, acc)
 
     @property
     def _stage_words(self) -> int:
-        """u32 of one stage of token fragments: [step][tile][word j][lane][4]."""
+        """u32 of one stage of token fragments: [step][tile][word j][lane][4] (_frag_at)."""
         return self.cfg.stage_steps * self.cfg.nt * 4 * 32 * 4
+
+    def _frag_at(self, base, f, j, lane):
+        """Shared address of fragment f (= step i * NT + tile nt) word j of `lane` in a stage's
+        buffer at `base`: 16 bytes, lanes adjacent (conflict-free 16-byte accesses)."""
+        return base + ((f * 4 + j) * 32 + lane) * 16
 
     @cute.jit
     def _stage_tokens(self, rows, base: Int32, s0: Int32, warp: Int32, lane: Int32):
@@ -587,7 +600,7 @@ class StreamGemmKernel:
             if warp == f % cfg.warps:
                 frag = self._token_frag(rows, s0 + f // cfg.nt, f % cfg.nt)
                 for j in cutlass.range_constexpr(4):
-                    _sts_v4(base + ((f * 4 + j) * 32 + lane) * 16, frag[j])
+                    _sts_v4(self._frag_at(base, f, j, lane), frag[j])
 
     @cute.jit
     def _split_n_loop(self, rows, frags: Int32, warp: Int32, lane: Int32, acc: cute.Tensor):
@@ -606,7 +619,7 @@ class StreamGemmKernel:
                 self._stage_tokens(rows, nxt, (st + 1) * stage, warp, lane)
             base = frags + st % 2 * half
             for i in cutlass.range_constexpr(stage):
-                at = base + (i * nt_n * 4 * 32 + lane) * 16
+                at = self._frag_at(base, i * nt_n, 0, lane)
                 self._shared_step(rows, st * stage + i, at, acc)
             cute.arch.barrier()
 
@@ -622,25 +635,12 @@ class StreamGemmKernel:
         words = [_ld_v4(b_rows[r] + kb, Uint32(1)) for r in range(2 * mt_n)]
         scales = [_scale_pair(sb_rows[r] + ks, Uint32(1)) for r in range(2 * mt_n)]
         for j in cutlass.range_constexpr(4):
-            bt = [_lds_v4(at + (nt * 4 + j) * 32 * 16) for nt in range(nt_n)]
+            bt = [_lds_v4(self._frag_at(at, nt, j, 0)) for nt in range(nt_n)]
             for mt in cutlass.range_constexpr(mt_n):
                 pa = _decode(words[2 * mt][j], scales[2 * mt][j // 2])
                 pb = _decode(words[2 * mt + 1][j], scales[2 * mt + 1][j // 2])
                 for nt in cutlass.range_constexpr(nt_n):
                     self._mma_pair(mt, nt, pa, pb, bt[nt], acc)
-
-    @cute.jit
-    def _weight_tiles(self, rows, s: Int32, bfrag, acc: cute.Tensor):
-        """acc += step s's products of every weight tile (loaded here, at use) with bfrag."""
-        _, _, _, b_rows, sb_rows, col_step = rows
-        kb = Int64(s * 64)
-        ks = Int64(s * 1024) + col_step
-        for mt in cutlass.range_constexpr(self.cfg.mt):
-            wg = _ld_v4(b_rows[2 * mt] + kb, Uint32(1))
-            w8 = _ld_v4(b_rows[2 * mt + 1] + kb, Uint32(1))
-            g0, g1 = _scale_pair(sb_rows[2 * mt] + ks, Uint32(1))
-            e0, e1 = _scale_pair(sb_rows[2 * mt + 1] + ks, Uint32(1))
-            self._tile_mmas(mt, wg, w8, (g0, g1), (e0, e1), bfrag, acc)
 
     @cute.jit
     def _tile_mmas(self, mt: int, wg, w8, sg, s8, bfrag, acc: cute.Tensor):
