@@ -14,8 +14,9 @@ Fragments. Thread (g = lane / 4, t = lane % 4) of a warp holds, per 128-K step, 
 words 4t..4t+3 of the step's 64 bytes of weight row g and of row g + 8 (two 16-byte loads), and
 the same words of token g (one 16-byte load per 8 tokens): K elements 32t..32t+31, the two
 16-element scale blocks 2t, 2t+1 (one 2-byte load of each row's swizzled scales). A word's
-elements (p, p+4), p = 0..3, become one fp16x2 register by the shift-and-mask decode of
-dsv4/kernels/triton/fp4_bits.py (value * 2^-14), multiplied in fp16 by the block's e4m3 scale
+elements (p, p+4), p = 0..3, become one fp16x2 register holding the fp16 patterns of
+dsv4/kernels/triton/fp4_bits.py (value * 2^-14; made by `_decode_ptx`'s byte permutes, 11 integer
+operations a word), multiplied in fp16 by the block's e4m3 scale
 (exact: a multiple of 2^-24 with <= 6 significant bits, below 1). Word j gives two MMAs: pairs
 0, 1 (then 2, 3) are the A fragment's column pairs 2t.. and 2t+8.. of rows g and g + 8, and the
 token's pairs of the same word are the B fragment's k pairs. The MMA's 16 logical k thus map to
@@ -188,16 +189,30 @@ def _scale_halves(pair: Uint32, *, loc=None, ip=None):
     return _fields(res, 2, T.i32(), Uint32, loc, ip)
 
 
+# The decode's byte selectors: pair p = elements (p, p + 4) = byte p // 2 and byte p // 2 + 2 of
+# the low nibbles' (p even) or the high nibbles' (p odd) fp16 high bytes, into bytes 1 and 3 of
+# the result; selector 4 (a byte of the zero operand) fills bytes 0 and 2
+_PAIR_SELECT = tuple(0x0404 | (p // 2) << 4 | (p // 2 + 2) << 12 for p in range(4))
+
+
 def _decode_ptx() -> str:
-    """$0..$3: fp16x2 of elements (p, p+4) of word $4, p = 0..3, each times the fp16x2 $5."""
-    lines = ["{ .reg .b32 m, s;"]
-    for p in range(4):
-        if p == 3:  # the sign bits are in place; the arithmetic shift's bits are masked off
-            lines.append("shr.u32 m, $4, 3; and.b32 s, $4, 0x80008000;")
-        else:
-            lines.append(f"shl.b32 m, $4, {9 - 4 * p}; shl.b32 s, $4, {12 - 4 * p}; ")
-            lines.append("and.b32 s, s, 0x80008000;")
-        lines.append(f"and.b32 m, m, 0x0E000E00; or.b32 m, m, s; mul.rn.f16x2 ${p}, m, $5;")
+    """$0..$3: fp16x2 of elements (p, p+4) of word $4, p = 0..3, each times the fp16x2 $5.
+
+    An E2M1 nibble s.mmm is the fp16 pattern s000.mmm0.0000.0000 (value * 2^-14): its sign on
+    bit 15, its magnitude on bits 9..11, the low byte zero. So each nibble's fp16 high byte
+    (s at bit 7, m at bits 1..3) is made in place, for all 8 nibbles at once in two words (the
+    low nibbles': s from bit 3, m from bits 0..2; the high nibbles': s already on bit 7, m from
+    bits 4..6), and one prmt a pair puts two of them on bytes 1 and 3 over zero bytes: 11
+    integer operations a word where a shift-and-mask per pair takes 15."""
+    lines = [
+        "{ .reg .b32 l, h, t, u, r;",
+        "shl.b32 t, $4, 1; and.b32 t, t, 0x0E0E0E0E; shl.b32 u, $4, 4; and.b32 u, u, 0x80808080;",
+        "or.b32 l, t, u;",
+        "shr.u32 t, $4, 3; and.b32 t, t, 0x0E0E0E0E; and.b32 u, $4, 0x80808080; or.b32 h, t, u;",
+    ]
+    for p, sel in enumerate(_PAIR_SELECT):
+        src = "h" if p % 2 else "l"
+        lines.append(f"prmt.b32 r, {src}, 0, 0x{sel:04X}; mul.rn.f16x2 ${p}, r, $5;")
     return " ".join(lines) + " }"
 
 
