@@ -2,15 +2,18 @@
 
     python bench/gemm.py [--backends sm90,torch] [--budget 0.5] [--out DIR] [--plans [--match S]]
 
-For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024
-rows; 48 experts x 4 rows, a decode step of the V4-Pro routed MoE; 48 x 16 rows, its L1 at 128
-tokens, and the L2 of the same step at K=3072 N=7168) each dsv4 backend and the
+For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024 rows; 48
+experts x 4 rows, a decode step of the V4-Pro routed MoE; 48 x 16 rows, its L1 at 128 tokens, and
+the L2 of the same step at K=3072 N=7168; e48_r128[_l2]: the same step with the rows per expert of a
+seeded uniform routing, as bench/layers.py's routed MoE sees them) each dsv4 backend and the
 baselines on the same (dequantized) weights are timed by `harness.timing.measure` (CUDA-graph
 replays, input sets rotated so a pass reads > 2x L2, median with p10..p90, every sample kept in
-DIR/gemm.json). Baselines: `bf16-mm` (one torch.mm per expert's rows; at E=1 the BF16 cuBLAS
-number) and `bf16-grouped` (`torch._grouped_mm`, where torch has it). Each backend's output on
-set 0 is first judged against reference.gemm's derived bound: a speed is printed only beside
-`pass`. TFLOP/s counts 2*M*N*K over routed rows; GB/s counts the bytes a kernel must read (FP4
+DIR/gemm.json). Baselines: `bf16-mm` (one torch.mm per expert's rows; at E=1 the BF16 cuBLAS number)
+and `bf16-grouped` (`torch._grouped_mm`, where torch has it). Each backend's output on set 0 is
+first judged against reference.gemm's derived bound: a speed is printed only beside `pass`. Each
+dsv4 backend reads B in its own layout (`prepare_weight_codes`: sm90's is make_b_tiled's); a backend
+named `NAME-k-major` (`--backends sm90,sm90-k-major`) is NAME on make_b_k_major's layout, measured
+beside it. TFLOP/s counts 2*M*N*K over routed rows; GB/s counts the bytes a kernel must read (FP4
 codes + scales, or bf16 weights) and write. The goal column is the issue's target, against the
 baseline named there; the last column says whether this run met it.
 `--plans` measures the sm90 kernel's tuning space instead (`candidate_plans` of each shape: tile
@@ -50,6 +53,15 @@ class Shape:
         return sum(self.counts)
 
 
+def routed_counts(tokens: int, experts: int = 48, top_k: int = 6, seed: int = 0) -> tuple[int, ...]:
+    """Rows per expert of `tokens` x top-k distinct experts drawn uniformly per token, the
+    harness's `routing: uniform` draw (harness.inputs.routing): at 128 tokens x top-6 over 48
+    experts 16 on average, 10..24 (seed 0), 19 experts above 16."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
+    return tuple(torch.bincount(ids.flatten(), minlength=experts).tolist())
+
+
 SHAPES = [
     Shape("e1_m1", (1,), goal=("bf16-mm", 3.5)),
     Shape("e1_m2", (2,)),
@@ -62,6 +74,8 @@ SHAPES = [
     Shape("e48_m4", (4,) * 48),
     Shape("e48_m16", (16,) * 48),  # the routed MoE's L1 at 128 tokens x top-6 (V4-Pro)
     Shape("e48_m16_l2", (16,) * 48, k=3072, n=7168),  # and its L2
+    Shape("e48_r128", routed_counts(128)),  # the same step with the layer's uniform routing
+    Shape("e48_r128_l2", routed_counts(128), k=3072, n=7168),
 ]
 
 
@@ -97,6 +111,7 @@ def operands(s: Shape, dev: torch.device, seed: int) -> dict:
             gsb,
         ),
         "plain": (a_codes, a_scales, b_codes, torch.stack([q[1] for q in qs]), offsets, gsa_e, gsb),
+        "b_codes": b_codes,
         "a": deq_a,
         "b": deq_b,
         "offsets": offsets,
@@ -139,11 +154,17 @@ def runner(name: str, s: Shape, op: dict):
             torch._grouped_mm(op["a"], b_nk, offs=op["offsets"], out_dtype=torch.bfloat16)
 
         return grouped
-    ws_bytes = ops.grouped_gemm_workspace_bytes(name, s.rows, s.k, s.n, len(s.counts))
+    backend = name.removesuffix("-k-major")
+    ws_bytes = ops.grouped_gemm_workspace_bytes(backend, s.rows, s.k, s.n, len(s.counts))
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=op["out"].device) if ws_bytes else None
+    if name.endswith("-k-major"):
+        mat_b = ops.make_b_k_major(op["b_codes"])
+    else:
+        mat_b = ops.prepare_weight_codes(op["b_codes"], backend)
+    gemm = (op["gemm"][0], mat_b, *op["gemm"][2:])
 
     def dsv4() -> None:
-        ops.run_nvfp4_grouped_gemm(*op["gemm"], out=op["out"], backend=name, workspace=ws)
+        ops.run_nvfp4_grouped_gemm(*gemm, out=op["out"], backend=backend, workspace=ws)
 
     return dsv4
 
@@ -180,6 +201,9 @@ def sweep_plans(
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     e = len(s.counts)
     ws = torch.empty(g.workspace_bytes(s.rows, s.k, s.n, e), dtype=torch.uint8, device=dev)
+    gemms = [  # B in the sm90 layout
+        (o["gemm"][0], ops.prepare_weight_codes(o["b_codes"], "sm90"), *o["gemm"][2:]) for o in sets
+    ]
     rows, records, best = [], [], None
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
         label = plan_label(p)
@@ -187,7 +211,7 @@ def sweep_plans(
             continue
 
         def call(i: int, p=p) -> None:
-            g.launch_grouped_gemm(*sets[i]["gemm"], sets[i]["out"], workspace=ws, the_plan=p)
+            g.launch_grouped_gemm(*gemms[i], sets[i]["out"], workspace=ws, the_plan=p)
 
         try:
             call(0)

@@ -423,6 +423,43 @@ def test_make_b_k_major_is_a_k_contiguous_view_of_the_same_values():
     assert km.stride() == rlay.make_b_k_major(b).stride()
 
 
+def test_make_b_tiled_puts_each_byte_where_its_docstring_says():
+    e, k, n = 2, 384, 48
+    b = torch.randint(0, 256, (e, k // 2, n), dtype=torch.uint8)
+    tiled = ops.make_b_tiled(b)
+    assert tiled.shape == (e, n // 16, k // 128, 1024) and tiled.is_contiguous()
+    assert ops.b_dims(tiled) == ops.b_dims(b) == (e, k // 2, n)
+    assert torch.equal(ops.make_b_tiled(ops.make_b_k_major(b)), tiled)  # any strides
+    ee, kb, nn = torch.meshgrid(
+        torch.arange(e), torch.arange(k // 2), torch.arange(n), indexing="ij"
+    )
+    at = (nn // 16) * (k // 128 * 1024) + kb // 64 * 1024 + nn % 16 // 8 * 512 + nn % 8 * 64
+    assert torch.equal(tiled.reshape(e, -1)[ee, at + kb % 64], b)
+    with pytest.raises(ValueError, match=r"N % 16 == 0 and K % 128 == 0, got b.shape=\(2, 64, 40"):
+        ops.make_b_tiled(torch.zeros(2, 64, 40, dtype=torch.uint8))
+
+
+def test_prepare_weight_codes_gives_each_backend_its_declared_layout():
+    b = torch.randint(0, 256, (2, 128, 32), dtype=torch.uint8)
+    assert ops.prepare_weight_codes(b, "torch") is b  # any strides
+    assert torch.equal(ops.prepare_weight_codes(b, "sm90"), ops.make_b_tiled(b))  # no GPU needed
+    odd = torch.randint(0, 256, (2, 128, 40), dtype=torch.uint8)  # N % 16: no whole tile
+    km = ops.prepare_weight_codes(odd, "sm90")
+    assert km.stride(1) == 1 and torch.equal(km, odd)
+    assert ops.prepare_weight_codes(b).shape == b.shape  # CPU: the torch backend's
+    with pytest.raises(ValueError, match=r"backend='nope' is not registered; registered: "):
+        ops.prepare_weight_codes(b, "nope")
+
+
+def test_a_backend_that_does_not_read_tiled_weights_refuses_them_by_name():
+    plain, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3, 2], k=256, n=64, seed=4)
+    tiled = ops.make_b_tiled(b)
+    with pytest.raises(ValueError, match=r"make_b_tiled's layout .* backend 'torch' does not"):
+        ops.run_nvfp4_grouped_gemm(a, tiled, a_sw, b_sw, offs, gsa, gsb, backend="torch")
+    with pytest.raises(ValueError, match=r"mat_b must be \[E, K/2, N\] \(or make_b_tiled's"):
+        ops.run_nvfp4_grouped_gemm(a, tiled[..., :512], a_sw, b_sw, offs, gsa, gsb)
+
+
 # --------------------------------------------------------------------------------------------
 # grouped GEMM
 

@@ -15,6 +15,7 @@ tests/test_sm90_gemm.py (docs/backends.md).
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
@@ -57,6 +58,23 @@ def test_kernels_compile_for_sm90_with_the_mma_and_no_local_memory(regime):
     assert "red.global" in ptx or "atom.global" in ptx or p.split_k == 1  # split-K adds
     if p.swap_ab:  # after the accumulator list, A is a register list, not a smem descriptor
         assert re.search(r"wgmma\.mma_async\S+ \{[^}]*\}, \{%r", ptx), "A not from registers"
+
+
+_LOAD = re.compile(r"\b(ld\.global[\w.:]*|cp\.async\.c[ag]\.shared\.global)")
+
+
+@pytest.mark.parametrize("t,e", [(16, 1), (64, 1), (8192, 8), (8192, 1), (768, 48), (1, 1)])
+def test_tiled_b_keeps_every_kernel_s_load_widths(t, e):
+    # make_b_tiled's offsets (a tile's, a half's and a row's start + (j // 16) * 256 + j % 16)
+    # must not cost Triton its proof of contiguous words: each kernel's PTX has the same loads
+    # and 16-byte async copies (cp.async.cg), of the same widths, as on K-major rows
+    p = g.plan(t, 7168, 6144, e, H200_SMS, stream=False)
+    k_major, tiled = g.compile_for(p, e), g.compile_for(p, e, tiled_b=True)
+    for name, kern in tiled.items():
+        want = Counter(_LOAD.findall(k_major[name].asm["ptx"]))
+        got = Counter(_LOAD.findall(kern.asm["ptx"]))
+        assert want and got == want, f"{name} ({p}): loads {got} with B tiled, {want} K-major"
+        assert "ld.local" not in kern.asm["ptx"], name
 
 
 def test_a_failed_compile_names_the_kernel_and_configuration():

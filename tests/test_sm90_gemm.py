@@ -99,14 +99,38 @@ def _interpret_main() -> None:
         ("dense_plan", [515], 256, 96, 4, None, 2, True),  # one expert past the decode rows
         ("small_past_512", [10] * 50 + [0, 25], 128, 32, 2, None, 2, True),  # BM 16, no split
         # the half decode (fp16 products, the accumulator unfolded by 2^14 before alpha)
-        ("half_split3", [5, 0, 3, 17], 256, 96, 3, g.Plan(16, 64, 16, 3, 4, 1, 3, half_decode=True),
-         3, True),
-        ("half_swap_bm32", [40, 0, 1], 384, 80, 2,
-         g.Plan(32, 64, 16, 1, 4, 1, 2, True, half_decode=True), 2, False),
+        (
+            "half_split3",
+            [5, 0, 3, 17],
+            256,
+            96,
+            3,
+            g.Plan(16, 64, 16, 3, 4, 1, 3, half_decode=True),
+            3,
+            True,
+        ),
+        (
+            "half_swap_bm32",
+            [40, 0, 1],
+            384,
+            80,
+            2,
+            g.Plan(32, 64, 16, 1, 4, 1, 2, True, half_decode=True),
+            2,
+            False,
+        ),
         # the few-rows path: fp16x2 code products on the CUDA cores, whole-K tiles, one launch
         ("hfma_bm1", [1, 0, 2, 1], 256, 96, 3, g.Plan(1, 8, 16, 1, 2, 1, 5, hfma=True), 5, True),
-        ("hfma_bm2_ragged", [3, 0, 1], 384, 80, 2, g.Plan(2, 32, 32, 1, 4, 1, 3, hfma=True), 3,
-         False),  # K and N not multiples of the tile: the masked steps
+        (
+            "hfma_bm2_ragged",
+            [3, 0, 1],
+            384,
+            80,
+            2,
+            g.Plan(2, 32, 32, 1, 4, 1, 3, hfma=True),
+            3,
+            False,
+        ),  # K and N not multiples of the tile: the masked steps
         ("hfma_plan", [1, 1, 0, 1], 256, 64, 1, None, 4, True),  # plan(): one row per expert
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
@@ -136,9 +160,18 @@ def _interpret_main() -> None:
         except AssertionError as err:
             raise AssertionError(f"{name}: {err}") from err
         assert (out[sum(counts) :] == 7.0).all(), f"{name}: rows past offsets[-1] written"
+        if k % 128 == 0 and n % 16 == 0:  # the same plan on make_b_tiled's layout: same bits
+            tiled = out.clone().fill_(7.0)
+            g.launch_grouped_gemm(
+                a, ops.make_b_tiled(b), a_sw, b_sw, offs, gsa, gsb, tiled, workspace=ws,
+                num_sms=sms, the_plan=the_plan,
+            )  # fmt: skip
+            bad = (tiled.view(torch.int16) != out.view(torch.int16)).sum().item()
+            assert bad == 0, f"{name}: {bad} outputs differ with B tiled"
     # mma.sync tiles, split-K, the few-rows path at 4 rows per tile (fewer interpreted tiles)
     for the_plan in (p for p in EVERY_PRODUCT_PLANS if p.bm in (4, 16)):
         _every_product_exact(the_plan, "cpu", num_sms=4)
+        _every_product_exact(the_plan, "cpu", num_sms=4, tiled=True)
     # no routed row: nothing written
     _, (a, b, a_sw, b_sw, offs, gsa, gsb) = gemm_problem([3], k=128, n=32, seed=9)
     offs = torch.zeros_like(offs)
@@ -169,19 +202,20 @@ def _every_product_plans():
 EVERY_PRODUCT_PLANS = _every_product_plans()
 
 
-def _every_product_exact(the_plan, device: str, num_sms: int | None = None) -> None:
-    """every_product_problem through one plan: out equals the oracle bit for bit."""
+def _every_product_exact(
+    the_plan, device: str, num_sms: int | None = None, tiled: bool = False
+) -> None:
+    """every_product_problem through one plan (B K-major, or make_b_tiled's layout): out
+    equals the oracle bit for bit."""
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
     from reference import gemm as rgemm
 
     plain, gemm = every_product_problem()
     a, b, a_sw, b_sw, offs, gsa, gsb = (v.to(device) for v in gemm)
-    b = ops.make_b_k_major(b)
+    b = ops.make_b_tiled(b) if tiled else ops.make_b_k_major(b)
     want = rgemm.grouped_gemm_nvfp4(*plain, oracle=True).to(torch.bfloat16)  # exact in bf16
     out = torch.full(want.shape, 7.0, dtype=torch.bfloat16, device=device)
-    g.launch_grouped_gemm(
-        a, b, a_sw, b_sw, offs, gsa, gsb, out, num_sms=num_sms, the_plan=the_plan
-    )
+    g.launch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, num_sms=num_sms, the_plan=the_plan)
     got = out.cpu()
     bad = (got != want).nonzero()
     assert not len(bad), (
@@ -281,13 +315,19 @@ def test_sm90_on_gpu_within_the_derived_bound(counts, k, n):
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("the_plan", EVERY_PRODUCT_PLANS, ids=lambda p: (
-    f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"
-    f"{'-hfma' if p.hfma else ''}"))
-def test_sm90_on_gpu_every_code_times_every_scale_is_exact(the_plan):
+@pytest.mark.parametrize("tiled", [False, True], ids=["k-major", "tiled"])
+@pytest.mark.parametrize(
+    "the_plan",
+    EVERY_PRODUCT_PLANS,
+    ids=lambda p: (
+        f"bm{p.bm}-split{p.split_k}{'-swap' if p.swap_ab else ''}{'-half' if p.half_decode else ''}"
+        f"{'-hfma' if p.hfma else ''}"
+    ),
+)
+def test_sm90_on_gpu_every_code_times_every_scale_is_exact(the_plan, tiled):
     # subnormal fp16 products (the half decode's value * scale * 2^-14) through mma.sync and
     # wgmma: a flush to zero or a lost sign would be a wrong bit here
-    _every_product_exact(the_plan, "cuda")
+    _every_product_exact(the_plan, "cuda", tiled=tiled)
 
 
 @needs_sm90

@@ -85,6 +85,37 @@ def test_every_stream_plan_compiles_for_sm90a_with_mma_sync_and_no_local_memory(
     assert rep.count("mul.rn.f16x2") == copies * 16 * chunks  # each pair times its scale
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [  # plan()'s defaults (M=1, M=16, 48 x 4, 48 x 16), a prefetch and a ring
+        dict(mt=1, nt=1, warps=8, unroll=2), dict(mt=2, nt=2, warps=8, unroll=2),
+        dict(mt=1, nt=1, warps=8, split_n=True, stage=4, unroll=1),
+        dict(mt=2, nt=2, warps=4, split_n=True, stage=2, unroll=1),
+        dict(mt=2, nt=2, warps=8, prefetch=True, unroll=1), dict(mt=2, nt=1, warps=8, ring=4),
+    ],
+    ids=lambda kw: "-".join(f"{k}{int(v)}" for k, v in kw.items()),
+)  # fmt: skip
+def test_tiled_b_compiles_to_the_same_loads_and_mmas_as_k_major(kw):
+    from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+    from dsv4.kernels.cutedsl.ptx_check import compile_report
+
+    e = 48 if kw.get("split_n") else 1
+    reps = []
+    for tiled in (False, True):
+        cfg = gst.StreamConfig(7168, 6144, e, b_tiled=tiled, **kw)
+        reps.append(compile_report(lambda o, c=cfg: gst.compile_stream(c, gst.ARCH, o), gst.ARCH))
+    k_major, tiled = reps
+    assert not tiled.uses_local_memory
+    assert tiled.spill_store_bytes <= 16 and tiled.spill_load_bytes <= 16
+    for op in (
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+        "ld.global.nc.L1::no_allocate.v4.u32",
+        "cp.async.cg.shared.global",
+        "mul.rn.f16x2",
+    ):
+        assert tiled.count(op) == k_major.count(op), op
+
+
 def _run_ptx(ptx: str, args: dict) -> dict:
     """The integer PTX of the stream decode, executed on int64 numpy words (shl, shr, and, or,
     prmt with a zero operand); each `mul.rn.f16x2 $p, r, $5` records r as pair p (the fp16x2
@@ -188,8 +219,9 @@ def test_candidate_plans_offer_stream_tiles_only_where_they_tile():
         (4, 7168, 6144, 1, (16, 8, 0)),
         (16, 7168, 6144, 1, (32, 16, 0)),  # M=16
         (192, 7168, 6144, 48, (128, 8, 4)),  # 48 experts x 4 rows: split N
-        (768, 7168, 6144, 48, (128, 16, 2)),  # the routed MoE's L1 at 128 tokens
-        (768, 3072, 7168, 48, (128, 16, 2)),  # and its L2
+        (768, 7168, 6144, 48, (256, 16, 2)),  # the routed MoE's L1 at 128 tokens: 8 warps
+        (768, 3072, 7168, 48, (256, 16, 2)),  # and its L2
+        (768, 3072, 7168 + 128, 48, (128, 16, 2)),  # N % 256 != 0: 4 warps
         (768, 3072, 7168 + 64, 48, (32, 16, 0)),  # N not a multiple of 128: K split
         (16, 7168, 6160, 1, (16, 16, 0)),  # N not a multiple of 32: the 16-row tile
         (6, 7168, 6144, 48, None),  # one token's top-6: the few-rows path
@@ -238,8 +270,9 @@ def _plan(mt: int, nt: int, warps: int, stages: int, unroll: int, split_n: int =
 @needs_sm90
 @pytest.mark.gpu
 @pytest.mark.sm90
+@pytest.mark.parametrize("tiled", [False, True], ids=["k-major", "tiled"])
 @pytest.mark.parametrize("tile", GPU_TILES)
-def test_stream_on_gpu_every_code_times_every_scale_is_exact(tile):
+def test_stream_on_gpu_every_code_times_every_scale_is_exact(tile, tiled):
     from dsv4 import ops
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
     from reference import gemm as rgemm
@@ -248,9 +281,8 @@ def test_stream_on_gpu_every_code_times_every_scale_is_exact(tile):
     a, b, a_sw, b_sw, offs, gsa, gsb = (v.cuda() for v in gemm)
     want = rgemm.grouped_gemm_nvfp4(*plain, oracle=True).to(torch.bfloat16)
     out = torch.full(want.shape, 7.0, dtype=torch.bfloat16, device="cuda")
-    g.launch_grouped_gemm(
-        a, ops.make_b_k_major(b), a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile)
-    )
+    b = ops.make_b_tiled(b) if tiled else ops.make_b_k_major(b)
+    g.launch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile))
     got = out.cpu()
     bad = (got != want).nonzero()
     assert not len(bad), (
@@ -267,6 +299,7 @@ def test_stream_on_gpu_every_code_times_every_scale_is_exact(tile):
     "counts,k,n", [([1], 7168, 512), ([16, 0, 3], 2048, 640), ([0, 70, 1, 0, 33], 1024, 384)]
 )
 def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
+    from dsv4 import ops
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
     mt = tile[0]
@@ -278,6 +311,12 @@ def test_stream_on_gpu_within_the_derived_bound(tile, counts, k, n):
     g.launch_grouped_gemm(a, b, a_sw, b_sw, offs, gsa, gsb, out, the_plan=_plan(*tile))
     within_bound(plain, out.cpu(), sum(counts))
     assert (out[sum(counts) :] == 7.0).all(), "rows past the routed ones written"
+    tiled = torch.full_like(out, 7.0)  # make_b_tiled's layout: the same sums, the same bits
+    g.launch_grouped_gemm(
+        a, ops.make_b_tiled(b), a_sw, b_sw, offs, gsa, gsb, tiled, the_plan=_plan(*tile)
+    )
+    bad = (tiled.view(torch.int16) != out.view(torch.int16)).sum().item()
+    assert bad == 0, f"{bad} outputs differ with B tiled"
 
 
 @needs_sm90

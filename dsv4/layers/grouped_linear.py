@@ -30,8 +30,8 @@ from dsv4.ops import (
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
     grouped_gemm_workspace_bytes,
-    make_b_k_major,
     max_padded_rows,
+    prepare_weight_codes,
     quantize_activation_nvfp4_grouped,
     quantize_weight_to_nvfp4,
     quantize_workspace_bytes,
@@ -101,7 +101,7 @@ class GroupedLinear(c.Runner):
         self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
         self._backend_name = select_backend(dev, self.backend, [(g * t, d, r, g)])
         qs = [quantize_weight_to_nvfp4(self._w[i]) for i in range(g)]
-        self._w_codes = make_b_k_major(torch.stack([q[0] for q in qs]))
+        self._w_codes = prepare_weight_codes(torch.stack([q[0] for q in qs]), self._backend_name)
         self._w_sf = assemble_scales_3d_side([q[1] for q in qs])
         self._w_gs = torch.stack([q[2].reshape(()) for q in qs])
         del self._w

@@ -44,8 +44,8 @@ from dsv4.ops import (
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
     grouped_gemm_workspace_bytes,
-    make_b_k_major,
     max_padded_rows,
+    prepare_weight_codes,
     quantize_activation_nvfp4,
     quantize_weight_to_nvfp4,
     quantize_workspace_bytes,
@@ -120,8 +120,8 @@ class RoutedMoERunner(c.Runner):
         self._backend_name = select_backend(
             dev, self.backend, [(rows, h, 2 * i, e), (rows, i, h, e)]
         )
-        self._w13_q = self._weights(self._w13)
-        self._w2_q = self._weights(self._w2)
+        self._w13_q = self._weights(self._w13, self._backend_name)
+        self._w2_q = self._weights(self._w2, self._backend_name)
         del self._w13, self._w2
 
         def zeros(shape, dtype):
@@ -188,10 +188,10 @@ class RoutedMoERunner(c.Runner):
         self.state = c.State.FINALIZED
 
     @staticmethod
-    def _weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[E, K, N] -> (codes [E, K/2, N] K-major, swizzled scales [E, ...], gs fp32 [E])."""
+    def _weights(w: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[E, K, N] -> (codes in `backend`'s layout, swizzled scales [E, ...], gs fp32 [E])."""
         qs = [quantize_weight_to_nvfp4(w[e]) for e in range(w.shape[0])]
-        codes = make_b_k_major(torch.stack([q[0] for q in qs]))
+        codes = prepare_weight_codes(torch.stack([q[0] for q in qs]), backend)
         scales = assemble_scales_3d_side([q[1] for q in qs])
         return codes, scales, torch.stack([q[2].reshape(()) for q in qs])
 

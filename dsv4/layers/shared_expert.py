@@ -25,9 +25,9 @@ from dsv4.ops import (
     DEFAULT_SWIGLU_LIMIT,
     assemble_scales_3d_side,
     grouped_gemm_workspace_bytes,
-    make_b_k_major,
     pad_and_swizzle,
     pad_and_swizzle_workspace_bytes,
+    prepare_weight_codes,
     quantize_activation_nvfp4,
     quantize_weight_to_nvfp4,
     quantize_workspace_bytes,
@@ -85,8 +85,8 @@ class SharedExpertRunner(c.Runner):
         self._resolve_quant_impl(dev)  # fails here when an impl was named that cannot run
         # fails here, naming the need (a capability, or a shape the backend cannot tile)
         self._backend_name = select_backend(dev, self.backend, [(t, h, 2 * i, 1), (t, i, h, 1)])
-        self._w13_q = self._weight(self._w13)
-        self._w2_q = self._weight(self._w2)
+        self._w13_q = self._weight(self._w13, self._backend_name)
+        self._w2_q = self._weight(self._w2, self._backend_name)
         del self._w13, self._w2
 
         def zeros(shape, dtype):
@@ -119,10 +119,12 @@ class SharedExpertRunner(c.Runner):
         self.state = c.State.FINALIZED
 
     @staticmethod
-    def _weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[K, N] -> (codes [1, K/2, N] K-major, swizzled scales [1, ...], gs fp32 [1])."""
+    def _weight(w: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[K, N] -> (codes of one expert in `backend`'s layout, swizzled scales [1, ...], gs
+        fp32 [1])."""
         codes, scales, gs = quantize_weight_to_nvfp4(w)
-        return make_b_k_major(codes[None]), assemble_scales_3d_side([scales]), gs.reshape(1)
+        codes = prepare_weight_codes(codes[None], backend)
+        return codes, assemble_scales_3d_side([scales]), gs.reshape(1)
 
     def calibrate(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Static activation scales from a warm-up sample [T_s, H] (any T_s); returns (gs1, gs2).

@@ -4,8 +4,9 @@ quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, gr
 `quantize_activation_nvfp4_grouped` (one scale per group), `quantize_weight_to_nvfp4`; each
 activation op takes `impl=` ("torch" or "cutedsl", `select_quant_impl`). layouts:
 `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`, `assemble_scales_3d_side`,
-`make_b_k_major`, `compute_expert_offsets`. gemm:
-`run_nvfp4_grouped_gemm` and its backend registry. activation: `swiglu_quantize`.
+`make_b_k_major`, `make_b_tiled` (the sm90 weight layout), `compute_expert_offsets`. gemm:
+`run_nvfp4_grouped_gemm`, its backend registry and `prepare_weight_codes` (the weight layout a
+backend reads, made once at finalize). activation: `swiglu_quantize`.
 Importing registers the `dsv4::*` torch.library custom ops and the `torch`, `sm90` and `sm100`
 GEMM backends (Triton / CuTeDSL load on their first call); it touches no GPU. No function here
 reads an environment variable. Every op a runner calls takes an optional `workspace=` (uint8 scratch
@@ -28,6 +29,7 @@ from dsv4.ops.gemm import (
     describe_device,
     device_capability,
     grouped_gemm_workspace_bytes,
+    prepare_weight_codes,
     register_backend,
     requires_capability,
     run_nvfp4_grouped_gemm,
@@ -41,9 +43,11 @@ from dsv4.ops.layouts import (
     assemble_scales_2d_side,
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
+    b_dims,
     compute_blockscale_offsets,
     compute_expert_offsets,
     make_b_k_major,
+    make_b_tiled,
     max_padded_rows,
     pad_and_swizzle,
     pad_and_swizzle_workspace_bytes,
@@ -94,7 +98,9 @@ __all__ = [
     "describe_device",
     "device_capability",
     "global_scale_from_amax",
+    "b_dims",
     "make_b_k_major",
+    "make_b_tiled",
     "max_padded_rows",
     "nvfp4_amax",
     "pad_and_swizzle",
@@ -103,6 +109,7 @@ __all__ = [
     "quantize_weight_to_nvfp4",
     "register_backend",
     "requires_capability",
+    "prepare_weight_codes",
     "run_nvfp4_grouped_gemm",
     "select_backend",
     "torch_grouped_gemm",

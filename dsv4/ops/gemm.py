@@ -8,8 +8,10 @@ names a backend whose capability is missing fails naming what it needs and what 
 The backends are siblings, one module each, registered when dsv4.ops is imported:
 `gemm_torch` (portable, any device), `gemm_sm90` (Triton, sm_90) and `gemm_sm100` (CuTeDSL,
 sm_100a). A backend declares its scratch size (`workspace_bytes`), whether it reads B only
-K-major, and the shapes it can tile (`shape_supports`, checked at the call: a refused shape
-fails naming why, never falls back).
+K-major, its own weight layout if it has one (`prepare_b`, made once at finalize by
+`prepare_weight_codes`; `b_tiled`: it reads make_b_tiled's 4-D layout), and the shapes it can
+tile (`shape_supports`, checked at the call: a refused shape fails naming why, never falls
+back).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.ops import _checks
-from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, round_up
+from dsv4.ops.layouts import ATOM_COLS, ATOM_ROWS, b_dims, make_b_k_major, round_up
 from dsv4.ops.quantize import BLOCK
 
 GemmFn = Callable[..., None]  # (mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out) -> None
@@ -46,6 +48,11 @@ class Backend:
     b_k_major: bool = False
     # (T, K, N, E) -> (ok, why): the shapes the backend implements; None: every valid shape
     shape_supports: Callable[[int, int, int, int], tuple[bool, str]] | None = None
+    # codes [E, K/2, N] -> the backend's own weight layout (made once at finalize); None: as
+    # b_k_major says
+    prepare_b: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # also reads make_b_tiled's 4-D layout [E, N/16, K/128, 1024]
+    b_tiled: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -110,18 +117,40 @@ def register_backend(
     workspace_bytes: Callable[[int, int, int, int], int] | None = None,
     b_k_major: bool = False,
     shape_supports: Callable[[int, int, int, int], tuple[bool, str]] | None = None,
+    prepare_b: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    b_tiled: bool = False,
 ) -> None:
     """Add (or replace) a backend. `fn(mat_a, mat_b, scale_a, scale_b, offsets, gsa, gsb, out)`
     gets validated operands and writes `out`; `supports(device) -> (ok, why)` says where it runs
     (`requires_capability(10, 0)` for sm100). `priority` defaults to DEFAULT_PRIORITY[name].
     `b_k_major`: the backend reads mat_b only in make_b_k_major's layout (checked at the call).
-    `shape_supports(T, K, N, E) -> (ok, why)`: the shapes it implements (checked at the call)."""
+    `shape_supports(T, K, N, E) -> (ok, why)`: the shapes it implements (checked at the call).
+    `prepare_b(codes [E, K/2, N]) -> mat_b`: the backend's own weight layout, which
+    `prepare_weight_codes` makes once at finalize; `b_tiled`: it reads make_b_tiled's layout."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name=}")
     if not callable(fn) or not callable(supports):
         raise ValueError(f"fn and supports must be callable, got {fn=} {supports=}")
     prio = DEFAULT_PRIORITY.get(name, 0) if priority is None else priority
-    _BACKENDS[name] = Backend(name, fn, supports, prio, workspace_bytes, b_k_major, shape_supports)
+    _BACKENDS[name] = Backend(
+        name, fn, supports, prio, workspace_bytes, b_k_major, shape_supports, prepare_b, b_tiled
+    )
+
+
+def prepare_weight_codes(b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Weight codes [E, K/2, N] -> the layout `backend` reads (None: the backend
+    select_backend picks for b's device; a named one needs no device of its kind, so weights
+    can be laid out ahead), made once at finalize: its declared `prepare_b`, else
+    make_b_k_major's where it reads only K-major, else b itself."""
+    _checks.tensor("b", b, (torch.uint8,), ndim=3)
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is not registered; registered: {', '.join(available_backends())}"
+        )
+    spec = _BACKENDS[backend or select_backend(b.device)]
+    if spec.prepare_b is not None:
+        return spec.prepare_b(b)
+    return make_b_k_major(b) if spec.b_k_major else b
 
 
 def backend_supports_shape(backend: str, t: int, k: int, n: int, e: int) -> tuple[bool, str]:
@@ -194,14 +223,19 @@ def select_backend(
 
 def _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, gsa, gsb, out) -> None:
     _checks.tensor("mat_a", mat_a, (torch.uint8,), ndim=2)
-    _checks.tensor("mat_b", mat_b, (torch.uint8,), ndim=3)
+    _checks.tensor("mat_b", mat_b, (torch.uint8,))
+    if mat_b.dim() not in (3, 4) or (mat_b.dim() == 4 and mat_b.shape[3] != 1024):
+        raise ValueError(
+            "mat_b must be [E, K/2, N] (or make_b_tiled's [E, N/16, K/128, 1024]), got "
+            f"mat_b.shape={tuple(mat_b.shape)}"
+        )
     _checks.tensor("scale_a", scale_a, _checks.SCALE_DTYPES, ndim=1)
     _checks.tensor("scale_b", scale_b, _checks.SCALE_DTYPES, ndim=2)
     _checks.tensor("expert_offsets", expert_offsets, (torch.int32,), ndim=1)
     _checks.tensor("global_scale_a", gsa, (torch.float32,), ndim=1)
     _checks.tensor("global_scale_b", gsb, (torch.float32,), ndim=1)
     t, kh = mat_a.shape
-    e, kbh, n = mat_b.shape
+    e, kbh, n = b_dims(mat_b)
     k = 2 * kh
     if k % BLOCK:
         raise ValueError(f"K must be a multiple of {BLOCK}, got mat_a.shape={tuple(mat_a.shape)}")
@@ -307,26 +341,28 @@ def run_nvfp4_grouped_gemm(
     """
     _validate(mat_a, mat_b, scale_a, scale_b, expert_offsets, global_scale_a, global_scale_b, out)
     name = select_backend(mat_a.device, backend)
-    ok, why = backend_supports_shape(
-        name, mat_a.shape[0], 2 * mat_a.shape[1], mat_b.shape[2], mat_b.shape[0]
-    )
+    e, _, n = b_dims(mat_b)
+    ok, why = backend_supports_shape(name, mat_a.shape[0], 2 * mat_a.shape[1], n, e)
     if not ok:
         raise ValueError(why)
-    if _BACKENDS[name].b_k_major and mat_b.stride(1) != 1:
+    if mat_b.dim() == 4 and not _BACKENDS[name].b_tiled:
+        raise ValueError(
+            f"mat_b is make_b_tiled's layout (shape {tuple(mat_b.shape)}), which backend "
+            f"{name!r} does not read: give it prepare_weight_codes(codes, {name!r})"
+        )
+    if mat_b.dim() == 3 and _BACKENDS[name].b_k_major and mat_b.stride(1) != 1:
         raise ValueError(
             f"backend {name!r} reads mat_b K-major (make_b_k_major, once at finalize), got "
             f"mat_b.stride()={mat_b.stride()}"
         )
     if workspace is not None:
-        t, n, e = mat_a.shape[0], mat_b.shape[2], mat_b.shape[0]
+        t = mat_a.shape[0]
         need = grouped_gemm_workspace_bytes(name, t, 2 * mat_a.shape[1], n, e)
         if _BACKENDS[name].workspace_bytes is None:
             raise ValueError(f"backend {name!r} takes no workspace, got one")
         _checks.workspace(workspace, mat_a.device, need)
     if out is None:
-        out = torch.zeros(
-            (mat_a.shape[0], mat_b.shape[2]), dtype=torch.bfloat16, device=mat_a.device
-        )
+        out = torch.zeros((mat_a.shape[0], n), dtype=torch.bfloat16, device=mat_a.device)
     _grouped_gemm_op(
         mat_a,
         mat_b,

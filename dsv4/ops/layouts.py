@@ -354,3 +354,35 @@ def make_b_k_major(b: torch.Tensor) -> torch.Tensor:
     """
     _checks.tensor("b", b, (torch.uint8,), ndim=3)
     return b.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+TILE_ROWS, TILE_K = 16, 128  # make_b_tiled: weight rows and K elements of one 1 KiB chunk
+
+
+def make_b_tiled(b: torch.Tensor) -> torch.Tensor:
+    """Packed weight codes [E, K/2, N] -> the sm90 backend's tiled layout [E, N/16, K/128, 1024].
+
+    Chunk [e, i, s] holds rows n = 16i .. 16i + 15, K elements 128s .. 128s + 127: rows 16i ..
+    16i + 7 first, then 16i + 8 .. 16i + 15, 64 bytes each (byte c of row n at (n % 16 // 8) *
+    512 + (n % 8) * 64 + c). That is the order of the swapped m16n8k16 MMA's weight fragments
+    (row g and g + 8 of a 16-row tile, lane (g, t) holding 16 bytes of each): a warp's 16-byte
+    loads of one K step read 512 contiguous bytes, where K-major rows give 8 runs of 64 bytes.
+    Needs N % 16 == 0 and K % 128 == 0. Made once at finalize (`prepare_b`), like make_b_k_major.
+    """
+    _checks.tensor("b", b, (torch.uint8,), ndim=3)
+    e, kh, n = b.shape
+    if n % TILE_ROWS or (2 * kh) % TILE_K:
+        raise ValueError(
+            f"make_b_tiled needs N % {TILE_ROWS} == 0 and K % {TILE_K} == 0, got "
+            f"b.shape={tuple(b.shape)} (K={2 * kh}, N={n})"
+        )
+    rows = b.transpose(1, 2).reshape(e, n // TILE_ROWS, 2, 8, 2 * kh // TILE_K, TILE_K // 2)
+    return rows.permute(0, 1, 4, 2, 3, 5).reshape(e, n // TILE_ROWS, 2 * kh // TILE_K, 1024)
+
+
+def b_dims(b: torch.Tensor) -> tuple[int, int, int]:
+    """(E, K/2, N) of weight codes: [E, K/2, N] (any strides) or make_b_tiled's 4-D layout."""
+    if b.dim() == 4:
+        return b.shape[0], b.shape[2] * TILE_K // 2, b.shape[1] * TILE_ROWS
+    e, kh, n = b.shape
+    return e, kh, n

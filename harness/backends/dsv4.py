@@ -38,9 +38,9 @@ from dsv4.ops import (
     assemble_scales_2d_side_from_offsets,
     assemble_scales_3d_side,
     global_scale_from_amax,
-    make_b_k_major,
     max_padded_rows,
     nvfp4_amax,
+    prepare_weight_codes,
     quantize_activation_nvfp4,
     run_nvfp4_grouped_gemm,
     select_backend,
@@ -214,7 +214,7 @@ class Dsv4Adapter(LayerAdapterMixin, AdapterBase):
     def grouped_gemm(self, ops: GemmOperands, out):
         run_nvfp4_grouped_gemm(
             ops.a_codes,
-            make_b_k_major(ops.b_codes),  # the production layout
+            prepare_weight_codes(ops.b_codes, self.backend),  # the backend's layout
             ops.a_scales_swizzled,
             ops.b_scales_swizzled,
             ops.expert_offsets,

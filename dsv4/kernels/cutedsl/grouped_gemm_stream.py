@@ -7,8 +7,10 @@ shared-memory round trip, no dequantize launch, no split-K workspace. The MMA is
 "columns" 8 tokens, so a tile of 16 weight rows feeds 8 tokens per instruction.
 
 Operands are every backend's (docs/backends.md): A codes [T, K/2] (rows in expert order), the
-2-D-side swizzled scale_a (each expert's rows padded to 128), B K-major ([E, N, K/2] in memory),
-the 3-D-side swizzled scale_b, int32 END offsets [E], fp32 gsa / gsb ([E] or [1]).
+2-D-side swizzled scale_a (each expert's rows padded to 128), B K-major ([E, N, K/2] in memory)
+or, with `StreamConfig.b_tiled`, make_b_tiled's [E, N/16, K/128, 1024] (the fragment order: a
+warp's loads of one K step read 512 contiguous bytes instead of 8 runs of 64), the 3-D-side
+swizzled scale_b, int32 END offsets [E], fp32 gsa / gsb ([E] or [1]).
 
 Fragments. Thread (g = lane / 4, t = lane % 4) of a warp holds, per 128-K step, the four int32
 words 4t..4t+3 of the step's 64 bytes of weight row g and of row g + 8 (two 16-byte loads), and
@@ -86,6 +88,9 @@ class StreamConfig:
     stage: int = 4  # split_n: K steps a token-fragment buffer holds (at most: a divisor of K/128)
     gsa_per_expert: bool = True
     gsb_per_expert: bool = True
+    # B in make_b_tiled's layout (a warp's 16-byte loads of a step: 512 contiguous bytes),
+    # else K-major rows (8 runs of 64 bytes)
+    b_tiled: bool = False
 
     def __post_init__(self) -> None:
         if self.mt not in (1, 2, 4) or self.nt not in (1, 2, 4) or self.warps not in (2, 4, 8, 16):
@@ -314,7 +319,7 @@ class StreamGemmKernel:
         out_ptr: cute.Pointer,
         stride_a: Int32,  # bytes between A rows
         stride_be: Int64,  # bytes between experts of B
-        stride_bn: Int32,  # bytes between rows n of B
+        stride_bn: Int32,  # bytes between rows n of B (b_tiled: between 16-row tiles)
         stride_se: Int32,  # bytes between experts of scale_b
         stream,
     ):
@@ -405,7 +410,11 @@ class StreamGemmKernel:
         for mt in cutlass.range_constexpr(mt_n):
             for h in cutlass.range_constexpr(2):
                 n = n0 + 16 * mt + 8 * h + g
-                b_rows.append(b_base + Int64(n) * Int64(stride_bn) + Int64(tg * 16))
+                if cutlass.const_expr(cfg.b_tiled):  # stride_bn: bytes between 16-row tiles
+                    tile = Int64(n0 // 16 + mt) * Int64(stride_bn)
+                    b_rows.append(b_base + tile + Int64(h * 512 + lane * 16))
+                else:
+                    b_rows.append(b_base + Int64(n) * Int64(stride_bn) + Int64(tg * 16))
                 sb_rows.append(sb_base + Int64(self._swizzle_row(n, n_cb) + 2 * (tg % 2)))
         col_step = Int64(512 * (tg // 2))  # the scale atom column of blocks 2t, 2t + 1
 
@@ -475,7 +484,7 @@ class StreamGemmKernel:
             out += _ld_v4(a_rows[nt] + kb, valid[nt] & on)
             out.append(_ld_u16(sa_rows[nt] + ks, valid[nt] & on))
         for r in cutlass.range_constexpr(2 * self.cfg.mt):
-            out += _ld_v4(b_rows[r] + kb, on)
+            out += _ld_v4(b_rows[r] + Int64(s) * self._b_step, on)
         for r in cutlass.range_constexpr(2 * self.cfg.mt):
             out.append(_ld_u16(sb_rows[r] + ks, on))
         return out
@@ -564,12 +573,13 @@ class StreamGemmKernel:
         on = Uint32(1) if live else Uint32(0)
         kb = Int64(s) * 64
         ks = Int64(s) * 1024 + col_step - Int64(2 * (tidx % 4 % 2))  # the 4-byte word
-        srcs = [(a_rows[i], sa_rows[i], valid[i] & on) for i in range(cfg.nt)]
-        srcs += [(b_rows[r], sb_rows[r], on) for r in range(2 * cfg.mt)]
+        kbb = Int64(s) * self._b_step
+        srcs = [(a_rows[i] + kb, sa_rows[i], valid[i] & on) for i in range(cfg.nt)]
+        srcs += [(b_rows[r] + kbb, sb_rows[r], on) for r in range(2 * cfg.mt)]
         for c in cutlass.range_constexpr(chunks):
             at = (slot * chunks + c) * threads + tidx
             row, srow, ok = srcs[c]
-            _cp_async(ring + at * 16, row + kb, 16, ok)
+            _cp_async(ring + at * 16, row, 16, ok)
             _cp_async(ring + threads * cfg.ring * chunks * 16 + at * 4, srow + ks, 4, ok)
 
     @cute.jit
@@ -587,7 +597,7 @@ class StreamGemmKernel:
         registers live than _fetch + _step: more warps per SM, faster where measured)."""
         bfrag = [self._token_frag(rows, s, nt) for nt in range(self.cfg.nt)]
         _, _, _, b_rows, sb_rows, col_step = rows
-        kb = Int64(s * 64)
+        kb = Int64(s * self._b_step)
         ks = Int64(s * 1024) + col_step
         for mt in cutlass.range_constexpr(self.cfg.mt):
             wg = _ld_v4(b_rows[2 * mt] + kb, Uint32(1))
@@ -595,6 +605,12 @@ class StreamGemmKernel:
             g0, g1 = _scale_pair(sb_rows[2 * mt] + ks, Uint32(1))
             e0, e1 = _scale_pair(sb_rows[2 * mt + 1] + ks, Uint32(1))
             self._tile_mmas(mt, wg, w8, (g0, g1), (e0, e1), bfrag, acc)
+
+    @property
+    def _b_step(self) -> int:
+        """Bytes between one K step's and the next's weight loads: 1 KiB chunks (tiled), else
+        64 bytes of a row."""
+        return 1024 if self.cfg.b_tiled else 64
 
     @property
     def _stage_words(self) -> int:
@@ -645,7 +661,7 @@ class StreamGemmKernel:
         where they are used (fewer registers live)."""
         _, _, _, b_rows, sb_rows, col_step = rows
         mt_n, nt_n = self.cfg.mt, self.cfg.nt
-        kb = Int64(s * 64)
+        kb = Int64(s * self._b_step)
         ks = Int64(s * 1024) + col_step
         words = [_ld_v4(b_rows[r] + kb, Uint32(1)) for r in range(2 * mt_n)]
         scales = [_scale_pair(sb_rows[r] + ks, Uint32(1)) for r in range(2 * mt_n)]
@@ -736,16 +752,19 @@ def run_stream_gemm(
     from cuda.bindings import driver
     from cutlass.cute.runtime import make_ptr
 
+    from dsv4.ops.layouts import b_dims
+
     t, kh = mat_a.shape
-    e, _, n = mat_b.shape
-    if (2 * kh, n, e) != (cfg.k, cfg.n, cfg.e):
-        raise ValueError(f"{cfg} was given K={2 * kh} N={n} E={e}")
+    e, _, n = b_dims(mat_b)
+    if (2 * kh, n, e, mat_b.dim() == 4) != (cfg.k, cfg.n, cfg.e, cfg.b_tiled):
+        raise ValueError(f"{cfg} was given K={2 * kh} N={n} E={e}, mat_b.dim()={mat_b.dim()}")
     if mat_a.data_ptr() % 16 or mat_a.stride(0) % 16 or mat_b.data_ptr() % 16:
         raise ValueError(
             "the stream kernel loads 16 bytes at a time: A and B must start 16-byte aligned "
             f"and A's rows be multiples of 16 bytes, got mat_a.stride()={mat_a.stride()}"
         )
-    if mat_b.stride(2) % 16 or mat_b.stride(0) % 16:
+    row = 1 if cfg.b_tiled else 2  # the stride between rows n, or between 16-row tiles
+    if mat_b.stride(row) % 16 or mat_b.stride(0) % 16:
         raise ValueError(f"B's rows must be 16-byte multiples, got mat_b.stride()={mat_b.stride()}")
     kernel = compile_stream(cfg)
     tensors = (mat_a, scale_a, mat_b, scale_b, offsets, gsa, gsb, out)
@@ -758,7 +777,7 @@ def run_stream_gemm(
         *ptrs,
         Int32(mat_a.stride(0)),
         Int64(mat_b.stride(0)),
-        Int32(mat_b.stride(2)),
+        Int32(mat_b.stride(row)),
         Int32(scale_b.view(torch.uint8).stride(0) if scale_b.dim() > 1 else 0),
         stream,
     )

@@ -1,7 +1,9 @@
 """NVFP4 grouped GEMM (2D x 3D) for sm_90 in Triton: FP4 decoded in registers, fp16 MMA, fp32 acc.
 
-Same operands as every backend (docs/backends.md); B must be K-major (`make_b_k_major`, the
-production layout), so each expert's codes are read as int32 words of 8 consecutive K elements.
+Same operands as every backend (docs/backends.md); B is the backend's own layout
+(`make_b_tiled`: 1 KiB chunks of 16 rows x 128 K, made once at finalize by `prepare_weight_codes`)
+or K-major (`make_b_k_major`), so each expert's codes are read as int32 words of 8 consecutive K
+elements either way (`_b_row`, `_b_word`: the constexpr TILED_B picks the address arithmetic).
 Three launches, all reading the expert offsets on the device (no host sync, graph-capturable):
 
 1. `_dequant_kernel` (GROUPED): A codes + per-group swizzled scales -> fp16 A (exact) in a K
@@ -36,9 +38,9 @@ Status: on an H200 (Triton 3.6) every harness grouped-GEMM and layer case run so
 its bound, and CUDA-graph capture, no allocation and no host sync hold; the plan's tiles are the
 fastest of `candidate_plans` measured there by bench/gemm.py --plans; the half decode's products
 are bit-exact through its MMAs (every code x every scale byte), and so are the few-rows path's.
-Speed: 0.45x (8 experts x 1024) to 0.93x (one expert, M=8192, dense) of BF16 cuBLAS, 1.3-1.7x at
-48 experts x 4-16 rows, 1.6x at M=1 (few-rows path); far from the weight-bytes roofline at decode
-(docs/backends.md).
+Speed: 0.46x (8 experts x 1024) to 0.92x (one expert, M=8192, dense) of BF16 cuBLAS; at decode
+shapes the stream path (2.1x at M=1, 2.8-3.5x at 48 experts x 4-16 rows); far from the
+weight-bytes roofline at decode (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from dsv4.kernels.triton import fp4_bits
 from dsv4.ops._workspace import Sizer, Workspace
+from dsv4.ops.layouts import b_dims
 
 WORD = fp4_bits.WORD_ELEMS  # K elements per int32 word
 # fp4_bits' constants as constexpr globals (a @triton.jit body may read only those)
@@ -212,6 +215,26 @@ def _swizzle_offset(r, c, n_cb):
 
 
 @triton.jit
+def _b_row(n, stride_bn, TILED_B: tl.constexpr):
+    """Word offset of weight row n within its expert: n * stride_bn (K-major), or in
+    make_b_tiled's layout (stride_bn: the words of one 16-row tile) its tile's, half's and
+    row's start."""
+    n64 = n.to(tl.int64)
+    if TILED_B:
+        return (n64 // 16) * stride_bn + (n64 // 8 % 2) * 128 + (n64 % 8) * 16
+    return n64 * stride_bn
+
+
+@triton.jit
+def _b_word(j, TILED_B: tl.constexpr):
+    """Word offset of K word j (8 elements) within a row: j (K-major), or in make_b_tiled's
+    layout its 128-K chunk's (256 words) and its word within the row's 64 bytes."""
+    if TILED_B:
+        return (j // 16) * 256 + j % 16
+    return j
+
+
+@triton.jit
 def _alpha(gsa_ptr, gsb_ptr, g, GSA_PER_EXPERT: tl.constexpr, GSB_PER_EXPERT: tl.constexpr):
     """alpha = gsa[g] * gsb[g] in fp32 (reference.gemm's rounding)."""
     ga = tl.load(gsa_ptr + g) if GSA_PER_EXPERT else tl.load(gsa_ptr + g * 0)
@@ -242,6 +265,7 @@ def _dequant_kernel(
     GROUPED: tl.constexpr,  # rows are A's: scale rows padded per group; else one expert's B
     NATURAL: tl.constexpr,  # dst [R, K] in K order (dense path); else the permuted Ap planes
     ZERO: tl.constexpr,  # also zero zero_ptr[:zero_numel] (split-K: saves a memset launch)
+    TILED_B: tl.constexpr,  # src is B in make_b_tiled's layout (stride_src: per tile)
 ):
     """Exact fp16 values of codes * block scale: the permuted Ap [8, R, KW] of the fused path,
     or the natural [R, K] matrix of the dense path, whose 8 lanes of a word are joined back
@@ -264,9 +288,8 @@ def _dequant_kernel(
         total = R
         srow = rows
     mask = (rows[:, None] < total) & (j[None, :] < KW)
-    w = tl.load(
-        words_ptr + rows[:, None].to(tl.int64) * stride_src + j[None, :], mask=mask, other=0
-    )
+    src = _b_row(rows, stride_src, TILED_B)[:, None] + _b_word(j, TILED_B)[None, :]
+    w = tl.load(words_ptr + src, mask=mask, other=0)
     n_cb = (KW // 2 + 3) // 4  # scale columns K/16 = KW/2, in atoms of 4
     soff = _swizzle_offset(srow[:, None], j[None, :] // 2, n_cb)
     s = _folded_scale(tl.load(scale_ptr + soff, mask=mask, other=0))
@@ -297,7 +320,7 @@ def _k_loop(
     ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
     KW, plane, n_cb, stride_be, stride_bn, stride_se,
     BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SWAP_AB: tl.constexpr, HALF_DECODE: tl.constexpr,
+    SWAP_AB: tl.constexpr, HALF_DECODE: tl.constexpr, TILED_B: tl.constexpr,
 ):  # fmt: skip
     """acc over K steps k0..k1: acc += Ap[r] @ B_r for the 8 word lanes r, [BM, BN]. SWAP_AB
     computes its transpose, acc^T [BN, BM] += B_r^T @ Ap[r]^T: the decoded weight tile is then the
@@ -305,7 +328,7 @@ def _k_loop(
     orientation of the tiles differs; the loads, the decode and the sums are the same.
     HALF_DECODE: the fp16 decode, acc is 2^-14 times the sum (the caller unfolds it)."""
     s_base = scale_b_ptr + e64 * stride_se
-    col64 = cols.to(tl.int64) * stride_bn
+    col64 = _b_row(cols, stride_bn, TILED_B)
     if SWAP_AB:  # tiles [BN, BJ] of B, [BJ, BM] of A
         b_base = b_words_ptr + e64 * stride_be + col64[:, None]
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -317,13 +340,13 @@ def _k_loop(
         jmask = j < KW
         if SWAP_AB:
             bmask = cmask[:, None] & jmask[None, :]
-            w = tl.load(b_base + j[None, :], mask=bmask, other=0)
+            w = tl.load(b_base + _b_word(j, TILED_B)[None, :], mask=bmask, other=0)
             soff = _swizzle_offset(cols[:, None], j[None, :] // 2, n_cb)
             amask = jmask[:, None] & rmask[None, :]
             a_ptrs = ap_ptr + rows[None, :] * KW + j[:, None]
         else:
             bmask = jmask[:, None] & cmask[None, :]
-            w = tl.load(b_base + j[:, None], mask=bmask, other=0)
+            w = tl.load(b_base + _b_word(j, TILED_B)[:, None], mask=bmask, other=0)
             soff = _swizzle_offset(cols[None, :], j[:, None] // 2, n_cb)
             amask = rmask[:, None] & jmask[None, :]
             a_ptrs = ap_ptr + rows[:, None] * KW + j[None, :]
@@ -374,6 +397,7 @@ def _grouped_gemm_kernel(
     NUM_STAGES: tl.constexpr,
     SWAP_AB: tl.constexpr,  # decoded B as the dot's left operand, rows as its N (decode)
     HALF_DECODE: tl.constexpr,  # fp16 decode: acc is 2^-14 times the sum
+    TILED_B: tl.constexpr,  # B in make_b_tiled's layout (stride_bn: words per tile)
 ):
     b_words_ptr = b_ptr.to(tl.pointer_type(tl.int32))
     idx, ends, starts, _ = _expert_table(offsets_ptr, E, E_PAD)
@@ -399,7 +423,7 @@ def _grouped_gemm_kernel(
         acc = _k_loop(
             ap_ptr, b_words_ptr, scale_b_ptr, e64, rows, cols, rmask, cmask, k0, k1,
             KW, plane, n_cb, stride_be, stride_bn, stride_se, BM, BN, BJ, NUM_STAGES, SWAP_AB,
-            HALF_DECODE,
+            HALF_DECODE, TILED_B,
         )  # fmt: skip
         if SWAP_AB:
             acc = tl.trans(acc)
@@ -441,6 +465,7 @@ def _hfma_kernel(
     ASM: tl.constexpr,  # fma.rn.f16x2 by inline PTX (False: the interpreter's fp16 halves)
     EVEN_K: tl.constexpr,  # KW % BJ == 0
     EVEN_N: tl.constexpr,  # N % BN == 0
+    TILED_B: tl.constexpr,  # B in make_b_tiled's layout (stride_bn: words per tile)
 ):
     """The few-rows path: no MMA, no dequantize launch, no split-K, one launch. Per 16-element
     block (two words of A and of B) the CODE products are summed in fp16x2 FMAs: B's fp16
@@ -476,7 +501,7 @@ def _hfma_kernel(
         cmask = cols < N if not EVEN_N else cols >= 0  # (all True: N % BN == 0)
         e64 = e.to(tl.int64)
         a_base = a_words + rows[:, None, None].to(tl.int64) * stride_a
-        b_base = b_words + e64 * stride_be + cols[None, :, None].to(tl.int64) * stride_bn
+        b_base = b_words + e64 * stride_be + _b_row(cols[None, :, None], stride_bn, TILED_B)
         sw_base = scale_b_ptr + e64 * stride_se + _swizzle_row(cols[None, :, None], n_cb)
         sa_base = scale_a_ptr + _swizzle_row(srows, n_cb)
         r3 = rmask[:, None, None]
@@ -485,16 +510,17 @@ def _hfma_kernel(
         for step in tl.range(0, tl.cdiv(KW, BJ), num_stages=NUM_STAGES):
             j = (step * BJ + jj)[None, None, :]
             c = step * (BJ // 2) + cc
+            jb = _b_word(j, TILED_B)
             sc = _swizzle_col(c)[None, None, :]
             if EVEN_K:  # no K mask: every step is whole
-                w = tl.load(b_base + j, mask=c3, other=0)
+                w = tl.load(b_base + jb, mask=c3, other=0)
                 a = tl.load(a_base + j, mask=r3, other=0)
                 sw = tl.load(sw_base + sc, mask=c3, other=0)
                 sa = tl.load(sa_base + sc, mask=r3, other=0)
             else:
                 jm = j < KW
                 km = (c < KW // 2)[None, None, :]
-                w = tl.load(b_base + j, mask=c3 & jm, other=0)
+                w = tl.load(b_base + jb, mask=c3 & jm, other=0)
                 a = tl.load(a_base + j, mask=r3 & jm, other=0)
                 sw = tl.load(sw_base + sc, mask=c3 & km, other=0)
                 sa = tl.load(sa_base + sc, mask=r3 & km, other=0)
@@ -678,19 +704,21 @@ def _stream_default(t: int, k: int, n: int, e: int) -> Plan | None:
     rows x 8 tokens (M=1 13.97 us, the few-rows path 16.09), 9..16 rows 32 x 16 (M=16 18.41,
     MMA 35.17; split_n's <= 96 CTAs: >= 49.9). Many experts (split_n: the warps split the rows,
     each token fragment decoded once per CTA): 3..8 rows 8 warps x 16 rows x 8 tokens, stages
-    of 4 steps (48 x 4 rows 400.8 us, K-split 64 x 8 520.8), 9..16 rows 4 warps x 32 rows x 16
-    tokens, stages of 2 (48 x 16 rows 521.1, K-split 584.2; its L2 at K 3072 N 7168 265.1 vs
-    334.7); where N does not divide, the K-split tiles. Not taken: many experts of <= 2 rows (one
-    token's top-6 over 48: 78.4 us, the few-rows path 68.4) and past 16 rows (M=64: 56.7 us,
-    the swapped MMA 48.7)."""
+    of 4 steps (48 x 4 rows 400.8 us, K-split 64 x 8 520.8), 9..16 rows 8 warps x 32 rows x 16
+    tokens, stages of 2, where N % 256 == 0 (tiled weights: 48 x 16 rows 406.6 us, 4 warps
+    424.6; the routed MoE's uniform routing at 128 tokens 567.5 vs 581.9, its L2 285.8 vs
+    292.5), else 4 warps; where N does not divide, the K-split tiles. Not taken: many experts
+    of <= 2 rows (one token's top-6 over 48: 78.4 us, the few-rows path 68.4) and past 16 rows
+    (M=64: 56.7 us, the swapped MMA 48.7)."""
     rows = triton.cdiv(t, max(1, e))
     if not stream_available() or k % 128 or rows > 16 or (e > 1 and rows <= HFMA_MAX_ROWS):
         return None
     nt = 1 if rows <= 8 else 2
     if e > 1:
-        mt, warps, stage = (1, 8, 4) if nt == 1 else (2, 4, 2)
-        if n % (16 * mt * warps) == 0:
-            return _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
+        tiles = ((1, 8, 4),) if nt == 1 else ((2, 8, 2), (2, 4, 2))
+        for mt, warps, stage in tiles:  # the measured best, else the one N allows
+            if n % (16 * mt * warps) == 0:
+                return _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
     prefer = 1 if e == 1 and nt == 1 else (4 if nt == 1 else 2)
     for mt in (4, 2, 1):  # the preferred weight tile, else the largest smaller one N allows
         if mt <= prefer and n % (16 * mt) == 0:
@@ -742,14 +770,17 @@ def stream_available() -> bool:
     return available()[0]
 
 
-def stream_config(p: Plan, k: int, n: int, e: int, gsa_pe: bool = True, gsb_pe: bool = True):
-    """The CuTeDSL kernel configuration of stream plan `p` (imports cutlass)."""
+def stream_config(
+    p: Plan, k: int, n: int, e: int, gsa_pe: bool = True, gsb_pe: bool = True, tiled: bool = False
+):
+    """The CuTeDSL kernel configuration of stream plan `p`, B tiled (make_b_tiled) or K-major
+    (imports cutlass)."""
     from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
 
     ring = p.num_stages if p.num_stages > 2 else 0
     return gst.StreamConfig(
         k, n, e, p.bn // 16, p.bm // 8, p.num_warps, p.num_stages == 2, p.unroll, ring,
-        p.split_n, p.stage or 4, gsa_pe, gsb_pe,
+        p.split_n, p.stage or 4, gsa_pe, gsb_pe, tiled,
     )  # fmt: skip
 
 
@@ -872,14 +903,25 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _check_layout(mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
-    """Word loads need 4-byte aligned rows: A row-major, B K-major (make_b_k_major)."""
+def _check_layout(mat_a: torch.Tensor, mat_b: torch.Tensor) -> tuple[int, int]:
+    """Word loads need 4-byte aligned rows: A row-major, B K-major (make_b_k_major) or tiled
+    (make_b_tiled, contiguous). Returns B's (words between experts, words between rows n, or
+    between 16-row tiles where tiled)."""
     if mat_a.stride(1) != 1 or mat_a.stride(0) % 4 or mat_a.storage_offset() % 4:
         raise ValueError(
             f"backend 'sm90' reads mat_a as int32 words: needs row-major rows on 4-byte "
             f"boundaries, got mat_a.stride()={mat_a.stride()} "
             f"storage_offset={mat_a.storage_offset()}"
         )
+    if mat_b.dim() == 4:
+        if not mat_b.is_contiguous() or mat_b.shape[3] != 1024 or mat_b.storage_offset() % 16:
+            raise ValueError(
+                f"backend 'sm90' reads a 4-D mat_b as make_b_tiled's layout: needs it "
+                f"contiguous [E, N/16, K/128, 1024] on a 16-byte boundary, got "
+                f"mat_b.shape={tuple(mat_b.shape)} stride={mat_b.stride()} "
+                f"storage_offset={mat_b.storage_offset()}"
+            )
+        return mat_b.stride(0) // 4, mat_b.stride(1) // 4
     if (
         mat_b.stride(1) != 1
         or mat_b.stride(2) % 4
@@ -891,6 +933,7 @@ def _check_layout(mat_a: torch.Tensor, mat_b: torch.Tensor) -> None:
             f"mat_b.stride(1) == 1 and the other strides multiples of 4, got "
             f"mat_b.stride()={mat_b.stride()} storage_offset={mat_b.storage_offset()}"
         )
+    return mat_b.stride(0) // 4, mat_b.stride(2) // 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -915,9 +958,10 @@ def launch_grouped_gemm(
 
     `workspace`: uint8 1-D of `workspace_bytes(T, K, N, E)` bytes, else scratch is allocated.
     `num_sms` / `the_plan` override the device's SM count / the shape plan (tests, bench)."""
-    _check_layout(mat_a, mat_b)
+    stride_be, stride_bn = _check_layout(mat_a, mat_b)
+    tiled = mat_b.dim() == 4
     t, kh = mat_a.shape
-    e, _, n = mat_b.shape
+    e, _, n = b_dims(mat_b)
     k = 2 * kh
     kw = k // WORD
     if t == 0 or n == 0:
@@ -926,13 +970,15 @@ def launch_grouped_gemm(
         dev = out.device
         num_sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
     p = the_plan or plan(t, k, n, e, num_sms, stream=None if out.is_cuda else False)
-    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1, k, n)
+    cfg = _configs(p, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1, k, n, tiled)
     scale_a8 = scale_a.view(torch.uint8)
     scale_b8 = scale_b.view(torch.uint8)
     if p.stream:  # one launch, no scratch
         from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
 
-        scfg = stream_config(p, k, n, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1)
+        scfg = stream_config(
+            p, k, n, e, global_scale_a.numel() > 1, global_scale_b.numel() > 1, tiled
+        )
         gst.run_stream_gemm(
             scfg, mat_a, mat_b, scale_a8, scale_b8, expert_offsets, global_scale_a,
             global_scale_b, out,
@@ -942,8 +988,8 @@ def launch_grouped_gemm(
         consts, warps = cfg["hfma"]
         _hfma_kernel[(p.programs,)](
             mat_a, scale_a8, mat_b, scale_b8, expert_offsets, global_scale_a, global_scale_b,
-            out, n, kw, mat_a.stride(0) // 4, mat_b.stride(0) // 4, mat_b.stride(2) // 4,
-            scale_b8.stride(0), **consts, num_warps=warps,
+            out, n, kw, mat_a.stride(0) // 4, stride_be, stride_bn, scale_b8.stride(0), **consts,
+            num_warps=warps,
         )  # fmt: skip
         return
     ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e)
@@ -966,15 +1012,15 @@ def launch_grouped_gemm(
         consts, warps = cfg["dequant_b"]
         grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
         _dequant_kernel[grid](
-            mat_b, scale_b8, expert_offsets, b16, n, kw, mat_b.stride(2) // 4, 0, global_scale_a,
-            0, **consts, num_warps=warps,
+            mat_b, scale_b8, expert_offsets, b16, n, kw, stride_bn, 0, global_scale_a, 0,
+            **consts, num_warps=warps,
         )  # fmt: skip
         _mm_fp32(a16, b16.t(), acc)
     if not p.dense:
         consts, warps = cfg["grouped_gemm"]
         _grouped_gemm_kernel[(p.programs,)](
             ap, mat_b, scale_b8, expert_offsets, global_scale_a, global_scale_b, dst, t, n, kw,
-            mat_b.stride(0) // 4, mat_b.stride(2) // 4, scale_b8.stride(0), **consts,
+            stride_be, stride_bn, scale_b8.stride(0), **consts,
             num_warps=warps,
         )  # fmt: skip
     if "finish" in cfg:
@@ -993,10 +1039,11 @@ def _mm_fp32(a16: torch.Tensor, b16: torch.Tensor, acc: torch.Tensor) -> None:
 
 
 def _configs(
-    p: Plan, e: int, gsa_pe: bool, gsb_pe: bool, k: int, n: int
+    p: Plan, e: int, gsa_pe: bool, gsb_pe: bool, k: int, n: int, tiled_b: bool = False
 ) -> dict[str, tuple[dict, int]]:
-    """{kernel: (constexprs, num_warps)} of plan `p` at K, N: what the launcher passes and
-    compile_for compiles (one place, so the compiled configuration is the launched one)."""
+    """{kernel: (constexprs, num_warps)} of plan `p` at K, N (B in make_b_tiled's layout where
+    `tiled_b`): what the launcher passes and compile_for compiles (one place, so the compiled
+    configuration is the launched one)."""
     if p.stream:  # a CuTeDSL kernel, configured by the launcher
         return {}
     ex = dict(E=e, E_PAD=triton.next_power_of_2(e))
@@ -1005,11 +1052,13 @@ def _configs(
         asm = not _INTERPRETED  # the interpreter runs no inline PTX
         even = dict(EVEN_K=(k // WORD) % p.bj == 0, EVEN_N=n % p.bn == 0)
         consts = dict(BM=p.bm, BN=p.bn, BJ=p.bj, NUM_STAGES=p.num_stages, ASM=asm, **even)
+        consts["TILED_B"] = tiled_b
         return {"hfma": (dict(**ex, **gs, **consts), p.num_warps)}
     zero = p.split_k > 1  # the split-K accumulator, zeroed by the A dequantize programs
-    cfg = {"dequant_a": (dict(**ex, BT=32, BJ=32, GROUPED=True, NATURAL=p.dense, ZERO=zero), 4)}
+    dq = dict(**ex, BT=32, BJ=32)
+    cfg = {"dequant_a": (dict(**dq, GROUPED=True, NATURAL=p.dense, ZERO=zero, TILED_B=False), 4)}
     if p.dense:
-        cfg["dequant_b"] = (dict(**ex, BT=32, BJ=32, GROUPED=False, NATURAL=True, ZERO=False), 4)
+        cfg["dequant_b"] = (dict(**dq, GROUPED=False, NATURAL=True, ZERO=False, TILED_B=tiled_b), 4)
     else:
         cfg["grouped_gemm"] = (
             dict(
@@ -1022,6 +1071,7 @@ def _configs(
                 NUM_STAGES=p.num_stages,
                 SWAP_AB=p.swap_ab,
                 HALF_DECODE=p.half_decode,
+                TILED_B=tiled_b,
             ),
             p.num_warps,
         )
@@ -1044,10 +1094,17 @@ _ALIGNED_INTS = ("N", "KW", "stride_a", "stride_be", "stride_bn", "stride_se", "
 
 
 def compile_for(
-    p: Plan, e: int, gs_per_expert: bool = True, arch: int = 90, k: int = 7168, n: int = 6144
+    p: Plan,
+    e: int,
+    gs_per_expert: bool = True,
+    arch: int = 90,
+    k: int = 7168,
+    n: int = 6144,
+    tiled_b: bool = False,
 ) -> dict[str, triton.compiler.CompiledKernel]:
-    """Compile the three kernels of plan `p` for sm_`arch` without a GPU; {name: kernel} with
-    `.asm["ptx"]`. A failure raises RuntimeError naming the kernel and the configuration.
+    """Compile the three kernels of plan `p` for sm_`arch` without a GPU (B K-major, or
+    make_b_tiled's layout where `tiled_b`); {name: kernel} with `.asm["ptx"]`. A failure raises
+    RuntimeError naming the kernel and the configuration.
     It compiles the specialization a launch on the production shapes gets (Triton's JIT marks a
     16-byte aligned pointer and an int divisible by 16 as such): every pointer and the K, N and
     stride arguments, so the PTX is the launched one (vector loads)."""
@@ -1076,7 +1133,8 @@ def compile_for(
     kernels["finish"] = _finish_kernel
     kernels["hfma"] = _hfma_kernel
     out = {}
-    for name, (constexprs, warps) in _configs(p, e, gs_per_expert, gs_per_expert, k, n).items():
+    configs = _configs(p, e, gs_per_expert, gs_per_expert, k, n, tiled_b)
+    for name, (constexprs, warps) in configs.items():
         kind = "dequant" if name.startswith("dequant") else name
         fn = kernels[kind]
         signature = {**types[kind], **{k: "constexpr" for k in constexprs}}
@@ -1094,6 +1152,7 @@ def compile_for(
             )
         except Exception as err:  # re-raised with the configuration that failed
             raise RuntimeError(
-                f"sm90 kernel {name!r} failed to compile for sm_{arch} with {p} {e=}: {err}"
+                f"sm90 kernel {name!r} failed to compile for sm_{arch} with {p} {e=} "
+                f"{tiled_b=}: {err}"
             ) from err
     return out
