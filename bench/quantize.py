@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from dsv4 import ops  # noqa: E402
 from dsv4.kernels.cutedsl import nvfp4_quant as nq  # noqa: E402
 from dsv4.ops import quantize_activation_nvfp4  # noqa: E402
 from harness import timing  # noqa: E402
@@ -157,16 +158,26 @@ def quantize_rows(t: int, k: int, dev, copy: float, budget: float) -> list[dict]
     ]
 
 
-def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> list[dict]:
+def gather_rows(
+    t: int, top_k: int, k: int, dev, copy: float, budget: float, experts: int = 48
+) -> list[dict]:
     """The routed MoE's staged quantize of t tokens x top_k slots (rows gathered by token):
-    the gather kernel, quantize-then-gather of codes and scales (what the MoE runner does), and
-    the plain quantize of the same t * top_k rows (the 1.3x target's yardstick)."""
+    the gather kernel with linear scales and into the experts' padded 2-D-side layout (what the
+    MoE runner does with quant_impl "cutedsl", offsets of a uniform routing over `experts`),
+    the unfused staging (quantize, gather codes and scales, assemble the layout), and the plain
+    quantize of the same t * top_k rows (the 1.3x target's yardstick)."""
     rows_n = t * top_k
     plain = nq.tuned(nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR), rows=rows_n)
     gather = nq.tuned(
         nq.QuantConfig(k, scale_layout=nq.ScaleLayout.LINEAR, gather=True), rows=rows_n
     )
     nb = nvfp4_bytes(rows_n, k, k)
+    staged = nq.tuned(nq.QuantConfig(k, gather=True, experts=experts), rows=rows_n)
+    counts = torch.bincount(torch.randint(0, experts, (rows_n,)), minlength=experts)
+    offsets = ops.compute_expert_offsets(counts.to(dev))
+    starts = ops.padded_group_starts(offsets)
+    sf_bytes = ops.max_padded_rows(rows_n, experts) * ((k // 16 + 3) // 4 * 4)
+    sf_x = torch.empty(sf_bytes, dtype=torch.uint8, device=dev)
 
     def make(i):
         x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)
@@ -184,12 +195,19 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
     nq.run_quant(gather, x, gs, codes, sf, index=token)
     rc, rs, _ = quantize_nvfp4(x[token.long()], gs)
     exact = bool(torch.equal(codes, rc) and torch.equal(sf, rs.view(torch.uint8)))
+    nq.run_quant(staged, x, gs, codes, sf_x, index=token, experts=(offsets, starts))
+    want, _ = ops.assemble_scales_2d_side_from_offsets(rs, offsets)
+    staged_exact = bool(torch.equal(codes, rc) and torch.equal(sf_x, want.view(torch.uint8)))
 
     def then_gather(i):
         x, token, gs, codes, sf, tc, ts, _ = data[i]
         nq.run_quant(plain, x, gs, tc, ts)
         torch.index_select(tc, 0, token, out=codes)
         torch.index_select(ts, 0, token, out=sf)
+
+    def unfused(i):
+        then_gather(i)
+        ops.assemble_scales_2d_side_from_offsets(data[i][4], offsets, out=sf_x)
 
     n = len(data)
     return [
@@ -203,8 +221,34 @@ def gather_rows(t: int, top_k: int, k: int, dev, copy: float, budget: float) -> 
             budget,
         ),
         row(
+            f"cutedsl gather quantize {t}x top-{top_k} into {experts} experts' layout",
+            lambda i: nq.run_quant(
+                staged,
+                data[i][0],
+                data[i][2],
+                data[i][3],
+                sf_x,
+                index=data[i][1],
+                experts=(offsets, starts),
+            ),  # fmt: skip
+            n,
+            nb,
+            copy,
+            staged_exact,
+            budget,
+        ),
+        row(
             f"cutedsl quantize {t} then gather codes+scales", then_gather, n, nb, copy, None, budget
         ),
+        row(
+            f"unfused staging: quantize {t}, gather, assemble {experts} experts' layout",
+            unfused,
+            n,
+            nb,
+            copy,
+            None,
+            budget,
+        ),  # fmt: skip
         row(
             f"cutedsl plain quantize [{rows_n},{k}] (yardstick)",
             lambda i: nq.run_quant(plain, data[i][7], *data[i][2:5]),

@@ -19,10 +19,15 @@ from reference.nvfp4 import encode_e2m1, quantize_nvfp4
 
 HAS_DSL, WHY_NO_DSL = available()
 needs_dsl = pytest.mark.skipif(not HAS_DSL, reason=WHY_NO_DSL)
-needs_gpu = pytest.mark.skipif(
+_skip_without_gpu = pytest.mark.skipif(
     not (HAS_DSL and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
     reason="needs a CUDA GPU of sm_90 or newer and nvidia-cutlass-dsl",
 )
+
+
+def needs_gpu(test):
+    """Marked `gpu` (selected by -m gpu) and skipped, with the reason, without one."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 
 
 def all_bf16() -> torch.Tensor:
@@ -221,6 +226,15 @@ def _configs():
         "swiglu_i3072_weighted_bpt4": QuantConfig(
             3072, prologue=Prologue.SWIGLU, row_weight=True, blocks_per_thread=4
         ),
+        # the routed MoE's staging: scales straight into the experts' padded layout
+        "quant_gather_experts48": QuantConfig(7168, gather=True, experts=48),
+        "quant_gather_experts48_bpt2": QuantConfig(
+            7168, gather=True, experts=48, blocks_per_thread=2
+        ),
+        "swiglu_i3072_weighted_experts48": QuantConfig(
+            3072, prologue=Prologue.SWIGLU, row_weight=True, experts=48
+        ),
+        "quant_experts1": QuantConfig(512, experts=1),
     }
 
 
@@ -291,7 +305,7 @@ def test_kernel_loads_are_vectorized_and_codes_store_wide():
 def test_config_rejects_bad_values_naming_them():
     if not HAS_DSL:
         pytest.skip(WHY_NO_DSL)
-    from dsv4.kernels.cutedsl.nvfp4_quant import Nvfp4QuantKernel, QuantConfig
+    from dsv4.kernels.cutedsl.nvfp4_quant import Nvfp4QuantKernel, QuantConfig, ScaleLayout
 
     with pytest.raises(ValueError, match="k must be a positive multiple of 16"):
         QuantConfig(24)
@@ -307,6 +321,12 @@ def test_config_rejects_bad_values_naming_them():
         QuantConfig(64, blocks_per_thread=3)
     with pytest.raises(ValueError, match="threads must be"):
         QuantConfig(64, threads=96)
+    with pytest.raises(ValueError, match="experts needs the SWIZZLED scale layout and one group"):
+        QuantConfig(64, scale_layout=ScaleLayout.LINEAR, experts=4)
+    with pytest.raises(ValueError, match="experts needs the SWIZZLED"):
+        QuantConfig(64, groups=2, experts=4)
+    with pytest.raises(ValueError, match="experts must be an int >= 0"):
+        QuantConfig(64, experts=-1)
 
 
 def test_tuned_falls_back_to_what_k_and_the_outputs_allow():
@@ -508,6 +528,71 @@ def test_gpu_gather_quantize_equals_quantize_of_gathered_rows():
     codes, sf = nq.quantize(x, gs, nq.ScaleLayout.LINEAR, index=index)
     rc, rs = _ref(x[index.long()], gs)
     assert torch.equal(codes, rc) and torch.equal(sf.view(torch.uint8), rs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize(
+    "counts", [[17, 0, 130, 1, 0], [0, 0, 5], [300], [0, 129, 0, 0], [128, 128, 1, 255]]
+)
+def test_gpu_expert_layout_equals_quantize_then_assemble(counts, swiglu):
+    """quantize_to_expert_layout (one launch) = the torch quantize (or SwiGLU-requant) of the
+    staged rows + assemble_scales_2d_side_from_offsets, byte for byte over the whole
+    max_padded_rows buffer (filled with garbage first: every byte is written), and the bytes
+    past it untouched. Ragged and empty experts, an empty last expert, exact multiples of 128."""
+    from dsv4 import ops
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(len(counts) + sum(counts))
+    offsets = ops.compute_expert_offsets(torch.tensor(counts, dtype=torch.int32, device=dev))
+    rows, k = sum(counts), 512
+    gs = torch.tensor([0.002], device=dev)
+    if swiglu:
+        x = (torch.randn(rows, 2 * k, device=dev, generator=g) * 6).to(torch.bfloat16)
+        w, index = torch.rand(rows, device=dev, generator=g), None
+        want_codes, want_scales = ops.swiglu_quantize(x, gs, 10.0, row_weight=w, impl="torch")
+    else:
+        x = torch.randn(100, k, device=dev, generator=g).to(torch.bfloat16)
+        w = None
+        index = torch.randint(0, 100, (rows,), device=dev, generator=g, dtype=torch.int32)
+        want_codes, want_scales = ops.quantize_activation_nvfp4(x[index.long()], gs, impl="torch")
+    want_sf, _ = ops.assemble_scales_2d_side_from_offsets(want_scales, offsets)
+    need = want_sf.numel()
+    codes = torch.full((rows, k // 2), 0xAB, dtype=torch.uint8, device=dev)
+    sf = torch.full((need + 512,), 0xCD, dtype=torch.uint8, device=dev)
+    ops.quantize_to_expert_layout(
+        x, gs, offsets, ops.padded_group_starts(offsets), codes, sf,
+        index=index, swiglu=swiglu, row_weight=w,
+    )  # fmt: skip
+    assert torch.equal(codes, want_codes)
+    assert torch.equal(sf[:need], want_sf.view(torch.uint8))
+    assert bool((sf[need:] == 0xCD).all())
+
+
+def test_expert_layout_refuses_bad_outputs_naming_them():
+    from dsv4 import ops
+
+    if not ops.cutedsl_supports(torch.device("cuda") if torch.cuda.is_available() else "cpu")[0]:
+        with pytest.raises(ops.QuantImplUnavailableError, match="quantize_to_expert_layout"):
+            ops.quantize_to_expert_layout(
+                torch.zeros(4, 32), torch.ones(1), torch.tensor([4], dtype=torch.int32),
+                torch.zeros(1, dtype=torch.int32), torch.zeros(4, 16, dtype=torch.uint8),
+                torch.zeros(512, dtype=torch.uint8),
+            )  # fmt: skip
+        return
+    dev = torch.device("cuda")
+    off = torch.tensor([3, 4], dtype=torch.int32, device=dev)
+    st = ops.padded_group_starts(off)
+    x, gs = torch.zeros(4, 32, device=dev), torch.ones(1, device=dev)
+    codes = torch.zeros(4, 16, dtype=torch.uint8, device=dev)
+    with pytest.raises(ValueError, match=r"scales_out must hold max_padded_rows\(R=4, E=2\)"):
+        ops.quantize_to_expert_layout(
+            x, gs, off, st, codes, torch.zeros(100, dtype=torch.uint8, device=dev)
+        )
+    with pytest.raises(ValueError, match="scale_starts"):
+        ops.quantize_to_expert_layout(
+            x, gs, off, st[:1], codes, torch.zeros(1024, dtype=torch.uint8, device=dev)
+        )
 
 
 @needs_gpu

@@ -178,8 +178,10 @@ def _shared(t_max=T_MAX, limit=10.0, device="cpu"):
     return r
 
 
-def _routed(t_max=T_MAX, process_group=None, device="cpu"):
-    r = RoutedMoERunner(H, INTER, E, FIRST, K, t_max, 10.0, process_group, device=device)
+def _routed(t_max=T_MAX, process_group=None, device="cpu", quant_impl=None):
+    r = RoutedMoERunner(
+        H, INTER, E, FIRST, K, t_max, 10.0, process_group, device=device, quant_impl=quant_impl
+    )
     r.set_weights(_w((E, H, 2 * INTER), 4).to(device), _w((E, INTER, H), 5).to(device))
     r.finalize()
     ids, wts = _routing(t_max, 6)
@@ -431,6 +433,36 @@ def test_eager_run_never_syncs_on_cuda(kind):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+def _needs_cutedsl_gpu() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "needs CUDA"
+    from dsv4.ops import cutedsl_supports
+
+    return cutedsl_supports(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _needs_cutedsl_gpu()[0], reason=_needs_cutedsl_gpu()[1] or "cutedsl")
+@pytest.mark.parametrize("t", [1, 5, T_MAX])
+def test_routed_fused_staging_is_bit_identical_to_the_torch_staging(t):
+    """quant_impl "cutedsl" stages each GEMM's A in one kernel (quantize_to_expert_layout: the
+    gather, the SwiGLU, the scales straight into the experts' padded layout); "torch" quantizes,
+    gathers and assembles in separate ops. Same GEMM backend: every stage and the output are
+    the same bits, the linear scales stages() reads back from the layout included."""
+    dev = torch.device("cuda")
+    fused = _routed(device=dev, quant_impl="cutedsl")
+    plain = _routed(device=dev, quant_impl="torch")
+    assert fused._fused_staging and not plain._fused_staging
+    args = _inputs("routed", t, 51 + t, dev)
+    a, b = fused.run(*args).clone(), plain.run(*args).clone()
+    assert torch.equal(a, b)
+    sa, sb = fused.stages(), plain.stages()
+    for name in ("x_q", "act_q"):
+        for got, want in zip(sa[name][:2], sb[name][:2], strict=True):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+    assert torch.equal(sa["l2_out"], sb["l2_out"])
 
 
 @pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])

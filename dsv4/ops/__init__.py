@@ -4,7 +4,9 @@ quantize: `quantize_to_nvfp4` (dynamic), `quantize_activation_nvfp4` (static, gr
 `quantize_activation_nvfp4_grouped` (one scale per group), `quantize_weight_to_nvfp4`; each
 activation op takes `impl=` ("torch" or "cutedsl", `select_quant_impl`). layouts:
 `pad_and_swizzle`, `assemble_scales_2d_side[_from_offsets]`, `assemble_scales_3d_side`,
-`make_b_k_major`, `make_b_tiled` (the sm90 weight layout), `compute_expert_offsets`. gemm:
+`make_b_k_major`, `make_b_tiled` (the sm90 weight layout), `compute_expert_offsets`,
+`padded_group_starts`. staging: `quantize_to_expert_layout` (the routed MoE's gather / SwiGLU
+quantize straight into the GEMM's per-expert scale layout, CuTeDSL). gemm:
 `run_nvfp4_grouped_gemm`, its backend registry and `prepare_weight_codes` (the weight layout a
 backend reads, made once at finalize). activation: `swiglu_quantize`.
 Importing registers the `dsv4::*` torch.library custom ops and the `torch`, `sm90` and `sm100`
@@ -51,6 +53,8 @@ from dsv4.ops.layouts import (
     max_padded_rows,
     pad_and_swizzle,
     pad_and_swizzle_workspace_bytes,
+    padded_group_starts,
+    padded_group_starts_workspace_bytes,
     swizzled_numel,
     unswizzle,
 )
@@ -69,6 +73,7 @@ from dsv4.ops.quantize import (
     quantize_workspace_bytes,
     select_quant_impl,
 )
+from dsv4.ops.staging import quantize_to_expert_layout
 
 __all__ = [
     "QUANT_IMPLS",
@@ -104,6 +109,9 @@ __all__ = [
     "max_padded_rows",
     "nvfp4_amax",
     "pad_and_swizzle",
+    "padded_group_starts",
+    "padded_group_starts_workspace_bytes",
+    "quantize_to_expert_layout",
     "quantize_activation_nvfp4",
     "quantize_to_nvfp4",
     "quantize_weight_to_nvfp4",

@@ -249,19 +249,11 @@ def assemble_scales_2d_side_from_offsets(
     rows_out = out.numel() // cp
     _checks.workspace(workspace, scales.device, assemble_2d_workspace_bytes(t, c, e, out.numel()))
     ws = Workspace(workspace, scales.device)  # None: every temporary is a fresh tensor
-    ends, tokens, ds, padded, se, ss, pair, starts32, r, g, tmp, local, m, m2, rows, gathered = (
-        _assemble_2d_buffers(ws, c, e, rows_out)
-    )
+    starts = _group_start_buffers(ws, e)
+    ends, tokens, ds, padded, se, ss, _, starts32 = starts
+    r, g, tmp, local, m, m2, rows, gathered = _assemble_2d_buffers(ws, c, rows_out)
     i64 = torch.int64
-    ends.copy_(expert_offsets)
-    tokens[:1].copy_(ends[:1])
-    torch.sub(ends[1:], ends[:-1], out=tokens[1:])
-    torch.sub(ends, tokens, out=ds)  # data starts
-    torch.add(tokens, scalar(ATOM_ROWS - 1, i64), out=padded)
-    padded.div_(scalar(ATOM_ROWS, i64), rounding_mode="floor").mul_(scalar(ATOM_ROWS, i64))
-    cumsum_small(padded, se, pair)
-    torch.sub(se, padded, out=ss)
-    starts32.copy_(ss)
+    _group_starts_into(expert_offsets, starts)
     torch.arange(rows_out, out=r)
     torch.searchsorted(se, r, right=True, out=g).clamp_(max=e - 1)
     torch.index_select(ss, 0, g, out=tmp)
@@ -283,12 +275,67 @@ def assemble_scales_2d_side_from_offsets(
     return out, starts32
 
 
-def _assemble_2d_buffers(ws: Workspace | Sizer, c: int, e: int, rows_out: int) -> tuple:
+def _group_start_buffers(ws: Workspace | Sizer, e: int) -> tuple:
+    """(ends, tokens, data starts, padded sizes, padded ends, padded starts, cumsum scratch,
+    padded starts int32) of E groups."""
     i64 = torch.int64
     return (
         *(ws.empty((e,), i64) for _ in range(6)),
         ws.empty((2, e, 2), i64),  # cumsum scratch
         ws.empty((e,), torch.int32),
+    )
+
+
+def _group_starts_into(expert_offsets: torch.Tensor, bufs: tuple) -> None:
+    """Fill _group_start_buffers' tensors from int32 END offsets (on the device)."""
+    ends, tokens, ds, padded, se, ss, pair, starts32 = bufs
+    i64 = torch.int64
+    ends.copy_(expert_offsets)
+    tokens[:1].copy_(ends[:1])
+    torch.sub(ends[1:], ends[:-1], out=tokens[1:])
+    torch.sub(ends, tokens, out=ds)  # data starts
+    torch.add(tokens, scalar(ATOM_ROWS - 1, i64), out=padded)
+    padded.div_(scalar(ATOM_ROWS, i64), rounding_mode="floor").mul_(scalar(ATOM_ROWS, i64))
+    cumsum_small(padded, se, pair)
+    torch.sub(se, padded, out=ss)
+    starts32.copy_(ss)
+
+
+def padded_group_starts(
+    expert_offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int32 [E] END offsets -> int32 [E] first scale row of each group in the 2-D-side layout
+    (each group's rows padded to 128 on their own: assemble_scales_2d_side_from_offsets's row
+    starts), on the device, graph-safe. With `out` (int32 [E]) and `workspace` (uint8 1-D,
+    `padded_group_starts_workspace_bytes(E)` bytes) nothing is allocated."""
+    _checks.tensor("expert_offsets", expert_offsets, (torch.int32,), ndim=1)
+    e = expert_offsets.numel()
+    if e == 0:
+        raise ValueError("expert_offsets must hold one END offset per group, got shape (0,)")
+    if out is None:
+        out = torch.empty(e, dtype=torch.int32, device=expert_offsets.device)
+    else:
+        _checks.tensor("out", out, (torch.int32,), ndim=1)
+        _checks.shape("out", out, (e,))
+        _checks.same_device(expert_offsets=expert_offsets, out=out)
+    _checks.workspace(workspace, expert_offsets.device, padded_group_starts_workspace_bytes(e))
+    bufs = _group_start_buffers(Workspace(workspace, expert_offsets.device), e)
+    _group_starts_into(expert_offsets, bufs)
+    return out.copy_(bufs[-1])
+
+
+def padded_group_starts_workspace_bytes(e: int) -> int:
+    """Workspace bytes of `padded_group_starts` for E groups."""
+    sizer = Sizer()
+    _group_start_buffers(sizer, e)
+    return sizer.off
+
+
+def _assemble_2d_buffers(ws: Workspace | Sizer, c: int, rows_out: int) -> tuple:
+    i64 = torch.int64
+    return (
         *(ws.empty((rows_out,), i64) for _ in range(4)),
         ws.empty((rows_out,), torch.bool),
         ws.empty((rows_out,), torch.bool),
@@ -303,7 +350,8 @@ def assemble_2d_workspace_bytes(t: int, c: int, e: int, out_numel: int | None = 
     cp = round_up(c, ATOM_COLS)
     rows_out = max_padded_rows(t, e) if out_numel is None else out_numel // cp
     sizer = Sizer()
-    _assemble_2d_buffers(sizer, c, e, rows_out)
+    _group_start_buffers(sizer, e)
+    _assemble_2d_buffers(sizer, c, rows_out)
     return sizer.off
 
 

@@ -71,6 +71,13 @@ class QuantConfig:
     gate_first: bool = True  # SWIGLU only: gate = first half of the L1 output
     row_weight: bool = False  # SWIGLU only: h *= w[row] (routing weight) before quantizing
     gather: bool = False  # output row r reads input row index[r] (the routed MoE's staging)
+    # E > 0 (SWIZZLED, one group): the output rows are E experts' back to back (int32 END
+    # offsets [E] on the device) and each expert's scale rows are padded to 128 on their own,
+    # from the int32 [E] padded starts (`padded_group_starts`): the GEMM's 2-D-side operand,
+    # assemble_scales_2d_side_from_offsets's layout, every byte of its max_padded_rows(T, E)
+    # rows written (padding 0). Threads walk scale rows, each finding its expert by a binary
+    # search over the starts.
+    experts: int = 0
     # divisions of in-range blocks by a reciprocal and one fma correction (bit-identical to
     # div.rn there, see _div_corrected); div.rn for every other block and when False
     fast_division: bool = True
@@ -108,6 +115,13 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.threads must be 64, 128, 256 or 512, got {self.threads=}"
             )
+        if not isinstance(self.experts, int) or self.experts < 0:
+            raise ValueError(f"QuantConfig.experts must be an int >= 0, got {self.experts=}")
+        if self.experts and (self.scale_layout is not ScaleLayout.SWIZZLED or self.groups != 1):
+            raise ValueError(
+                "QuantConfig.experts needs the SWIZZLED scale layout and one group, got "
+                f"{self.experts=} {self.scale_layout=} {self.groups=}"
+            )
         if self.bracketed_codes and not self.fast_division:
             raise ValueError(
                 "QuantConfig.bracketed_codes falls back to the corrected divisions, so it needs "
@@ -135,9 +149,12 @@ class QuantConfig:
         return 2 * self.k if self.prologue is Prologue.SWIGLU else self.k
 
     def scale_rows(self, rows: int) -> int:
-        """Scale rows per group for `rows` data rows (padded to 128 when swizzled)."""
+        """Scale rows per group for `rows` data rows (padded to 128 when swizzled; with
+        experts, enough for any split of the rows: layouts.max_padded_rows)."""
         if self.scale_layout is ScaleLayout.LINEAR:
             return rows
+        if self.experts:
+            return (rows + (ATOM_ROWS - 1) * min(self.experts, rows)) // ATOM_ROWS * ATOM_ROWS
         return (rows + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
 
     def scale_bytes(self, rows: int) -> int:
@@ -535,6 +552,8 @@ class Nvfp4QuantKernel:
         sf_ptr: cute.Pointer,
         w_ptr: cute.Pointer,
         idx_ptr: cute.Pointer,
+        off_ptr: cute.Pointer,
+        st_ptr: cute.Pointer,
         rows: Int32,
         x_row_stride16: Int32,
         x_group_stride16: Int32,
@@ -561,7 +580,13 @@ class Nvfp4QuantKernel:
         gs = cute.make_tensor(gs_ptr, cute.make_layout(g_n))
         w = cute.make_tensor(w_ptr, cute.make_layout(rows))
         idx = cute.make_tensor(idx_ptr, cute.make_layout(rows))
-        if cutlass.const_expr(cfg.scale_layout is ScaleLayout.SWIZZLED):
+        n_e = max(cfg.experts, 1)
+        ends = cute.make_tensor(off_ptr, cute.make_layout(n_e))
+        starts = cute.make_tensor(st_ptr, cute.make_layout(n_e))
+        if cutlass.const_expr(cfg.experts > 0):  # layouts.max_padded_rows(rows, E)
+            pad = (ATOM_ROWS - 1) * cutlass.min(rows, Int32(cfg.experts))
+            srows = (rows + pad) // ATOM_ROWS * ATOM_ROWS
+        elif cutlass.const_expr(cfg.scale_layout is ScaleLayout.SWIZZLED):
             srows = (rows + (ATOM_ROWS - 1)) // ATOM_ROWS * ATOM_ROWS
         else:
             srows = rows
@@ -569,7 +594,7 @@ class Nvfp4QuantKernel:
         # one scale word of bpt bytes per thread (sf_ptr's element type is that word)
         sf = cute.make_tensor(sf_ptr, cute.make_layout(g_n * srows * cfg.padded_cols // bpt))
         n_threads = srows * (cfg.padded_cols // bpt)
-        self.kernel(x, gs, codes, sf, w, idx, rows, srows).launch(
+        self.kernel(x, gs, codes, sf, w, idx, ends, starts, rows, srows).launch(
             grid=[(n_threads + (cfg.threads - 1)) // cfg.threads, g_n, 1],
             block=[cfg.threads, 1, 1],
             stream=stream,
@@ -584,6 +609,8 @@ class Nvfp4QuantKernel:
         sf: cute.Tensor,
         w: cute.Tensor,
         idx: cute.Tensor,
+        ends: cute.Tensor,
+        starts: cute.Tensor,
         rows: Int32,
         srows: Int32,
     ):
@@ -598,16 +625,19 @@ class Nvfp4QuantKernel:
         c0 = ct * bpt  # first block; bpt divides cols, so all bpt blocks are in or all out
         if r < srows:
             sf_off = self._scale_offset(g * srows + r, c0)
+            d, has_row = r, r < rows  # the data row of scale row r, and whether it has one
+            if cutlass.const_expr(cfg.experts > 0):
+                d, has_row = self._expert_row(ends, starts, r)
             word = Uint32(0)  # the bpt scale bytes, block b in byte b (0: padding)
-            if (r < rows) & (c0 < cfg.cols):
-                vs = [self._load_block(x, r, g, c0 + b, w, idx) for b in range(bpt)]  # loads first
+            if has_row & (c0 < cfg.cols):
+                vs = [self._load_block(x, d, g, c0 + b, w, idx) for b in range(bpt)]  # loads first
                 gsv = gs[g]
                 words = []
                 for b in cutlass.range_constexpr(bpt):
                     byte, w0, w1 = self._block(*vs[b], gsv)
                     word = word | (byte << (8 * b))
                     words += [w0, w1]
-                dst = cute.zipped_divide(codes[g, r, None], (2 * bpt,))[(None, ct)]
+                dst = cute.zipped_divide(codes[g, d, None], (2 * bpt,))[(None, ct)]
                 for j in cutlass.range_constexpr(0, 2 * bpt, 4):  # 8 or 16 bytes a store
                     _st_global_b32xn(dst.iterator + j, words[j : j + 4])
             sf[sf_off // bpt] = {1: Uint8, 2: Uint16, 4: Uint32}[bpt](word)
@@ -701,6 +731,23 @@ class Nvfp4QuantKernel:
         )
 
     @cute.jit
+    def _expert_row(self, ends: cute.Tensor, starts: cute.Tensor, r: Int32):
+        """(data row, whether scale row r holds one) with cfg.experts: e = the last expert whose
+        padded start is <= r (a binary search: the starts are non-decreasing, an empty expert
+        shares its successor's start, and starts[0] = 0), its row r - starts[e] from its first
+        data row ends[e - 1] (0 for e = 0), a padding row past its ends[e]."""
+        n_e = self.cfg.experts
+        lo, hi = Int32(0), Int32(n_e - 1)  # the answer lies in [lo, hi]
+        for _ in cutlass.range_constexpr((n_e - 1).bit_length()):
+            mid = (lo + hi + 1) >> 1
+            take = starts[mid] <= r
+            lo = cutlass.select_(take, mid, lo)
+            hi = cutlass.select_(take, hi, mid - 1)
+        first = cutlass.select_(lo > 0, ends[cutlass.max(lo - 1, Int32(0))], Int32(0))
+        d = first + (r - starts[lo])
+        return d, d < ends[lo]
+
+    @cute.jit
     def _scale_offset(self, row: Int32, c: Int32) -> Int32:
         cfg = self.cfg
         if cutlass.const_expr(cfg.scale_layout is ScaleLayout.LINEAR):
@@ -759,6 +806,8 @@ def _ptr_types(cfg: QuantConfig):
         ({1: Uint8, 2: Uint16, 4: Uint32}[bpt], bpt),
         (Float32, 4),
         (Int32, 4),
+        (Int32, 4),
+        (Int32, 4),
     )
 
 
@@ -816,7 +865,9 @@ def _meta(t) -> str:
     return f"dtype={t.dtype} shape={tuple(t.shape)} stride={t.stride()}"
 
 
-def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=None) -> None:
+def run_quant(
+    cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=None, experts=None
+) -> None:
     """Quantize x into codes / scales (all on one CUDA device, caller-owned).
 
     x: [T_in, K_in] (groups == 1) or [T_in, G, K_in], last dim contiguous, row / group strides
@@ -824,8 +875,9 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
     with cfg.gather T = index.numel() and output row r reads x[index[r]] (int32 [T], values in
     [0, T_in), not checked: that would read them). gs fp32 [G]; codes uint8 [G*T, K/2]
     contiguous; scales uint8 or float8_e4m3fn, contiguous, cfg.scale_bytes(T) bytes (1-D,
-    swizzled) or [G*T, K/16] (linear); row_weight fp32 [T] when cfg.row_weight. Reads no value
-    on the host: CUDA-graph capturable.
+    swizzled) or [G*T, K/16] (linear); row_weight fp32 [T] when cfg.row_weight; with
+    cfg.experts, experts = (END offsets, padded starts), each contiguous int32 [E] (values not
+    checked). Reads no value on the host: CUDA-graph capturable.
     """
     import torch
     from cutlass.cute.runtime import make_ptr
@@ -903,6 +955,22 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
                 f"scales.numel()={scales.numel()}"
             ),
         )
+    if cfg.experts:
+        _need(
+            experts is not None
+            and len(experts) == 2
+            and all(
+                v.dtype == torch.int32 and tuple(v.shape) == (cfg.experts,) and v.is_contiguous()
+                for v in experts
+            ),
+            lambda: (
+                f"experts must be (END offsets, padded starts), contiguous int32 [{cfg.experts}] "
+                f"each, for {cfg}, got "
+                + ("None" if experts is None else ", ".join(_meta(v) for v in experts))
+            ),
+        )
+    else:
+        _need(experts is None, lambda: f"experts is only taken with cfg.experts, got one for {cfg}")
     if cfg.row_weight:
         _need(
             row_weight is not None
@@ -918,6 +986,8 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
         "scales": scales,
         "row_weight": row_weight,
         "index": index,
+        "expert_offsets": None if experts is None else experts[0],
+        "scale_starts": None if experts is None else experts[1],
     }
     devs = {n: v.device for n, v in tensors.items() if v is not None}
     _need(
@@ -933,9 +1003,12 @@ def run_quant(cfg: QuantConfig, x, gs, codes, scales, row_weight=None, index=Non
     kernel = compile_quant(cfg, arch_of(x.device))
     w = row_weight if row_weight is not None else gs  # unused pointers: any valid address
     ix = index if index is not None else gs
+    ends, starts = experts if experts is not None else (gs, gs)
     ptrs = [
         make_ptr(ty, v.data_ptr(), cute.AddressSpace.gmem, assumed_align=a)
-        for (ty, a), v in zip(_ptr_types(cfg), (x, gs, codes, scales, w, ix), strict=True)
+        for (ty, a), v in zip(
+            _ptr_types(cfg), (x, gs, codes, scales, w, ix, ends, starts), strict=True
+        )
     ]
     stream = _cu_stream(torch.cuda.current_stream(x.device).cuda_stream)
     kernel(*ptrs, Int32(t), Int32(s_row // BLOCK), Int32(s_grp // BLOCK), stream)
