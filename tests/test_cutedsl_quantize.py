@@ -12,22 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.kernels.cutedsl import available
 from dsv4.kernels.cutedsl.bitmodel import e2m1_codes_finite, e2m1_codes_sw, quantize_model
 from reference.layouts import swizzle_scales as ref_swizzle
 from reference.nvfp4 import encode_e2m1, quantize_nvfp4
-
-HAS_DSL, WHY_NO_DSL = available()
-needs_dsl = pytest.mark.skipif(not HAS_DSL, reason=WHY_NO_DSL)
-_skip_without_gpu = pytest.mark.skipif(
-    not (HAS_DSL and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
-    reason="needs a CUDA GPU of sm_90 or newer and nvidia-cutlass-dsl",
-)
-
-
-def needs_gpu(test):
-    """Marked `gpu` (selected by -m gpu) and skipped, with the reason, without one."""
-    return pytest.mark.gpu(_skip_without_gpu(test))
+from tests.cutedsl_marks import HAS_DSL, WHY_NO_DSL, needs_dsl, needs_gpu
 
 
 def all_bf16() -> torch.Tensor:

@@ -448,16 +448,21 @@ def _needs_cutedsl_gpu() -> tuple[bool, str]:
 @pytest.mark.parametrize("t", [1, 5, T_MAX])
 def test_routed_fused_staging_is_bit_identical_to_the_torch_staging(t):
     """quant_impl "cutedsl" stages each GEMM's A in one kernel (quantize_to_expert_layout: the
-    gather, the SwiGLU, the scales straight into the experts' padded layout); "torch" quantizes,
-    gathers and assembles in separate ops. Same GEMM backend: every stage and the output are
-    the same bits, the linear scales stages() reads back from the layout included."""
+    gather, the SwiGLU, the scales straight into the experts' padded layout) and combines in one
+    (moe_combine); "torch" quantizes, gathers, assembles and sums in separate ops. Same GEMM
+    backend: every stage and the output are the same bits, the linear scales stages() reads
+    back from the layout included; also into a caller's `out` off a 16-byte boundary."""
     dev = torch.device("cuda")
     fused = _routed(device=dev, quant_impl="cutedsl")
     plain = _routed(device=dev, quant_impl="torch")
-    assert fused._fused_staging and not plain._fused_staging
+    assert fused._fused and not plain._fused
     args = _inputs("routed", t, 51 + t, dev)
     a, b = fused.run(*args).clone(), plain.run(*args).clone()
     assert torch.equal(a, b)
+    buf = torch.full((t * H + 1,), float("nan"), dtype=torch.bfloat16, device=dev)
+    odd = buf[1:].view(t, H)  # contiguous, 2 bytes off a 16-byte boundary
+    fused.run(*args, out=odd)
+    assert torch.equal(odd, b)
     sa, sb = fused.stages(), plain.stages()
     for name in ("x_q", "act_q"):
         for got, want in zip(sa[name][:2], sb[name][:2], strict=True):

@@ -18,7 +18,7 @@ run(), all on the device, nothing read on the host (T and k are shapes, host met
    kernel does all of it (`quantize_to_expert_layout`: each staged row gathered from its token,
    its scale bytes written straight at the expert's padded rows, `padded_group_starts` computed
    once per run for both GEMMs), and the SwiGLU-requant of step 3 writes the L2 GEMM's scale
-   layout the same way: same bits, ~50 fewer launches.
+   layout the same way, and step 4 is one kernel too: same bits, ~75 fewer launches.
 3. L1 grouped GEMM; SwiGLU (DeepSeek V4 clamp) in fp32 times each row's routing weight, BEFORE
    the L2 quantization with gs2; L2 grouped GEMM. The weights are the gate's final ones, with
    routed_scaling_factor already applied (DeepSeek V4's gate multiplies the normalized top-k
@@ -144,8 +144,9 @@ class RoutedMoERunner(c.Runner):
         self._sorted_key = zeros(rows, torch.int64)
         self._perm = zeros(rows, torch.int64)  # staged row -> flat slot token*k + slot
         self._token = zeros(rows, torch.int64)  # staged row -> token (the gather index)
-        # quant_impl "cutedsl": one kernel gathers, quantizes and lays out each GEMM's A
-        self._fused_staging = self.quant_impl == "cutedsl"
+        # quant_impl "cutedsl": one kernel gathers, quantizes and lays out each GEMM's A, and
+        # one sums each token's slots (dsv4/kernels/cutedsl/moe_combine.py)
+        self._fused = self.quant_impl == "cutedsl"
         self._token32 = zeros(rows, torch.int32)  # its gather index
         self._sf_starts = zeros(e, torch.int32)  # each expert's first scale row (both GEMMs)
         self._dropped = zeros(rows, torch.bool)
@@ -331,12 +332,12 @@ class RoutedMoERunner(c.Runner):
         torch.div(perm, self._top_k, rounding_mode="floor", out=self._token[:rows])
         self._weight_flat[:rows].copy_(topk_weights.reshape(-1))  # to fp32, as the reference
         torch.index_select(self._weight_flat[:rows], 0, perm, out=self._weight_row[:rows])
-        if self._fused_staging:
+        if self._fused:
             padded_group_starts(self._offsets, out=self._sf_starts, workspace=self._ws)
             self._token32[:rows].copy_(self._token[:rows])
 
     def _l1_gemm(self, x: torch.Tensor, rows: int) -> None:
-        if self._fused_staging:
+        if self._fused:
             codes, sf = self._x_codes[:rows], self._staged_sf(self._x_sf, self.hidden, rows)
             quantize_to_expert_layout(
                 x, self._gs1[:1], self._offsets, self._sf_starts, codes, sf,
@@ -356,7 +357,7 @@ class RoutedMoERunner(c.Runner):
 
     def _l2_gemm(self, rows: int) -> None:
         codes, scales = self._act_codes[:rows], self._act_scales[:rows]
-        if self._fused_staging:
+        if self._fused:
             sf = self._staged_sf(self._act_sf, self.intermediate, rows)
             quantize_to_expert_layout(
                 self._l1[:rows], self._gs2[:1], self._offsets, self._sf_starts, codes, sf,
@@ -412,6 +413,9 @@ class RoutedMoERunner(c.Runner):
         src.copy_(self._row_ids[:rows]).masked_fill_(dropped, self.max_rows)  # the zero row
         inv = self._inv[:rows]
         inv.index_copy_(0, self._perm[:rows], src)  # flat slot token*k + s -> its staged row
+        if self._fused:
+            self._combine_kernel(t, inv, out)
+            return
         slots = inv.view(t, k)
         acc, tmp = self._acc[:t], self._slot_rows[:t]
         acc.zero_()  # 0 + row(t, 0) first, as the reference sums (turns -0 into +0 alike)
@@ -423,6 +427,22 @@ class RoutedMoERunner(c.Runner):
         if self.process_group is not None:
             dist.all_reduce(acc, group=self.process_group)
         out.copy_(acc)
+
+    def _combine_kernel(self, t: int, inv: torch.Tensor, out: torch.Tensor) -> None:
+        """The same slot-order fp32 sum in one CuTeDSL launch: bf16 straight into `out` (or the
+        runner's own buffer when `out` is not contiguous and 16-byte aligned), or, with a
+        process group, the fp32 sum for the all-reduce."""
+        from dsv4.kernels.cutedsl import moe_combine as mc
+
+        pg = self.process_group is not None
+        cfg = mc.CombineConfig(self.hidden, self.top_k, fp32_out=pg)
+        direct = not pg and out.is_contiguous() and out.data_ptr() % 16 == 0
+        dst = self._acc[:t] if pg else (out if direct else self._out[:t])
+        mc.run_combine(cfg, self._l2, inv, dst)
+        if pg:
+            dist.all_reduce(dst, group=self.process_group)
+        if not direct:
+            out.copy_(dst)
 
     # ---- introspection
 
@@ -437,7 +457,7 @@ class RoutedMoERunner(c.Runner):
             raise RuntimeError(f"{self.kind}.stages() needs a run() first")
         r = int(self._offsets[-1]) if self._last_t else 0
         x_scales, act_scales = self._x_scales[:r], self._act_scales[:r]
-        if self._fused_staging:  # the linear scales were never made: read them off the layout
+        if self._fused:  # the linear scales were never made: read them off the layout
             rows = self._last_t * self.top_k
             x_scales = self._linear_scales(self._x_sf, self.hidden, rows, r)
             act_scales = self._linear_scales(self._act_sf, self.intermediate, rows, r)

@@ -2,7 +2,8 @@
 SwiGLU-requantize for any arch from sm_90 (nvfp4_quant.py), the tcgen05 block-scaled grouped GEMM
 for sm_100a (grouped_gemm_sm100.py: compiled and PTX-checked in CI, never run on hardware), the
 sm90 backend's stream path for few rows per expert (grouped_gemm_stream.py: mma.sync, exact on
-an H200), with `bitmodel.py` (the quantizer's bit tricks in torch, CPU-testable) and
+an H200), the routed MoE's combine (moe_combine.py: each token's slots summed in fp32 in slot
+order, one launch), with `bitmodel.py` (the quantizer's bit tricks in torch, CPU-testable) and
 `ptx_check.py` (compile on CPU, read PTX, ptxas's report and the tcgen05.mma kinds).
 
 `available()` says whether the DSL imports (cached; the reason when not). Importing this

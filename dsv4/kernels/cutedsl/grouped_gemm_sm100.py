@@ -680,16 +680,12 @@ def compile_gemm(cfg: GemmConfig, arch: str = ARCH, extra_options: str = ""):
     GPU. A failed compile raises naming the configuration."""
     if arch != ARCH:
         raise ValueError(f"the tcgen05 grouped GEMM compiles for {ARCH} only, got {arch=}")
-    kernel = Sm100GroupedGemmKernel(cfg)
-    try:
-        return cute.compile(
-            kernel, *_fake_args(cfg), options=f"--gpu-arch={arch} {extra_options}".strip()
-        )
-    except Exception as e:  # re-raised with the configuration named, original chained
-        raise RuntimeError(
-            f"CuTeDSL grouped GEMM {cfg.name} ({cfg}) failed to compile for {arch}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+    from dsv4.kernels.cutedsl.ptx_check import compile_named
+
+    return compile_named(
+        Sm100GroupedGemmKernel(cfg), _fake_args(cfg), arch, extra_options,
+        f"CuTeDSL grouped GEMM {cfg.name} ({cfg})",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -730,17 +730,11 @@ def _fake_args():
 @functools.cache
 def compile_stream(cfg: StreamConfig, arch: str = ARCH, extra_options: str = ""):
     """Compile for `arch` (no GPU needed); cached. A failure names the configuration."""
-    try:
-        return cute.compile(
-            StreamGemmKernel(cfg),
-            *_fake_args(),
-            options=f"--gpu-arch={arch} {extra_options}".strip(),
-        )
-    except Exception as err:  # re-raised with the configuration named, original chained
-        raise RuntimeError(
-            f"CuTeDSL stream GEMM failed to compile for {arch} with {cfg}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
+    from dsv4.kernels.cutedsl.ptx_check import compile_named
+
+    return compile_named(
+        StreamGemmKernel(cfg), _fake_args(), arch, extra_options, f"CuTeDSL stream GEMM ({cfg})"
+    )
 
 
 def run_stream_gemm(

@@ -825,16 +825,12 @@ def compile_quant(cfg: QuantConfig, arch: str, extra_options: str = ""):
 
     Needs no GPU. A failed compile raises naming the configuration and the arch.
     """
-    kernel = Nvfp4QuantKernel(cfg, arch)
-    try:
-        return cute.compile(
-            kernel, *_fake_args(cfg), options=f"--gpu-arch={arch} {extra_options}".strip()
-        )
-    except Exception as e:  # re-raised with the configuration named, original chained
-        raise RuntimeError(
-            f"CuTeDSL quantize kernel failed to compile for {arch} with {cfg}: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+    from dsv4.kernels.cutedsl.ptx_check import compile_named
+
+    return compile_named(
+        Nvfp4QuantKernel(cfg, arch), _fake_args(cfg), arch, extra_options,
+        f"CuTeDSL quantize kernel ({cfg})",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

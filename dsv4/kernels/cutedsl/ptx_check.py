@@ -4,7 +4,8 @@
 capturing the report at the file-descriptor and the sys.stdout level (the DSL prints it from
 either), and returns the PTX text and ptxas's numbers: registers, stack frame and spill bytes.
 CI asserts on these (the e2m1 conversion present on sm_100a, no spills, no local memory); a
-failed compile raises naming the configuration (the kernel modules' compile functions do that).
+failed compile raises naming the configuration (`compile_named`, which every kernel module's
+compile function calls).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ class PtxReport:
     @property
     def uses_local_memory(self) -> bool:
         return bool(re.search(r"\.local\b|\bld\.local|\bst\.local", self.ptx))
+
+
+def compile_named(kernel, args: tuple, arch: str, extra_options: str, what: str):
+    """cute.compile(kernel, *args) for `arch` (plus `extra_options`); no GPU needed. A failure is
+    re-raised as RuntimeError naming `what` (the kernel and its configuration) and the arch,
+    the original chained."""
+    import cutlass.cute as cute
+
+    try:
+        return cute.compile(kernel, *args, options=f"--gpu-arch={arch} {extra_options}".strip())
+    except Exception as e:  # re-raised with the configuration named, original chained
+        raise RuntimeError(f"{what} failed to compile for {arch}: {type(e).__name__}: {e}") from e
 
 
 @contextlib.contextmanager
