@@ -450,8 +450,9 @@ class RoutedMoERunner(c.Runner):
         """Intermediates of the last run, named and ordered as reference.layers.routed_moe:
         "expert_offsets", "gather_index", "x_q", "l1_out", "act_q", "l2_out", "out".
 
-        Views of the buffers, valid until the next run. Reads the staged row count on the host
-        (a sync): for inspection, not for the graph-safe path.
+        Views of the buffers, valid until the next run (with quant_impl "cutedsl" the x_q and
+        act_q scales are fresh tensors read back from the GEMMs' scale layout). Reads the staged
+        row count on the host (a sync): for inspection, not for the graph-safe path.
         """
         if self._last_t is None:
             raise RuntimeError(f"{self.kind}.stages() needs a run() first")
