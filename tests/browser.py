@@ -18,9 +18,19 @@ from pathlib import Path
 from typing import Any
 
 # Flags that keep Chromium off the (closed) network and quiet in a sandboxed root container.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1280,2000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1280,2000",
+]
 
 
 def chromium() -> str | None:
@@ -41,9 +51,16 @@ class Page:
         self._from_chrome, from_chrome_w = os.pipe()
         # Chromium expects its pipe ends on fds 3 (commands in) and 4 (replies out).
         self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self._profile}", "--remote-debugging-pipe",
-             "about:blank"],
-            pass_fds=(3, 4), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={self._profile}",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=lambda: (os.dup2(to_chrome_r, 3), os.dup2(from_chrome_w, 4)),
         )
@@ -54,8 +71,9 @@ class Page:
         self.events: list[dict[str, Any]] = []
         targets = self._call("Target.getTargets")["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
-        self.session = self._call("Target.attachToTarget", targetId=page["targetId"],
-                                  flatten=True)["sessionId"]
+        self.session = self._call("Target.attachToTarget", targetId=page["targetId"], flatten=True)[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
 
@@ -100,8 +118,9 @@ class Page:
             self.events.append(self._read())
 
     def evaluate(self, expression: str) -> Any:
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                      awaitPromise=True)
+        r = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -123,9 +142,12 @@ class Page:
 
     def screenshot(self, path: str | Path) -> Path:
         height = self.evaluate("document.documentElement.scrollHeight")
-        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                         clip={"x": 0, "y": 0, "width": 1280, "height": min(height, 6000),
-                               "scale": 1})["data"]
+        data = self.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": 1280, "height": min(height, 6000), "scale": 1},
+        )["data"]
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)
 

@@ -75,7 +75,11 @@ def wait_for(pred, timeout: float = 60.0) -> bool:
 def case_file(tmp_path: Path, *backends: str, tokens: int = 1) -> Path:
     """One quantize case per backend (tokens, tokens + 1, ...), in order."""
     f = tmp_path / "c.yaml"
-    f.write_text("sweeps:\n" + "".join(
-        f"  - stage: quantize\n    tokens: [{tokens + i}]\n    backends: [\"{b}\"]\n"
-        for i, b in enumerate(backends)))
+    f.write_text(
+        "sweeps:\n"
+        + "".join(
+            f'  - stage: quantize\n    tokens: [{tokens + i}]\n    backends: ["{b}"]\n'
+            for i, b in enumerate(backends)
+        )
+    )
     return f

@@ -35,8 +35,17 @@ def test_the_documented_adapter_passes_its_stages(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "my_adapter", raising=False)
     out = tmp_path / "out"
-    rc = cli.main(["run", str(REPO / "cases" / "smoke.yaml"), "-b", "my_adapter:MyAdapter",
-                   "-o", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "run",
+            str(REPO / "cases" / "smoke.yaml"),
+            "-b",
+            "my_adapter:MyAdapter",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().out
     finals = [r for r in results.read_rows(out) if r.final]
     mine = [r for r in finals if r.stage in ("quantize", "swiglu_requant")]
@@ -49,8 +58,11 @@ def test_the_documented_adapter_passes_its_stages(tmp_path, monkeypatch, capsys)
 def tracked_text_files() -> list[Path]:
     """The repo's own text files: what git tracks or would add (never a venv, an unpacked bundle
     or anything else .gitignore / .git/info/exclude leave out)."""
-    ls = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
-                        capture_output=True, text=True)
+    ls = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+    )
     if ls.returncode:  # not a git checkout (an sdist): every file below the repo
         files = [p for p in REPO.rglob("*") if ".git" not in p.parts and "reports" not in p.parts]
     else:

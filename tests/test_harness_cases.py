@@ -39,58 +39,97 @@ GEMM = "sweeps:\n  - stage: grouped_gemm\n"
 MALFORMED = {
     "unknown_top_level_field": ("sweep:\n  - stage: quantize\n", "sweep: unknown field"),
     "unknown_sweep_field": (QUANTIZE + "    tokns: [1]\n", "sweeps[0].tokns: unknown field"),
-    "axis_not_of_stage": (QUANTIZE + "    routing: [uniform]\n",
-                          "sweeps[0].routing: not an axis of stage quantize"),
-    "tokens_not_a_number": (QUANTIZE + "    tokens: many\n",
-                            "sweeps[0].tokens: expected a number, got 'many'"),
+    "axis_not_of_stage": (
+        QUANTIZE + "    routing: [uniform]\n",
+        "sweeps[0].routing: not an axis of stage quantize",
+    ),
+    "tokens_not_a_number": (
+        QUANTIZE + "    tokens: many\n",
+        "sweeps[0].tokens: expected a number, got 'many'",
+    ),
     "tokens_not_integer": (QUANTIZE + "    tokens: [1.5]\n", "sweeps[0].tokens: expected integers"),
     "tokens_zero": (QUANTIZE + "    tokens: [0]\n", "sweeps[0].tokens: must be > 0"),
-    "hidden_not_multiple_of_32": (QUANTIZE + "    shape: {hidden: 100}\n",
-                                  "sweeps[0].shape.hidden: must be a multiple of 32"),
-    "top_k_exceeds_experts": (GEMM + "    shape: {top_k: 5, n_experts: 4}\n",
-                              "sweeps[0].shape.top_k: 5 exceeds n_experts=4"),
-    "unknown_shape_field": (QUANTIZE + "    shape: {hiden: 256}\n",
-                            "sweeps[0].shape.hiden: unknown field"),
-    "unknown_preset": (QUANTIZE + "    shape: v5_pro\n",
-                       "sweeps[0].shape.preset: unknown preset 'v5_pro'"),
-    "unknown_distribution": (QUANTIZE + "    distributions: [normal, gaussian]\n",
-                             "sweeps[0].distributions: unknown value 'gaussian'"),
-    "unknown_stage": ("sweeps:\n  - stage: quantise\n",
-                      "sweeps[0].stage: unknown value 'quantise'"),
+    "hidden_not_multiple_of_32": (
+        QUANTIZE + "    shape: {hidden: 100}\n",
+        "sweeps[0].shape.hidden: must be a multiple of 32",
+    ),
+    "top_k_exceeds_experts": (
+        GEMM + "    shape: {top_k: 5, n_experts: 4}\n",
+        "sweeps[0].shape.top_k: 5 exceeds n_experts=4",
+    ),
+    "unknown_shape_field": (
+        QUANTIZE + "    shape: {hiden: 256}\n",
+        "sweeps[0].shape.hiden: unknown field",
+    ),
+    "unknown_preset": (
+        QUANTIZE + "    shape: v5_pro\n",
+        "sweeps[0].shape.preset: unknown preset 'v5_pro'",
+    ),
+    "unknown_distribution": (
+        QUANTIZE + "    distributions: [normal, gaussian]\n",
+        "sweeps[0].distributions: unknown value 'gaussian'",
+    ),
+    "unknown_stage": (
+        "sweeps:\n  - stage: quantise\n",
+        "sweeps[0].stage: unknown value 'quantise'",
+    ),
     "missing_stage": ("sweeps:\n  - tokens: [1]\n", "sweeps[0].stage: missing"),
-    "exact_distribution_with_ratio": (QUANTIZE + "    distributions: [midpoints]\n"
-                                      "    scale_ratios: [2]\n", "sweeps[0].scale_ratios"),
+    "exact_distribution_with_ratio": (
+        QUANTIZE + "    distributions: [midpoints]\n    scale_ratios: [2]\n",
+        "sweeps[0].scale_ratios",
+    ),
     "empty_backends": (QUANTIZE + "    backends: []\n", "sweeps[0].backends: empty list"),
-    "unknown_budget_field": ("sweeps:\n  - stage: shared_expert\n    budget: {calc_dif: 1}\n",
-                             "sweeps[0].budget.calc_dif: unknown field"),
+    "unknown_budget_field": (
+        "sweeps:\n  - stage: shared_expert\n    budget: {calc_dif: 1}\n",
+        "sweeps[0].budget.calc_dif: unknown field",
+    ),
     "bad_device": (QUANTIZE + "    device: tpu\n", "sweeps[0].device"),
     "bad_seed": (QUANTIZE + "    seeds: [a]\n", "sweeps[0].seeds: expected integers"),
     "no_sweeps": ("name: nothing\n", "sweeps: expected a non-empty list"),
     "not_a_mapping": ("- stage: quantize\n", "expected a mapping with 'sweeps'"),
-    "duplicate_ids": (QUANTIZE + "    tokens: [1]\n  - stage: quantize\n    tokens: [1, 2]\n",
-                      "duplicate case ids ['quantize_t1_h256_normal_rdyn_s0']"),
+    "duplicate_ids": (
+        QUANTIZE + "    tokens: [1]\n  - stage: quantize\n    tokens: [1, 2]\n",
+        "duplicate case ids ['quantize_t1_h256_normal_rdyn_s0']",
+    ),
     "invalid_yaml": ("sweeps: [\n  - stage: quantize\n", "line 2 not valid YAML"),
-    "duplicate_key": (QUANTIZE + "    tokens: [1]\n    tokens: [2]\n",
-                      "line 4 duplicate key 'tokens'"),
-    "duplicate_shape_key": (QUANTIZE + "    shape: {hidden: 64, hidden: 128}\n",
-                            "line 3 duplicate key 'hidden'"),
+    "duplicate_key": (
+        QUANTIZE + "    tokens: [1]\n    tokens: [2]\n",
+        "line 4 duplicate key 'tokens'",
+    ),
+    "duplicate_shape_key": (
+        QUANTIZE + "    shape: {hidden: 64, hidden: 128}\n",
+        "line 3 duplicate key 'hidden'",
+    ),
     "duplicate_top_level_key": (QUANTIZE + "sweeps: []\n", "line 3 duplicate key 'sweeps'"),
-    "seed_out_of_range": (QUANTIZE + "    seeds: [4294967296]\n",
-                          "sweeps[0].seeds: 4294967296 out of range (0 <= seed < 2**32)"),
-    "unknown_field_in_defaults": ("defaults: {tokns: [1]}\n" + QUANTIZE,
-                                  "defaults.tokns: unknown field"),
+    "seed_out_of_range": (
+        QUANTIZE + "    seeds: [4294967296]\n",
+        "sweeps[0].seeds: 4294967296 out of range (0 <= seed < 2**32)",
+    ),
+    "unknown_field_in_defaults": (
+        "defaults: {tokns: [1]}\n" + QUANTIZE,
+        "defaults.tokns: unknown field",
+    ),
     "bad_timeout": (QUANTIZE + "    timeout_s: 0\n", "sweeps[0].timeout_s: must be > 0, got 0"),
-    "bad_limit": ("sweeps:\n  - stage: swiglu_requant\n    limits: [ten]\n",
-                  "sweeps[0].limits: expected a number, got 'ten'"),
-    "bad_budget_value": ("sweeps:\n  - stage: shared_expert\n    budget: {calc_diff: big}\n",
-                         "sweeps[0].budget.calc_diff: expected a number, got 'big'"),
-    "unknown_tolerance": (QUANTIZE + "    tolerance: loose\n",
-                          "sweeps[0].tolerance: unknown value 'loose' (one of: derived, exact)"),
-    "shape_not_a_mapping": (QUANTIZE + "    shape: [1, 2]\n",
-                            "sweeps[0].shape: expected a preset name or a mapping"),
-    "bad_routed_scaling_factor": (QUANTIZE + "    shape: {routed_scaling_factor: 0}\n",
-                                  "sweeps[0].shape.routed_scaling_factor: must be a finite "
-                                  "number > 0, got 0"),
+    "bad_limit": (
+        "sweeps:\n  - stage: swiglu_requant\n    limits: [ten]\n",
+        "sweeps[0].limits: expected a number, got 'ten'",
+    ),
+    "bad_budget_value": (
+        "sweeps:\n  - stage: shared_expert\n    budget: {calc_diff: big}\n",
+        "sweeps[0].budget.calc_diff: expected a number, got 'big'",
+    ),
+    "unknown_tolerance": (
+        QUANTIZE + "    tolerance: loose\n",
+        "sweeps[0].tolerance: unknown value 'loose' (one of: derived, exact)",
+    ),
+    "shape_not_a_mapping": (
+        QUANTIZE + "    shape: [1, 2]\n",
+        "sweeps[0].shape: expected a preset name or a mapping",
+    ),
+    "bad_routed_scaling_factor": (
+        QUANTIZE + "    shape: {routed_scaling_factor: 0}\n",
+        "sweeps[0].shape.routed_scaling_factor: must be a finite number > 0, got 0",
+    ),
 }
 
 
@@ -134,9 +173,13 @@ def test_cli_process_exit_2_without_traceback(name, tmp_path):
     text, field = MALFORMED[name]
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
-    p = subprocess.run([sys.executable, "-m", "harness", "run", str(path), "-o",
-                        str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(path), "-o", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
@@ -171,8 +214,10 @@ def test_yaml_reader_error_is_one_line(tmp_path):
 
 def test_gemm_ids_distinguish_intermediate(tmp_path):
     path = tmp_path / "n.yaml"
-    path.write_text(GEMM + "    shape: {intermediate: 128}\n"
-                    "  - stage: grouped_gemm\n    shape: {intermediate: 256}\n")
+    path.write_text(
+        GEMM + "    shape: {intermediate: 128}\n"
+        "  - stage: grouped_gemm\n    shape: {intermediate: 256}\n"
+    )
     assert len({c.id for c in load_cases(path)[1]}) == 2
 
 
@@ -241,19 +286,26 @@ def test_smoke_covers_every_stage_and_the_tricky_inputs():
     dists = {c.distribution.value for c in cases if c.stage is Stage.QUANTIZE}
     assert {"midpoints", "fp4_grid", "nan_one", "inf_one", "zero_blocks"} <= dists
     assert {c.routing.value for c in cases if c.stage is Stage.GROUPED_GEMM} >= {
-        "uniform", "empty_experts", "one_expert"}
+        "uniform",
+        "empty_experts",
+        "one_expert",
+    }
     assert None in {c.limit for c in cases if c.stage is Stage.SWIGLU_REQUANT}
 
 
 def test_defaults_apply_only_to_axes_a_stage_has(tmp_path):
     path = tmp_path / "d.yaml"
-    path.write_text("defaults:\n  tokens: [3]\n  routing: [empty_experts]\n  seeds: [0, 1]\n"
-                    "sweeps:\n  - stage: quantize\n  - stage: scale_assembly\n")
+    path.write_text(
+        "defaults:\n  tokens: [3]\n  routing: [empty_experts]\n  seeds: [0, 1]\n"
+        "sweeps:\n  - stage: quantize\n  - stage: scale_assembly\n"
+    )
     _, cases = load_cases(path)
     assert sorted(c.id for c in cases) == [
-        "quantize_t3_h256_normal_rdyn_s0", "quantize_t3_h256_normal_rdyn_s1",
+        "quantize_t3_h256_normal_rdyn_s0",
+        "quantize_t3_h256_normal_rdyn_s1",
         "scale_assembly_t3_i128_e4_k2_h256_empty_experts_s0",
-        "scale_assembly_t3_i128_e4_k2_h256_empty_experts_s1"]
+        "scale_assembly_t3_i128_e4_k2_h256_empty_experts_s1",
+    ]
     assert set(AXES[Stage.QUANTIZE]) >= {"tokens"} and "routing" not in AXES[Stage.QUANTIZE]
 
 
@@ -271,10 +323,23 @@ sweeps:
 
 
 def _pytest(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                           "-p", "harness.pytest_plugin", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "harness.pytest_plugin",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
 
 
 def test_plugin_runs_a_case_file_and_prints_the_metric_table(tmp_path):
@@ -299,7 +364,8 @@ def test_plugin_case_filter_deselects(tmp_path):
     items = [ln for ln in p.stdout.splitlines() if "::" in ln]
     # the node id's directory part depends on pytest's rootdir choice; the item is what counts
     assert len(items) == 1 and items[0].endswith(
-        f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"), items
+        f"{path.name}::quantize_t5_h256_normal_rdyn_s0[reference]"
+    ), items
 
 
 def test_plugin_spreads_over_xdist_workers_and_records_every_case(tmp_path):

@@ -30,8 +30,11 @@ def _case(tokens: int, ep: int, mode: str, shape: str = "tiny", routing: str = "
     hits = [
         c
         for c in EP.values()
-        if c.tokens == tokens and c.ep_size == ep and c.ep_mode.value == mode
-        and c.routing.value == routing and (shape == "tiny") == (c.shape.hidden == 256)
+        if c.tokens == tokens
+        and c.ep_size == ep
+        and c.ep_mode.value == mode
+        and c.routing.value == routing
+        and (shape == "tiny") == (c.shape.hidden == 256)
     ]
     assert len(hits) == 1, (tokens, ep, mode, shape, [c.id for c in hits])
     return hits[0]
@@ -63,11 +66,13 @@ def _rank_view(ids, world, n, first_of=lambda r, n: r * n, drop=()):
             hit = [] if r in drop else torch.nonzero((local == e).any(dim=1)).flatten().tolist()
             tokens += hit
             ends.append(len(tokens))
-        out.append({
-            "expert_offsets": torch.tensor(ends, dtype=torch.int32),
-            "gather_index": torch.tensor(tokens, dtype=torch.int64),
-            "tokens": torch.arange(len(ids)),
-        })
+        out.append(
+            {
+                "expert_offsets": torch.tensor(ends, dtype=torch.int32),
+                "gather_index": torch.tensor(tokens, dtype=torch.int64),
+                "tokens": torch.arange(len(ids)),
+            }
+        )
     return out
 
 
@@ -207,14 +212,24 @@ def test_run_devices_spreads_the_pairs_and_merges(tmp_path):
     from harness import results
 
     out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "harness", "run", str(REPO / "cases" / "smoke.yaml"),
-           "-k", "quantize_t1_normal,scale_assembly_t5", "--devices", "cpu,cpu", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(REPO / "cases" / "smoke.yaml"),
+        "-k",
+        "quantize_t1_normal,scale_assembly_t5",
+        "--devices",
+        "cpu,cpu",
+        "-o",
+        str(out),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     finals = [r for r in results.latest(results.read_rows(out)) if r.final]
     shards = [
-        {r.case_id for r in results.read_rows(out / "shards" / str(i)) if r.final}
-        for i in (0, 1)
+        {r.case_id for r in results.read_rows(out / "shards" / str(i)) if r.final} for i in (0, 1)
     ]
     assert shards[0] and shards[1] and not shards[0] & shards[1]  # each pair in one worker
     assert {r.case_id for r in finals} == shards[0] | shards[1]

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 def test_timeout_kills_the_grandchild_and_a_segfault_keeps_its_traceback(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv(PID_DIR_ENV, str(tmp_path))
     f = case_file(tmp_path, "tests.misbehaving:SpawnsAndHangs", "tests.misbehaving:Segfaults")
     out = tmp_path / "out"

@@ -32,10 +32,20 @@ def test_killed_sweep_takes_its_worker_down_and_holds_its_lock_meanwhile(tmp_pat
     f = case_file(tmp_path, "tests.misbehaving:SpawnsAndHangs")
     out = tmp_path / "out"
     env = {**os.environ, PID_DIR_ENV: str(tmp_path)}
-    cmd = [sys.executable, "-m", "harness", "run", str(f), "-o", str(out), "--isolate",
-           "--no-progress"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(f),
+        "-o",
+        str(out),
+        "--isolate",
+        "--no-progress",
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     worker_file = tmp_path / "worker"
     try:
         assert wait_for(worker_file.exists), "the worker never reached the kernel"
@@ -60,10 +70,27 @@ def test_killed_sweep_takes_its_worker_down_and_holds_its_lock_meanwhile(tmp_pat
 def test_sigterm_ends_a_sweep_like_ctrl_c_kills_its_case_and_keeps_its_rows(tmp_path):
     f = case_file(tmp_path, "reference", "tests.misbehaving:SpawnsAndHangs")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "harness", "run", str(f), "-o", str(out), "--no-progress",
-           "--isolate", "--threads", "1"]
-    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, PID_DIR_ENV: str(tmp_path)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(f),
+        "-o",
+        str(out),
+        "--no-progress",
+        "--isolate",
+        "--threads",
+        "1",
+    ]
+    p = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, PID_DIR_ENV: str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_for((tmp_path / "grandchild").exists), "the second case never started"
         p.send_signal(signal.SIGTERM)

@@ -33,8 +33,10 @@ EXPECTED = {
     planted.RoundHalfAway: ("quantize", {"quantize.codes"}),
     planted.SwappedSwizzleBits: ("scale_assembly", {"scales_2d", "scales_3d"}),
     planted.SkipLastKBlock: ("grouped_gemm", {"grouped_gemm.out"}),
-    planted.ClampAfterProduct: ("swiglu_requant",
-                                {"swiglu_requant.codes", "swiglu_requant.scales"}),
+    planted.ClampAfterProduct: (
+        "swiglu_requant",
+        {"swiglu_requant.codes", "swiglu_requant.scales"},
+    ),
     planted.PaddingUnwritten: ("scale_assembly", {"scales_2d"}),
 }
 assert set(EXPECTED) == set(planted.DEFECTS)
@@ -62,16 +64,14 @@ def _finals(rows, backend):
 
 
 def _failing(rows, backend):
-    return [r for r in rows
-            if r.backend == backend and not r.final and r.outcome == "fail"]
+    return [r for r in rows if r.backend == backend and not r.final and r.outcome == "fail"]
 
 
 def test_reference_passes_the_whole_smoke_sweep(smoke):
     cases, counts, rows = smoke
     finals = _finals(rows, "reference")
     assert set(finals) == {c.id for c in cases}
-    bad = {k: (r.outcome, r.message[:200])
-           for k, r in finals.items() if r.outcome != "pass"}
+    bad = {k: (r.outcome, r.message[:200]) for k, r in finals.items() if r.outcome != "pass"}
     assert not bad
     assert counts["resumed"] == 0
     assert sum(v for k, v in counts.items() if k != "resumed") == 6 * len(cases)
@@ -98,10 +98,12 @@ def test_defect_fails_its_stage_and_no_other(smoke, defect):
 
 def test_round_half_away_fails_exactly_on_the_tie_cases(smoke):
     cases, _, rows = smoke
-    failed = {k for k, r in _finals(rows, spec(planted.RoundHalfAway)).items()
-              if r.outcome == "fail"}
-    midpoints = {c.id for c in cases if c.stage.value == "quantize"
-                 and c.distribution.value == "midpoints"}
+    failed = {
+        k for k, r in _finals(rows, spec(planted.RoundHalfAway)).items() if r.outcome == "fail"
+    }
+    midpoints = {
+        c.id for c in cases if c.stage.value == "quantize" and c.distribution.value == "midpoints"
+    }
     assert midpoints and failed == midpoints  # elsewhere ties are classified, not failed
     for r in _failing(rows, spec(planted.RoundHalfAway)):
         assert "every intermediate is exact" in r.message

@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def harness_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m harness ...` from the repo root, so tests.planted:* import paths resolve."""
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def write(path: Path, text: str) -> Path:
@@ -69,7 +75,10 @@ def test_isolated_sweep_records_error_timeout_and_crash(tmp_path):
     assert counts["error"] == counts["timeout"] == counts["crashed"] == 1
     finals = {r.backend.split(":")[1]: r for r in results.read_rows(out) if r.final}
     assert {k: r.outcome for k, r in finals.items()} == {
-        "Raises": "error", "Hangs": "timeout", "Dies": "crashed"}
+        "Raises": "error",
+        "Hangs": "timeout",
+        "Dies": "crashed",
+    }
     assert finals["Raises"].message.startswith("RuntimeError: planted failure in quantize")
     assert "planted.py" in finals["Raises"].metrics["traceback"]
     assert finals["Hangs"].message == "killed after 10 s"
@@ -79,10 +88,16 @@ def test_isolated_sweep_records_error_timeout_and_crash(tmp_path):
 
 
 def test_in_process_error_becomes_a_row(tmp_path):
-    _, cases = load_cases(write(tmp_path / "c.yaml", "sweeps:\n  - stage: quantize\n"
-                                "    tokens: [1, 2]\n"))
-    counts = run_sweep(cases, tmp_path / "out", SweepOptions(
-        backends=("tests.planted:Raises", "no_such_module_xyz:Adapter"), progress=False))
+    _, cases = load_cases(
+        write(tmp_path / "c.yaml", "sweeps:\n  - stage: quantize\n    tokens: [1, 2]\n")
+    )
+    counts = run_sweep(
+        cases,
+        tmp_path / "out",
+        SweepOptions(
+            backends=("tests.planted:Raises", "no_such_module_xyz:Adapter"), progress=False
+        ),
+    )
     assert counts["error"] == 4
     rows = results.read_rows(tmp_path / "out")
     assert len(rows) == 4 and all(r.final for r in rows)
@@ -106,8 +121,9 @@ def test_killed_sweep_resumes_without_redoing_finished_cases(tmp_path):
     f = write(tmp_path / "resumable.yaml", RESUMABLE)
     out = tmp_path / "out"
     ids = [c.id for c in load_cases(f)[1]]
-    first = harness_cli("run", str(f), "-o", str(out), "--no-progress",
-                        env={planted.EXIT_AT_ENV: "3"})
+    first = harness_cli(
+        "run", str(f), "-o", str(out), "--no-progress", env={planted.EXIT_AT_ENV: "3"}
+    )
     assert first.returncode == 3, first.stderr  # os._exit inside the third case
     rows = results.read_rows(out)
     assert [r.case_id for r in rows if r.final] == ids[:2]
@@ -135,8 +151,12 @@ def test_resume_after_a_torn_last_line_keeps_every_row(tmp_path):
         fh.write('{"case_id": "' + cases[1].id + '", "compare": "quantize.co')
     run_sweep(cases, out, SweepOptions(progress=False))
     rows = [r for r in results.read_rows(out) if r.case_id == cases[1].id]
-    assert {r.compare for r in rows} == {"quantize.codes", "quantize.scales",
-                                            "quantize.global_scale", "case"}
+    assert {r.compare for r in rows} == {
+        "quantize.codes",
+        "quantize.scales",
+        "quantize.global_scale",
+        "case",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +184,10 @@ def test_shards_merge_to_the_unsharded_set(tmp_path):
         parts.append({r.case_id for r in results.read_rows(d) if r.final})
     assert parts[0] and parts[1] and not parts[0] & parts[1]
     merged = tmp_path / "merged"
-    assert cli.main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"),
-                     "-o", str(merged)]) == 0
+    assert (
+        cli.main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "-o", str(merged)])
+        == 0
+    )
     rows = results.read_rows(merged)
     assert {r.case_id for r in rows if r.final} == ids
     assert len(results.read_meta(merged)["runs"]) == 2
@@ -175,8 +197,12 @@ def test_shards_merge_to_the_unsharded_set(tmp_path):
 def test_case_filter_runs_only_matching_cases(tmp_path):
     f = write(tmp_path / "s.yaml", SHARDABLE)
     out = tmp_path / "out"
-    assert cli.main(["run", str(f), "-o", str(out), "-k", "fp4_grid,scale_assembly_t5",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["run", str(f), "-o", str(out), "-k", "fp4_grid,scale_assembly_t5", "--no-progress"]
+        )
+        == 0
+    )
     got = {r.case_id for r in results.read_rows(out) if r.final}
     want = {c.id for c in load_cases(f)[1] if "fp4_grid" in c.id or "scale_assembly_t5" in c.id}
     assert got == want and len(got) == 4
@@ -199,8 +225,15 @@ def test_cli_exit_codes_of_run(tmp_path):
     ok = harness_cli("run", str(f), "-o", str(tmp_path / "ok"), "--no-progress")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert [r.outcome for r in results.read_rows(tmp_path / "ok") if r.final] == ["pass"] * 2
-    bad = harness_cli("run", str(f), "-o", str(tmp_path / "bad"), "--no-progress",
-                      "-b", "tests.planted:RoundHalfAway")
+    bad = harness_cli(
+        "run",
+        str(f),
+        "-o",
+        str(tmp_path / "bad"),
+        "--no-progress",
+        "-b",
+        "tests.planted:RoundHalfAway",
+    )
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "quantize_t5_h256_midpoints_rdyn_s0" in bad.stdout  # the summary names the failure
     malformed = write(tmp_path / "malformed.yaml", "sweeps:\n  - stage: quantize\n    tokns: [1]\n")
@@ -237,8 +270,12 @@ def test_compare_flags_failures_of_a_new_backend(tmp_path, capsys):
     f = write(tmp_path / "ties.yaml", TIES)
     ref, kern = tmp_path / "ref", tmp_path / "kern"
     assert cli.main(["run", str(f), "-o", str(ref), "--no-progress"]) == 0
-    assert cli.main(["run", str(f), "-o", str(kern), "--no-progress",
-                     "-b", "tests.planted:RoundHalfAway"]) == 1
+    assert (
+        cli.main(
+            ["run", str(f), "-o", str(kern), "--no-progress", "-b", "tests.planted:RoundHalfAway"]
+        )
+        == 1
+    )
     capsys.readouterr()
     assert cli.main(["compare", str(ref), str(kern)]) == 1
     d = results.compare_sets(results.read_rows(ref), results.read_rows(kern))

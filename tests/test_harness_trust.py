@@ -93,23 +93,42 @@ def test_filtered_fresh_keeps_other_backends_and_cases(tmp_path, capsys):
     out = tmp_path / "out"
     ids = [c.id for c in load_cases(f)[1]]
     other = "tests.planted:RoundHalfAway"
-    assert cli.main(["run", str(f), "-o", str(out), "-b", "reference", "-b", other,
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["run", str(f), "-o", str(out), "-b", "reference", "-b", other, "--no-progress"])
+        == 0
+    )
     before = finals(out)
     assert len(before) == 4
     capsys.readouterr()
-    assert cli.main(["run", str(f), "-o", str(out), "-b", "reference", "-k", "t1_",
-                     "--fresh", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(f),
+                "-o",
+                str(out),
+                "-b",
+                "reference",
+                "-k",
+                "t1_",
+                "--fresh",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "fresh: dropped 4 earlier rows of the 1 pairs to run; kept 12 rows" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     after = finals(out)
     assert set(after) == set(before)  # nothing lost
     rerun = (ids[0], "reference")
     assert after[rerun].run_id != before[rerun].run_id
     for k in set(before) - {rerun}:
         assert after[k].run_id == before[k].run_id, k
-    assert sum(r.case_id == ids[0] and r.backend == "reference"
-               for r in results.read_rows(out)) == 4  # its old rows are gone, not duplicated
+    assert (
+        sum(r.case_id == ids[0] and r.backend == "reference" for r in results.read_rows(out)) == 4
+    )  # its old rows are gone, not duplicated
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,8 +157,15 @@ def test_resume_reruns_a_case_whose_budget_changed(tmp_path, capsys):
     spec = "sweeps:\n  - stage: grouped_linear\n    tokens: [1]\n    budget: {calc_diff: %s}\n"
     f = write(tmp_path / "c.yaml", spec % "1e-1")
     out = tmp_path / "out"
-    args = ["run", str(f), "-o", str(out), "-b", "tests.test_harness_trust:Unquantized",
-            "--no-progress"]
+    args = [
+        "run",
+        str(f),
+        "-o",
+        str(out),
+        "-b",
+        "tests.test_harness_trust:Unquantized",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     capsys.readouterr()
     assert cli.main(args) == 0  # unchanged: reused
@@ -154,8 +180,15 @@ def test_resume_reruns_a_case_whose_budget_changed(tmp_path, capsys):
 def test_resume_reruns_when_the_adapter_changed(tmp_path, monkeypatch, capsys):
     f = write(tmp_path / "c.yaml", TWO)
     out = tmp_path / "out"
-    args = ["run", str(f), "-o", str(out), "-b", "tests.test_harness_trust:Versioned",
-            "--no-progress"]
+    args = [
+        "run",
+        str(f),
+        "-o",
+        str(out),
+        "-b",
+        "tests.test_harness_trust:Versioned",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     first = finals(out)
     monkeypatch.setenv("T16_VERSION", "2")
@@ -239,8 +272,9 @@ def test_seed_beyond_int64_is_one_line(tmp_path, capsys):
     f = write(tmp_path / "c.yaml", big)
     assert cli.main(["run", str(f), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {f}: sweeps[0].seeds: 18446744073709551616 out of range "
-                   f"(0 <= seed < 2**32)")
+    assert err == (
+        f"error: {f}: sweeps[0].seeds: 18446744073709551616 out of range (0 <= seed < 2**32)"
+    )
 
 
 def test_out_naming_a_file_is_one_line(tmp_path, capsys):
@@ -260,8 +294,10 @@ def test_ctrl_c_keeps_what_finished_and_says_how_to_resume(tmp_path, capsys):
     InterruptsSecond.calls = 0
     assert cli.main([*args, "-b", "tests.test_harness_trust:InterruptsSecond"]) == 130
     err = capsys.readouterr().err
-    assert ("interrupted: 1 pairs finished in this run are kept in "
-            f"{out / results.JSONL}; 2 not run: run the same command again") in err
+    assert (
+        "interrupted: 1 pairs finished in this run are kept in "
+        f"{out / results.JSONL}; 2 not run: run the same command again"
+    ) in err
     assert len(finals(out)) == 1 and (out / results.PARQUET).exists()
     assert cli.main([*args, "-b", "tests.test_harness_trust:InterruptsSecond"]) == 0
     assert "resume: reusing 1 finished pairs" in capsys.readouterr().err
@@ -273,8 +309,11 @@ def test_ctrl_c_keeps_what_finished_and_says_how_to_resume(tmp_path, capsys):
 
 
 def test_docs_default_budget_parses_as_a_number(tmp_path):
-    f = write(tmp_path / "c.yaml", "sweeps:\n  - stage: shared_expert\n"
-                                   "    budget: {calc_diff: 1e-4, atol: 5E-3, rtol: 1e-2}\n")
+    f = write(
+        tmp_path / "c.yaml",
+        "sweeps:\n  - stage: shared_expert\n"
+        "    budget: {calc_diff: 1e-4, atol: 5E-3, rtol: 1e-2}\n",
+    )
     (case,) = load_cases(f)[1]
     assert case.budget == Budget(calc_diff=1e-4, atol=5e-3, rtol=1e-2)
 
@@ -282,12 +321,28 @@ def test_docs_default_budget_parses_as_a_number(tmp_path):
 def test_a_hundred_thousand_cases_load_and_the_count_comes_first(tmp_path, capsys):
     seeds = ", ".join(str(s) for s in range(100))
     tokens = ", ".join(str(t) for t in range(1, 1001))
-    f = write(tmp_path / "big.yaml", f"sweeps:\n  - stage: quantize\n    tokens: [{tokens}]\n"
-                                     f"    seeds: [{seeds}]\n")
+    f = write(
+        tmp_path / "big.yaml",
+        f"sweeps:\n  - stage: quantize\n    tokens: [{tokens}]\n    seeds: [{seeds}]\n",
+    )
     # quadratic duplicate check: 10^10 string compares (minutes); linear: about a second
     one = "quantize_t999_h256_normal_rdyn_s99"
-    assert cli.main(["run", str(f), "-o", str(tmp_path / "o"), "-k", one,
-                     "-b", "tests.test_harness_trust:Announces", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(f),
+                "-o",
+                str(tmp_path / "o"),
+                "-k",
+                one,
+                "-b",
+                "tests.test_harness_trust:Announces",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.index("100000 cases, 1 (case, backend) pairs ->") < err.index("KERNEL RUNNING")
 
@@ -299,12 +354,15 @@ def test_a_hundred_thousand_cases_load_and_the_count_comes_first(tmp_path, capsy
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
 def test_cuda_case_without_cuda_is_unsupported_with_the_reason(tmp_path, capsys):
     f = write(tmp_path / "c.yaml", TWO)
-    assert cli.main(["run", str(f), "-o", str(tmp_path / "o"), "--device", "cuda",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["run", str(f), "-o", str(tmp_path / "o"), "--device", "cuda", "--no-progress"])
+        == 0
+    )
     rows = finals(tmp_path / "o").values()
     assert {r.outcome for r in rows} == {"unsupported"}
     assert {r.message for r in rows} == {
-        "case needs cuda; torch.cuda.is_available() is False on this machine"}
+        "case needs cuda; torch.cuda.is_available() is False on this machine"
+    }
     out = capsys.readouterr().out
     assert "unsupported reference                2 cases: case needs cuda" in out
     assert "this run: 2 unsupported; reused from earlier runs: 0" in out  # no raw dict
@@ -327,10 +385,27 @@ def test_usage_hides_the_worker_and_show_prints_whole_tracebacks(tmp_path, capsy
 
 
 def test_summary_lists_failures_before_grouped_unsupported():
-    rows = [Row(outcome="unsupported", backend="b", case_id=f"c{i}", compare="case",
-                message="needs sm_100", final=True) for i in range(60)]
-    rows.append(Row(outcome="fail", backend="b", case_id="bad", compare="case",
-                    message="real mismatch", final=True))
+    rows = [
+        Row(
+            outcome="unsupported",
+            backend="b",
+            case_id=f"c{i}",
+            compare="case",
+            message="needs sm_100",
+            final=True,
+        )
+        for i in range(60)
+    ]
+    rows.append(
+        Row(
+            outcome="fail",
+            backend="b",
+            case_id="bad",
+            compare="case",
+            message="real mismatch",
+            final=True,
+        )
+    )
     lines = cli.summary_table(rows).splitlines()
     assert lines[0] == "outcome counts: fail=1, unsupported=60"
     assert lines[1].startswith("  fail") and "bad: real mismatch" in lines[1]
@@ -344,12 +419,27 @@ def test_summary_lists_failures_before_grouped_unsupported():
 def test_xdist_workers_share_the_cores(tmp_path):
     f = write(tmp_path / "c.yaml", "sweeps:\n  - stage: quantize\n    tokens: [1, 2, 3, 4]\n")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-                        str(f), "--harness-results", str(tmp_path / "res")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "2",
+            str(f),
+            "--harness-results",
+            str(tmp_path / "res"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     threads = {r.threads for r in results.read_rows(tmp_path / "res") if r.final}
     cores = len(os.sched_getaffinity(0))
     assert threads == {max(1, cores // 2)}
-
-

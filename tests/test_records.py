@@ -52,10 +52,20 @@ def test_outcome_severity_and_meaning():
 
 
 def test_a_row_round_trips_nan_and_inf_as_json_numbers(tmp_path):
-    row = Row(case_id="c", backend="b", compare="out", outcome="fail", stage="quantize",
-              metrics={"sqnr_db": math.inf, "low": -math.inf, "max_rel": math.nan,
-                       "nested": [{"worst_ratio": math.inf}]},
-              fields={"tokens": 5, "limit": None})
+    row = Row(
+        case_id="c",
+        backend="b",
+        compare="out",
+        outcome="fail",
+        stage="quantize",
+        metrics={
+            "sqnr_db": math.inf,
+            "low": -math.inf,
+            "max_rel": math.nan,
+            "nested": [{"worst_ratio": math.inf}],
+        },
+        fields={"tokens": 5, "limit": None},
+    )
     assert isinstance(row.outcome, Outcome) and isinstance(row.metrics, Panel)
     line = results.row_line(row)
     assert "Infinity" in line and "NaN" in line and '"inf"' not in line and '"nan"' not in line
@@ -107,10 +117,14 @@ def test_a_results_file_written_before_schema_2_still_loads(tmp_path):
         ('{"case_id": "c", "backend": "b", "compare": "x", "outcome": "pas"}', "outcome"),
         ('{"case_id": "c", "backend": "b", "outcome": "pass"}', "compare"),
         ('{"case_id": 3, "backend": "b", "compare": "x", "outcome": "pass"}', "case_id"),
-        ('{"case_id": "c", "backend": "b", "compare": "x", "outcome": "pass", "metrics": [1]}',
-         "metrics"),
-        ('{"case_id": "c", "backend": "b", "compare": "x", "outcome": "pass", "schema": 9}',
-         "schema"),
+        (
+            '{"case_id": "c", "backend": "b", "compare": "x", "outcome": "pass", "metrics": [1]}',
+            "metrics",
+        ),
+        (
+            '{"case_id": "c", "backend": "b", "compare": "x", "outcome": "pass", "schema": 9}',
+            "schema",
+        ),
     ],
 )
 def test_a_malformed_line_names_file_line_and_field(tmp_path, capsys, line, field):
@@ -130,8 +144,9 @@ def test_stage_table_names_the_plotted_measures():
         "out": "calc_diff",
         "partials": "calc_diff",  # routed_moe_ep: the worst rank's share
     }
-    row = Row(case_id="c", backend="b", compare="grouped_gemm.out", outcome="fail",
-              stage="grouped_gemm")
+    row = Row(
+        case_id="c", backend="b", compare="grouped_gemm.out", outcome="fail", stage="grouped_gemm"
+    )
     assert measure_of(row) == "worst_ratio" and "first_bound" in key_metrics(row)
     assert compared("quantize", "quantize.codes").discrete
     assert not compared("grouped_gemm", "grouped_gemm.out").discrete

@@ -53,10 +53,18 @@ def smoke(tmp_path_factory) -> Path:
 def test_report_of_a_real_sweep_loads_cleanly_in_chromium(smoke):
     html = render(smoke, smoke / "index.html")
     text = html.read_text()
-    for section in ("Verdicts", "Failures", "Headroom", "Error by axis",
-                    "Per-expert and per-token error", "Speed", "Bit-exact stages", "Diagnoses",
-                    "NaN traces",
-                    "Environment"):
+    for section in (
+        "Verdicts",
+        "Failures",
+        "Headroom",
+        "Error by axis",
+        "Per-expert and per-token error",
+        "Speed",
+        "Bit-exact stages",
+        "Diagnoses",
+        "NaN traces",
+        "Environment",
+    ):
         assert f">{section}</h2>" in text
     assert "outside the derived bound" in text  # the planted GEMM defect, diagnosed
     with Page(_browser()) as page:
@@ -110,8 +118,16 @@ def test_a_thousand_row_report_stays_small(smoke, tmp_path):
 def _timing(case_id: str, median: float, p10: float, p90: float, **kw) -> Row:
     metrics = {"latency_us": median, "latency_p10_us": p10, "latency_p90_us": p90}
     metrics.update(kw.pop("metrics", {}))
-    return Row(**{"case_id": case_id, "backend": "k", "compare": results.TIMING,
-                  "outcome": Outcome.TIMED, "metrics": metrics, **kw})
+    return Row(
+        **{
+            "case_id": case_id,
+            "backend": "k",
+            "compare": results.TIMING,
+            "outcome": Outcome.TIMED,
+            "metrics": metrics,
+            **kw,
+        }
+    )
 
 
 def test_timing_verdicts_slower_faster_and_ambiguous():
@@ -152,8 +168,18 @@ def test_speed_section_shows_only_passing_cases_in_the_headline(smoke, tmp_path)
     timed = []
     for r, verdict, med in ((ok, "pass", 11.0), (bad, "fail", 3.0)):
         m = {"verdict": verdict, "rel_spread": 0.1, "mode": "graph", "roofline_pct": 42.0}
-        timed.append(_timing(r.case_id, med, med - 1, med + 1, backend="dsv4-torch",
-                             stage=r.stage, fields={"tokens": r.value("tokens")}, metrics=m))
+        timed.append(
+            _timing(
+                r.case_id,
+                med,
+                med - 1,
+                med + 1,
+                backend="dsv4-torch",
+                stage=r.stage,
+                fields={"tokens": r.value("tokens")},
+                metrics=m,
+            )
+        )
     with results.ResultWriter(tmp_path) as w:
         w.write(rows + timed)
     text = render(tmp_path, tmp_path / "index.html").read_text()
@@ -196,8 +222,7 @@ def test_failures_are_worst_first_and_unsupported_collapsed(smoke):
     blocks = failures.split("<details")[0].split('<div class="failure">')[1:]
     n_fail = sum(1 for r in rows if r.final and r.outcome is Outcome.FAIL)
     assert len(blocks) == n_fail > 0
-    ratios = [float(re.search(r"<td>worst_ratio</td><td>([^<]+)</td>", b).group(1))
-              for b in blocks]
+    ratios = [float(re.search(r"<td>worst_ratio</td><td>([^<]+)</td>", b).group(1)) for b in blocks]
     assert ratios == sorted(ratios, reverse=True) and ratios[-1] > 1
     assert all("<td>1</td>" in b and "at [" in b for b in blocks)  # pass line, first bad element
     assert "unsupported" not in "".join(blocks)
@@ -221,9 +246,18 @@ def test_a_failing_output_shows_the_reference_output_and_bound_of_its_first_bad_
     f = r.metrics.first_bad()
     assert f"at {f['index']}, ref {f['ref']}, out {f['out']}, bound {f['bound']}" in text
     with results.ResultWriter(tmp_path) as w:  # set by hand: shown exactly as recorded
-        w.write([r.replace(metrics=r.metrics.replace(first_outside=[0, 0], first_ref=1.5,
-                                                      first_out=-2.25, first_bound=0.0625))
-                 if r in failing else r for r in rows])
+        w.write(
+            [
+                r.replace(
+                    metrics=r.metrics.replace(
+                        first_outside=[0, 0], first_ref=1.5, first_out=-2.25, first_bound=0.0625
+                    )
+                )
+                if r in failing
+                else r
+                for r in rows
+            ]
+        )
     failures = _section(render(tmp_path, tmp_path / "index.html").read_text(), "failures")
     assert "at [0, 0], ref 1.5, out -2.25, bound 0.0625" in failures
 
@@ -234,8 +268,13 @@ def test_plots_draw_the_pass_line_and_mark_failing_points(smoke):
     by_axis = {p["title"].split(",")[0]: p for p in _plots(rows)}
     tokens = by_axis["worst error vs tokens"]
     assert tokens["pass_lines"]["grouped_gemm"] == [1.0]  # the derived bound
-    used = sorted({r.metrics["budget_calc_diff"] for r in rows
-                   if r.stage == "shared_expert" and r.compare == "out"})
+    used = sorted(
+        {
+            r.metrics["budget_calc_diff"]
+            for r in rows
+            if r.stage == "shared_expert" and r.compare == "out"
+        }
+    )
     assert used and tokens["pass_lines"]["shared_expert"] == used  # the budget each verdict used
     n_bad = sum(r.compare == "grouped_gemm.out" and r.outcome is Outcome.FAIL for r in rows)
     assert tokens["n_failing"]["grouped_gemm"] == n_bad > 0
@@ -243,18 +282,28 @@ def test_plots_draw_the_pass_line_and_mark_failing_points(smoke):
 
 
 def _expert_row(ratios, rows_per_expert, outcome="pass"):
-    groups = [{"group": i, "worst_ratio": v, "rows": n}
-              for i, (v, n) in enumerate(zip(ratios, rows_per_expert, strict=True))]
-    return Row(case_id="grouped_gemm_t5_" + outcome, backend="k", stage="grouped_gemm",
-               compare="grouped_gemm.out", outcome=outcome, metrics={"per_group": groups})
+    groups = [
+        {"group": i, "worst_ratio": v, "rows": n}
+        for i, (v, n) in enumerate(zip(ratios, rows_per_expert, strict=True))
+    ]
+    return Row(
+        case_id="grouped_gemm_t5_" + outcome,
+        backend="k",
+        stage="grouped_gemm",
+        compare="grouped_gemm.out",
+        outcome=outcome,
+        metrics={"per_group": groups},
+    )
 
 
 def test_per_expert_scale_tells_pass_from_fail_and_no_tokens_from_exact():
     import numpy as np
     from matplotlib.colors import Normalize, to_rgba
 
-    rows = [_expert_row([0.85, 0.99, 0.0, 0.0], [3, 2, 4, 0]),
-            _expert_row([3.4, 1.01, 0.5, 1e6], [3, 2, 4, 1], outcome="fail")]
+    rows = [
+        _expert_row([0.85, 0.99, 0.0, 0.0], [3, 2, 4, 0]),
+        _expert_row([3.4, 1.01, 0.5, 1e6], [3, 2, 4, 1], outcome="fail"),
+    ]
     grid, labels = expert_grid(rows)
     assert labels == ["grouped_gemm_t5_pass [k]", "grouped_gemm_t5_fail [k]"]  # full ids
     assert (grid[0, :2] < 0).all() and (grid[1, :2] > 0).all()
@@ -286,8 +335,11 @@ def test_every_output_a_sweep_compares_is_in_the_stage_table(smoke):
     from harness.records import STAGE_METRICS, compared
 
     rows = results.read_rows(smoke)
-    unknown = {(r.stage, r.compare) for r in rows
-               if not r.final and r.compare != results.TIMING and not compared(r.stage, r.compare)}
+    unknown = {
+        (r.stage, r.compare)
+        for r in rows
+        if not r.final and r.compare != results.TIMING and not compared(r.stage, r.compare)
+    }
     assert not unknown, unknown  # STAGE_METRICS is the one list the report reads
     assert {r.stage for r in rows} <= set(STAGE_METRICS)
 
@@ -296,15 +348,34 @@ def test_bit_exact_view_lists_each_mismatching_output_and_no_false_reassurance(s
     rows = results.read_rows(smoke)
     text = render(smoke, smoke / "index.html").read_text()
     section = _section(text, "classes")
-    n_discrete = sum(1 for r in rows if not r.final and r.compare in
-                     ("quantize.codes", "quantize.scales", "scales_2d", "scales_3d",
-                      "swiglu_requant.codes", "swiglu_requant.scales"))
+    n_discrete = sum(
+        1
+        for r in rows
+        if not r.final
+        and r.compare
+        in (
+            "quantize.codes",
+            "quantize.scales",
+            "scales_2d",
+            "scales_3d",
+            "swiglu_requant.codes",
+            "swiglu_requant.scales",
+        )
+    )
     m = re.search(r"All (\d+) discrete outputs compared \(([^)]*)\) are bit-exact", section)
     assert m and int(m.group(1)) > n_discrete > 0 and "quantize" in m.group(2)  # + layer ones
     target = next(r for r in rows if r.compare == "quantize.codes")
-    broken = target.replace(outcome=Outcome.FAIL, metrics=target.metrics.replace(
-        equal=False, n_mismatch=3, first_mismatch=[0, 7], first_ref=5, first_out=13,
-        classes={"exact": 10, "tie_flip": 1, "real": 2}))
+    broken = target.replace(
+        outcome=Outcome.FAIL,
+        metrics=target.metrics.replace(
+            equal=False,
+            n_mismatch=3,
+            first_mismatch=[0, 7],
+            first_ref=5,
+            first_out=13,
+            classes={"exact": 10, "tie_flip": 1, "real": 2},
+        ),
+    )
     with results.ResultWriter(tmp_path) as w:
         w.write([broken if r is target else r for r in rows])
     section = _section(render(tmp_path, tmp_path / "index.html").read_text(), "classes")
@@ -317,9 +388,9 @@ def test_bit_exact_view_lists_each_mismatching_output_and_no_false_reassurance(s
 
 def test_environment_names_the_command_git_state_and_gemm_backend(smoke):
     text = render(smoke, smoke / "index.html").read_text()
-    env = text[text.index('id="env"'):]  # the last section
+    env = text[text.index('id="env"') :]  # the last section
     assert "<th>command</th>" in env and "<th>git_dirty</th>" in env
-    gemm = env[env.index('id="gemm-backends"'):]
+    gemm = env[env.index('id="gemm-backends"') :]
     assert "<td>dsv4-torch</td><td>torch</td>" in gemm  # the registry backend dsv4 ran on
     assert "<td>tests.planted:SkipLastKBlock</td><td>-</td>" in gemm  # says none: "-"
 
