@@ -176,8 +176,7 @@ def gather_rows(
     counts = torch.bincount(torch.randint(0, experts, (rows_n,)), minlength=experts)
     offsets = ops.compute_expert_offsets(counts.to(dev))
     starts = ops.padded_group_starts(offsets)
-    sf_bytes = ops.max_padded_rows(rows_n, experts) * ((k // 16 + 3) // 4 * 4)
-    sf_x = torch.empty(sf_bytes, dtype=torch.uint8, device=dev)
+    sf_x = torch.empty(staged.scale_bytes(rows_n), dtype=torch.uint8, device=dev)
 
     def make(i):
         x = (torch.randn(t, k, device=dev) * 2).to(torch.bfloat16)

@@ -322,8 +322,8 @@ def padded_group_starts(
         _checks.same_device(expert_offsets=expert_offsets, out=out)
     _checks.workspace(workspace, expert_offsets.device, padded_group_starts_workspace_bytes(e))
     bufs = _group_start_buffers(Workspace(workspace, expert_offsets.device), e)
-    _group_starts_into(expert_offsets, bufs)
-    return out.copy_(bufs[-1])
+    _group_starts_into(expert_offsets, (*bufs[:-1], out))  # the int32 starts straight into out
+    return out
 
 
 def padded_group_starts_workspace_bytes(e: int) -> int:

@@ -15,7 +15,6 @@ import torch
 
 from dsv4.ops import _checks
 from dsv4.ops.activation import DEFAULT_SWIGLU_LIMIT
-from dsv4.ops.layouts import max_padded_rows, round_up
 from dsv4.ops.quantize import BLOCK, QuantImplUnavailableError, cutedsl_supports
 
 
@@ -69,28 +68,22 @@ def quantize_to_expert_layout(
     _checks.tensor("codes_out", codes_out, (torch.uint8,))
     _checks.shape("codes_out", codes_out, (rows, k // 2))
     _checks.tensor("scales_out", scales_out, _checks.SCALE_DTYPES, ndim=1)
-    need = max_padded_rows(rows, e) * round_up(k // BLOCK, 4)
+    if row_weight is not None and not swiglu:
+        raise ValueError("row_weight is only taken with swiglu=True")
+    prologue = {}
+    if swiglu:
+        prologue = {
+            "prologue": nq.Prologue.SWIGLU,
+            "swiglu_limit": _checks.positive_limit("limit", limit),
+            "row_weight": row_weight is not None,
+        }
+    dtype = str(x.dtype).removeprefix("torch.")
+    cfg = nq.QuantConfig(k, dtype, gather=index is not None, experts=e, **prologue)
+    need = cfg.scale_bytes(rows)  # max_padded_rows(R, E) * round_up(K/16, 4)
     if scales_out.numel() < need:
         raise ValueError(
             f"scales_out must hold max_padded_rows(R={rows}, E={e}) * round_up(K/16={k // BLOCK}"
             f", 4) = {need} bytes, got scales_out.numel()={scales_out.numel()}"
-        )
-    if row_weight is not None and not swiglu:
-        raise ValueError("row_weight is only taken with swiglu=True")
-    if swiglu:
-        lim = _checks.positive_limit("limit", limit)
-        cfg = nq.QuantConfig(
-            k,
-            str(x.dtype).removeprefix("torch."),
-            prologue=nq.Prologue.SWIGLU,
-            swiglu_limit=lim,
-            row_weight=row_weight is not None,
-            gather=index is not None,
-            experts=e,
-        )
-    else:
-        cfg = nq.QuantConfig(
-            k, str(x.dtype).removeprefix("torch."), gather=index is not None, experts=e
         )
     gs = _checks.global_scale("global_scale", global_scale, x.device).reshape(1)
     cfg = nq.tuned(cfg, codes=codes_out, scales=scales_out, rows=rows)

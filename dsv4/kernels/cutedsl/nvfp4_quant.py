@@ -36,6 +36,8 @@ from cutlass import Float32, Int32, Uint8, Uint16, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from dsv4.ops.layouts import max_padded_rows
+
 BLOCK = 16
 ATOM_ROWS, ATOM_COLS = 128, 4  # the 512-byte scale atom (docs/design.md §3 "Scale layout")
 ARCHS = ("sm_90a", "sm_100a")
@@ -154,7 +156,7 @@ class QuantConfig:
         if self.scale_layout is ScaleLayout.LINEAR:
             return rows
         if self.experts:
-            return (rows + (ATOM_ROWS - 1) * min(self.experts, rows)) // ATOM_ROWS * ATOM_ROWS
+            return max_padded_rows(rows, self.experts)
         return (rows + ATOM_ROWS - 1) // ATOM_ROWS * ATOM_ROWS
 
     def scale_bytes(self, rows: int) -> int:
