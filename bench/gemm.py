@@ -5,7 +5,8 @@
 For the issue's shapes (K=7168 N=6144: one expert at M = 1, 16, 64, 8192; 8 experts x 1024 rows; 48
 experts x 4 rows, a decode step of the V4-Pro routed MoE; 48 x 16 rows, its L1 at 128 tokens, and
 the L2 of the same step at K=3072 N=7168; e48_r128[_l2]: the same step with the rows per expert of a
-seeded uniform routing, as bench/layers.py's routed MoE sees them) each dsv4 backend and the
+seeded uniform routing, as bench/layers.py's routed MoE sees them; e48_m512[_l2]: its prefill step,
+4096 tokens x top-6, 512 rows per expert) each dsv4 backend and the
 baselines on the same (dequantized) weights are timed by `harness.timing.measure` (CUDA-graph
 replays, input sets rotated so a pass reads > 2x L2, median with p10..p90, every sample kept in
 DIR/gemm.json). Baselines: `bf16-mm` (one torch.mm per expert's rows; at E=1 the BF16 cuBLAS number)
@@ -18,7 +19,8 @@ codes + scales, or bf16 weights) and write. The goal column is the issue's targe
 baseline named there; the last column says whether this run met it.
 `--plans` measures the sm90 kernel's tuning space instead (`candidate_plans` of each shape: tile
 sizes, K step, split-K, pipeline depth), each plan judged first, the fastest passing one marked:
-what `plan()` is chosen from; `--match half` keeps the plans whose label contains "half".
+what `plan()` is chosen from; `--match half,swap` keeps the plans whose label contains "half" or
+"swap".
 Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (docs/backends.md).
 """
 
@@ -76,6 +78,8 @@ SHAPES = [
     Shape("e48_m16_l2", (16,) * 48, k=3072, n=7168),  # and its L2
     Shape("e48_r128", routed_counts(128)),  # the same step with the layer's uniform routing
     Shape("e48_r128_l2", routed_counts(128), k=3072, n=7168),
+    Shape("e48_m512", (512,) * 48),  # the routed MoE's L1 at 4096 tokens x top-6 (prefill)
+    Shape("e48_m512_l2", (512,) * 48, k=3072, n=7168),  # and its L2
 ]
 
 
@@ -193,7 +197,8 @@ def plan_label(p) -> str:
 def sweep_plans(
     s: Shape, sets: list[dict], verdict, budget: float, match: str = ""
 ) -> tuple[list[tuple], list[dict]]:
-    """Every candidate plan of the sm90 kernel on one shape whose label contains `match`:
+    """Every candidate plan of the sm90 kernel on one shape whose label contains one of the
+    comma-separated `match`:
     verdict, then timing if it passes."""
     from dsv4.kernels.triton import grouped_gemm_sm90 as g
 
@@ -207,7 +212,7 @@ def sweep_plans(
     rows, records, best = [], [], None
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
         label = plan_label(p)
-        if match and match not in label:
+        if match and not any(m in label for m in match.split(",")):
             continue
 
         def call(i: int, p=p) -> None:
@@ -241,7 +246,9 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench_gemm")
     ap.add_argument("--plans", action="store_true", help="measure the sm90 plans of each shape")
     ap.add_argument(
-        "--match", default="", help="--plans: only the plans whose label contains this ('half')"
+        "--match",
+        default="",
+        help="--plans: only the plans whose label contains one of these (comma-separated)",
     )
     a = ap.parse_args()
     if not torch.cuda.is_available():

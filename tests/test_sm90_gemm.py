@@ -132,6 +132,16 @@ def _interpret_main() -> None:
             False,
         ),  # K and N not multiples of the tile: the masked steps
         ("hfma_plan", [1, 1, 0, 1], 256, 64, 1, None, 4, True),  # plan(): one row per expert
+        (  # the swapped K loop at prefill tiles: 128 tokens x 128 weight rows, a ragged expert
+            "swap_prefill_half",
+            [130, 0, 7],
+            256,
+            128,
+            2,
+            g.Plan(128, 128, 16, 1, 8, 1, 2, swap_ab=True, half_decode=True),
+            2,
+            False,
+        ),
     ]
     # the dense plan's cuBLAS call is CUDA-only: stood in for by an fp32 product of the same
     # exact fp16 operands (its dequantize kernels, layout and finishing kernel run as compiled)
@@ -189,6 +199,7 @@ def _every_product_plans():
         Plan(16, 64, 32, 4, 4, 3, 8),  # split-K: fp32 atomics, then the finishing kernel
         Plan(64, 128, 16, 2, 4, 3, 8, swap_ab=True),  # wgmma, decoded weight from registers
         Plan(128, 256, 16, 1, 8, 3, 2),  # wgmma prefill tiles
+        Plan(256, 128, 16, 1, 8, 3, 2, swap_ab=True),  # swapped prefill: weight from registers
     ]
     few_rows = [  # fp16x2 code sums on the CUDA cores, at 1, 2 and 4 rows per tile
         Plan(1, 8, 32, 1, 2, 3, 8, hfma=True),

@@ -80,7 +80,9 @@ class StreamConfig:
     nt: int = 2  # 8-token tiles per chunk
     warps: int = 8  # warps per CTA, splitting K
     prefetch: bool = False  # the next step's loads issued before this step's MMAs
-    unroll: int = 2  # of the K loop (not of the ring's)
+    # of the K loop (not of the ring's); 0: no loop, each warp's loads of all its steps issued
+    # first, then their MMAs (one memory round trip where its registers hold them)
+    unroll: int = 2
     ring: int = 0  # >= 2: the loads go through a cp.async ring of this many steps in shared memory
     # warps split the weight rows (N), not K: each warp takes mt row tiles over all of K, and
     # each stage's token fragments are decoded once per CTA into shared memory (not per warp)
@@ -95,8 +97,10 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.mt not in (1, 2, 4) or self.nt not in (1, 2, 4) or self.warps not in (2, 4, 8, 16):
             raise ValueError(f"mt, nt in (1, 2, 4) and warps in (2, 4, 8, 16), got {self}")
-        if self.unroll not in (1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
-            raise ValueError(f"unroll in (1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")
+        if self.unroll not in (0, 1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
+            raise ValueError(f"unroll in (0, 1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")
+        if self.unroll == 0 and (self.ring or self.prefetch or self.split_n):
+            raise ValueError(f"unroll 0 (all loads first) is a loop of its own, got {self}")
         if self.stage not in (1, 2, 4, 8):
             raise ValueError(f"stage in (1, 2, 4, 8), got {self}")
         if self.split_n and (self.ring or self.prefetch):
@@ -511,6 +515,17 @@ class StreamGemmKernel:
         step ahead."""
         cfg = self.cfg
         steps = cfg.k // K_STEP
+        if cutlass.const_expr(cfg.unroll == 0):  # every step of this warp's, all loads first
+            whole = steps // cfg.warps  # the steps every warp has
+            raws = [
+                self._fetch(
+                    rows, warp + i * cfg.warps, True if i < whole else warp < steps % cfg.warps
+                )
+                for i in range((steps + cfg.warps - 1) // cfg.warps)
+            ]
+            for raw in raws:  # in step order: the sums of every other unroll, bit for bit
+                self._step(raw, acc)
+            return
         n_raw = 5 * cfg.nt + 10 * cfg.mt
         buf = cute.make_rmem_tensor(n_raw, Uint32)
         if cutlass.const_expr(cfg.prefetch):

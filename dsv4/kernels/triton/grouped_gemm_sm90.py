@@ -602,7 +602,8 @@ class Plan:
     # straight into mma.sync registers; bm = 8 * token tiles per chunk, bn = 16 * weight-row
     # tiles per CTA, num_warps splitting K, num_stages 1: loads at use, 2: the next K step's loads
     # issued before this one's MMAs, >= 3: a cp.async ring of that many steps in shared memory;
-    # `unroll` of the K loop; one launch, no scratch
+    # `unroll` of the K loop (0: no loop, each warp's loads of all its steps first); one launch,
+    # no scratch
     stream: bool = False
     unroll: int = 1
     # stream, split_n: the warps split the weight rows (a CTA: bn * num_warps of them), each
@@ -755,6 +756,11 @@ _STREAM_SPILLS = {
 }  # fmt: skip
 
 
+# tiles also offered with unroll 0 (no K loop: each warp issues the loads of all its K steps,
+# then their MMAs; one memory round trip where the registers hold them): ptxas (CUDA 13.4)
+# compiles these at K=7168 without spills (160-190 registers); (1, 1, 8) and (1, 1, 16) spill
+_STREAM_ALL_LOADS = ((1, 1, 4), (2, 1, 8), (2, 2, 8))
+
 # (16-row weight tiles per warp, 8-token tiles, warps, stage) of the split_n stream plans, loads
 # at use, the stage's steps unrolled (ptxas spills <= 16 bytes on each: tests/test_sm90_stream.py)
 _SPLIT_N_TILES = (
@@ -825,6 +831,10 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
                 q = _stream_plan(t, e, mt, nt, warps, stages, unroll)
                 if n % q.bn == 0 and q not in out:
                     out.append(q)
+        for mt, nt, warps in _STREAM_ALL_LOADS:  # unroll 0: each warp's loads all first
+            q = _stream_plan(t, e, mt, nt, warps, 1, 0)
+            if n % q.bn == 0 and q not in out:
+                out.append(q)
         for mt, nt, warps, stage in _SPLIT_N_TILES:
             q = _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
             if n % (q.bn * warps) == 0 and q not in out:
@@ -861,6 +871,12 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
         for bn, st in ((128, 3), (128, 2), (64, 3)):  # 256-row tiles: each B decode feeds 2x rows
             out.append(Plan(256, bn, 16, 1, 8, st, num_sms))
+        # the swapped K loop at prefill: the decoded weight tile is the wgmma's register operand
+        # (no shared-memory round trip of the decode; the unswapped tiles store it there), each
+        # warpgroup 64 weight rows x bm tokens (ptxas: no spills with 8 warps)
+        for bm, bn, bj, st in ((256, 128, 16, 3), (256, 128, 16, 2), (128, 128, 16, 3),
+                               (128, 128, 32, 2), (128, 256, 16, 3), (256, 64, 16, 3)):  # fmt: skip
+            out.append(Plan(bm, bn, bj, 1, 8, st, num_sms, swap_ab=True))
     if t <= SPLIT_K_MAX_ROWS:  # pipeline depth of the MMA decode plan (bytes in flight)
         out += [dataclasses.replace(mma, num_stages=st) for st in (2, 4, 5)]
         out.append(dataclasses.replace(mma, bj=64, num_stages=2))
