@@ -61,13 +61,24 @@ def test_combine_refuses_bad_configs_and_operands_naming_them():
         run_combine(cfg, l2, inv, out.float())
     with pytest.raises(ValueError, match="one CUDA device"):
         run_combine(cfg, l2, inv, out)
+    # the allocating form: the same checks, and its own on T x top_k
+    from dsv4.kernels.cutedsl.moe_combine import combine
+
+    with pytest.raises(ValueError, match=r"inv must hold T x top_k entries, got inv.numel\(\)=7"):
+        combine(l2, inv[:7], 2)
+    with pytest.raises(ValueError, match="top_k=0"):
+        combine(l2, inv, 0)
+    with pytest.raises(ValueError, match=r"l2 must be \[R, H\]"):
+        combine(l2[0], inv, 2)
+    with pytest.raises(ValueError, match="one CUDA device"):
+        combine(l2, inv, 2)
 
 
 @needs_gpu
 @pytest.mark.parametrize("fp32_out", [False, True])
 @pytest.mark.parametrize("t,k,h", [(1, 6, 7168), (37, 6, 512), (300, 2, 64), (5, 1, 8)])
 def test_gpu_combine_is_the_slot_order_fp32_sum(t, k, h, fp32_out):
-    from dsv4.kernels.cutedsl.moe_combine import CombineConfig, run_combine
+    from dsv4.kernels.cutedsl.moe_combine import CombineConfig, combine, run_combine
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(t * k + h)
@@ -87,3 +98,5 @@ def test_gpu_combine_is_the_slot_order_fp32_sum(t, k, h, fp32_out):
     run_combine(CombineConfig(h, k, fp32_out), l2, inv, out)
     assert torch.equal(out.view(torch.int16 if not fp32_out else torch.int32),
                        want.view(torch.int16 if not fp32_out else torch.int32))  # fmt: skip
+    got = combine(l2, inv, k, fp32_out=fp32_out)  # the allocating form: the same bits
+    assert got.dtype == out.dtype and torch.equal(got, out)

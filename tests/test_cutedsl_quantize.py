@@ -555,6 +555,12 @@ def test_gpu_expert_layout_equals_quantize_then_assemble(counts, swiglu):
     assert torch.equal(codes, want_codes)
     assert torch.equal(sf[:need], want_sf.view(torch.uint8))
     assert bool((sf[need:] == 0xCD).all())
+    # the allocating form (starts, codes and scales made): the same bytes, exactly `need` of them
+    codes2, sf2 = ops.quantize_to_expert_layout(
+        x, gs, offsets, index=index, swiglu=swiglu, row_weight=w
+    )
+    assert sf2.dtype == torch.uint8 and sf2.numel() == need
+    assert torch.equal(codes2, want_codes) and torch.equal(sf2, want_sf.view(torch.uint8))
 
 
 def test_expert_layout_refuses_bad_outputs_naming_them():
@@ -567,6 +573,10 @@ def test_expert_layout_refuses_bad_outputs_naming_them():
                 torch.zeros(1, dtype=torch.int32), torch.zeros(4, 16, dtype=torch.uint8),
                 torch.zeros(512, dtype=torch.uint8),
             )  # fmt: skip
+        with pytest.raises(ops.QuantImplUnavailableError, match="quantize_to_expert_layout"):
+            ops.quantize_to_expert_layout(  # the allocating form: the same refusal
+                torch.zeros(4, 32), torch.ones(1), torch.tensor([4], dtype=torch.int32)
+            )
         return
     dev = torch.device("cuda")
     off = torch.tensor([3, 4], dtype=torch.int32, device=dev)

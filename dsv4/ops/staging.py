@@ -15,6 +15,7 @@ import torch
 
 from dsv4.ops import _checks
 from dsv4.ops.activation import DEFAULT_SWIGLU_LIMIT
+from dsv4.ops.layouts import padded_group_starts
 from dsv4.ops.quantize import BLOCK, QuantImplUnavailableError, cutedsl_supports
 
 
@@ -22,9 +23,9 @@ def quantize_to_expert_layout(
     x: torch.Tensor,
     global_scale: torch.Tensor,
     expert_offsets: torch.Tensor,
-    scale_starts: torch.Tensor,
-    codes_out: torch.Tensor,
-    scales_out: torch.Tensor,
+    scale_starts: torch.Tensor | None = None,
+    codes_out: torch.Tensor | None = None,
+    scales_out: torch.Tensor | None = None,
     *,
     index: torch.Tensor | None = None,
     swiglu: bool = False,
@@ -42,7 +43,10 @@ def quantize_to_expert_layout(
     all max_padded_rows(R, E) rows are written, the bytes past them are not touched. global_scale:
     fp32, one value. Needs a CUDA device of sm_90+ with nvidia-cutlass-dsl
     (QuantImplUnavailableError otherwise, with the reason). Reads no value on the host:
-    CUDA-graph capturable, nothing allocated.
+    CUDA-graph capturable; with scale_starts, codes_out and scales_out given nothing is
+    allocated (the runner's form). Each one left None is allocated: scale_starts by
+    `padded_group_starts` (one small launch), codes_out [R, K/2], scales_out exactly
+    max_padded_rows(R, E) * round_up(K/16, 4) bytes (uint8).
     """
     from dsv4.kernels.cutedsl import nvfp4_quant as nq
 
@@ -54,6 +58,8 @@ def quantize_to_expert_layout(
     e = expert_offsets.numel()
     if e == 0:
         raise ValueError("expert_offsets must hold one END offset per expert, got shape (0,)")
+    if scale_starts is None:
+        scale_starts = padded_group_starts(expert_offsets)
     _checks.tensor("scale_starts", scale_starts, (torch.int32,), ndim=1)
     _checks.shape("scale_starts", scale_starts, (e,))
     k = x.shape[1] // 2 if swiglu else x.shape[1]
@@ -65,9 +71,10 @@ def quantize_to_expert_layout(
     if index is not None:
         _checks.tensor("index", index, (torch.int32,), ndim=1)
     rows = index.shape[0] if index is not None else x.shape[0]
+    if codes_out is None:
+        codes_out = torch.empty(rows, k // 2, dtype=torch.uint8, device=x.device)
     _checks.tensor("codes_out", codes_out, (torch.uint8,))
     _checks.shape("codes_out", codes_out, (rows, k // 2))
-    _checks.tensor("scales_out", scales_out, _checks.SCALE_DTYPES, ndim=1)
     if row_weight is not None and not swiglu:
         raise ValueError("row_weight is only taken with swiglu=True")
     prologue = {}
@@ -80,6 +87,9 @@ def quantize_to_expert_layout(
     dtype = str(x.dtype).removeprefix("torch.")
     cfg = nq.QuantConfig(k, dtype, gather=index is not None, experts=e, **prologue)
     need = cfg.scale_bytes(rows)  # max_padded_rows(R, E) * round_up(K/16, 4)
+    if scales_out is None:
+        scales_out = torch.empty(need, dtype=torch.uint8, device=x.device)
+    _checks.tensor("scales_out", scales_out, _checks.SCALE_DTYPES, ndim=1)
     if scales_out.numel() < need:
         raise ValueError(
             f"scales_out must hold max_padded_rows(R={rows}, E={e}) * round_up(K/16={k // BLOCK}"

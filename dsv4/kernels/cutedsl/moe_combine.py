@@ -9,9 +9,9 @@ whose expert is not local. The torch form of the same sum is k gathers, casts an
 
 Layers (STYLE.md rule 1): `CombineKernel` (config, `@cute.jit` launch, `@cute.kernel` body),
 `compile_combine` (cached by config and arch, no GPU needed), `run_combine` (validates metadata,
-writes the caller's `out` on the current stream). Reads no value on the host: CUDA-graph
-capturable, nothing allocated. Exactness: tests/test_dsv4_layers.py compares the routed MoE with
-it against the torch combine bit for bit on the GPU.
+writes the caller's `out` on the current stream: reads no value on the host, CUDA-graph
+capturable, nothing allocated), `combine` (allocates `out`). Exactness: tests/test_dsv4_layers.py
+compares the routed MoE with it against the torch combine bit for bit on the GPU.
 """
 
 from __future__ import annotations
@@ -200,3 +200,21 @@ def run_combine(cfg: CombineConfig, l2, inv, out) -> None:
     ]
     stream = _cu_stream(torch.cuda.current_stream(l2.device).cuda_stream)
     kernel(*ptrs, Int32(t), Int32(l2.shape[0]), stream)
+
+
+def combine(l2, inv, top_k: int, *, fp32_out: bool = False):
+    """The allocating form of `run_combine`: out [T, H] (T = inv.numel() / top_k) = the
+    slot-order fp32 sum of each token's top_k staged rows l2[inv[t * top_k + s]], bf16 (or the
+    fp32 sum with fp32_out). Same operands and checks as run_combine."""
+    import torch
+
+    n = inv.numel()
+    _need(
+        isinstance(top_k, int) and top_k >= 1 and n % top_k == 0,
+        lambda: f"inv must hold T x top_k entries, got inv.numel()={n} top_k={top_k!r}",
+    )
+    _need(l2.dim() == 2, lambda: f"l2 must be [R, H], got {_meta(l2)}")
+    out_dtype = torch.float32 if fp32_out else torch.bfloat16
+    out = torch.empty(n // top_k, l2.shape[1], dtype=out_dtype, device=l2.device)
+    run_combine(CombineConfig(l2.shape[1], top_k, fp32_out), l2, inv, out)
+    return out
