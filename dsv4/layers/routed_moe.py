@@ -143,11 +143,12 @@ class RoutedMoERunner(c.Runner):
         self._key = zeros(rows, torch.int64)
         self._sorted_key = zeros(rows, torch.int64)
         self._perm = zeros(rows, torch.int64)  # staged row -> flat slot token*k + slot
-        self._token = zeros(rows, torch.int64)  # staged row -> token (the gather index)
         # quant_impl "cutedsl": one kernel gathers, quantizes and lays out each GEMM's A, and
         # one sums each token's slots (dsv4/kernels/cutedsl/moe_combine.py)
         self._fused = self.quant_impl == "cutedsl"
-        self._token32 = zeros(rows, torch.int32)  # its gather index
+        # staged row -> token (the gather index): int32 for the staging kernel, int64 for
+        # index_select (the routing's division writes it straight in either way)
+        self._token = zeros(rows, torch.int32 if self._fused else torch.int64)
         self._sf_starts = zeros(e, torch.int32)  # each expert's first scale row (both GEMMs)
         self._dropped = zeros(rows, torch.bool)
         self._src_row = zeros(rows, torch.int64)
@@ -334,14 +335,13 @@ class RoutedMoERunner(c.Runner):
         torch.index_select(self._weight_flat[:rows], 0, perm, out=self._weight_row[:rows])
         if self._fused:
             padded_group_starts(self._offsets, out=self._sf_starts, workspace=self._ws)
-            self._token32[:rows].copy_(self._token[:rows])
 
     def _l1_gemm(self, x: torch.Tensor, rows: int) -> None:
         if self._fused:
             codes, sf = self._x_codes[:rows], self._staged_sf(self._x_sf, self.hidden, rows)
             quantize_to_expert_layout(
                 x, self._gs1[:1], self._offsets, self._sf_starts, codes, sf,
-                index=self._token32[:rows],
+                index=self._token[:rows],
             )  # fmt: skip
             self._gemm(codes, sf, self._w13_q, self._gs1, self._l1[:rows])
             return
@@ -464,7 +464,7 @@ class RoutedMoERunner(c.Runner):
             act_scales = self._linear_scales(self._act_sf, self.intermediate, rows, r)
         return {
             "expert_offsets": self._offsets,
-            "gather_index": self._token[:r],
+            "gather_index": self._token[:r].long(),
             "x_q": (self._x_codes[:r], x_scales, self._gs1),
             "l1_out": self._l1[:r],
             "act_q": (self._act_codes[:r], act_scales, self._gs2),
