@@ -11,7 +11,10 @@ run(), all on the device, nothing read on the host (T and k are shapes, host met
    the dropped slots last. Expert END offsets = searchsorted(sorted keys, 0..E-1, right) (int32,
    no count reaches the host); the GEMMs read offsets on the device and ignore rows past
    offsets[-1], so every buffer is sized for max_num_tokens*top_k rows and the dropped rows are
-   computed on but never used.
+   computed on but never used. On the fused path (quant_impl "cutedsl") where Triton is
+   importable, `route_impl` "triton": the same sort in three launches
+   (dsv4/kernels/triton/moe_route.py: per-chunk counts, one scan, placement), which also write
+   the combine's inverse index and the experts' scale starts; the same bits.
 2. x is quantized once per token with gs1 (quantization is row-local and gs1 one value, so this
    equals quantizing the staged rows), then codes and scale bytes are gathered into staged order
    and the scales assembled per expert from the device offsets. With quant_impl "cutedsl" one
@@ -36,6 +39,8 @@ Allocation and sync: as every runner (dsv4/layers/__init__.py), none in run().
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.distributed as dist
@@ -200,7 +205,21 @@ class RoutedMoERunner(c.Runner):
         )
         self._ws = zeros(need, torch.uint8)  # every op's temporaries, one op at a time
         self._gemm_ws = self._ws if gemm_ws else None
+        # the routing: three Triton launches on the fused path where Triton is importable (the
+        # same bits as the torch form's ~20), else the torch form
+        self.route_impl = "torch"
+        if self._fused and importlib.util.find_spec("triton") is not None:
+            self._init_route_kernels()
         self.state = c.State.FINALIZED
+
+    def _init_route_kernels(self) -> None:
+        """Take the Triton routing (dsv4/kernels/triton/moe_route.py): its scratch, once."""
+        from dsv4.kernels.triton import moe_route
+
+        n = moe_route.chunks(self.max_rows) * moe_route.e_pad(self.n_local_experts)
+        self._route_hist = torch.zeros(n, dtype=torch.int32, device=self._device)
+        self._route_base = torch.zeros(n, dtype=torch.int32, device=self._device)
+        self.route_impl = "triton"
 
     @staticmethod
     def _weights(w: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,8 +325,18 @@ class RoutedMoERunner(c.Runner):
         return out
 
     def _route(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-        """Staged order, expert offsets, token and routing weight of each staged row."""
+        """Staged order, expert offsets, token and routing weight of each staged row (and, by
+        the Triton routing, the combine's inverse index and the experts' scale starts)."""
         rows, e = topk_ids.numel(), self.n_local_experts
+        if self.route_impl == "triton":
+            from dsv4.kernels.triton import moe_route
+
+            moe_route.launch_route(
+                topk_ids, topk_weights, self.first_expert, e, self.max_rows, self._token,
+                self._weight_row, self._inv, self._offsets, self._sf_starts, self._route_hist,
+                self._route_base,
+            )  # fmt: skip
+            return
         key, skey, perm = self._key[:rows], self._sorted_key[:rows], self._perm[:rows]
         key.copy_(topk_ids.reshape(-1)).sub_(self._first)
         key.clamp_(-1, e).remainder_(self._n_keys)  # -1 (any id below the rank) and >= E -> E
@@ -408,11 +437,12 @@ class RoutedMoERunner(c.Runner):
 
     def _combine(self, t: int, out: torch.Tensor) -> None:
         rows, k = t * self.top_k, self.top_k
-        dropped, src = self._dropped[:rows], self._src_row[:rows]
-        torch.eq(self._sorted_key[:rows], self._e_key, out=dropped)
-        src.copy_(self._row_ids[:rows]).masked_fill_(dropped, self.max_rows)  # the zero row
         inv = self._inv[:rows]
-        inv.index_copy_(0, self._perm[:rows], src)  # flat slot token*k + s -> its staged row
+        if self.route_impl == "torch":  # (the Triton routing wrote it)
+            dropped, src = self._dropped[:rows], self._src_row[:rows]
+            torch.eq(self._sorted_key[:rows], self._e_key, out=dropped)
+            src.copy_(self._row_ids[:rows]).masked_fill_(dropped, self.max_rows)  # the zero row
+            inv.index_copy_(0, self._perm[:rows], src)  # flat slot token*k + s -> staged row
         if self._fused:
             self._combine_kernel(t, inv, out)
             return

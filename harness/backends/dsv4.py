@@ -17,7 +17,8 @@ does all but the run and returns the steady-state call, which the harness times
 chosen by device; the quantize implementation likewise its `quant_impl` attribute.
 Names (harness.backends.BUILTIN): `dsv4-torch` (the portable backend, torch quantize),
 `dsv4-cutedsl` (the CuTeDSL quantize / SwiGLU-requantize kernels, and in the routed MoE the fused
-staging and combine; the GEMM on the device's best backend), `dsv4-sm90` (the Triton grouped GEMM
+staging and combine, and the Triton routing where Triton is importable; the GEMM on the device's
+best backend), `dsv4-sm90` (the Triton grouped GEMM
 for sm_90, verified on an H200) and `dsv4-sm100` (the CuTeDSL tcgen05 grouped GEMM for sm_100a:
 compiled in CI, numerics and speed unverified on hardware; unsupported elsewhere with the reason,
 and for shapes it cannot tile).
