@@ -11,15 +11,11 @@ compiled for sm_90 (triton.compile, no GPU); bad buffers named. GPU: the layer t
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.triton_interp import needs_interpreter, run_interpreted
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="needs triton (pip install '.[sm90]')"
@@ -112,24 +108,9 @@ def _runner_main() -> None:
             assert torch.equal(got_st[k][:rows], v[:rows]), f"t={t}: {k}"
 
 
-def _triton_version() -> tuple[int, ...]:
-    import triton
-
-    return tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or _triton_version() < (3, 7),
-    reason="Triton < 3.7's interpreter cannot run a loop whose range bounds are tensors",
-)
+@needs_interpreter
 def test_route_under_the_interpreter_is_the_stable_sort_by_expert():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "import tests.test_moe_route as t; t._interpret_main()"
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "route cases passed" in res.stdout
+    run_interpreted("tests.test_moe_route", "_interpret_main", "route cases passed")
 
 
 def test_route_kernels_compile_for_sm90():

@@ -23,10 +23,6 @@ Triton 3.6: docs/backends.md). Speed is bench/gemm.py's, never a test's.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,8 +40,7 @@ from tests.gemm_problems import (  # noqa: E402
     gemm_problem,
     within_bound,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.triton_interp import needs_interpreter, run_interpreted  # noqa: E402
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32-scale", "half"])
@@ -235,26 +230,9 @@ def _every_product_exact(
     )
 
 
-def _triton_version() -> tuple[int, ...]:
-    import triton
-
-    return tuple(int(x) for x in triton.__version__.split(".")[:2])
-
-
-@pytest.mark.skipif(
-    _triton_version() < (3, 7),
-    reason="Triton < 3.7's interpreter cannot run a loop whose range bounds are tensors (seen "
-    "with 3.6 on the H200 host: 'only 0-dimensional arrays can be converted'); the compiled "
-    "kernels are checked there by the GPU tests below",
-)
+@needs_interpreter
 def test_kernels_under_the_triton_interpreter_within_the_derived_bound():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    code = "import tests.test_sm90_gemm as t; t._interpret_main()"
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "interpreter cases passed" in res.stdout
+    run_interpreted("tests.test_sm90_gemm", "_interpret_main", "interpreter cases passed")
 
 
 # --------------------------------------------------------------------------------------------
