@@ -4,8 +4,9 @@ CPU: the three kernels under the Triton interpreter (a child process) against th
 definition, a stable sort of the slots by local expert (torch.sort(stable=True)), bit for bit:
 tokens, fp32 weights, the combine's inverse index, END offsets and padded scale starts, over
 ragged, empty and dropped experts, several chunks and more chunks than one scan step reads;
-compiled for sm_90 (triton.compile, no GPU); bad buffers named. GPU: the layer test
-(tests/test_dsv4_layers.py) runs the routed MoE with it against the torch routing.
+compiled for sm_90 and sm_100 (triton.compile, no GPU: the B200 runners take it too); bad
+buffers named. GPU: the layer test (tests/test_dsv4_layers.py) runs the routed MoE with it
+against the torch routing.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def test_route_under_the_interpreter_is_the_stable_sort_by_expert():
     run_interpreted("tests.test_moe_route", "_interpret_main", "route cases passed")
 
 
-def test_route_kernels_compile_for_sm90():
+@pytest.mark.parametrize("arch", [90, 100])
+def test_route_kernels_compile_for_sm90_and_sm100(arch):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -157,7 +159,7 @@ def test_route_kernels_compile_for_sm90():
     for name, (fn, types, cs) in kernels.items():
         sig = {**types, **{c: "constexpr" for c in cs}}
         sig = {a: sig[a] for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, cs), target=GPUTarget("cuda", 90, 32))
+        k = triton.compile(ASTSource(fn, sig, cs), target=GPUTarget("cuda", arch, 32))
         ptx = k.asm["ptx"]
         assert ".local" not in ptx, f"{name}: local memory"
         if name == "place":  # the scatter of the staged rows: tokens, weights, inverse index
