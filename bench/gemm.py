@@ -18,7 +18,8 @@ beside it. TFLOP/s counts 2*M*N*K over routed rows; GB/s counts the bytes a kern
 codes + scales, or bf16 weights) and write. The goal column is the issue's target, against the
 baseline named there; the last column says whether this run met it.
 `--plans` measures the sm90 kernel's tuning space instead (`candidate_plans` of each shape: tile
-sizes, K step, split-K, pipeline depth), each plan judged first, the fastest passing one marked:
+sizes, K step, split-K, pipeline depth), each plan judged first, plan()'s own marked `[plan()]`
+and the fastest passing one `fastest` (with its speed-up over plan()'s where that was measured):
 what `plan()` is chosen from; `--match half,swap` keeps the plans whose label contains "half" or
 "swap".
 Needs a CUDA GPU; the sm90 rows need sm_90 and Triton (docs/backends.md).
@@ -209,9 +210,10 @@ def sweep_plans(
     gemms = [  # B in the sm90 layout
         (o["gemm"][0], ops.prepare_weight_codes(o["b_codes"], "sm90"), *o["gemm"][2:]) for o in sets
     ]
-    rows, records, best = [], [], None
+    rows, records, best, chosen = [], [], None, None
+    default = g.plan(s.rows, s.k, s.n, e, sms)
     for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
-        label = plan_label(p)
+        label = plan_label(p) + (" [plan()]" if p == default else "")
         if match and not any(m in label for m in match.split(",")):
             continue
 
@@ -233,8 +235,11 @@ def sweep_plans(
         rows.append((s.name, label, ok, f"{t.median_us:.2f} ({t.p10_us:.2f}..{t.p90_us:.2f})", ""))
         if best is None or t.median_us < best[1]:
             best = (len(rows) - 1, t.median_us)
+        if p == default:
+            chosen = t.median_us
     if best is not None:
-        rows[best[0]] = (*rows[best[0]][:4], "fastest")
+        vs = f" ({chosen / best[1]:.2f}x plan()'s)" if chosen and best[1] < chosen else ""
+        rows[best[0]] = (*rows[best[0]][:4], "fastest" + vs)
     return rows, records
 
 
