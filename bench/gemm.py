@@ -176,6 +176,11 @@ def runner(name: str, s: Shape, op: dict):
 
 def plan_label(p) -> str:
     """One sm90 plan as a table cell (and what --match selects on)."""
+    if p.dense and p.dense_group:
+        return (
+            f"dense grouped: dequantize, fp16 GEMM bm{p.bm} bn{p.bn} bk{8 * p.bj} "
+            f"w{p.num_warps} st{p.num_stages}, {p.dense_group} experts a pass"
+        )
     if p.dense:
         return "dense: dequantize + cuBLAS fp32 out"
     if p.stream and p.split_n:
@@ -206,13 +211,15 @@ def sweep_plans(
     dev = sets[0]["out"].device
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     e = len(s.counts)
-    ws = torch.empty(g.workspace_bytes(s.rows, s.k, s.n, e), dtype=torch.uint8, device=dev)
+    plans = g.candidate_plans(s.rows, s.k, s.n, e, sms)
+    need = max(g.plan_workspace_bytes(p, s.rows, s.k, s.n, e) for p in plans)
+    ws = torch.empty(need, dtype=torch.uint8, device=dev)
     gemms = [  # B in the sm90 layout
         (o["gemm"][0], ops.prepare_weight_codes(o["b_codes"], "sm90"), *o["gemm"][2:]) for o in sets
     ]
     rows, records, best, chosen = [], [], None, None
     default = g.plan(s.rows, s.k, s.n, e, sms)
-    for p in g.candidate_plans(s.rows, s.k, s.n, e, sms):
+    for p in plans:
         label = plan_label(p) + (" [plan()]" if p == default else "")
         if match and not any(m in label for m in match.split(",")):
             continue

@@ -127,6 +127,16 @@ def _interpret_main() -> None:
             False,
         ),  # K and N not multiples of the tile: the masked steps
         ("hfma_plan", [1, 1, 0, 1], 256, 64, 1, None, 4, True),  # plan(): one row per expert
+        (  # the grouped dense plan: weights dequantized 2 experts a pass, an fp16 grouped GEMM
+            "dense_grouped_2_a_pass",
+            [40, 0, 17, 130, 3],
+            256,
+            96,
+            2,
+            g.Plan(32, 32, 4, 1, 4, 1, 2, dense=True, dense_group=2),
+            2,
+            True,
+        ),
         (  # the swapped K loop at prefill tiles: 128 tokens x 128 weight rows, a ragged expert
             "swap_prefill_half",
             [130, 0, 7],
@@ -156,7 +166,8 @@ def _interpret_main() -> None:
         out = torch.full((t, n), 7.0, dtype=torch.bfloat16)
         ws = None
         if dirty:
-            ws = torch.full((g.workspace_bytes(t, k, n, len(counts)),), 0xFF, dtype=torch.uint8)
+            need = g.plan_workspace_bytes(chosen, t, k, n, len(counts))
+            ws = torch.full((need,), 0xFF, dtype=torch.uint8)
         g.launch_grouped_gemm(
             a, b, a_sw, b_sw, offs, gsa, gsb, out, workspace=ws, num_sms=sms, the_plan=the_plan
         )
@@ -195,6 +206,7 @@ def _every_product_plans():
         Plan(64, 128, 16, 2, 4, 3, 8, swap_ab=True),  # wgmma, decoded weight from registers
         Plan(128, 256, 16, 1, 8, 3, 2),  # wgmma prefill tiles
         Plan(256, 128, 16, 1, 8, 3, 2, swap_ab=True),  # swapped prefill: weight from registers
+        Plan(128, 128, 8, 1, 8, 3, 2, dense=True, dense_group=1),  # grouped dense, 1 a pass
     ]
     few_rows = [  # fp16x2 code sums on the CUDA cores, at 1, 2 and 4 rows per tile
         Plan(1, 8, 32, 1, 2, 3, 8, hfma=True),
@@ -202,7 +214,8 @@ def _every_product_plans():
         Plan(2, 16, 64, 1, 4, 2, 8, hfma=True),
         Plan(4, 32, 32, 1, 4, 1, 8, hfma=True),
     ]
-    return base + [dataclasses.replace(p, half_decode=True) for p in base] + few_rows
+    half = [dataclasses.replace(p, half_decode=True) for p in base if not p.dense]
+    return base + half + few_rows
 
 
 EVERY_PRODUCT_PLANS = _every_product_plans()

@@ -28,6 +28,8 @@ block's two scales applied in fp32, whole-K tiles (no split-K, nothing to zero o
 The stream path (`Plan.stream`: up to 16 rows per expert where nvidia-cutlass-dsl is importable)
 replaces all three with one CuTeDSL launch (dsv4/kernels/cutedsl/grouped_gemm_stream.py): the
 weight words loaded straight into swapped mma.sync registers, no shared-memory round trip.
+The grouped dense plan (`Plan.dense_group`, a --plans candidate, grouped_gemm_sm90_dense.py)
+dequantizes every weight once and runs an fp16 grouped GEMM, some experts a pass.
 The dense plan (one expert, prefill rows) replaces step 2: the same dequantize kernel writes A
 [T, K] and the expert's B [N, K] in natural K order (exact fp16 values), cuBLAS computes the
 fp32 product (`torch.mm(..., out_dtype=torch.float32)`: exact products, fp32 sums, the bound's
@@ -610,6 +612,10 @@ class Plan:
     # `stage` K steps' token fragments decoded once per CTA into shared memory (loads at use)
     split_n: bool = False
     stage: int = 0
+    # dense with dense_group G > 0: the grouped dense plan (grouped_gemm_sm90_dense.py), every
+    # weight dequantized once, G experts a pass, then an fp16 grouped GEMM with tiles bm x bn,
+    # BK = 8 * bj, num_warps, num_stages, `programs` persistent programs
+    dense_group: int = 0
 
 
 DENSE = Plan(0, 0, 0, 1, 0, 0, 0, dense=True)
@@ -625,6 +631,8 @@ def smem_bytes(p: Plan) -> int:
     B's words and their scale bytes, one per block."""
     if p.hfma:
         return p.num_stages * (9 * p.bj * (p.bm + p.bn)) // 2
+    if p.dense:  # fp16 tiles of A [bm, BK] and B [BK, bn] (cuBLAS's own on the one-expert plan)
+        return p.num_stages * 2 * 8 * p.bj * (p.bm + p.bn)
     if p.stream and p.split_n:  # two buffers of token fragments: 2 KB a step and token tile
         return 2 * p.stage * (p.bm // 8) * 2048
     if p.stream:  # the warps' partial sums, and the cp.async ring (16 + 4 bytes a load a step)
@@ -871,6 +879,10 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             out.append(Plan(128, bn, bj, 1, warps, st, mult * num_sms))
         for bn, st in ((128, 3), (128, 2), (64, 3)):  # 256-row tiles: each B decode feeds 2x rows
             out.append(Plan(256, bn, 16, 1, 8, st, num_sms))
+        if e > 1:  # the grouped dense plan: each weight decoded once, <= 1 GiB of fp16 weights
+            group = max(1, min(e, (1 << 30) // (2 * n * k)))
+            for bm, bn, st in ((128, 256, 3), (128, 128, 4), (256, 128, 3)):
+                out.append(Plan(bm, bn, 8, 1, 8, st, num_sms, dense=True, dense_group=group))
         # the swapped K loop at prefill: the decoded weight tile is the wgmma's register operand
         # (no shared-memory round trip of the decode; the unswapped tiles store it there), each
         # warpgroup 64 weight rows x bm tokens (ptxas: no spills with 8 warps)
@@ -906,11 +918,23 @@ def workspace_bytes(t: int, k: int, n: int, e: int) -> int:
     return max(need(t), need(min(t, SPLIT_K_MAX_ROWS)))
 
 
-def _buffers(ws: Workspace | Sizer, t: int, k: int, n: int, e: int) -> tuple:
+def plan_workspace_bytes(p: Plan, t: int, k: int, n: int, e: int) -> int:
+    """Scratch of plan `p` for T rows: workspace_bytes, or more for the grouped dense plan's
+    fp16 weights (not counted there: plan() does not take it yet)."""
+    sizer = Sizer()
+    _buffers(sizer, t, k, n, e, p)
+    return max(workspace_bytes(t, k, n, e), sizer.off)
+
+
+def _buffers(ws: Workspace | Sizer, t: int, k: int, n: int, e: int, p: Plan | None = None):
+    """(Ap or A [T, K] fp16, the fp32 accumulator or None, the dense plans' fp16 B or None)."""
     ap = ws.empty((WORD, t, k // WORD), torch.float16)  # Ap, or A [T, K] on the dense path
     dense = _dense(t, e)
     acc = ws.empty((t, n), torch.float32) if t <= SPLIT_K_MAX_ROWS or dense else None
-    b16 = ws.empty((n, k), torch.float16) if dense else None
+    if p is not None and p.dense_group:  # G experts' weights a pass
+        b16 = ws.empty((p.dense_group, n, k), torch.float16)
+    else:
+        b16 = ws.empty((n, k), torch.float16) if dense else None
     return ap, acc, b16
 
 
@@ -1008,9 +1032,13 @@ def launch_grouped_gemm(
             num_warps=warps,
         )  # fmt: skip
         return
-    ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e)
+    ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e, p)
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
+    if p.dense and p.dense_group:
+        _launch_dense_grouped(p, cfg, mat_a, mat_b, scale_a8, scale_b8, expert_offsets,
+                              global_scale_a, global_scale_b, out, ap, b16, stride_bn)  # fmt: skip
+        return
     if p.dense and b16 is None:
         raise ValueError(
             f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}"
@@ -1047,6 +1075,37 @@ def launch_grouped_gemm(
         )
 
 
+def _launch_dense_grouped(
+    p, cfg, mat_a, mat_b, scale_a8, scale_b8, offsets, gsa, gsb, out, ap, b16, stride_bn
+) -> None:
+    """The grouped dense plan (grouped_gemm_sm90_dense.py): A dequantized in K order, then per
+    pass of dense_group experts their weights dequantized and one fp16 grouped GEMM launch."""
+    from dsv4.kernels.triton import grouped_gemm_sm90_dense as gd
+
+    t, kh = mat_a.shape
+    e, _, n = b_dims(mat_b)
+    k, kw = 2 * kh, kh // 4
+    a16 = ap.view(-1)[: t * k].view(t, k)
+    consts, warps = cfg["dequant_a"]
+    grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+    _dequant_kernel[grid](
+        mat_a, scale_a8, offsets, a16, t, kw, mat_a.stride(0) // 4, t * kw, gsa, 0, **consts,
+        num_warps=warps,
+    )  # fmt: skip
+    for e0, e1 in gd.passes(e, p.dense_group):
+        consts, warps = cfg["dequant_b"]
+        grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+        for ei in range(e0, e1):  # expert ei's weight [N, K] into slot ei - e0
+            _dequant_kernel[grid](
+                mat_b[ei], scale_b8[ei], offsets, b16[ei - e0], n, kw, stride_bn, 0, gsa, 0,
+                **consts, num_warps=warps,
+            )  # fmt: skip
+        consts, warps = cfg["dense_grouped"]
+        gd._dense_grouped_kernel[(p.programs,)](
+            a16, b16, offsets, gsa, gsb, out, n, k, e0, e1, **consts, num_warps=warps
+        )
+
+
 def _mm_fp32(a16: torch.Tensor, b16: torch.Tensor, acc: torch.Tensor) -> None:
     """acc = a16 @ b16 by cuBLAS with fp32 output: every product of the exact fp16 operands is
     exact in fp32 and the sums are fp32 (the bound's model); alpha comes after, in step 3.
@@ -1075,7 +1134,11 @@ def _configs(
     cfg = {"dequant_a": (dict(**dq, GROUPED=True, NATURAL=p.dense, ZERO=zero, TILED_B=False), 4)}
     if p.dense:
         cfg["dequant_b"] = (dict(**dq, GROUPED=False, NATURAL=True, ZERO=False, TILED_B=tiled_b), 4)
-    else:
+    if p.dense and p.dense_group:
+        tiles = dict(BM=p.bm, BN=p.bn, BK=8 * p.bj, NUM_STAGES=p.num_stages)
+        cfg["dense_grouped"] = (dict(**ex, **gs, **tiles), p.num_warps)
+        return cfg
+    if not p.dense:
         cfg["grouped_gemm"] = (
             dict(
                 **ex,
@@ -1106,7 +1169,7 @@ _INTERPRETED = isinstance(_hfma_kernel, InterpretedFunction)
 # ahead-of-time compile (CPU-only machines: catch compile errors before spending device time)
 
 
-_ALIGNED_INTS = ("N", "KW", "stride_a", "stride_be", "stride_bn", "stride_se", "stride_src")
+_ALIGNED_INTS = ("N", "K", "KW", "stride_a", "stride_be", "stride_bn", "stride_se", "stride_src")
 
 
 def compile_for(
@@ -1144,10 +1207,17 @@ def compile_for(
             a_ptr="*u8", scale_a_ptr="*u8", b_ptr="*u8", scale_b_ptr="*u8", **ptrs,
             out_ptr="*bf16", **{n: "i32" for n in ("N", "KW", "stride_a", *names[3:])},
         ),
+        "dense_grouped": dict(
+            a_ptr="*fp16", b_ptr="*fp16", **ptrs, out_ptr="*bf16",
+            **{n: "i32" for n in ("N", "K", "e0", "e1")},
+        ),
     }  # fmt: skip
+    from dsv4.kernels.triton.grouped_gemm_sm90_dense import _dense_grouped_kernel
+
     kernels = {"dequant": _dequant_kernel, "grouped_gemm": _grouped_gemm_kernel}
     kernels["finish"] = _finish_kernel
     kernels["hfma"] = _hfma_kernel
+    kernels["dense_grouped"] = _dense_grouped_kernel
     out = {}
     configs = _configs(p, e, gs_per_expert, gs_per_expert, k, n, tiled_b)
     for name, (constexprs, warps) in configs.items():
