@@ -60,6 +60,30 @@ def test_kernels_compile_for_sm90_with_the_mma_and_no_local_memory(regime):
         assert re.search(r"wgmma\.mma_async\S+ \{[^}]*\}, \{%r", ptx), "A not from registers"
 
 
+@pytest.mark.parametrize("kind", ["swap", "dense_grouped"])
+def test_prefill_candidates_compile_for_sm90_on_wgmma_without_local_memory(kind):
+    """bench --plans' prefill candidates (not plan()'s yet): the swapped loop's decoded weight
+    is wgmma's register operand; the grouped dense plan's GEMM is fp16 wgmma fed by cp.async."""
+    plans = [
+        p
+        for p in g.candidate_plans(8192, 7168, 6144, 8, H200_SMS)
+        if (p.swap_ab if kind == "swap" else p.dense_group > 0)
+    ]
+    assert plans, f"no {kind} candidate at 8 x 1024 rows"
+    p = plans[0]
+    kernels = g.compile_for(p, 8, tiled_b=True)
+    name = "grouped_gemm" if kind == "swap" else "dense_grouped"
+    ptx = kernels[name].asm["ptx"]
+    assert "wgmma.mma_async.sync.aligned" in ptx, p
+    for kern in kernels.values():
+        for bad in ("ld.local", "st.local", ".ftz"):
+            assert bad not in kern.asm["ptx"], f"{p}: {bad}"
+    if kind == "swap":
+        assert re.search(r"wgmma\.mma_async\S+ \{[^}]*\}, \{%r", ptx), "A not from registers"
+    else:
+        assert "cp.async" in ptx and set(kernels) == {"dequant_a", "dequant_b", name}
+
+
 _LOAD = re.compile(r"\b(ld\.global[\w.:]*|cp\.async\.c[ag]\.shared\.global)")
 
 
