@@ -95,8 +95,14 @@ class StreamConfig:
     b_tiled: bool = False
 
     def __post_init__(self) -> None:
-        if self.mt not in (1, 2, 4) or self.nt not in (1, 2, 4) or self.warps not in (2, 4, 8, 16):
-            raise ValueError(f"mt, nt in (1, 2, 4) and warps in (2, 4, 8, 16), got {self}")
+        if (
+            self.mt not in (1, 2, 4)
+            or self.nt not in (1, 2, 3, 4)
+            or self.warps not in (2, 4, 8, 16)
+        ):
+            raise ValueError(
+                f"mt in (1, 2, 4), nt in (1, 2, 3, 4), warps in (2, 4, 8, 16), got {self}"
+            )
         if self.unroll not in (0, 1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
             raise ValueError(f"unroll in (0, 1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")
         if self.unroll == 0 and (self.ring or self.prefetch or self.split_n):
