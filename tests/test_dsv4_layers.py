@@ -178,10 +178,11 @@ def _shared(t_max=T_MAX, limit=10.0, device="cpu"):
     return r
 
 
-def _routed(t_max=T_MAX, process_group=None, device="cpu", quant_impl=None):
+def _routed(t_max=T_MAX, process_group=None, device="cpu", quant_impl=None, route_impl=None):
     r = RoutedMoERunner(
-        H, INTER, E, FIRST, K, t_max, 10.0, process_group, device=device, quant_impl=quant_impl
-    )
+        H, INTER, E, FIRST, K, t_max, 10.0, process_group, device=device, quant_impl=quant_impl,
+        route_impl=route_impl,
+    )  # fmt: skip
     r.set_weights(_w((E, H, 2 * INTER), 4).to(device), _w((E, INTER, H), 5).to(device))
     r.finalize()
     ids, wts = _routing(t_max, 6)
@@ -470,6 +471,42 @@ def test_routed_fused_staging_is_bit_identical_to_the_torch_staging(t):
     assert torch.equal(sa["l2_out"], sb["l2_out"])
 
 
+def test_routed_route_impl_is_asked_for_and_checked():
+    with pytest.raises(ValueError, match=r"route_impl must be one of \('torch', 'triton'\)"):
+        RoutedMoERunner(H, INTER, E, FIRST, K, 4, route_impl="cuda")
+    r = RoutedMoERunner(H, INTER, E, FIRST, K, 4, device="cpu", route_impl="triton")
+    r.set_weights(_w((E, H, 2 * INTER), 4), _w((E, INTER, H), 5))
+    with pytest.raises(ValueError, match="route_impl 'triton' needs a CUDA device"):
+        r.finalize()
+    assert _routed().route_impl == "torch"  # the default until the Triton routing ran on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant_impl", ["torch", "cutedsl"])
+@pytest.mark.parametrize("t", [1, 5, T_MAX])
+def test_routed_triton_routing_is_bit_identical_to_the_torch_routing(t, quant_impl):
+    """route_impl "triton" (dsv4/kernels/triton/moe_route.py: three launches) against the torch
+    routing on the same runner configuration: the output and every stage the same bits, with
+    slots of other ranks and -1 ids."""
+    if quant_impl == "cutedsl" and not _needs_cutedsl_gpu()[0]:
+        pytest.skip(_needs_cutedsl_gpu()[1])
+    dev = torch.device("cuda")
+    kern = _routed(device=dev, quant_impl=quant_impl, route_impl="triton")
+    plain = _routed(device=dev, quant_impl=quant_impl, route_impl="torch")
+    assert (kern.route_impl, plain.route_impl) == ("triton", "torch")
+    x, ids, w = _inputs("routed", t, 61 + t, dev)
+    ids[::3, 0] = 0  # another rank's expert
+    ids[1 % t, -1] = -1
+    assert torch.equal(kern.run(x, ids, w), plain.run(x, ids, w))
+    sa, sb = kern.stages(), plain.stages()
+    for name in ("expert_offsets", "gather_index", "l1_out", "l2_out"):
+        assert torch.equal(sa[name], sb[name]), name
+    for name in ("x_q", "act_q"):
+        for got, want in zip(sa[name][:2], sb[name][:2], strict=True):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+
+
 @pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
 def test_run_into_out_equals_run_into_own_buffer(kind):
     runner = BUILD[kind]()
@@ -596,10 +633,13 @@ def test_routed_moe_all_reduce_single_process_gloo(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["shared", "routed", "grouped"])
+@pytest.mark.parametrize("kind", ["shared", "routed", "grouped", "routed_triton_routing"])
 def test_run_is_captured_by_a_cuda_graph(kind):
     dev = torch.device("cuda")
-    runner = BUILD[kind](device=dev)
+    if kind == "routed_triton_routing":  # the routing's three Triton launches captured too
+        kind, runner = "routed", _routed(device=dev, route_impl="triton")
+    else:
+        runner = BUILD[kind](device=dev)
     t = 11
     static_in = [a.clone() for a in _inputs(kind, t, 91, dev)]
     out = torch.empty(_out_shape(kind, t), dtype=torch.bfloat16, device=dev)

@@ -11,10 +11,10 @@ run(), all on the device, nothing read on the host (T and k are shapes, host met
    the dropped slots last. Expert END offsets = searchsorted(sorted keys, 0..E-1, right) (int32,
    no count reaches the host); the GEMMs read offsets on the device and ignore rows past
    offsets[-1], so every buffer is sized for max_num_tokens*top_k rows and the dropped rows are
-   computed on but never used. On the fused path (quant_impl "cutedsl") where Triton is
-   importable, `route_impl` "triton": the same sort in three launches
-   (dsv4/kernels/triton/moe_route.py: per-chunk counts, one scan, placement), which also write
-   the combine's inverse index and the experts' scale starts; the same bits.
+   computed on but never used. With route_impl="triton" (CUDA, Triton; asked for: it has not
+   run on a GPU yet) the same sort in three launches (dsv4/kernels/triton/moe_route.py:
+   per-chunk counts, one scan, placement), which also write the combine's inverse index and the
+   experts' scale starts; the same bits.
 2. x is quantized once per token with gs1 (quantization is row-local and gs1 one value, so this
    equals quantizing the staged rows), then codes and scale bytes are gathered into staged order
    and the scales assembled per expert from the device offsets. With quant_impl "cutedsl" one
@@ -71,6 +71,9 @@ from dsv4.ops import (
 from dsv4.ops._workspace import cumsum_small, scalar
 from dsv4.ops.quantize import BLOCK
 
+# the routing's implementations: the torch ops, or dsv4/kernels/triton/moe_route.py
+ROUTE_IMPLS = ("torch", "triton")
+
 
 def _scale_cols(k: int) -> int:
     """round_up(K/16, 4): bytes per row of a swizzled scale matrix."""
@@ -96,7 +99,11 @@ class RoutedMoERunner(c.Runner):
         device: torch.device | str | None = None,
         backend: str | None = None,
         quant_impl: str | None = None,
+        route_impl: str | None = None,
     ) -> None:
+        if route_impl not in (None, *ROUTE_IMPLS):
+            raise ValueError(f"route_impl must be one of {ROUTE_IMPLS} or None, got {route_impl=}")
+        self.route_impl_request = route_impl
         self.hidden = c.positive_int("hidden", hidden, BLOCK)
         self.intermediate = c.positive_int("intermediate", intermediate, BLOCK)
         self.n_local_experts = c.positive_int("n_local_experts", n_local_experts)
@@ -205,10 +212,16 @@ class RoutedMoERunner(c.Runner):
         )
         self._ws = zeros(need, torch.uint8)  # every op's temporaries, one op at a time
         self._gemm_ws = self._ws if gemm_ws else None
-        # the routing: three Triton launches on the fused path where Triton is importable (the
-        # same bits as the torch form's ~20), else the torch form
+        # the routing: the torch form (~20 launches), or asked for, three Triton launches (the
+        # same bits; None takes the torch form until the Triton one has run on a GPU)
         self.route_impl = "torch"
-        if self._fused and importlib.util.find_spec("triton") is not None:
+        if self.route_impl_request == "triton":
+            if dev.type != "cuda" or importlib.util.find_spec("triton") is None:
+                raise ValueError(
+                    f"route_impl 'triton' needs a CUDA device and triton (pip install "
+                    f"'.[sm90]'), got device {dev} and triton "
+                    f"{'installed' if importlib.util.find_spec('triton') else 'not installed'}"
+                )
             self._init_route_kernels()
         self.state = c.State.FINALIZED
 

@@ -17,8 +17,8 @@ does all but the run and returns the steady-state call, which the harness times
 chosen by device; the quantize implementation likewise its `quant_impl` attribute.
 Names (harness.backends.BUILTIN): `dsv4-torch` (the portable backend, torch quantize),
 `dsv4-cutedsl` (the CuTeDSL quantize / SwiGLU-requantize kernels, and in the routed MoE the fused
-staging and combine, and the Triton routing where Triton is importable; the GEMM on the device's
-best backend), `dsv4-sm90` (the Triton grouped GEMM
+staging and combine; the GEMM on the device's best backend; an adapter whose `route_impl` is
+"triton" routes by dsv4/kernels/triton/moe_route.py), `dsv4-sm90` (the Triton grouped GEMM
 for sm_90, verified on an H200) and `dsv4-sm100` (the CuTeDSL tcgen05 grouped GEMM for sm_100a:
 compiled in CI, numerics and speed unverified on hardware; unsupported elsewhere with the reason,
 and for shapes it cannot tile).
@@ -98,6 +98,7 @@ class LayerAdapterMixin:
             device=x.device,
             backend=self._layer_backend(),
             quant_impl=getattr(self, "quant_impl", None),
+            route_impl=getattr(self, "route_impl", None),
         )
         runner.set_weights(w13, w2)
         runner.finalize()
