@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dsv4.kernels.triton.grouped_gemm_sm90 import _alpha, _expert_table, _tile_coords, _to_bf16
+from dsv4.kernels.triton.grouped_tiles import _alpha, _expert_table, _tile_coords, _to_bf16
 
 
 @triton.jit
