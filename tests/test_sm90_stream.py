@@ -180,7 +180,7 @@ def test_stream_decode_ptx_makes_the_fp16_patterns_of_every_nibble_pair():
     [
         (dict(k=7168 + 64, n=6144, e=1), r"K % 128 == 0, got K=7232"),
         (dict(k=7168, n=6144 + 16, e=1, mt=2), r"N % 32 == 0, got N=6160"),
-        (dict(k=7168, n=6144, e=1, nt=5), r"nt in \(1, 2, 3, 4\)"),
+        (dict(k=7168, n=6144, e=1, nt=5), r"nt in \(1, 2, 3, 4, 8\)"),
         (dict(k=7168, n=6144 + 128, e=1, mt=2, split_n=True), r"N % 256 == 0, got N=6272"),
         (dict(k=7168, n=6144, e=1, split_n=True, ring=3), r"split_n loads weights at use"),
         (dict(k=7168, n=6144, e=1, split_n=True, stage=3), r"stage in \(1, 2, 4, 8\)"),
@@ -191,6 +191,26 @@ def test_stream_config_refuses_shapes_it_cannot_tile(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         gst.StreamConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tile", [(1, 8, 2, 2), (1, 8, 4, 2)])
+def test_wide_split_n_tiles_compile_without_spills_past_32_rows(tile):
+    """The 64-token split-N tiles (sm90_plans._SPLIT_N_WIDE), offered at M=64 only."""
+    from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
+    from dsv4.kernels.cutedsl.ptx_check import compile_report
+    from dsv4.kernels.triton import grouped_gemm_sm90 as g
+    from dsv4.kernels.triton import sm90_plans
+
+    assert tile in sm90_plans._SPLIT_N_WIDE
+    mt, nt, warps, stage = tile
+    p = g._stream_plan(64, 1, mt, nt, warps, 1, 1, stage)
+    assert p in g.candidate_plans(64, 7168, 6144, 1, 132)
+    assert p not in g.candidate_plans(32, 7168, 6144, 1, 132)
+    cfg = g.stream_config(p, 7168, 6144, 1, tiled=True)
+    rep = compile_report(lambda opts: gst.compile_stream(cfg, gst.ARCH, opts), gst.ARCH)
+    assert rep.spill_store_bytes <= 16 and not rep.uses_local_memory, rep
+    mma = rep.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32")
+    assert mma == stage * 8 * mt * nt, mma
 
 
 def test_candidate_plans_offer_stream_tiles_only_where_they_tile():
@@ -264,6 +284,7 @@ GPU_TILES = [
     (2, 2, 8, 3, 1, 0), (2, 4, 8, 4, 1, 0),
     (1, 1, 8, 1, 1, 4), (2, 2, 8, 1, 1, 2), (1, 4, 8, 1, 1, 2), (2, 2, 4, 1, 1, 2),
     (1, 1, 4, 1, 1, 8), (1, 1, 4, 1, 0, 0), (2, 2, 8, 1, 0, 0), (2, 3, 8, 1, 1, 2),
+    (1, 8, 2, 1, 1, 2),
 ]  # fmt: skip
 
 

@@ -97,11 +97,11 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if (
             self.mt not in (1, 2, 4)
-            or self.nt not in (1, 2, 3, 4)
+            or self.nt not in (1, 2, 3, 4, 8)
             or self.warps not in (2, 4, 8, 16)
         ):
             raise ValueError(
-                f"mt in (1, 2, 4), nt in (1, 2, 3, 4), warps in (2, 4, 8, 16), got {self}"
+                f"mt in (1, 2, 4), nt in (1, 2, 3, 4, 8), warps in (2, 4, 8, 16), got {self}"
             )
         if self.unroll not in (0, 1, 2, 4) or self.ring not in (0, 2, 3, 4, 6, 8):
             raise ValueError(f"unroll in (0, 1, 2, 4) and ring in (0, 2, 3, 4, 6, 8), got {self}")

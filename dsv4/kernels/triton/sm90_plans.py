@@ -221,6 +221,10 @@ _SPLIT_N_TILES = (
     # whose weights 16-token chunks read twice (not measured yet; 128 registers, no spills)
     (2, 3, 8, 2), (1, 3, 8, 4), (2, 3, 4, 2),
 )  # fmt: skip
+# split_n tiles of 64-token chunks, offered past 32 rows per expert (M=64: its weights read once,
+# where 32-token chunks read them twice; 2 or 4 warps of 16 rows: 192 or 96 CTAs at N=6144,
+# 128-166 registers, no spills; not measured yet)
+_SPLIT_N_WIDE = ((1, 8, 2, 2), (1, 8, 2, 4), (1, 8, 4, 2))
 
 
 def stream_available() -> bool:
@@ -289,7 +293,8 @@ def candidate_plans(t: int, k: int, n: int, e: int, num_sms: int) -> list[Plan]:
             q = _stream_plan(t, e, mt, nt, warps, 1, 0)
             if n % q.bn == 0 and q not in out:
                 out.append(q)
-        for mt, nt, warps, stage in _SPLIT_N_TILES:
+        wide = _SPLIT_N_WIDE if triton.cdiv(t, max(1, e)) > 32 else ()
+        for mt, nt, warps, stage in _SPLIT_N_TILES + wide:
             q = _stream_plan(t, e, mt, nt, warps, 1, 1, stage)
             if n % (q.bn * warps) == 0 and q not in out:
                 out.append(q)
