@@ -627,6 +627,27 @@ def test_routed_moe_all_reduce_single_process_gloo(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _needs_cutedsl_gpu()[0], reason=_needs_cutedsl_gpu()[1] or "cutedsl")
+def test_routed_fused_combine_all_reduce_single_process_nccl(tmp_path):
+    """The fused combine's fp32 sum goes through the all-reduce before the cast (a process
+    group): with one NCCL rank the output is the same bits as without a group."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("torch.distributed with NCCL is not available")
+    dev = torch.device("cuda")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        args = _inputs("routed", 8, 83, dev)
+        alone = _routed(device=dev, quant_impl="cutedsl").run(*args).clone()
+        grouped = _routed(process_group=dist.group.WORLD, device=dev, quant_impl="cutedsl")
+        assert grouped._fused
+        assert torch.equal(grouped.run(*args), alone)
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA graphs (run on a GPU runner; skipped here)
 
