@@ -1,7 +1,8 @@
 """CuTeDSL NVFP4 quantize / SwiGLU-requantize kernels.
 
 CPU (CI): the bit model of the kernel's software E2M1 rounding equals the reference on every
-bf16 input and on dense fp32 sweeps around each rounding midpoint; every kernel configuration
+bf16 input and on dense fp32 sweeps around each rounding midpoint; the bracket's PTX text, run
+by tests/ptx_emu.py, computes that model bit for bit; every kernel configuration
 compiles for sm_90a and sm_100a with fake arguments, and its PTX holds the instructions the
 semantics rest on (e2m1x2 cvt on sm_100a only, e4m3 satfinite cvt, max.NaN, div.rn) with no
 local memory and no spills. GPU: bit-exact against reference/ (codes and scale bytes).
@@ -98,6 +99,44 @@ def test_bracket_model_matches_reference_on_every_bf16(gs, rcp_ulps):
         ref_codes, ref_scales, _ = quantize_nvfp4(blocks, g)
         assert torch.equal(codes, ref_codes)
         assert torch.equal(scales, ref_scales.view(torch.uint8))
+
+
+@needs_dsl
+@pytest.mark.parametrize("rcp_ulps", [0, -3, 5])
+def test_bracket_ptx_computes_the_bit_model(rcp_ulps):
+    """The kernel's bracket PTX text (nvfp4_quant._BRACKET_PTX), executed statement by
+    statement by tests/ptx_emu.py on every finite bf16 value in blocks of 16 with the block's
+    R: its code word holds the model's codes (bitmodel.bracket_codes: value j in nibble j, its
+    sign in bit 3) and its difference word is 1 in exactly the nibbles whose two ends round
+    apart. So the model the exhaustive tests above check is the PTX the kernel runs."""
+    import numpy as np
+
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+    from dsv4.kernels.cutedsl.bitmodel import bracket_codes, bracket_rcp
+    from tests.ptx_emu import run_ptx
+
+    x = all_bf16()
+    x = x[torch.isfinite(x)]
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(rcp_ulps + 7))]
+    blocks = x[: x.numel() // 16 * 16].float().reshape(-1, 16)
+    _, byte = quantize_model(blocks.reshape(1, -1), torch.tensor(1.0))
+    s = byte.view(torch.float8_e4m3fn).float().reshape(-1, 1)
+    rcp = bracket_rcp(torch.tensor(1.0), s, rcp_ulps)
+    codes, agree = bracket_codes(blocks, rcp)
+    for half in range(2):
+        v = blocks[:, 8 * half : 8 * half + 8].numpy()
+        args = {2 + j: v[:, j].astype(np.float32) for j in range(8)}
+        args[10] = rcp[:, 0].numpy().astype(np.float32)
+        regs = run_ptx(nq._BRACKET_PTX, args)
+        c = codes[:, 8 * half : 8 * half + 8].numpy().astype(np.uint32)
+        a = agree[:, 8 * half : 8 * half + 8].numpy()
+        word = sum(c[:, j] << np.uint32(4 * j) for j in range(8)).astype(np.uint32)
+        diff = sum((~a[:, j]).astype(np.uint32) << np.uint32(4 * j) for j in range(8))
+        bad = np.flatnonzero((regs["$0"] != word) | (regs["$1"] != diff.astype(np.uint32)))
+        assert bad.size == 0, (
+            f"half {half}, block {bad[0]}: PTX word {regs['$0'][bad[0]]:#010x} diff "
+            f"{regs['$1'][bad[0]]:#010x}, model {word[bad[0]]:#010x} {diff[bad[0]]:#010x}"
+        )
 
 
 def test_bracket_divides_the_quotients_near_a_midpoint():
