@@ -4,7 +4,8 @@
 does on each lane: registers are uint32 arrays, `$i` the asm operands (`args`: index -> array of
 uint32 bit patterns, or float32 values), immediates decimal, hex or `0fXXXXXXXX` floats. Returns
 the registers ($0, $1, ... included) as uint32 arrays. Float results are correctly rounded to
-nearest even: a product of two fp32 values is exact in fp64, and fma adds the addend to it with
+nearest even: a product of two fp32 values is exact in fp64 (of two fp16 values in fp32), and fma
+adds the addend to it with
 TwoSum's exact error, which decides the one case where fp64's rounding could differ from fp32's
 (the fp64 sum exactly halfway between two fp32 values). Only the opcodes the quantize kernel's
 blocks use are modelled; any other raises naming the statement, so the emulator never guesses.
@@ -103,6 +104,16 @@ def _exec(op: str, v: list[np.ndarray], stmt: str) -> np.ndarray:
         return _u(r)
     if op == "max.f32":  # PTX: the other operand where one is NaN
         return _u(np.fmax(_f(v[0]), _f(v[1])))
+    if op == "mul.rn.f16x2":  # two fp16 lanes: the product exact in fp32, one rounding to fp16
+        lanes = [
+            (v[0] >> U32(16 * h) & U32(0xFFFF)).astype(np.uint16).view(np.float16) for h in (0, 1)
+        ]
+        other = [
+            (v[1] >> U32(16 * h) & U32(0xFFFF)).astype(np.uint16).view(np.float16) for h in (0, 1)
+        ]
+        prod = [(a.astype(np.float32) * b.astype(np.float32)).astype(np.float16) for a, b in
+                zip(lanes, other, strict=True)]  # fmt: skip
+        return prod[0].view(np.uint16).astype(U32) | (prod[1].view(np.uint16).astype(U32) << 16)
     if op == "fma.rn.f32":
         return _u(_fma_f32(_f(v[0]), _f(v[1]), _f(v[2])))
     if op == "mul.hi.u32":

@@ -119,55 +119,21 @@ def test_tiled_b_compiles_to_the_same_loads_and_mmas_as_k_major(kw):
         assert tiled.count(op) == k_major.count(op), op
 
 
-def _run_ptx(ptx: str, args: dict) -> dict:
-    """The integer PTX of the stream decode, executed on int64 numpy words (shl, shr, and, or,
-    prmt with a zero operand); each `mul.rn.f16x2 $p, r, $5` records r as pair p (the fp16x2
-    pattern the scale multiplies)."""
-    import numpy as np
-
-    regs = dict(args)
-    out = {}
-    body = ptx.strip("{} ").split(";")
-    for stmt in (x.strip() for x in body if x.strip() and not x.strip().startswith(".reg")):
-        op, rest = stmt.split(None, 1)
-        d, *src = [x.strip() for x in rest.split(",")]
-        if op == "mul.rn.f16x2":
-            out[int(d.lstrip("$"))] = regs[src[0]]
-            continue
-        val = [regs[x] if x in regs else int(x, 0) for x in src]
-        if op == "shl.b32":
-            regs[d] = (val[0] << val[1]) & 0xFFFFFFFF
-        elif op == "shr.u32":
-            regs[d] = val[0] >> val[1]
-        elif op == "and.b32":
-            regs[d] = val[0] & val[1]
-        elif op == "or.b32":
-            regs[d] = val[0] | val[1]
-        elif op == "prmt.b32":
-            assert val[1] == 0, stmt
-            r = np.zeros_like(regs["$4"])
-            for k in range(4):
-                sel = val[2] >> (4 * k) & 0xF
-                assert sel < 8, stmt  # no sign-replicate mode
-                byte = (val[0] >> (8 * sel)) & 0xFF if sel < 4 else 0
-                r |= byte << (8 * k)
-            regs[d] = r
-        else:
-            raise AssertionError(f"unmodelled PTX {stmt!r}")
-    return out
-
-
 def test_stream_decode_ptx_makes_the_fp16_patterns_of_every_nibble_pair():
-    """The kernel's decode PTX, run on words whose halves take every 16-bit value, gives the
-    fp16x2 patterns of fp4_bits (elements p and p + 4, value * 2^-14) before the scale."""
+    """The kernel's decode PTX, run by tests/ptx_emu.py on words whose halves take every 16-bit
+    value (the scale 1.0), gives the fp16x2 patterns of fp4_bits (elements p and p + 4, value *
+    2^-14)."""
     import numpy as np
 
     from dsv4.kernels.cutedsl import grouped_gemm_stream as gst
     from dsv4.kernels.triton import fp4_bits
+    from tests.ptx_emu import run_ptx
 
     lo = np.arange(1 << 16, dtype=np.int64)
     words = lo | ((lo * 40503) % (1 << 16)) << 16  # both halves: every value
-    got = _run_ptx(gst._DECODE_PTX, {"$4": words})
+    one = np.full(words.shape, 0x3C003C00, dtype=np.uint32)  # the scale 1.0 in both halves: the
+    regs = run_ptx(gst._DECODE_PTX, {4: words, 5: one})  # products are the patterns themselves
+    got = [regs[f"${p}"] for p in range(4)]
     w32 = torch.from_numpy(words.astype(np.uint32).view(np.int32))
     for p in range(fp4_bits.PAIRS):
         want = fp4_bits.word_pairs(w32, p).numpy().astype(np.uint32)
