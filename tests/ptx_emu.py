@@ -104,6 +104,11 @@ def _exec(op: str, v: list[np.ndarray], stmt: str) -> np.ndarray:
         return _u(r)
     if op == "max.f32":  # PTX: the other operand where one is NaN
         return _u(np.fmax(_f(v[0]), _f(v[1])))
+    if op == "min.f32":
+        return _u(np.fmin(_f(v[0]), _f(v[1])))
+    if op in ("add.rn.f32", "sub.rn.f32"):  # a * 1 -+ b: one rounding, exactly
+        b = _f(v[1]) if op == "add.rn.f32" else -_f(v[1])
+        return _u(_fma_f32(_f(v[0]), np.ones_like(b), b))
     if op == "mul.rn.f16x2":  # two fp16 lanes: the product exact in fp32, one rounding to fp16
         lanes = [
             (v[0] >> U32(16 * h) & U32(0xFFFF)).astype(np.uint16).view(np.float16) for h in (0, 1)

@@ -139,6 +139,44 @@ def test_bracket_ptx_computes_the_bit_model(rcp_ulps):
         )
 
 
+@needs_dsl
+@pytest.mark.parametrize("finite", [False, True], ids=["with_nan_clamp", "finite"])
+def test_software_e2m1_ptx_computes_the_bit_model(finite):
+    """The sm_90 software E2M1 PTX of the divided values (nvfp4_quant.e2m1x2_ptx: NaN -> +6,
+    clamped to +-6 first) and of the fast path (e2m1x2_finite_ptx: min(|q|, 6), the sign from
+    another register), run by tests/ptx_emu.py on random fp32 patterns (NaN, Inf, subnormals)
+    and on every ulp neighbour of each E2M1 midpoint: the bit model's codes, both nibbles."""
+    import numpy as np
+
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+    from dsv4.kernels.cutedsl.bitmodel import e2m1_codes_finite, e2m1_codes_sw
+    from tests.ptx_emu import run_ptx
+
+    g = torch.Generator().manual_seed(11)
+    rand = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g).to(torch.int32)
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, 1.0, 2.0, 4.0])
+    near = (mids.view(torch.int32)[:, None] + torch.arange(-300, 301, dtype=torch.int32)).flatten()
+    q = torch.cat([rand.view(torch.float32), near.view(torch.float32), -near.view(torch.float32)])
+    if finite:
+        q = q[~torch.isnan(q)]
+    q = q[: q.numel() // 2 * 2]
+    lo, hi = q[0::2], q[1::2]
+    if finite:  # signs from the block's inputs: here values of the same sign, other bits
+        sl, sh = lo * 3, -(-hi * 0.5)
+        want = e2m1_codes_finite(lo, sl).int() | e2m1_codes_finite(hi, sh).int() << 4
+        args = {1: lo.numpy(), 2: hi.numpy(), 3: sl.numpy(), 4: sh.numpy()}
+        regs = run_ptx(nq.e2m1x2_finite_ptx(False), args)
+    else:
+        want = e2m1_codes_sw(lo).int() | e2m1_codes_sw(hi).int() << 4
+        regs = run_ptx(nq.e2m1x2_ptx(False), {1: lo.numpy(), 2: hi.numpy()})
+    want = want.numpy().astype(np.uint32)
+    bad = np.flatnonzero(regs["$0"] != want)
+    assert bad.size == 0, (
+        f"({lo[bad[0]].item()!r}, {hi[bad[0]].item()!r}): PTX {regs['$0'][bad[0]]:#x}, "
+        f"model {want[bad[0]]:#x}"
+    )
+
+
 def test_bracket_divides_the_quotients_near_a_midpoint():
     """Quotients exactly on and within an ulp of every midpoint, for every e4m3 scale: the bracket
     must not decide those (the kernel divides them), and the result is the reference's."""

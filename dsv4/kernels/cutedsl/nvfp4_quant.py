@@ -405,22 +405,25 @@ def _e2m1x2_finite(
 ) -> Uint32:
     """_e2m1x2 for a block on the fast path (no NaN): no NaN clamp (the hardware cvt
     saturates, the software steps take min(|c|, 6)); signs from sign_lo / sign_hi."""
+    args = (Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi))
+    return _ptx(e2m1x2_finite_ptx(hardware), Uint32, *args, loc=loc, ip=ip)
+
+
+def e2m1x2_finite_ptx(hardware: bool) -> str:
+    """_e2m1x2_finite's PTX: $0 the code byte of ($1, $2), signs from ($3, $4)."""
     if hardware:  # copysign (lop3 0xD8: (a & ~m) | (b & m)), then the cvt
-        ptx = (
+        return (
             "{ .reg .b32 c, g; .reg .b8 b; lop3.b32 c, $1, $3, 0x80000000, 0xD8; "
             "lop3.b32 g, $2, $4, 0x80000000, 0xD8; "
             "cvt.rn.satfinite.e2m1x2.f32 b, g, c; cvt.u32.u8 $0, b; }"
         )
-    else:
-        ptx = (
-            "{ .reg .b32 c, x, d, e, f, k, s, t; mov.b32 c, $1; mov.b32 x, $3; "
-            + _E2M1_FINITE_STEPS
-            + "mov.b32 t, k; mov.b32 c, $2; mov.b32 x, $4; "
-            + _E2M1_FINITE_STEPS
-            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
-        )
-    args = (Float32(lo), Float32(hi), Float32(sign_lo), Float32(sign_hi))
-    return _ptx(ptx, Uint32, *args, loc=loc, ip=ip)
+    return (
+        "{ .reg .b32 c, x, d, e, f, k, s, t; mov.b32 c, $1; mov.b32 x, $3; "
+        + _E2M1_FINITE_STEPS
+        + "mov.b32 t, k; mov.b32 c, $2; mov.b32 x, $4; "
+        + _E2M1_FINITE_STEPS
+        + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+    )
 
 
 # E2M1 codes of 8 in-range values v_j = $2..$9 (one code word, v_0 in the low nibble) from
@@ -508,26 +511,29 @@ def _mul(a: Float32, b: Float32, *, loc=None, ip=None) -> Float32:
 @dsl_user_op
 def _e2m1x2(lo: Float32, hi: Float32, hardware: bool, *, loc=None, ip=None) -> Uint32:
     """Two fp32 values -> one byte of E2M1 codes (lo in the low nibble), in a u32."""
+    return _ptx(e2m1x2_ptx(hardware), Uint32, Float32(lo), Float32(hi), loc=loc, ip=ip)
+
+
+def e2m1x2_ptx(hardware: bool) -> str:
+    """_e2m1x2's PTX: $0 the code byte of ($1, $2), NaN -> +6 (min / max first)."""
     clamp = (
         "min.f32 c, $1, 0f40C00000; max.f32 c, c, 0fC0C00000; "
         "min.f32 g, $2, 0f40C00000; max.f32 g, g, 0fC0C00000; "
     )
     if hardware:  # sm_100+: cvt packs its FIRST source into the HIGH nibble
-        ptx = (
+        return (
             "{ .reg .f32 c, g; .reg .b8 b; "
             + clamp
             + "cvt.rn.satfinite.e2m1x2.f32 b, g, c; cvt.u32.u8 $0, b; }"
         )
-    else:
-        ptx = (
-            "{ .reg .b32 c, g, d, e, f, k, s, t; "
-            + clamp
-            + _E2M1_SW_STEPS
-            + "mov.b32 t, k; mov.b32 c, g; "
-            + _E2M1_SW_STEPS
-            + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
-        )
-    return _ptx(ptx, Uint32, Float32(lo), Float32(hi), loc=loc, ip=ip)
+    return (
+        "{ .reg .b32 c, g, d, e, f, k, s, t; "
+        + clamp
+        + _E2M1_SW_STEPS
+        + "mov.b32 t, k; mov.b32 c, g; "
+        + _E2M1_SW_STEPS
+        + "shl.b32 k, k, 4; or.b32 $0, t, k; }"
+    )
 
 
 # --------------------------------------------------------------------------------------------
