@@ -177,6 +177,55 @@ def test_software_e2m1_ptx_computes_the_bit_model(finite):
     )
 
 
+@needs_dsl
+@pytest.mark.parametrize("r_ulps", [0, -1, 1])
+def test_corrected_division_ptx_is_the_correctly_rounded_quotient(r_ulps):
+    """The fast path's division (nvfp4_quant._DIV_CORRECTED_PTX: q0 = a r, e = a - b q0,
+    q = q0 + r e), run by tests/ptx_emu.py with r one ulp either side of RN(1 / b) (the
+    kernel's rcp.approx + Newton step lands within that), equals RN(a / b) computed exactly
+    (fractions) for a, b over the fast path's range (|a| <= 2^90, b in [2^-30, 2^30], the
+    e4m3 scales among them)."""
+    import math
+    from fractions import Fraction
+
+    import numpy as np
+
+    from dsv4.kernels.cutedsl import nvfp4_quant as nq
+    from tests.ptx_emu import run_ptx
+
+    g = torch.Generator().manual_seed(17 + r_ulps)
+    n = 4000
+    a = (torch.rand(n, generator=g) * 2 - 1) * torch.exp2(torch.randint(-60, 91, (n,), generator=g))
+    e4m3 = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    b = torch.cat([e4m3, torch.rand(n - e4m3.numel(), generator=g) + 0.5])
+    b = b * torch.exp2(torch.randint(-30, 29, (n,), generator=g).float())
+    b = b.clamp(2.0**-30, 2.0**30)
+    r = (1.0 / b.double()).float()  # RN(1 / b): one rounding of the exact fp64 quotient's
+    for _ in range(abs(r_ulps)):
+        r = torch.nextafter(r, torch.full_like(r, math.inf if r_ulps > 0 else 0.0))
+    got = run_ptx(nq._DIV_CORRECTED_PTX, {1: a.numpy(), 2: r.numpy(), 3: (-b).numpy()})["$0"]
+
+    def rn32(x: Fraction) -> float:  # correctly rounded to fp32 (normal results here)
+        if x == 0:
+            return 0.0
+        m, e = abs(x), math.floor(math.log2(abs(x)))
+        while Fraction(2) ** e > m:
+            e -= 1
+        while Fraction(2) ** (e + 1) <= m:
+            e += 1
+        t = m / Fraction(2) ** e * 2**23
+        lo = math.floor(t)
+        up = t - lo > Fraction(1, 2) or (t - lo == Fraction(1, 2) and lo % 2)
+        return math.copysign(float(Fraction(lo + up, 2**23) * Fraction(2) ** e), float(x))
+
+    want = np.array(
+        [rn32(Fraction(float(x)) / Fraction(float(y))) for x, y in zip(a, b, strict=True)],
+        dtype=np.float32,
+    ).view(np.uint32)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"a={a[bad[0]].item()!r} b={b[bad[0]].item()!r}: {bad.size} differ"
+
+
 def test_bracket_divides_the_quotients_near_a_midpoint():
     """Quotients exactly on and within an ulp of every midpoint, for every e4m3 scale: the bracket
     must not decide those (the kernel divides them), and the result is the reference's."""

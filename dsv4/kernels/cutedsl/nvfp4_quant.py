@@ -358,17 +358,19 @@ def _rcp_refined(b: Float32, *, loc=None, ip=None) -> Float32:
     return _ptx(ptx, Float32, Float32(b), loc=loc, ip=ip)
 
 
+# a / b as q0 = a * r, e = a - b * q0, q = q0 + r * e ($1 = a, $2 = r, $3 = -b): _div_corrected
+_DIV_CORRECTED_PTX = (
+    "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; fma.rn.f32 $0, $2, e, q; }"
+)
+
+
 @dsl_user_op
 def _div_corrected(a: Float32, r: Float32, neg_b: Float32, *, loc=None, ip=None) -> Float32:
     """a / b as q0 = a * r, e = a - b * q0 (exact, fma), q = q0 + r * e, r from _rcp_refined
     (or RN(1 / b)): CUDA's own div.rn fast path (the same five instructions in its SASS) minus
     its range check (FCHK), which the caller does per block (_fast_range); in that range the
     result is RN(a / b), bit for bit."""
-    ptx = (
-        "{ .reg .f32 q, e; mul.rn.f32 q, $1, $2; fma.rn.f32 e, $3, q, $1; "
-        "fma.rn.f32 $0, $2, e, q; }"
-    )
-    return _ptx(ptx, Float32, Float32(a), Float32(r), Float32(neg_b), loc=loc, ip=ip)
+    return _ptx(_DIV_CORRECTED_PTX, Float32, Float32(a), Float32(r), Float32(neg_b), loc=loc, ip=ip)
 
 
 # E2M1 of one clamped value c = max(min(q, 6), -6) in register c, result nibble in k; see
