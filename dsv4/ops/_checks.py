@@ -6,12 +6,19 @@ no host sync and is safe inside CUDA-graph capture and torch.compile tracing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # scale bytes, as e4m3 or raw
+
+
+def need(cond: bool, msg: Callable[[], str]) -> None:
+    """ValueError(msg()) unless cond: the message is built only on failure (formatting a CUDA
+    tensor would read it on the host, which graph capture forbids, and costs time per call)."""
+    if not cond:
+        raise ValueError(msg())
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:

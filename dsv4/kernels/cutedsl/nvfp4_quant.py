@@ -36,6 +36,7 @@ from cutlass import Float32, Int32, Uint8, Uint16, Uint32
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from dsv4.ops._checks import need as _need
 from dsv4.ops.layouts import max_padded_rows
 
 BLOCK = 16
@@ -855,13 +856,6 @@ def arch_of(device) -> str:
     if major < 9:
         raise ValueError(f"the CuTeDSL quantize kernels need sm_90 or newer, got sm_{major}x")
     return "sm_100a" if major >= 10 else "sm_90a"
-
-
-def _need(cond: bool, msg) -> None:
-    """ValueError(msg()) unless cond: the message is built only on failure (formatting a CUDA
-    tensor would read it on the host, which graph capture forbids, and costs time per call)."""
-    if not cond:
-        raise ValueError(msg())
 
 
 def _meta(t) -> str:

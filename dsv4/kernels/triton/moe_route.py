@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops._checks import need as _need
+
 BLOCK = 256  # slots per program of the histogram and the placement
 SCAN_CHUNKS = 64  # chunks the scan reads per step
 ATOM_ROWS = 128  # scale rows of one 128x4 atom: each expert's padding unit
@@ -112,11 +114,6 @@ def _place_kernel(ids_ptr, stride_t, stride_s, w_ptr, stride_wt, stride_ws, base
     tl.store(weight_ptr + pos, w.to(tl.float32), mask=valid)  # exact from bf16 / fp16 / fp32
     inv = tl.where(key == E, zero_row, pos).to(tl.int64)
     tl.store(inv_ptr + r, inv, mask=valid)
-
-
-def _need(cond: bool, msg) -> None:
-    if not cond:
-        raise ValueError(msg())
 
 
 def launch_route(
