@@ -665,30 +665,28 @@ def launch_grouped_gemm(
     ap, acc, b16 = _buffers(Workspace(workspace, out.device), t, k, n, e, p)
     if p.split_k > 1 and acc is None:
         raise ValueError(f"split_k={p.split_k} needs T <= {SPLIT_K_MAX_ROWS}, got T={t}")
-    if p.dense and p.dense_group:
-        _launch_dense_grouped(p, cfg, mat_a, mat_b, scale_a8, scale_b8, expert_offsets,
-                              global_scale_a, global_scale_b, out, ap, b16, stride_bn)  # fmt: skip
-        return
     if p.dense and b16 is None:
         raise ValueError(
             f"the dense plan needs one expert and T > {SPLIT_K_MAX_ROWS}, got {e=} {t=}"
         )
     consts, warps = cfg["dequant_a"]  # A, for every plan
     grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
-    dst = out if p.split_k == 1 and not p.dense else acc[:t]
+    via_acc = p.split_k > 1 or (p.dense and not p.dense_group)  # fp32 sums, then finished
+    dst = acc[:t] if via_acc else out
     zero = (dst, t * n) if p.split_k > 1 else (global_scale_a, 0)  # any fp32 tensor when unused
     _dequant_kernel[grid](
         mat_a, scale_a8, expert_offsets, ap, t, kw, mat_a.stride(0) // 4, t * kw, *zero,
         **consts, num_warps=warps,
     )  # fmt: skip
-    if p.dense:
-        a16 = ap.view(-1)[: t * k].view(t, k)
-        consts, warps = cfg["dequant_b"]
-        grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
-        _dequant_kernel[grid](
-            mat_b, scale_b8, expert_offsets, b16, n, kw, stride_bn, 0, global_scale_a, 0,
-            **consts, num_warps=warps,
+    a16 = ap.view(-1)[: t * k].view(t, k)  # A in K order (the dense plans')
+    if p.dense and p.dense_group:
+        _dense_grouped_passes(
+            p, cfg, mat_b, scale_b8, expert_offsets, global_scale_a, global_scale_b, out, a16,
+            b16, stride_bn,
         )  # fmt: skip
+        return
+    if p.dense:
+        _dequant_b(cfg, mat_b, scale_b8, expert_offsets, b16, stride_bn, global_scale_a)
         _mm_fp32(a16, b16.t(), acc)
     if not p.dense:
         consts, warps = cfg["grouped_gemm"]
@@ -705,34 +703,30 @@ def launch_grouped_gemm(
         )
 
 
-def _launch_dense_grouped(
-    p, cfg, mat_a, mat_b, scale_a8, scale_b8, offsets, gsa, gsb, out, ap, b16, stride_bn
+def _dequant_b(cfg, b_e, scale_b_e, offsets, dst, stride_bn, gsa) -> None:
+    """One expert's weight (codes b_e, scales scale_b_e) -> exact fp16 [N, K] in `dst`."""
+    n, kw = dst.shape[0], dst.shape[1] // WORD
+    consts, warps = cfg["dequant_b"]
+    grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
+    _dequant_kernel[grid](
+        b_e, scale_b_e, offsets, dst, n, kw, stride_bn, 0, gsa, 0, **consts, num_warps=warps
+    )
+
+
+def _dense_grouped_passes(
+    p, cfg, mat_b, scale_b8, offsets, gsa, gsb, out, a16, b16, stride_bn
 ) -> None:
-    """The grouped dense plan (grouped_gemm_sm90_dense.py): A dequantized in K order, then per
-    pass of dense_group experts their weights dequantized and one fp16 grouped GEMM launch."""
+    """The grouped dense plan after A (grouped_gemm_sm90_dense.py): per pass of dense_group
+    experts, their weights dequantized, then one fp16 grouped GEMM launch."""
     from dsv4.kernels.triton import grouped_gemm_sm90_dense as gd
 
-    t, kh = mat_a.shape
     e, _, n = b_dims(mat_b)
-    k, kw = 2 * kh, kh // 4
-    a16 = ap.view(-1)[: t * k].view(t, k)
-    consts, warps = cfg["dequant_a"]
-    grid = (triton.cdiv(t, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
-    _dequant_kernel[grid](
-        mat_a, scale_a8, offsets, a16, t, kw, mat_a.stride(0) // 4, t * kw, gsa, 0, **consts,
-        num_warps=warps,
-    )  # fmt: skip
+    consts, warps = cfg["dense_grouped"]
     for e0, e1 in gd.passes(e, p.dense_group):
-        consts, warps = cfg["dequant_b"]
-        grid = (triton.cdiv(n, consts["BT"]), triton.cdiv(kw, consts["BJ"]))
         for ei in range(e0, e1):  # expert ei's weight [N, K] into slot ei - e0
-            _dequant_kernel[grid](
-                mat_b[ei], scale_b8[ei], offsets, b16[ei - e0], n, kw, stride_bn, 0, gsa, 0,
-                **consts, num_warps=warps,
-            )  # fmt: skip
-        consts, warps = cfg["dense_grouped"]
+            _dequant_b(cfg, mat_b[ei], scale_b8[ei], offsets, b16[ei - e0], stride_bn, gsa)
         gd._dense_grouped_kernel[(p.programs,)](
-            a16, b16, offsets, gsa, gsb, out, n, k, e0, e1, **consts, num_warps=warps
+            a16, b16, offsets, gsa, gsb, out, n, a16.shape[1], e0, e1, **consts, num_warps=warps
         )
 
 
