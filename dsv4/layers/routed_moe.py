@@ -216,11 +216,12 @@ class RoutedMoERunner(c.Runner):
         # same bits; None takes the torch form until the Triton one has run on a GPU)
         self.route_impl = "torch"
         if self.route_impl_request == "triton":
-            if dev.type != "cuda" or importlib.util.find_spec("triton") is None:
+            has_triton = importlib.util.find_spec("triton") is not None
+            if dev.type != "cuda" or not has_triton:
                 raise ValueError(
                     f"route_impl 'triton' needs a CUDA device and triton (pip install "
                     f"'.[sm90]'), got device {dev} and triton "
-                    f"{'installed' if importlib.util.find_spec('triton') else 'not installed'}"
+                    f"{'installed' if has_triton else 'not installed'}"
                 )
             self._init_route_kernels()
         self.state = c.State.FINALIZED
